@@ -1,0 +1,223 @@
+"""Train the bundled tiny Stable-Diffusion-layout model on the shapes world.
+
+    python -m pipeline.shapes.train --work /tmp/tiny-sd-train --out pipeline/models/shapes-tiny-sd
+
+Phases (each resumable from ``--work``; rerunning the same command continues where it stopped):
+  1. render the training scenes (seeds 0..N-1; evaluation uses seeds >= HELD_OUT_SEED)
+  2. train the AutoencoderKL (L1 + a small KL term, on random crops)
+  3. encode every scene to latents once and set the VAE's ``scaling_factor`` to 1/std
+  4. train UNet + CLIP text encoder jointly (v-prediction, 10% empty captions for
+     classifier-free guidance, EMA weights), exporting the SD folder every ``--export-every``
+Seeded: the same command on the same machine gives the same weights.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import tiny_sd
+from .world import caption_for, render_scene
+
+HELD_OUT_SEED = 1_000_000
+
+
+def log(msg: str) -> None:
+    print(time.strftime("%H:%M:%S"), msg, flush=True)
+
+
+def render_dataset(work: Path, n: int, size: int):
+    path = work / f"scenes-{n}-{size}.npz"
+    if path.exists():
+        d = np.load(path, allow_pickle=False)
+        return d["images"], list(d["captions"]), list(d["short"])
+    images = np.zeros((n, size, size, 3), np.uint8)
+    captions, short = [], []
+    for i in range(n):
+        sc = render_scene(i, size)
+        images[i] = sc.image
+        captions.append(sc.caption)
+        short.append(caption_for([(o.color, o.cls) for o in sc.objects]))
+    np.savez(path, images=images, captions=np.array(captions), short=np.array(short))
+    return images, captions, short
+
+
+def to_tensor(images: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def save_ckpt(path: Path, **state) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
+
+
+def train_vae(work: Path, images: np.ndarray, steps: int, batch: int, seed: int):
+    vae = tiny_sd.build_vae()
+    ckpt = work / "vae.pt"
+    opt = torch.optim.AdamW(vae.parameters(), lr=2e-3, weight_decay=0.0)
+    start = 0
+    if ckpt.exists():
+        st = torch.load(ckpt, weights_only=False)
+        vae.load_state_dict(st["model"]), opt.load_state_dict(st["opt"])
+        start = st["step"]
+        torch.set_rng_state(st["rng"])
+    else:
+        torch.manual_seed(seed)
+    if start >= steps:
+        return vae
+    rng = np.random.default_rng([seed, start])
+    t0 = time.time()
+    vae.train()
+    for step in range(start, steps):
+        idx = rng.integers(0, len(images), batch)
+        crop = 32 if step < int(steps * 0.8) else images.shape[1]
+        y0, x0 = rng.integers(0, images.shape[1] - crop + 1, 2)
+        x = to_tensor(images[idx, y0:y0 + crop, x0:x0 + crop])
+        for g in opt.param_groups:
+            g["lr"] = 2e-3 * 0.5 * (1 + math.cos(math.pi * step / steps))
+        post = vae.encode(x).latent_dist
+        rec = vae.decode(post.sample()).sample
+        loss = (rec - x).abs().mean() + 0.5 * F.mse_loss(rec, x) + 1e-6 * post.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if (step + 1) % 50 == 0 or step + 1 == steps:
+            log(f"vae step {step + 1}/{steps} loss {loss.item():.4f} ({(time.time() - t0) / (step + 1 - start):.2f}s/step)")
+            save_ckpt(ckpt, model=vae.state_dict(), opt=opt.state_dict(), step=step + 1, rng=torch.get_rng_state())
+    return vae
+
+
+@torch.no_grad()
+def encode_latents(work: Path, vae, images: np.ndarray):
+    path = work / "latents.pt"
+    if path.exists():
+        return torch.load(path)
+    vae.eval()
+    lat = torch.cat([vae.encode(to_tensor(images[i:i + 256])).latent_dist.mean for i in range(0, len(images), 256)])
+    scale = float(1.0 / lat.std())
+    vae.register_to_config(scaling_factor=scale)
+    out = {"latents": lat * scale, "scaling_factor": scale}
+    torch.save(out, path)
+    return out
+
+
+def train_unet(work: Path, out: Path, vae, latents, captions, short, tokenizer, steps: int, batch: int,
+               seed: int, export_every: int, lr: float):
+    text_encoder = tiny_sd.build_text_encoder(tokenizer)
+    unet = tiny_sd.build_unet()
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    ema = [p.detach().clone() for p in params]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
+    sched = tiny_sd.build_scheduler()
+    acp = sched.alphas_cumprod
+    ckpt = work / "unet.pt"
+    start = 0
+    if ckpt.exists():
+        st = torch.load(ckpt, weights_only=False)
+        unet.load_state_dict(st["unet"]), text_encoder.load_state_dict(st["text_encoder"])
+        opt.load_state_dict(st["opt"])
+        for e, v in zip(ema, st["ema"]):
+            e.copy_(v)
+        start = st["step"]
+        torch.set_rng_state(st["rng"])
+    else:
+        torch.manual_seed(seed + 1)
+    # token ids for every caption, once
+    def tok(texts):
+        return tokenizer(list(texts), padding="max_length", max_length=tokenizer.model_max_length,
+                         truncation=True, return_tensors="pt").input_ids
+    ids_full, ids_short, ids_empty = tok(captions), tok(short), tok([""])[0]
+    lat = latents["latents"]
+    rng = np.random.default_rng([seed, 7, start])
+    warmup = 200
+    t0 = time.time()
+    unet.train(), text_encoder.train()
+    for step in range(start, steps):
+        idx = torch.from_numpy(rng.integers(0, len(lat), batch))
+        which = rng.random(batch)
+        ids = torch.where(torch.from_numpy(which < 0.35)[:, None], ids_short[idx], ids_full[idx])
+        ids = torch.where(torch.from_numpy(which > 0.9)[:, None], ids_empty[None], ids)
+        x0 = lat[idx]
+        noise = torch.randn_like(x0)
+        t = torch.randint(0, sched.config.num_train_timesteps, (batch,))
+        a = acp[t].sqrt().view(-1, 1, 1, 1)
+        s = (1 - acp[t]).sqrt().view(-1, 1, 1, 1)
+        xt = a * x0 + s * noise
+        target = a * noise - s * x0  # v-prediction
+        cond = text_encoder(ids)[0]
+        pred = unet(xt, t, cond).sample
+        loss = F.mse_loss(pred, target)
+        cur_lr = lr * min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
+        for g in opt.param_groups:
+            g["lr"] = cur_lr
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        decay = min(0.998, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for e, p in zip(ema, params):
+                e.lerp_(p.detach(), 1 - decay)
+        done = step + 1
+        if done % 25 == 0:
+            log(f"unet step {done}/{steps} loss {loss.item():.4f} lr {cur_lr:.2e} ({(time.time() - t0) / (done - start):.2f}s/step)")
+        if done % 100 == 0 or done == steps:
+            save_ckpt(ckpt, unet=unet.state_dict(), text_encoder=text_encoder.state_dict(), opt=opt.state_dict(),
+                      ema=ema, step=done, rng=torch.get_rng_state())
+        if done % export_every == 0 or done == steps:
+            export(out, tokenizer, text_encoder, vae, unet, params, ema, done)
+
+
+def export(out: Path, tokenizer, text_encoder, vae, unet, params, ema, step: int) -> None:
+    """Save the EMA weights as the SD folder, leaving the training weights untouched."""
+    backup = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        for p, e in zip(params, ema):
+            p.copy_(e)
+    unet.eval(), text_encoder.eval(), vae.eval()
+    tiny_sd.save_pipeline(out, tokenizer, text_encoder, vae, unet)
+    (out / "training.json").write_text(json.dumps({"step": step}, indent=1))
+    with torch.no_grad():
+        for p, b in zip(params, backup):
+            p.copy_(b)
+    unet.train(), text_encoder.train()
+    log(f"exported step {step} to {out}")
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--work", type=Path, default=Path("/tmp/tiny-sd-train"), help="checkpoints and caches")
+    ap.add_argument("--out", type=Path, default=tiny_sd.BUNDLED_MODEL, help="where the SD folder is written")
+    ap.add_argument("--scenes", type=int, default=24000)
+    ap.add_argument("--size", type=int, default=64)
+    ap.add_argument("--vae-steps", type=int, default=1000)
+    ap.add_argument("--unet-steps", type=int, default=2500)
+    ap.add_argument("--batch", type=int, default=48)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--export-every", type=int, default=500)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    args.work.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    log(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    images, captions, short = render_dataset(args.work, args.scenes, args.size)
+    log(f"{len(images)} scenes ready")
+    tokenizer = tiny_sd.build_tokenizer(args.work / "tokenizer")
+    vae = train_vae(args.work, images, args.vae_steps, 32, args.seed)
+    latents = encode_latents(args.work, vae, images)
+    vae.register_to_config(scaling_factor=latents["scaling_factor"])
+    log(f"latents {tuple(latents['latents'].shape)}, scaling_factor {latents['scaling_factor']:.4f}")
+    train_unet(args.work, args.out, vae, latents, captions, short, tokenizer, args.unet_steps, args.batch,
+               args.seed, args.export_every, args.lr)
+    log(f"done in {time.time() - t0:.0f}s (this run)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Pipeline stages: plain Python callables over batches (dicts of columns). No Ray in here."""

@@ -1,0 +1,74 @@
+"""The stage contract shared by every module in ``stages/``.
+
+A stage is a class constructed once per worker with the validated job spec (``Stage(spec)``:
+heavy state such as models is loaded in ``__init__``) and called on batches::
+
+    out = stage(batch)   # batch: dict[str, np.ndarray], one row per sample
+
+Rules:
+  * Input arrays are read-only (Ray Data hands zero-copy views): never modify them in place.
+  * The output is a dict with the input columns passed through plus the columns the stage adds
+    (listed in ``outputs``); one output row per input row, same order. Filters mark
+    ``keep=False`` with a ``reject_reason``; they never drop rows.
+  * Variable-sized structures (lists, dicts) travel as JSON strings (numpy ``str`` arrays), so
+    every column has a fixed dtype that Arrow can hold.
+  * ``resources`` says what one worker needs; the pipeline turns it into Ray Data
+    ``map_batches`` arguments. ``kind`` is "actor" for stages that load a model, else "task".
+
+Record columns (DESIGN.md "Record flowing between stages"):
+
+  column          dtype / shape             set by
+  key             str                       sampling   ``{job}-{index:09d}`` (no '.')
+  index           int64                     sampling
+  seed            int64                     sampling   stable hash of (job seed, index)
+  prompt          str                       sampling
+  class_names     str (JSON list[str])      sampling   classes in this image, prompt order
+  token_index     str (JSON list[list[int]])sampling   token positions naming each class
+  cond            str (JSON object or "")   sampling   embedding / reference conditioning
+  curriculum      str (JSON object)         sampling   level, strength, group_id, ...
+  image           uint8 (B, H, W, 3)        synthesis
+  attn            float16 (B, K, h, w)      synthesis  per-class maps (refined), K = spec max classes
+  attn_raw        float16 (B, K, h, w)      synthesis  per-class cross-attention, unrefined
+  gen             str (JSON object)         synthesis  model id, scheduler, steps, guidance, ...
+  semantic_mask   uint8 (B, H, W)           masks      0 bg, 1+i = class_names[i], 255 ignore
+  annotations     str (JSON list)           labels     COCO-style, RLE segmentation
+  scores          str (JSON object)         labels/filters
+  keep            bool                      filters
+  reject_reason   str                       filters    "" when kept
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+
+Batch = dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class Resources:
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+
+
+class Stage:
+    """Base class: subclasses set ``name``, ``kind``, ``inputs``, ``outputs`` and implement ``__call__``."""
+
+    name: ClassVar[str] = "stage"
+    kind: ClassVar[str] = "task"  # "actor" when __init__ loads a model
+    inputs: ClassVar[tuple[str, ...]] = ()
+    outputs: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, spec: Any):
+        self.spec = spec
+
+    def __call__(self, batch: Batch) -> Batch:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+def passthrough(batch: Batch, **new: np.ndarray) -> Batch:
+    """A new output dict: the input columns (not copied, never mutated) plus ``new``."""
+    out = dict(batch)
+    out.update(new)
+    return out
