@@ -25,8 +25,6 @@ import torch.nn.functional as F
 from . import tiny_sd
 from .world import caption_for, render_scene
 
-HELD_OUT_SEED = 1_000_000
-
 
 def log(msg: str) -> None:
     print(time.strftime("%H:%M:%S"), msg, flush=True)

@@ -1,0 +1,135 @@
+"""Numbers for the bundled tiny model's card (issue "Shapes world and the bundled tiny model").
+
+    python benchmarks/shapes_model_card.py [--model pipeline/models/shapes-tiny-sd] [--n 200] [--json out.json]
+
+Measures, on this machine:
+  * oracle accuracy on rendered held-out scenes (IoU of recovered masks vs the renderer's, class accuracy);
+  * generation speed of plain ``StableDiffusionPipeline.from_pretrained(model)`` on CPU, 64×64, 20 steps;
+  * prompt fidelity on N held-out prompts: the oracle finds an object of the prompted class *and*
+    colour (per object, 1-object prompts, 2-object prompts: both);
+  * cross-attention sanity: the plain class-token cross-attention map (mean over layers, heads and
+    steps, min-max normalised, threshold 0.5) vs the oracle mask, mean IoU.
+Prints a table and writes a JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from pipeline.shapes.oracle import find_objects  # noqa: E402
+from pipeline.shapes.tiny_sd import BUNDLED_MODEL  # noqa: E402
+from pipeline.shapes.world import HELD_OUT_SEED, render_scene  # noqa: E402
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    union = (a | b).sum()
+    return float((a & b).sum() / union) if union else 1.0
+
+
+def oracle_accuracy(n: int) -> dict:
+    ious, cls_ok = [], []
+    for i in range(n):
+        scene = render_scene(HELD_OUT_SEED + 500_000 + i)
+        found = find_objects(scene.image, [o.color for o in scene.objects])
+        for obj, f in zip(scene.objects, found):
+            ious.append(iou(obj.mask, f.mask))
+            cls_ok.append(f.cls == obj.cls)
+    return {"scenes": n, "objects": len(ious), "mask_iou_mean": float(np.mean(ious)),
+            "mask_iou_min": float(np.min(ious)), "class_accuracy": float(np.mean(cls_ok))}
+
+
+def held_out_prompts(n: int):
+    """(seed, prompt, [(color, cls), ...]) for held-out scenes: seeds never used in training."""
+    out = []
+    for i in range(n):
+        scene = render_scene(HELD_OUT_SEED + i)
+        out.append((HELD_OUT_SEED + i, scene.caption, [(o.color, o.cls) for o in scene.objects]))
+    return out
+
+
+def generation_speed(pipe, steps: int, batch: int, guidance: float, repeats: int = 3) -> dict:
+    prompts = [p for _, p, _ in held_out_prompts(batch)]
+    pipe(prompts, num_inference_steps=2, height=64, width=64, output_type="np")  # warm-up
+    times = []
+    for r in range(repeats):
+        gen = torch.Generator().manual_seed(r)
+        t0 = time.perf_counter()
+        pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, height=64, width=64,
+             output_type="np", generator=gen)
+        times.append(time.perf_counter() - t0)
+    best = min(times)
+    return {"steps": steps, "batch": batch, "guidance_scale": guidance,
+            "seconds_per_image": best / batch, "images_per_second": batch / best}
+
+
+def fidelity_and_attention(model: str, prompts, steps: int, guidance: float, batch: int) -> dict:
+    from stages.synthesis import generate_with_attention  # the project's own capture path
+
+    per_obj, single, double, triple, attn_ious = [], [], [], [], []
+    for start in range(0, len(prompts), batch):
+        chunk = prompts[start:start + batch]
+        images, maps = generate_with_attention(
+            model, [p for _, p, _ in chunk], [s for s, _, _ in chunk], [[c for _, c in objs] for _, _, objs in chunk],
+            steps=steps, guidance_scale=guidance, height=64, width=64)
+        for (seed, prompt, objs), image, amap in zip(chunk, images, maps):
+            found = find_objects(image, [c for c, _ in objs])
+            hits = [f.cls == cls and f.area > 0 for (_, cls), f in zip(objs, found)]
+            per_obj += hits
+            {1: single, 2: double, 3: triple}[len(objs)].append(all(hits))
+            for k, ((_, cls), f) in enumerate(zip(objs, found)):
+                if not f.area:
+                    continue
+                m = amap[k].astype(np.float32)
+                m = (m - m.min()) / max(m.max() - m.min(), 1e-8)
+                attn_ious.append(iou(m >= 0.5, f.mask))
+    return {
+        "prompts": len(prompts), "steps": steps, "guidance_scale": guidance,
+        "object_found_rate": float(np.mean(per_obj)),
+        "one_object_prompts": {"n": len(single), "found_rate": float(np.mean(single))},
+        "two_object_prompts": {"n": len(double), "both_found_rate": float(np.mean(double))},
+        "three_object_prompts": {"n": len(triple), "all_found_rate": float(np.mean(triple)) if triple else None},
+        "raw_cross_attention_miou": float(np.mean(attn_ious)), "attention_objects": len(attn_ious),
+    }
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=str(BUNDLED_MODEL))
+    ap.add_argument("--n", type=int, default=200, help="held-out prompts")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--guidance", type=float, default=5.0)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--json", default="shapes_model_card.json")
+    args = ap.parse_args(argv)
+    from diffusers import StableDiffusionPipeline
+
+    torch.manual_seed(0)
+    pipe = StableDiffusionPipeline.from_pretrained(args.model)
+    pipe.set_progress_bar_config(disable=True)
+    result = {
+        "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+                    "torch": torch.__version__},
+        "model": args.model,
+        "parameters_m": {name: sum(p.numel() for p in getattr(pipe, name).parameters()) / 1e6
+                         for name in ("unet", "vae", "text_encoder")},
+        "oracle_on_rendered": oracle_accuracy(300),
+        "speed": generation_speed(pipe, args.steps, args.batch, args.guidance),
+    }
+    del pipe
+    result["held_out"] = fidelity_and_attention(args.model, held_out_prompts(args.n), args.steps, args.guidance, args.batch)
+    print(json.dumps(result, indent=2))
+    Path(args.json).write_text(json.dumps(result, indent=2))
+    print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
