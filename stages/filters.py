@@ -1,0 +1,91 @@
+"""Filter stage: a verdict per sample (``keep``, ``reject_reason``); rows are never dropped.
+
+Checks, in order; the first that fails names the reason (stable strings, grouped in the summary):
+
+  ``missing:<class>``  a prompted class has no pixel in the semantic mask
+  ``area:<class>``     a prompted class has pixels but no component within the area bounds
+  ``low_contrast``     a class's inside/outside attention contrast < ``spec.filters.min_contrast``
+  ``duplicate``        the image's perceptual hash is within ``spec.filters.dedup_threshold`` bits
+                       (Hamming) of a kept image earlier in the batch or among the last
+                       ``DEDUP_WINDOW`` kept images seen by this stage instance
+
+Dedup is exact within a batch but only approximate across the dataset: each worker remembers the
+hashes it has kept, so near-duplicates handled by different workers (or before a resume) are not
+compared. The hash is stored in ``scores["phash"]`` (16 hex digits) so a global pass can be run
+offline from the index. ``dedup_threshold`` of ``None`` or below 0 turns dedup off.
+"""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+from PIL import Image
+from scipy.fft import dctn
+
+from .base import Batch, Stage, passthrough
+
+DEDUP_WINDOW = 10_000
+
+
+def phash(image: np.ndarray) -> np.uint64:
+    """64-bit DCT perceptual hash: signs of the 8x8 lowest frequencies of a 32x32 grey image."""
+    grey = np.asarray(Image.fromarray(image).convert("L").resize((32, 32), Image.BOX), np.float32)
+    low = dctn(grey, norm="ortho")[:8, :8].ravel()
+    bits = low > np.median(low[1:])  # median without the DC term
+    return np.frombuffer(np.packbits(bits).tobytes(), dtype=">u8")[0].astype(np.uint64)
+
+
+def hamming(h: np.uint64, others: np.ndarray) -> np.ndarray:
+    """Bit distances between one hash and an array of hashes."""
+    return np.bitwise_count(np.bitwise_xor(others, h))
+
+
+def verdict(scores: dict, min_contrast: float) -> str:
+    """The reason a sample fails the mask checks, or "" (dedup is checked by the stage)."""
+    classes = scores["per_class"]
+    for c in classes:
+        if c["n_components"] == 0:
+            return f"missing:{c['name']}"
+    for c in classes:
+        if c["n_instances"] == 0:
+            return f"area:{c['name']}"
+    if any(c["contrast"] < min_contrast for c in classes):
+        return "low_contrast"
+    return ""
+
+
+class FilterStage(Stage):
+    """Adds ``keep`` (bool) and ``reject_reason`` (str); adds ``phash`` to ``scores``."""
+
+    name = "filters"
+    kind = "actor"  # holds the recent-hash window between batches
+    inputs = ("image", "scores")
+    outputs = ("keep", "reject_reason", "scores")
+
+    def __init__(self, spec: Any):
+        super().__init__(spec)
+        self.recent = np.zeros(DEDUP_WINDOW, np.uint64)
+        self.seen = 0  # kept hashes added so far; the window is a ring buffer
+
+    def __call__(self, batch: Batch) -> Batch:
+        f = self.spec.filters
+        dedup = f.dedup_threshold is not None and f.dedup_threshold >= 0
+        keep, reasons, scores = [], [], []
+        for image, scores_json in zip(batch["image"], batch["scores"]):
+            sc = json.loads(str(scores_json))
+            h = phash(image)
+            sc["phash"] = f"{int(h):016x}"
+            reason = verdict(sc, f.min_contrast)
+            if not reason and dedup:
+                window = self.recent[:min(self.seen, DEDUP_WINDOW)]
+                if window.size and hamming(h, window).min() <= f.dedup_threshold:
+                    reason = "duplicate"
+                else:
+                    self.recent[self.seen % DEDUP_WINDOW] = h
+                    self.seen += 1
+            keep.append(not reason)
+            reasons.append(reason)
+            scores.append(json.dumps(sc, separators=(",", ":")))
+        return passthrough(batch, keep=np.array(keep, dtype=bool), reject_reason=np.array(reasons, dtype=str),
+                           scores=np.array(scores, dtype=str))

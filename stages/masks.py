@@ -1,0 +1,134 @@
+"""Mask stage: per-class attention maps -> one semantic mask per image.
+
+Per row, for the first ``n = len(class_names)`` maps of ``attn`` (or ``attn_raw`` when
+``spec.masks.use_raw``):
+
+1. bicubic upsampling to the image size, clamped at 0 (bicubic overshoots);
+2. per-class min-max normalisation to [0, 1] (a flat map becomes all zeros: no object);
+3. per-class thresholds ``t_fg`` / ``t_ign``:
+   * ``fixed``: ``spec.masks.fg_threshold`` / ``spec.masks.ignore_threshold`` for every class;
+   * ``otsu``: ``t_fg`` = Otsu's threshold of the class's normalised map;
+   * ``calibrated``: ``t_fg`` = ``spec.masks.class_thresholds[name]`` (from a calibration run,
+     stored in the job's manifest);
+   for ``otsu`` and ``calibrated`` the ignore band keeps the fixed band's width:
+   ``t_ign = t_fg - (fg_threshold - ignore_threshold)``;
+4. background handling and labels: a pixel gets class ``1 + i`` when map ``i`` is the largest of
+   the maps at or above their own ``t_fg``; background (0) when no map reaches its ``t_ign``;
+   ignore (255) when no map reaches ``t_fg`` but one reaches ``t_ign`` (uncertain extent) or
+   when the two best foreground maps are within ``spec.masks.ambiguity_margin`` (uncertain class).
+"""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from .base import Batch, Stage, passthrough
+
+THRESHOLD_MODES = ("fixed", "otsu", "calibrated")
+IGNORE = 255
+
+
+def class_maps(attn: np.ndarray, n: int, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Upsampled maps of the first ``n`` classes of one row's ``attn`` (K, h, w).
+
+    Returns ``(raw, norm)``, both float32 (n, H, W) for ``size = (H, W)``: ``raw`` is the
+    bicubic-upsampled attention clamped at 0 (the model's own scale, for peak scores) and
+    ``norm`` its per-class min-max normalisation to [0, 1].
+    """
+    if attn.ndim != 3:
+        raise ValueError(f"attn row must be (K, h, w), got shape {attn.shape}")
+    if n > attn.shape[0]:
+        raise ValueError(f"row names {n} classes but attn holds only {attn.shape[0]} maps")
+    height, width = size
+    raw = np.empty((n, height, width), np.float32)
+    for i in range(n):
+        small = Image.fromarray(np.asarray(attn[i], np.float32))  # mode "F"
+        raw[i] = np.asarray(small.resize((width, height), Image.BICUBIC), np.float32)
+    np.maximum(raw, 0.0, out=raw)
+    lo = raw.min(axis=(1, 2), keepdims=True)
+    span = raw.max(axis=(1, 2), keepdims=True) - lo
+    norm = np.where(span > 1e-12, (raw - lo) / np.maximum(span, 1e-12), 0.0).astype(np.float32)
+    return raw, norm
+
+
+def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
+    """Otsu's threshold of values in [0, 1]: the cut maximising the between-class variance."""
+    hist, edges = np.histogram(values, bins=bins, range=(0.0, 1.0))
+    centers = (edges[:-1] + edges[1:]) / 2
+    w0 = np.cumsum(hist, dtype=np.float64)
+    w1 = w0[-1] - w0
+    s0 = np.cumsum(hist * centers)
+    mu0 = s0 / np.maximum(w0, 1)
+    mu1 = (s0[-1] - s0) / np.maximum(w1, 1)
+    between = w0 * w1 * (mu0 - mu1) ** 2
+    return float(edges[int(np.argmax(between[:-1])) + 1])
+
+
+def label_pixels(norm: np.ndarray, t_fg: np.ndarray, t_ign: np.ndarray, margin: float) -> np.ndarray:
+    """uint8 (H, W) semantic mask from normalised maps (n, H, W) and per-class thresholds (n,)."""
+    n, height, width = norm.shape
+    sem = np.zeros((height, width), np.uint8)
+    if n == 0:
+        return sem
+    fg = norm >= t_fg[:, None, None]
+    cand = np.where(fg, norm, -1.0)
+    best = cand.argmax(axis=0)
+    best_val = np.take_along_axis(cand, best[None], axis=0)[0]
+    has_fg = best_val >= 0
+    sem[has_fg] = (best[has_fg] + 1).astype(np.uint8)
+    uncertain = ~has_fg & (norm >= t_ign[:, None, None]).any(axis=0)
+    if n > 1 and margin > 0:
+        second = np.partition(cand, n - 2, axis=0)[n - 2]
+        uncertain |= has_fg & (second >= 0) & (best_val - second < margin)
+    sem[uncertain] = IGNORE
+    return sem
+
+
+class MaskStage(Stage):
+    """Adds ``semantic_mask`` uint8 (B, H, W): 0 background, 1 + i = class_names[i], 255 ignore."""
+
+    name = "masks"
+    kind = "task"
+    inputs = ("image", "class_names", "attn", "attn_raw")
+    outputs = ("semantic_mask",)
+
+    def __init__(self, spec: Any):
+        super().__init__(spec)
+        m = spec.masks
+        if m.threshold not in THRESHOLD_MODES:
+            raise ValueError(f"masks.threshold: {m.threshold!r} is not one of {THRESHOLD_MODES}")
+        if not 0.0 <= m.ignore_threshold <= m.fg_threshold <= 1.0:
+            raise ValueError("masks: need 0 <= ignore_threshold <= fg_threshold <= 1, got "
+                             f"{m.ignore_threshold} / {m.fg_threshold}")
+        if m.threshold == "calibrated":
+            missing = [c.name for c in spec.classes if c.name not in (m.class_thresholds or {})]
+            if missing:
+                raise ValueError(f"masks.class_thresholds: no calibrated threshold for {missing}")
+        self.column = "attn_raw" if m.use_raw else "attn"
+        self.band = float(m.fg_threshold - m.ignore_threshold)
+
+    def thresholds(self, names: list[str], norm: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Per-class (t_fg, t_ign) for one row's classes and normalised maps."""
+        m = self.spec.masks
+        if m.threshold == "fixed":
+            t_fg = np.full(len(names), m.fg_threshold, np.float32)
+            return t_fg, np.full(len(names), m.ignore_threshold, np.float32)
+        if m.threshold == "otsu":
+            t_fg = np.array([otsu_threshold(c) for c in norm], np.float32)
+        else:
+            t_fg = np.array([m.class_thresholds[name] for name in names], np.float32)
+        return t_fg, np.maximum(t_fg - self.band, 0.0)
+
+    def __call__(self, batch: Batch) -> Batch:
+        attn, images = batch[self.column], batch["image"]
+        height, width = images.shape[1:3]
+        masks = np.zeros((len(images), height, width), np.uint8)
+        for row, names_json in enumerate(batch["class_names"]):
+            names = json.loads(str(names_json))
+            _, norm = class_maps(attn[row], len(names), (height, width))
+            t_fg, t_ign = self.thresholds(names, norm)
+            masks[row] = label_pixels(norm, t_fg, t_ign, float(self.spec.masks.ambiguity_margin))
+        return passthrough(batch, semantic_mask=masks)
