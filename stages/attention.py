@@ -1,0 +1,351 @@
+"""Cross-attention capture for Stable Diffusion UNets, reduced on the fly to per-class maps.
+
+``AttentionCapture(unet, config)`` installs ``CaptureProcessor`` (by processor name) on the
+``attn2`` layers of the chosen UNet levels, and on the ``attn1`` layers of one level when
+self-attention refinement is on; every other layer keeps its processor. Each capture layer still
+computes its output with ``F.scaled_dot_product_attention`` (as diffusers' ``AttnProcessor2_0``)
+and additionally, inside the step window, computes softmax(QKᵀ·scale) in fp32 on the conditional
+half of the CFG batch (whole batch without guidance), keeps only the prompt tokens that name a
+class, means over heads and adds into a preallocated running sum per level.
+
+One pipeline call::
+
+    capture.begin(token_index, num_classes, latent_hw, num_steps, context_length)
+    pipe(..., callback_on_step_end=capture.on_step_end)
+    maps = capture.finish()   # {"attn_raw": (B,K,h,w), "attn": (B,K,h,w)} float32, latent grid
+
+Resolutions name UNet levels by their grid size at the model's native square latent size
+(``unet.config.sample_size``): [16, 32] for SD 1.x at 512², [16, 8] for the bundled tiny model.
+Other image sizes (non-square included) capture the same levels at their actual shapes, computed
+from the latent shape by ceil-halving.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import re
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+
+#: self-attention probabilities are N×N per head: refuse levels above 48×48 (64² would need
+#: 512 MB per image per layer for SD's 8 heads)
+MAX_SELF_ATTENTION_TOKENS = 48 * 48
+
+_NAME = re.compile(r"^(?:down_blocks\.(\d+)|mid_block|up_blocks\.(\d+))"
+                   r"\.attentions\.\d+\.transformer_blocks\.\d+\.(attn[12])\.processor$")
+_CROSS_DOWN = {"CrossAttnDownBlock2D": True, "DownBlock2D": False}
+_CROSS_UP = {"CrossAttnUpBlock2D": True, "UpBlock2D": False}
+_CROSS_MID = {"UNetMidBlock2DCrossAttn": True, None: False}
+
+
+@dataclass(frozen=True)
+class CaptureConfig:
+    """What to capture: cross-attention levels, optional self-attention refinement, step window."""
+
+    resolutions: tuple[int, ...] = (16, 32)
+    self_resolution: int | None = None  # used only when refine_power > 0
+    refine_power: int = 0  # τ in attn = A^τ · attn_raw; 0 = no refinement, no self-attention
+    step_window: tuple[float, float] = (0.0, 1.0)  # fraction of the denoising steps, [start, end)
+
+    def __post_init__(self):
+        if not self.resolutions:
+            raise ValueError("capture needs at least one cross-attention resolution")
+        start, end = self.step_window
+        if not 0.0 <= start < end <= 1.0:
+            raise ValueError(f"step_window {self.step_window} must satisfy 0 <= start < end <= 1")
+        if self.refine_power < 0:
+            raise ValueError(f"refine_power must be >= 0, got {self.refine_power}")
+        if self.refine_power > 0 and self.self_resolution is None:
+            raise ValueError("refine_power > 0 needs a self_attention_resolution")
+
+    def captured_steps(self, num_steps: int) -> range:
+        """The step indices inside the window: start·n <= i < end·n."""
+        lo, hi = math.ceil(self.step_window[0] * num_steps), math.ceil(self.step_window[1] * num_steps)
+        if hi <= lo:
+            raise ValueError(f"step_window {self.step_window} contains none of {num_steps} steps")
+        return range(lo, hi)
+
+
+def _per_block(value: Any, n: int, field: str) -> list[int]:
+    values = [value] * n if isinstance(value, int) else list(value)
+    if len(values) != n or not all(isinstance(v, int) for v in values):
+        raise ValueError(f"unsupported UNet config {field}={value!r} (expected an int or {n} ints)")
+    return values
+
+
+def _block_has_cross(table: dict, block_type: str | None, where: str) -> bool:
+    if block_type not in table:
+        raise ValueError(f"unsupported UNet {where} block {block_type!r} (supported: {sorted(map(str, table))})")
+    return table[block_type]
+
+
+def expected_layers(config: Any) -> Counter:
+    """Attention layers a Stable Diffusion UNet config implies, counted per ("attn1"|"attn2", level).
+
+    Level 0 is the latent resolution, level i is i halvings below it.
+    """
+    n = len(config.down_block_types)
+    layers = _per_block(config.layers_per_block, n, "layers_per_block")
+    transformers = _per_block(config.transformer_layers_per_block, n, "transformer_layers_per_block")
+    up_transformers = (list(reversed(transformers)) if config.reverse_transformer_layers_per_block is None
+                       else _per_block(config.reverse_transformer_layers_per_block, n,
+                                       "reverse_transformer_layers_per_block"))
+    counts: Counter = Counter()
+
+    def add(level: int, blocks: int) -> None:
+        counts[("attn1", level)] += blocks
+        counts[("attn2", level)] += blocks
+
+    for i, block in enumerate(config.down_block_types):
+        if _block_has_cross(_CROSS_DOWN, block, "down"):
+            add(i, layers[i] * transformers[i])
+    if _block_has_cross(_CROSS_MID, config.mid_block_type, "mid"):
+        add(n - 1, transformers[-1])
+    for j, block in enumerate(config.up_block_types):
+        if _block_has_cross(_CROSS_UP, block, "up"):
+            add(n - 1 - j, (layers[n - 1 - j] + 1) * up_transformers[j])
+    return counts
+
+
+def layer_of(name: str, n_levels: int) -> tuple[str, int]:
+    """("attn1"|"attn2", level) of an attention processor name from ``unet.attn_processors``."""
+    m = _NAME.match(name)
+    if m is None:
+        raise RuntimeError(f"unrecognised attention processor {name!r}: the UNet's module layout is not the "
+                           "Stable Diffusion one this capture knows (diffusers changed?)")
+    down, up, kind = m.groups()
+    level = int(down) if down is not None else n_levels - 1 - int(up) if up is not None else n_levels - 1
+    return kind, level
+
+
+def level_grid(height: int, width: int, level: int) -> tuple[int, int]:
+    """Grid shape of a UNet level: ceil-halve the latent shape ``level`` times (as stride-2 convs do)."""
+    for _ in range(level):
+        height, width = (height + 1) // 2, (width + 1) // 2
+    return height, width
+
+
+def _resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(B,K,h,w) → (B,K,*size): bicubic when upsampling, area averaging when downsampling."""
+    h, w = x.shape[-2:]
+    if (h, w) == tuple(size):
+        return x
+    if size[0] >= h and size[1] >= w:
+        return F.interpolate(x, size=size, mode="bicubic", align_corners=False).clamp_min(0)
+    return F.interpolate(x, size=size, mode="area")
+
+
+def _max_normalise(x: torch.Tensor) -> torch.Tensor:
+    return x / x.amax(dim=(-2, -1), keepdim=True).clamp_min(1e-12)
+
+
+class CaptureProcessor:
+    """``AttnProcessor2_0``'s computation (SDPA output) plus an fp32 probability capture."""
+
+    def __init__(self, capture: "AttentionCapture", kind: str, level: int):
+        self.capture, self.kind, self.level = capture, kind, level
+
+    def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None,
+                 *args, **kwargs) -> torch.Tensor:
+        if hidden_states.ndim != 3:
+            raise RuntimeError(f"capture expects (B, N, C) hidden states in transformer blocks, "
+                               f"got {tuple(hidden_states.shape)}")
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        batch = hidden_states.shape[0]
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        if encoder_hidden_states is not None and attn.norm_cross:
+            context = attn.norm_encoder_hidden_states(context)
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(attention_mask, context.shape[1], batch)
+            attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
+        query, key, value = attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
+        head_dim = key.shape[-1] // attn.heads
+        query, key, value = (t.view(batch, -1, attn.heads, head_dim).transpose(1, 2) for t in (query, key, value))
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+
+        self.capture.record(self.kind, self.level, query, key, attn.scale, attention_mask)
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=0.0,
+                                             is_causal=False)
+        out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
+        out = attn.to_out[1](attn.to_out[0](out))
+        if attn.residual_connection:
+            out = out + residual
+        return out / attn.rescale_output_factor
+
+
+class AttentionCapture:
+    """Installs capture processors on a UNet and turns one pipeline call into per-class maps."""
+
+    def __init__(self, unet, config: CaptureConfig):
+        self.unet, self.config = unet, config
+        cfg = unet.config
+        n_levels = len(cfg.down_block_types)
+        self._original = unet.attn_processors
+        if any(isinstance(p, CaptureProcessor) for p in self._original.values()):
+            raise RuntimeError("this UNet already has an attention capture installed: remove() it first")
+        found = Counter(layer_of(name, n_levels) for name in self._original)
+        self.expected = expected_layers(cfg)
+        if found != self.expected:
+            raise RuntimeError(f"UNet attention layers {dict(sorted(found.items()))} differ from what its config "
+                               f"implies {dict(sorted(self.expected.items()))}: diffusers' layout changed?")
+        native = {level: level_grid(cfg.sample_size, cfg.sample_size, level)[0] for level in range(n_levels)}
+        self.native = native
+        self.cross_levels = sorted({self._level("attn2", r, native) for r in config.resolutions})
+        self.self_level = (self._level("attn1", config.self_resolution, native) if config.refine_power > 0
+                           else None)
+        if self.self_level is not None and native[self.self_level] ** 2 > MAX_SELF_ATTENTION_TOKENS:
+            raise ValueError(f"self-attention at {native[self.self_level]}² is too large to capture "
+                             f"(at most {MAX_SELF_ATTENTION_TOKENS} tokens); pick a coarser level")
+        captured = {("attn2", level) for level in self.cross_levels}
+        if self.self_level is not None:
+            captured.add(("attn1", self.self_level))
+        processors = dict(self._original)
+        for name in processors:
+            kind, level = layer_of(name, n_levels)
+            if (kind, level) in captured:
+                processors[name] = CaptureProcessor(self, kind, level)
+        unet.set_attn_processor(processors)
+        self._run: dict[str, Any] | None = None
+
+    def _level(self, kind: str, resolution: int, native: dict[int, int]) -> int:
+        available = {native[level]: n for (k, level), n in sorted(self.expected.items()) if k == kind}
+        for level, size in native.items():
+            if size == resolution and self.expected[(kind, level)] > 0:
+                return level
+        raise ValueError(f"no {kind} layers at resolution {resolution}; this UNet has {available} "
+                         f"(grid size: layer count, at its native sample_size {self.unet.config.sample_size})")
+
+    @property
+    def layer_counts(self) -> dict[str, dict[str, int]]:
+        """Hooked layers per native resolution, for the record's ``gen`` JSON and the manifest."""
+        counts = {"cross": {str(self.native[lv]): self.expected[("attn2", lv)] for lv in self.cross_levels}}
+        if self.self_level is not None:
+            counts["self"] = {str(self.native[self.self_level]): self.expected[("attn1", self.self_level)]}
+        return counts
+
+    def remove(self) -> None:
+        """Restore the processors the UNet had before."""
+        self.unet.set_attn_processor(self._original)
+
+    def begin(self, token_index: Sequence[Sequence[Sequence[int]]], num_classes: int,
+              latent_hw: tuple[int, int], num_steps: int, context_length: int) -> None:
+        """Allocate the running sums for one pipeline call over ``len(token_index)`` images.
+
+        ``token_index[b][k]`` lists the prompt token positions naming class k of image b.
+        """
+        batch = len(token_index)
+        device = self.unet.device
+        slots = max(1, max(sum(len(g) for g in groups) for groups in token_index))
+        positions = torch.zeros(batch, slots, dtype=torch.long)
+        weights = torch.zeros(batch, num_classes, slots)
+        for b, groups in enumerate(token_index):
+            if len(groups) > num_classes:
+                raise ValueError(f"image {b} names {len(groups)} classes, more than {num_classes}")
+            t = 0
+            for k, group in enumerate(groups):
+                if not group or not all(0 <= p < context_length for p in group):
+                    raise ValueError(f"image {b} class {k}: token positions {list(group)} must be a non-empty "
+                                     f"list within [0, {context_length})")
+                positions[b, t:t + len(group)] = torch.tensor(list(group))
+                weights[b, k, t:t + len(group)] = 1.0 / len(group)
+                t += len(group)
+        grids = {level: level_grid(*latent_hw, level) for level in range(len(self.native))}
+        if self.self_level is not None:
+            h, w = grids[self.self_level]
+            if h * w > MAX_SELF_ATTENTION_TOKENS:
+                raise ValueError(f"self-attention grid {h}×{w} exceeds {MAX_SELF_ATTENTION_TOKENS} tokens")
+        zeros = functools.partial(torch.zeros, dtype=torch.float32, device=device)
+        self._run = {
+            "batch": batch, "latent_hw": tuple(latent_hw), "grids": grids, "num_steps": num_steps,
+            "window": self.config.captured_steps(num_steps), "step": 0, "calls": Counter(),
+            "positions": positions.to(device), "weights": weights.to(device),
+            "cross": {lv: zeros(batch, slots, math.prod(grids[lv])) for lv in self.cross_levels},
+            "self": (zeros(batch, *(2 * [math.prod(grids[self.self_level])]))
+                     if self.self_level is not None else None),
+        }
+
+    def on_step_end(self, pipe, step: int, timestep, callback_kwargs: dict) -> dict:
+        """``callback_on_step_end`` hook: the next UNet call belongs to step ``step + 1``."""
+        if self._run is not None:
+            self._run["step"] = step + 1
+        return callback_kwargs
+
+    @torch.no_grad()
+    def record(self, kind: str, level: int, query: torch.Tensor, key: torch.Tensor, scale: float,
+               mask: torch.Tensor | None) -> None:
+        run = self._run
+        if run is None:
+            raise RuntimeError("attention capture is installed but begin() was not called for this pipeline call")
+        if run["step"] not in run["window"]:
+            return
+        batch = run["batch"]
+        if query.shape[0] not in (batch, 2 * batch):
+            raise RuntimeError(f"UNet batch {query.shape[0]} is neither {batch} images nor their CFG pair")
+        if mask is not None:
+            raise NotImplementedError("attention capture does not support attention masks")
+        h, w = run["grids"][level]
+        if query.shape[2] != h * w:
+            raise RuntimeError(f"{kind} at level {level} saw {query.shape[2]} tokens, expected {h}×{w}")
+        # the conditional half is the second half of a CFG batch: [uncond, cond]
+        query, key = query[-batch:].float(), key[-batch:].float()
+        probs = (torch.matmul(query, key.transpose(-1, -2)) * scale).softmax(dim=-1)  # (B, heads, N, L)
+        if kind == "attn2":
+            index = run["positions"][:, None, None, :].expand(-1, probs.shape[1], probs.shape[2], -1)
+            run["cross"][level] += probs.gather(-1, index).mean(dim=1).transpose(1, 2)  # (B, slots, N)
+        else:
+            run["self"] += probs.mean(dim=1)  # (B, N, N)
+        run["calls"][(kind, level)] += 1
+
+    @torch.no_grad()
+    def finish(self) -> dict[str, torch.Tensor]:
+        """Per-class maps on the latent grid: ``attn_raw`` (cross-attention) and ``attn`` (refined).
+
+        Per level: mean over layers·heads·steps, class = mean of its tokens, upsample to the latent
+        grid, clamp ≥ 0, divide by the max; then average the levels. Refinement propagates the
+        raw maps τ times with the mean self-attention matrix (Dataset Diffusion's A^τ·c).
+        """
+        run, self._run = self._run, None
+        if run is None:
+            raise RuntimeError("finish() without begin()")
+        if run["step"] != run["num_steps"]:
+            raise RuntimeError(f"saw {run['step']} of {run['num_steps']} step-end callbacks: pass "
+                               "callback_on_step_end=capture.on_step_end to the pipeline")
+        steps = len(run["window"])
+        for key, n in sorted(self._captured_counts().items()):
+            if run["calls"][key] != n * steps:
+                raise RuntimeError(f"{key[0]} capture at level {key[1]} ran {run['calls'][key]} times, expected "
+                                   f"{n} layers × {steps} steps: were the UNet's attention processors replaced?")
+        batch, latent_hw, weights = run["batch"], run["latent_hw"], run["weights"]
+        levels = []
+        for level in self.cross_levels:
+            tokens = run["cross"][level] / (self.expected[("attn2", level)] * steps)
+            classes = torch.bmm(weights, tokens).view(batch, -1, *run["grids"][level])
+            levels.append(_max_normalise(_resize(classes, latent_hw).clamp_min(0)))
+        raw = torch.stack(levels).mean(dim=0)
+        refined = raw
+        if self.self_level is not None:
+            affinity = run["self"] / (self.expected[("attn1", self.self_level)] * steps)
+            grid = run["grids"][self.self_level]
+            maps = _resize(raw, grid).flatten(2).transpose(1, 2)  # (B, N, K)
+            for _ in range(self.config.refine_power):
+                maps = torch.bmm(affinity, maps)
+            refined = _resize(maps.transpose(1, 2).reshape(batch, -1, *grid), latent_hw).clamp_min(0)
+        return {"attn_raw": raw, "attn": refined}
+
+    def _captured_counts(self) -> dict[tuple[str, int], int]:
+        keys = [("attn2", level) for level in self.cross_levels]
+        if self.self_level is not None:
+            keys.append(("attn1", self.self_level))
+        return {key: self.expected[key] for key in keys}
