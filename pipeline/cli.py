@@ -1,0 +1,178 @@
+"""``synthgen``: run / submit / validate a job, inspect / preview / export-coco its output.
+
+Bad input (job file, output dir, cluster resources) is one line on stderr and exit code 2, with
+nothing written. A failure while running is one line and exit code 1 (``--verbose`` shows the
+traceback); committed shards stay valid and rerunning the same command resumes.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+import traceback
+from pathlib import Path
+
+from .spec import SpecError, UsageError, load_spec
+
+EXIT_BAD_INPUT = 2
+
+
+def _job_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("job", help="job file (YAML)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a job field, e.g. --set generation.steps=10 (value parsed as YAML)")
+    p.add_argument("--out", help="output directory (overrides output.dir)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="synthgen", description="Turn a text-to-image diffusion model into a "
+                                     "labeled, sharded WebDataset.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="generate the dataset of a job (resumes an interrupted run)")
+    _job_args(run)
+    run.add_argument("--overwrite", action="store_true", help="replace an output dir made by a different spec")
+    run.add_argument("--address", help="Ray cluster to connect to (default: $RAY_ADDRESS, else a local Ray)")
+    run.add_argument("--no-ray", action="store_true", help="run the stages in this process, without Ray")
+    run.add_argument("--resource-timeout", type=float, default=0.0, metavar="S",
+                     help="ask the autoscaler for missing CPUs/GPUs and wait up to S seconds (default: fail now)")
+    run.add_argument("--verbose", action="store_true", help="Ray's per-operator progress, tracebacks")
+    run.set_defaults(func=cmd_run)
+
+    submit = sub.add_parser("submit", help="send `synthgen run` to a Ray cluster through the Ray Jobs API")
+    _job_args(submit)
+    submit.add_argument("--address", required=True, help="Ray dashboard address, e.g. http://head:8265")
+    submit.add_argument("--working-dir", default=".", help="directory shipped as the job's working_dir "
+                        "(default: current directory; must contain the job file)")
+    submit.add_argument("--overwrite", action="store_true")
+    submit.add_argument("--resource-timeout", type=float, default=900.0, metavar="S",
+                        help="how long the job waits for the autoscaler to add GPU workers (default 900)")
+    submit.set_defaults(func=cmd_submit)
+
+    validate = sub.add_parser("validate", help="check a job file and print what it would do")
+    _job_args(validate)
+    validate.set_defaults(func=cmd_validate)
+
+    inspect = sub.add_parser("inspect", help="print an output dir's manifest summary and sample records")
+    inspect.add_argument("out")
+    inspect.add_argument("-n", type=int, default=3, help="sample records to show")
+    inspect.set_defaults(func=cmd_inspect)
+
+    preview = sub.add_parser("preview", help="contact sheet of samples with mask and box overlays")
+    preview.add_argument("out")
+    preview.add_argument("-o", "--output", default="preview.png")
+    preview.add_argument("-n", type=int, default=16, help="samples to draw")
+    preview.set_defaults(func=cmd_preview)
+
+    export = sub.add_parser("export-coco", help="write one COCO annotations.json for the whole dataset")
+    export.add_argument("out")
+    export.add_argument("-o", "--output", help="target file (default OUT/annotations.json)")
+    export.set_defaults(func=cmd_export_coco)
+    return parser
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    spec = load_spec(args.job, args.overrides, args.out)  # before the heavy imports: bad input fails fast
+    from .report import format_summary
+    from .runner import run_job
+
+    summary = run_job(spec, overwrite=args.overwrite, use_ray=not args.no_ray,
+                      address=args.address or os.environ.get("RAY_ADDRESS"),
+                      resource_wait_s=args.resource_timeout, verbose=args.verbose)
+    print(format_summary(summary))
+    print(f"output: {spec.output.dir}")
+    return 0
+
+
+def submission(args: argparse.Namespace) -> dict:
+    """``JobSubmissionClient.submit_job`` arguments: ``synthgen run`` of the job inside the shipped working_dir.
+
+    The job is validated here first (schema only: paths are the cluster's). Its output dir must be
+    absolute: the working_dir is unpacked into a temporary folder on the cluster.
+    """
+    spec = load_spec(args.job, args.overrides, args.out, check_files=False)
+    workdir = Path(args.working_dir).resolve()
+    job = Path(args.job).resolve()
+    if not job.is_relative_to(workdir):
+        raise SpecError(f"{args.job}: the job file must be inside --working-dir {workdir}")
+    if Path(spec.output.dir).is_relative_to(workdir):
+        raise SpecError(f"{args.job}: output.dir {spec.output.dir} is inside the shipped working_dir, which the "
+                        "cluster unpacks into a temporary folder; pass --out with an absolute path on the cluster")
+    argv = ["python", "-m", "pipeline.cli", "run", job.relative_to(workdir).as_posix()]
+    for item in args.overrides:
+        argv += ["--set", item]
+    argv += ["--out", spec.output.dir, "--resource-timeout", f"{args.resource_timeout:g}"]
+    if args.overwrite:
+        argv.append("--overwrite")
+    runtime_env = {"working_dir": str(workdir),
+                   "excludes": [".git/", "out/", "*.tmp", "pipeline/models/*.old/", "__pycache__/"]}
+    return {"entrypoint": shlex.join(argv), "runtime_env": runtime_env}
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from ray.exceptions import AuthenticationError
+    from ray.job_submission import JobSubmissionClient
+
+    kwargs = submission(args)
+    try:
+        job_id = JobSubmissionClient(args.address).submit_job(**kwargs)
+    except AuthenticationError as e:
+        raise UsageError(f"{args.address}: {str(e).splitlines()[0]}; the cluster uses Ray token authentication: "
+                         "export RAY_AUTH_MODE=token (and RAY_AUTH_TOKEN, or the token in ~/.ray/auth_token)") from None
+    print(job_id)
+    print(f"follow it with: ray job logs --follow --address {args.address} {job_id}", file=sys.stderr)
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    spec = load_spec(args.job, args.overrides, args.out)
+    synth = spec.resources.synthesis
+    print(f"ok: job {spec.name!r}: {spec.samples} samples of {len(spec.classes)} classes in {spec.num_shards} "
+          f"shards of {spec.output.shard_size} -> {spec.output.dir}; model {spec.model.path} "
+          f"({spec.model.device}, {spec.model.dtype}); synthesis {synth.actors} actor(s) x {synth.num_gpus:g} GPU")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from .report import inspect_text
+
+    print(inspect_text(Path(args.out), args.n))
+    return 0
+
+
+def cmd_preview(args: argparse.Namespace) -> int:
+    from .report import preview
+
+    print(preview(Path(args.out), Path(args.output), args.n))
+    return 0
+
+
+def cmd_export_coco(args: argparse.Namespace) -> int:
+    from .report import export_coco
+
+    print(export_coco(Path(args.out), Path(args.output) if args.output else None))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except UsageError as e:
+        print(f"synthgen: error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("synthgen: interrupted; committed shards are kept, rerun the same command to resume", file=sys.stderr)
+        return 130
+    except Exception as e:  # a failure while running: one line, traceback on request
+        if getattr(args, "verbose", False):
+            traceback.print_exc()
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        print(f"synthgen: {args.command} failed: {type(e).__name__}: {first} (--verbose for the traceback; "
+              "rerun to resume)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

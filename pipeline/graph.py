@@ -1,0 +1,266 @@
+"""The stage chain, run either as a Ray Data streaming pipeline or as a plain in-process loop.
+
+Both runners feed the same *aligned batches* to the stages: batch g of a shard holds the indices
+[shard_start + g*B, shard_start + (g+1)*B) (B = ``generation.batch_size``; shard sizes are multiples
+of B). Batched diffusion is not bit-exact across batch compositions (matmul blocking differs), so
+fixing the composition is what makes a resumed run, the Ray run and the in-process run produce the
+same bytes. For the same reason each stage runs with ``int(num_cpus)`` torch threads in both
+runners (see :class:`TimedStage`).
+
+Ray graph::
+
+  range(#batches) -> expand to indices -> sampling -> synthesis (fixed actor pool, num_gpus from
+  the spec, batch_size=B) -> masks -> labels -> filters -> encode -> select writer columns
+  -> driver (iter_batches)
+
+Stages whose ``kind`` is "actor" run in a fixed-size ``ActorPoolStrategy``; the others as tasks
+(``TaskPoolStrategy``), which Ray fuses. ``preserve_order`` keeps blocks in index order, so the
+last, possibly short, batch of the job is always the last one bundled and never shifts the others.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+
+from stages.base import Batch, Stage
+
+from .spec import JobSpec, UsageError
+
+#: time spent per row in a stage travels with the rows as ``_seconds_<stage>`` (driver sums them)
+TIME_PREFIX = "_seconds_"
+MAX_READ_BLOCKS = 20_000
+READ_TASK_CPUS = 1.0  # ray.data.range read tasks reserve one CPU
+
+
+class ResourceError(UsageError):
+    """The cluster cannot run the job as specified (one-line message)."""
+
+
+def default_stages() -> list[type[Stage]]:
+    """The pipeline's stage classes, in order (imported lazily: they pull in torch/diffusers)."""
+    from stages.encode import EncodeStage
+    from stages.filters import FilterStage
+    from stages.labels import LabelStage
+    from stages.masks import MaskStage
+    from stages.sampling import SamplingStage
+    from stages.synthesis import SynthesisStage
+
+    return [SamplingStage, SynthesisStage, MaskStage, LabelStage, FilterStage, EncodeStage]
+
+
+def check_chain(stages: Sequence[type[Stage]]) -> None:
+    """Every stage's inputs are produced upstream (the source provides ``index``)."""
+    available = {"index"}
+    for cls in stages:
+        missing = [c for c in cls.inputs if c not in available]
+        if missing:
+            raise ValueError(f"stage {cls.name!r} needs columns {missing} that no earlier stage produces")
+        available.update(cls.outputs)
+
+
+def aligned_batches(spec: JobSpec, shards: Sequence[int]) -> list[tuple[int, int]]:
+    """[start, stop) index ranges of the batches of the given shards, in order."""
+    size, b, total = spec.output.shard_size, spec.generation.batch_size, spec.samples
+    out = []
+    for k in shards:
+        stop = min((k + 1) * size, total)
+        out.extend((s, min(s + b, stop)) for s in range(k * size, stop, b))
+    return out
+
+
+class TimedStage:
+    """A stage instance run with ``int(num_cpus)`` torch threads (at least 1) that records its
+    wall time per row in ``_seconds_<name>``.
+
+    Pinning the threads to the spec, in both runners, keeps CPU results independent of the
+    machine's core count: float reductions (and so the image bytes) change with the thread count.
+    """
+
+    def __init__(self, stage: Stage):
+        self.stage = stage
+        self.column = TIME_PREFIX + stage.name
+        self.threads = max(1, int(stage.spec.resources.for_stage(stage.name).num_cpus))
+
+    def __call__(self, batch: Batch) -> Batch:
+        import torch
+
+        torch.set_num_threads(self.threads)
+        start = time.perf_counter()
+        out = self.stage(batch)
+        rows = len(out["index"])
+        out = dict(out)
+        out[self.column] = np.full(rows, (time.perf_counter() - start) / max(rows, 1))
+        return out
+
+
+# --- in-process runner ----------------------------------------------------------------------------
+def run_in_process(spec: JobSpec, batches: Sequence[tuple[int, int]],
+                   stages: Sequence[type[Stage]] | None = None) -> Iterator[Batch]:
+    """Chain the stages in this process, one aligned batch at a time (tests, benchmark baseline)."""
+    stages = list(stages or default_stages())
+    check_chain(stages)
+    if not batches:
+        return
+    chain = [TimedStage(cls(spec)) for cls in stages]
+    for start, stop in batches:
+        batch: Batch = {"index": np.arange(start, stop, dtype=np.int64)}
+        for stage in chain:
+            batch = stage(batch)
+        yield batch
+
+
+# --- Ray runner -----------------------------------------------------------------------------------
+def resource_bundles(spec: JobSpec, stages: Sequence[type[Stage]]) -> list[dict[str, float]]:
+    """What the job holds at once, one bundle per worker: every actor of every pool, plus room
+    for one task of the largest task stage or of the index source (Ray's read tasks take 1 CPU)."""
+    bundles = []
+    task_cpu = READ_TASK_CPUS
+    for cls in stages:
+        res = spec.resources.for_stage(cls.name)
+        if cls.kind == "actor":
+            bundles += [{"CPU": res.num_cpus, "GPU": res.num_gpus}] * res.actors
+        else:
+            task_cpu = max(task_cpu, res.num_cpus)
+    return bundles + [{"CPU": task_cpu, "GPU": 0.0}]
+
+
+def required_resources(spec: JobSpec, stages: Sequence[type[Stage]]) -> dict[str, float]:
+    """Total CPUs/GPUs of :func:`resource_bundles`."""
+    bundles = resource_bundles(spec, stages)
+    return {res: sum(b[res] for b in bundles) for res in ("CPU", "GPU")}
+
+
+def shortfall(spec: JobSpec, stages: Sequence[type[Stage]], available: dict[str, float]) -> str:
+    """'' when ``available`` (``ray.cluster_resources()``) covers the job, else what is missing."""
+    need = required_resources(spec, stages)
+    lacking = [f"{amount:g} {res}" for res, amount in need.items() if amount > float(available.get(res, 0.0)) + 1e-9]
+    if not lacking:
+        return ""
+    pools = []
+    for cls in stages:
+        r = spec.resources.for_stage(cls.name)
+        if cls.kind == "actor":
+            pools.append(f"{cls.name} {r.actors} x ({r.num_cpus:g} CPU, {r.num_gpus:g} GPU)")
+    have = ", ".join(f"{float(available.get(res, 0.0)):g} {res}" for res in need)
+    return f"the job reserves {' and '.join(lacking)} ({'; '.join(pools)}; plus tasks) but the Ray cluster has {have}"
+
+
+def init_ray(spec: JobSpec, stages: Sequence[type[Stage]], address: str | None, wait_s: float = 0.0,
+             verbose: bool = False) -> bool:
+    """Make sure Ray is up and can run the job; returns whether this call started Ray.
+
+    Uses Ray if it is already initialised in this process, else connects to ``address`` or
+    starts a local Ray with ``max(cores, CPUs the spec reserves)`` logical CPUs (CPU reservations
+    are scheduling tokens; the stages time-share the cores). GPUs are never faked: a stage with
+    ``num_gpus`` on a GPU-less cluster would wait forever, so it fails here instead. With
+    ``wait_s`` > 0 the autoscaler is asked for the missing resources and given that long.
+    Worker output reaches the terminal only when ``verbose`` (errors still surface as exceptions).
+    """
+    import ray
+
+    started = not ray.is_initialized()
+    if started and address:
+        ray.init(address=address, logging_level="WARNING", log_to_driver=verbose)
+    elif started:
+        cpus = max(os.cpu_count() or 1, math.ceil(required_resources(spec, stages)["CPU"]))
+        ray.init(num_cpus=cpus, include_dashboard=False, logging_level="WARNING", log_to_driver=verbose)
+    missing = shortfall(spec, stages, ray.cluster_resources())
+    if missing and wait_s > 0:
+        from ray.autoscaler.sdk import request_resources
+
+        request_resources(bundles=[{k: v for k, v in b.items() if v > 0} for b in resource_bundles(spec, stages)])
+        deadline = time.monotonic() + wait_s
+        while missing and time.monotonic() < deadline:
+            time.sleep(5)
+            missing = shortfall(spec, stages, ray.cluster_resources())
+    if missing:
+        if started:
+            ray.shutdown()
+        hint = f" (after waiting {wait_s:g} s)" if wait_s > 0 else ""
+        raise ResourceError(f"resources: {missing}{hint}; lower resources.*.actors / num_gpus, set "
+                            "model.device: cpu with num_gpus: 0, or connect to a larger cluster with --address")
+    return started
+
+
+def _expand(batch: Batch, starts: np.ndarray, stops: np.ndarray) -> Batch:
+    """Rows of batch ids -> rows of sample indices (whole aligned batches)."""
+    ids = np.asarray(batch["id"], dtype=np.int64)
+    return {"index": np.concatenate([np.arange(starts[i], stops[i], dtype=np.int64) for i in ids])}
+
+
+_TASK_STAGES: dict[tuple[type, str], TimedStage] = {}
+
+
+def _task_stage(batch: Batch, stage_cls: type[Stage], spec: JobSpec) -> Batch:
+    """A task-kind stage, built once per worker process and reused."""
+    key = (stage_cls, spec.model_dump_json())
+    if key not in _TASK_STAGES:
+        _TASK_STAGES[key] = TimedStage(stage_cls(spec))
+    return _TASK_STAGES[key](batch)
+
+
+class _ActorStage(TimedStage):
+    """An actor-kind stage: built once in the actor's constructor."""
+
+    def __init__(self, stage_cls: type[Stage], spec: JobSpec):
+        super().__init__(stage_cls(spec))
+
+
+def _udf(cls: type[Stage]):
+    """The map_batches callable of a stage, named after it (Ray names operators by callable)."""
+    if cls.kind == "actor":
+        return type(cls.__name__, (_ActorStage,), {})
+
+    def run(batch: Batch, spec: JobSpec) -> Batch:
+        return _task_stage(batch, cls, spec)
+
+    run.__name__ = run.__qualname__ = cls.__name__
+    return run
+
+
+def build_dataset(spec: JobSpec, batches: Sequence[tuple[int, int]], stages: Sequence[type[Stage]],
+                  writer_columns: Sequence[str]):
+    """The Ray Data pipeline over the given aligned batches (lazy; consume with ``iter_batches``)."""
+    import ray.data
+    from ray.data import ActorPoolStrategy, TaskPoolStrategy
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True
+    starts = np.array([b[0] for b in batches], dtype=np.int64)
+    stops = np.array([b[1] for b in batches], dtype=np.int64)
+    ds = ray.data.range(len(batches), override_num_blocks=min(len(batches), MAX_READ_BLOCKS))
+    ds = ds.map_batches(_expand, batch_size=None, batch_format="numpy", fn_kwargs={"starts": starts, "stops": stops})
+    for cls in stages:
+        res = spec.resources.for_stage(cls.name)
+        common = dict(batch_size=spec.generation.batch_size, batch_format="numpy",
+                      num_cpus=res.num_cpus, num_gpus=res.num_gpus or None)
+        if cls.kind == "actor":
+            ds = ds.map_batches(_udf(cls), compute=ActorPoolStrategy(size=res.actors),
+                                fn_constructor_kwargs={"stage_cls": cls, "spec": spec}, **common)
+        else:
+            ds = ds.map_batches(_udf(cls), compute=TaskPoolStrategy(size=res.actors),
+                                fn_kwargs={"spec": spec}, **common)
+    timing = [TIME_PREFIX + cls.name for cls in stages]
+    return ds.select_columns([*writer_columns, *timing])
+
+
+def run_ray(spec: JobSpec, batches: Sequence[tuple[int, int]], stages: Sequence[type[Stage]] | None = None,
+            writer_columns: Sequence[str] = (), verbose: bool = False) -> Iterator[Batch]:
+    """Stream the records of the given batches out of Ray Data (Ray must be initialised)."""
+    import ray.data
+
+    stages = list(stages or default_stages())
+    check_chain(stages)
+    if not batches:
+        return
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = verbose
+    ctx.print_on_execution_start = verbose
+    logging.getLogger("ray.data").setLevel(logging.INFO if verbose else logging.WARNING)
+    ds = build_dataset(spec, batches, stages, writer_columns)
+    yield from ds.iter_batches(batch_size=None, batch_format="numpy")

@@ -1,0 +1,160 @@
+"""Reading an output directory back: summary table, inspect, preview contact sheet, COCO export."""
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Iterator
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import webdataset as wds
+from PIL import Image, ImageDraw
+
+from .writer import INDEX, OutputError, read_manifest, write_atomic
+
+#: overlay colours for mask values 1, 2, ... (class_names order of the sample)
+PALETTE = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
+           (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212)]
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> str:
+    cells = [header] + [["" if v is None else str(v) for v in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+             for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """The end-of-run table: per-stage throughput, verdicts, shards, wall time."""
+    rows = [[s["name"], s["kind"], s["workers"], f"{s['num_cpus']:g}", f"{s['num_gpus']:g}", s["rows"],
+             f"{s['busy_s']:.2f}", s["rows_per_busy_s"]] for s in summary["stages"]]
+    out = [_table(["stage", "kind", "workers", "cpus", "gpus", "rows", "busy s", "rows/busy s"], rows)]
+    processed = summary["processed"]
+    kept_pct = f" ({100 * summary['kept'] / processed:.1f}%)" if processed else ""
+    out.append(f"this run: {processed} samples, {summary['kept']} kept{kept_pct}, {summary['rejected']} rejected"
+               + "".join(f"\n  rejected {reason}: {n}" for reason, n in summary["rejected_by_reason"].items()))
+    data = summary["dataset"]
+    out.append(f"dataset: {data.get('samples', 0)} samples kept of {data.get('indices', 0)}, "
+               f"{summary['shards_complete']}/{summary['shards_total']} shards complete "
+               f"({summary['shards_written']} written this run)")
+    rate = f", {summary['images_per_s']:.2f} img/s" if summary.get("images_per_s") else ""
+    out.append(f"wall time: {summary['wall_s']:.1f} s ({summary['runner']}){rate}")
+    return "\n".join(out)
+
+
+def iter_samples(out: Path, manifest: dict | None = None) -> Iterator[dict[str, Any]]:
+    """Raw samples (``__key__`` plus member bytes) of every committed shard, in index order."""
+    manifest = manifest or read_manifest(out)
+    urls = [str(Path(out) / s["tar"]) for s in manifest["shards"]]
+    if urls:
+        yield from wds.WebDataset(urls, shardshuffle=False, empty_check=False)
+
+
+def inspect_text(out: Path, n: int = 3) -> str:
+    """Manifest overview, the last run's summary table and ``n`` sample records."""
+    import pyarrow.parquet as pq
+
+    out = Path(out)
+    m = read_manifest(out)
+    job, counts = m["job"], m["counts"]
+    lines = [f"{out}: job {job['name']!r}, fingerprint {m['fingerprint'][:12]}, "
+             f"{'complete' if m['complete'] else 'INCOMPLETE'}",
+             f"model: {m['model'].get('model')} ({job['model']['dtype']}, {job['model']['device']})",
+             f"shards: {counts.get('shards', 0)}/{m['layout']['num_shards']} x {m['layout']['shard_size']} "
+             f"indices; {counts.get('samples', 0)} samples kept, {counts.get('rejected', 0)} rejected "
+             f"{counts.get('rejected_by_reason', {})}"]
+    if m.get("summary"):
+        lines += ["", "last run:", format_summary(m["summary"])]
+    if (out / INDEX).is_file() and n > 0:
+        index = pq.read_table(out / INDEX).slice(0, n).to_pylist()
+        lines += ["", f"first {len(index)} of index.parquet:"]
+        lines += [f"  {r['key']}  keep={r['keep']} {r['reject_reason']!s:>12}  {r['classes']}  {r['prompt']!r}"
+                  for r in index]
+    for sample in islice(iter_samples(out, m), n):
+        rec = json.loads(sample["json"])
+        anns = [(a["category_id"], [round(v, 1) for v in a["bbox"]], a["area"]) for a in rec.get("annotations") or []]
+        lines += ["", f"{sample['__key__']}: members {sorted(k for k in sample if not k.startswith('_'))}",
+                  f"  prompt {rec.get('prompt')!r}, classes {rec.get('class_names')}, "
+                  f"{rec.get('width')}x{rec.get('height')}",
+                  f"  annotations (category_id, bbox, area): {anns}"]
+    return "\n".join(lines)
+
+
+def category_names(manifest: dict) -> dict[int, str]:
+    """COCO category id -> class name (id = 1 + position in the job's classes)."""
+    return {i + 1: c["name"] for i, c in enumerate(manifest["job"]["classes"])}
+
+
+def overlay(sample: dict[str, Any], scale: int, categories: dict[int, str]) -> Image.Image:
+    """One sample as a pair: the image, and the image tinted by its semantic mask (one colour per
+    prompted class, ignore grey) with its instance boxes."""
+    image = Image.open(io.BytesIO(sample["jpg"])).convert("RGB")
+    rec = json.loads(sample["json"])
+    names = rec.get("class_names") or []
+    rgb = np.asarray(image, np.float32)
+    if "seg.png" in sample:
+        mask = np.asarray(Image.open(io.BytesIO(sample["seg.png"])))
+        for value in np.unique(mask):
+            if value == 0:
+                continue
+            color = (128, 128, 128) if value == 255 else PALETTE[(int(value) - 1) % len(PALETTE)]
+            sel = mask == value
+            rgb[sel] = 0.4 * rgb[sel] + 0.6 * np.array(color, np.float32)
+    w, h = image.size
+    size = (w * scale, h * scale)
+    tile = Image.new("RGB", (2 * size[0], size[1]))
+    tile.paste(image.resize(size, Image.NEAREST), (0, 0))
+    tile.paste(Image.fromarray(rgb.round().astype(np.uint8)).resize(size, Image.NEAREST), (size[0], 0))
+    draw = ImageDraw.Draw(tile)
+    for ann in rec.get("annotations") or []:
+        name = categories.get(ann["category_id"])
+        color = PALETTE[names.index(name) % len(PALETTE)] if name in names else (255, 255, 255)
+        x, y, bw, bh = (v * scale for v in ann["bbox"])
+        draw.rectangle([size[0] + x, y, size[0] + x + bw - 1, y + bh - 1], outline=color, width=2)
+    draw.text((2, 1), ", ".join(names), fill=(255, 255, 255))
+    return tile
+
+
+def preview(out: Path, path: Path, n: int = 16, columns: int = 4) -> Path:
+    """A contact sheet (PNG) of the first ``n`` kept samples, each as image | mask and box overlay."""
+    manifest = read_manifest(Path(out))
+    samples = list(islice(iter_samples(Path(out), manifest), n))
+    if not samples:
+        raise OutputError(f"{out}: no samples in committed shards to preview")
+    first = Image.open(io.BytesIO(samples[0]["jpg"]))
+    scale = max(1, 192 // max(first.size))
+    tiles = [overlay(s, scale, category_names(manifest)) for s in samples]
+    tw, th = tiles[0].size
+    rows = -(-len(tiles) // columns)
+    sheet = Image.new("RGB", (min(columns, len(tiles)) * tw, rows * th), (0, 0, 0))
+    for i, tile in enumerate(tiles):
+        sheet.paste(tile, ((i % columns) * tw, (i // columns) * th))
+    buf = io.BytesIO()
+    sheet.save(buf, format="PNG")
+    write_atomic(Path(path), buf.getvalue())
+    return Path(path)
+
+
+def export_coco(out: Path, path: Path | None = None) -> Path:
+    """One COCO ``annotations.json`` for every kept sample of the dataset (image id = sample index + 1)."""
+    out = Path(out)
+    m = read_manifest(out)
+    images, annotations = [], []
+    for sample in iter_samples(out, m):
+        rec = json.loads(sample["json"])
+        shard = Path(sample["__url__"]).name
+        image_id = rec["index"] + 1  # COCO ids start at 1 (0 reads as "missing" in some tools)
+        images.append({"id": image_id, "file_name": f"{sample['__key__']}.jpg", "width": rec["width"],
+                       "height": rec["height"], "shard": shard, "index": rec["index"], "prompt": rec["prompt"]})
+        for ann in rec.get("annotations") or []:
+            annotations.append({**ann, "id": len(annotations) + 1, "image_id": image_id})
+    categories = [{"id": i, "name": name, "supercategory": "object"} for i, name in category_names(m).items()]
+    coco = {"info": {"description": f"synthgen job {m['job']['name']}", "version": m["fingerprint"][:12]},
+            "images": images, "annotations": annotations, "categories": categories}
+    target = Path(path) if path else out / "annotations.json"
+    write_atomic(target, json.dumps(coco, separators=(",", ":")).encode())
+    return target

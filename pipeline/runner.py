@@ -1,0 +1,113 @@
+"""Run a job: check the output dir and the cluster, stream records into the writer, summarise."""
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from stages.base import Batch, Stage
+
+from .graph import TIME_PREFIX, aligned_batches, check_chain, default_stages, init_ray, run_in_process, run_ray
+from .spec import JobSpec
+from .writer import COLUMNS, DatasetWriter
+
+
+class RunStats:
+    """Per-stage rows and busy seconds, and kept/rejected counts, accumulated over record batches."""
+
+    def __init__(self, spec: JobSpec, stages: Sequence[type[Stage]]):
+        self.spec = spec
+        self.stages = list(stages)
+        self.rows = Counter()
+        self.busy = Counter()
+        self.reasons: Counter = Counter()
+        self.processed = self.kept = 0
+
+    def add(self, batch: Batch) -> None:
+        n = len(batch["index"])
+        self.processed += n
+        keep = np.asarray(batch["keep"], dtype=bool)
+        self.kept += int(keep.sum())
+        self.reasons.update(str(r) for r in np.asarray(batch["reject_reason"])[~keep])
+        for cls in self.stages:
+            column = TIME_PREFIX + cls.name
+            if column in batch:
+                self.rows[cls.name] += n
+                self.busy[cls.name] += float(np.sum(batch[column]))
+
+    def summary(self, runner: str, started: datetime, wall_s: float, shards_written: int,
+                counts: dict[str, Any], shards_total: int) -> dict[str, Any]:
+        stages = []
+        for cls in self.stages:
+            res = self.spec.resources.for_stage(cls.name)
+            busy = self.busy[cls.name]
+            stages.append({
+                "name": cls.name, "kind": cls.kind, "workers": res.actors if runner == "ray" else 1,
+                "num_cpus": res.num_cpus, "num_gpus": res.num_gpus, "rows": self.rows[cls.name],
+                "busy_s": round(busy, 3),
+                "rows_per_busy_s": round(self.rows[cls.name] / busy, 2) if busy > 0 else None,
+            })
+        return {
+            "runner": runner, "started": started.isoformat(timespec="seconds"), "wall_s": round(wall_s, 2),
+            "processed": self.processed, "kept": self.kept, "rejected": self.processed - self.kept,
+            "rejected_by_reason": dict(sorted(self.reasons.items())),
+            "images_per_s": round(self.processed / wall_s, 3) if wall_s > 0 else None,
+            "shards_written": shards_written, "shards_complete": counts.get("shards", 0),
+            "shards_total": shards_total, "dataset": counts, "stages": stages,
+        }
+
+
+def prepare(spec: JobSpec, overwrite: bool = False) -> DatasetWriter:
+    """The writer for the job's output dir, checked against the job (raises OutputError); writes nothing."""
+    from stages.model import model_identity
+
+    identity = model_identity(spec.model.path)
+    return DatasetWriter(spec, spec.fingerprint(identity), identity, overwrite)
+
+
+def run_job(spec: JobSpec, *, overwrite: bool = False, use_ray: bool = True, address: str | None = None,
+            resource_wait_s: float = 0.0, verbose: bool = False, progress: bool = True,
+            stages: Sequence[type[Stage]] | None = None) -> dict[str, Any]:
+    """Generate every sample of the job that is not yet committed in its output dir; returns the summary.
+
+    Raises OutputError / ResourceError (before anything is written) when the output dir or the
+    cluster does not fit the job.
+    """
+    stages = list(stages or default_stages())
+    check_chain(stages)
+    writer = prepare(spec, overwrite)
+    # a finished job starts no Ray at all; checks come before open(), which writes
+    owns_ray = bool(writer.pending_shards()) and use_ray and init_ray(spec, stages, address, resource_wait_s,
+                                                                        verbose)
+    try:
+        pending = writer.open()
+        batches = aligned_batches(spec, pending)
+        stats = RunStats(spec, stages)
+        started, t0 = datetime.now(timezone.utc), time.perf_counter()
+        if use_ray:
+            records = run_ray(spec, batches, stages, COLUMNS, verbose=verbose)
+        else:
+            records = run_in_process(spec, batches, stages)
+        written = 0
+        total = sum(stop - start for start, stop in batches)
+        with tqdm(total=total, unit="img", disable=not progress, desc=spec.name, dynamic_ncols=True) as bar:
+            for batch in records:
+                stats.add(batch)
+                written += len(writer.add(batch))
+                bar.update(len(batch["index"]))
+                bar.set_postfix(kept=f"{100 * stats.kept / max(stats.processed, 1):.0f}%",
+                                shards=f"{len(writer.complete_names())}/{writer.plan.num_shards}")
+        summary = stats.summary("ray" if use_ray else "in-process", started, time.perf_counter() - t0, written,
+                                writer.manifest["counts"], writer.plan.num_shards)
+        writer.finish(summary)
+        return summary
+    finally:
+        if owns_ray:
+            import ray
+
+            ray.shutdown()

@@ -1,0 +1,415 @@
+"""The job spec: one YAML file, validated into a frozen pydantic model before any Ray or model work.
+
+``load_spec(path, overrides)`` reads the file, applies ``--set key.sub=value`` overrides (values
+parsed as YAML), resolves paths and validates. Every failure is a :class:`SpecError` whose message
+is one line: ``<file>: <field path>: <reason>``.
+
+Paths: a relative ``model.path`` or ``output.dir`` written in the job file is resolved against the
+job file's directory (so a job file works from any working directory); one given on the command
+line (``--set``, ``--out``) against the current directory. A ``model.path`` is local when it starts
+with ``/``, ``.`` or ``~`` or names an existing folder; anything else is a Hugging Face hub id.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import string
+from pathlib import Path
+from collections.abc import Sequence
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator,
+                      model_validator)
+
+PositiveInt = Annotated[int, Field(ge=1)]
+Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
+STAGES = ("sampling", "synthesis", "masks", "labels", "filters", "encode")
+
+
+class UsageError(Exception):
+    """Bad input (job file, output dir, cluster size): ``str(err)`` is the one-line message shown."""
+
+
+class SpecError(UsageError):
+    """A job file problem."""
+
+
+class FieldError(ValueError):
+    """A cross-field check's error, naming the field to fix (pydantic would locate it at the root)."""
+
+    def __init__(self, loc: str, msg: str):
+        super().__init__(f"{loc}: {msg}")
+        self.loc, self.msg = loc, msg
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSpec(_Strict):
+    path: str = Field(min_length=1, description="local Stable Diffusion folder or hub id")
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    device: Literal["cpu", "cuda", "auto"] = "auto"
+
+
+class ClassSpec(_Strict):
+    name: str = Field(min_length=1)
+    synonyms: list[str] = []
+    attributes: list[str] = []
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_string(cls, value: Any) -> Any:
+        return {"name": value} if isinstance(value, str) else value
+
+
+class PromptSpec(_Strict):
+    templates: list[str] = Field(default=["a photo of {objects}"], min_length=1)
+    min_classes_per_image: PositiveInt = 1
+    max_classes_per_image: PositiveInt = 1
+
+    @field_validator("templates")
+    @classmethod
+    def _placeholders(cls, templates: list[str]) -> list[str]:
+        for t in templates:
+            fields = {f for _, f, _, _ in string.Formatter().parse(t) if f is not None}
+            if fields != {"objects"}:
+                raise ValueError(f"template {t!r} must contain '{{objects}}' and no other {{...}} field")
+        return templates
+
+    @model_validator(mode="after")
+    def _range(self) -> PromptSpec:
+        if self.min_classes_per_image > self.max_classes_per_image:
+            raise ValueError(f"min_classes_per_image ({self.min_classes_per_image}) is larger than "
+                             f"max_classes_per_image ({self.max_classes_per_image})")
+        return self
+
+
+class PerClass(_Strict):
+    per_class: PositiveInt
+
+
+#: ``samples: N`` (total) or ``samples: {per_class: N}`` (= N x number of classes); the tags keep
+#: errors to the branch the user wrote (they are not identifiers, so messages skip them)
+Samples = Annotated[
+    Annotated[PositiveInt, Tag("samples:total")] | Annotated[PerClass, Tag("samples:per-class")],
+    Discriminator(lambda v: "samples:per-class" if isinstance(v, (dict, PerClass)) else "samples:total"),
+]
+
+
+class GenerationSpec(_Strict):
+    steps: PositiveInt = 25
+    guidance_scale: float = Field(default=7.5, ge=0.0)
+    height: PositiveInt = 512
+    width: PositiveInt = 512
+    scheduler: Literal["default", "ddim", "dpm++", "euler", "pndm"] = "default"
+    batch_size: PositiveInt = 8
+
+    @field_validator("height", "width")
+    @classmethod
+    def _multiple_of_8(cls, v: int) -> int:
+        if v % 8:
+            raise ValueError("must be a multiple of 8 (the VAE downsamples by 8)")
+        return v
+
+
+class MasksSpec(_Strict):
+    capture_resolutions: list[PositiveInt] = Field(default=[16, 32], min_length=1)
+    self_attention_resolution: PositiveInt | None = None
+    refine_power: int = Field(default=0, ge=0)
+    step_window: tuple[Fraction, Fraction] = (0.0, 1.0)
+    threshold: Literal["fixed", "otsu", "calibrated"] = "fixed"
+    fg_threshold: Fraction = 0.5
+    ignore_threshold: Fraction = 0.35
+    class_thresholds: dict[str, Fraction] | None = None
+    ambiguity_margin: float = Field(default=0.0, ge=0.0)
+    use_raw: bool = False
+
+    @model_validator(mode="after")
+    def _consistent(self) -> MasksSpec:
+        if self.step_window[0] >= self.step_window[1]:
+            raise ValueError(f"step_window {list(self.step_window)} must be [start, end) with start < end")
+        if self.refine_power > 0 and self.self_attention_resolution is None:
+            raise ValueError(f"refine_power {self.refine_power} needs self_attention_resolution (e.g. 32)")
+        if self.ignore_threshold > self.fg_threshold:
+            raise ValueError(f"ignore_threshold ({self.ignore_threshold}) must not exceed "
+                             f"fg_threshold ({self.fg_threshold})")
+        return self
+
+
+class LabelsSpec(_Strict):
+    semantic: bool = True
+    instances: bool = True
+    boxes: bool = True
+
+
+class FiltersSpec(_Strict):
+    min_area_fraction: Fraction = 0.005
+    max_area_fraction: Fraction = 0.95
+    min_contrast: float = 0.1
+    dedup_threshold: Annotated[int, Field(ge=0)] | None = Field(
+        default=None, description="phash Hamming distance to a kept image that marks a duplicate; null = off")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> FiltersSpec:
+        if self.min_area_fraction > self.max_area_fraction:
+            raise ValueError(f"min_area_fraction ({self.min_area_fraction}) is larger than "
+                             f"max_area_fraction ({self.max_area_fraction})")
+        return self
+
+
+class OutputSpec(_Strict):
+    dir: str = Field(min_length=1)
+    shard_size: PositiveInt = 1000
+    split: str = Field(default="train", pattern=r"^[a-z0-9]+$")
+    jpeg_quality: int = Field(default=95, ge=1, le=100)
+
+
+class StageResources(_Strict):
+    num_cpus: float = Field(default=1.0, gt=0)
+    num_gpus: float = Field(default=0.0, ge=0)
+    actors: PositiveInt = Field(default=1, description="actor pool size (model stages) or concurrent tasks")
+
+
+class ResourcesSpec(_Strict):
+    sampling: StageResources = StageResources()
+    synthesis: StageResources = StageResources()
+    masks: StageResources = StageResources()
+    labels: StageResources = StageResources()
+    filters: StageResources = StageResources()
+    encode: StageResources = StageResources()
+
+    def for_stage(self, name: str) -> StageResources:
+        return getattr(self, name)
+
+
+class JobSpec(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]+$", description="used in sample keys")
+    seed: int = 0
+    model: ModelSpec
+    classes: list[ClassSpec] = Field(min_length=1)
+    prompts: PromptSpec = PromptSpec()
+    samples: Samples
+    generation: GenerationSpec = GenerationSpec()
+    masks: MasksSpec = MasksSpec()
+    labels: LabelsSpec = LabelsSpec()
+    filters: FiltersSpec = FiltersSpec()
+    output: OutputSpec
+    resources: ResourcesSpec = ResourcesSpec()
+
+    @field_validator("classes")
+    @classmethod
+    def _unique(cls, classes: list[ClassSpec]) -> list[ClassSpec]:
+        names = [c.name for c in classes]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"class names must be unique, repeated: {dupes}")
+        return classes
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> JobSpec:
+        if isinstance(self.samples, PerClass):  # normalise: spec.samples is always the total
+            object.__setattr__(self, "samples", self.samples.per_class * len(self.classes))
+        if self.prompts.max_classes_per_image > len(self.classes):
+            raise FieldError("prompts.max_classes_per_image", f"{self.prompts.max_classes_per_image} is more than "
+                           f"the {len(self.classes)} classes")
+        if self.output.shard_size % self.generation.batch_size:
+            raise FieldError("output.shard_size", f"{self.output.shard_size} is not a multiple of "
+                           f"generation.batch_size ({self.generation.batch_size}); shards must hold whole "
+                           "batches so a resumed run batches samples exactly as an uninterrupted one")
+        synth = self.resources.synthesis
+        if self.model.device == "cuda" and synth.num_gpus <= 0:
+            raise FieldError("resources.synthesis.num_gpus", "model.device is cuda but the synthesis stage "
+                           "reserves no GPU; set resources.synthesis.num_gpus: 1")
+        if self.model.device == "cpu" and synth.num_gpus > 0:
+            raise FieldError("resources.synthesis.num_gpus", f"{synth.num_gpus} GPUs reserved but model.device "
+                           "is cpu; set num_gpus: 0 or device: cuda")
+        if self.model.device == "cpu" and self.model.dtype != "float32":
+            raise FieldError("model.dtype", f"{self.model.dtype} on device cpu is slow or unsupported; use float32")
+        for name in STAGES:
+            if name != "synthesis" and self.resources.for_stage(name).num_gpus > 0:
+                raise FieldError(f"resources.{name}.num_gpus", "only the synthesis stage uses a GPU; set it to 0")
+        if self.filters.dedup_threshold is not None and self.resources.filters.actors != 1:
+            raise FieldError("resources.filters.actors", "near-duplicate removal (filters.dedup_threshold) "
+                             "compares each image with those kept before it, in index order: use 1 actor")
+        if self.masks.threshold == "calibrated":
+            missing = [c.name for c in self.classes if c.name not in (self.masks.class_thresholds or {})]
+            if missing:
+                raise FieldError("masks.class_thresholds", f"threshold is 'calibrated' but classes {missing} "
+                               "have no threshold")
+        return self
+
+    @property
+    def num_shards(self) -> int:
+        return -(-self.samples // self.output.shard_size)
+
+    def fingerprint(self, model_identity: dict) -> str:
+        """sha256 over everything that changes the samples: the spec without output location and
+        resources, and the model as its weight hashes (local folder) or hub id (whose cached
+        revision is recorded in the manifest but may only be known after the first download)."""
+        spec = self.model_dump(mode="json", exclude={"output": {"dir"}, "resources": True, "model": {"path"}})
+        if model_identity.get("source") == "local":
+            model = {"weights": model_identity["weights"]}
+        else:
+            model = {"hub_id": self.model.path}
+        payload = {"spec": spec, "model": model}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def looks_local(path: str, base: Path) -> bool:
+    """Whether a model path names a local folder (vs a hub id)."""
+    return path.startswith(("/", ".", "~")) or (base / path).exists()
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """'generation.steps=10' -> (['generation', 'steps'], 10); the value is parsed as YAML."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise SpecError(f"--set {item}: expected key.sub=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise SpecError(f"--set {item}: value is not valid YAML ({_yaml_problem(e)})") from None
+    return key.strip().split("."), value
+
+
+def _apply(data: dict, keys: list[str], value: Any, item: str) -> None:
+    """Set ``data[k1][k2]... = value``, creating mappings on the way (list items by number)."""
+    node: Any = data
+    for i, k in enumerate(keys):
+        where = ".".join(keys[:i]) or "the job"
+        if isinstance(node, list):
+            if not (k.isdigit() and int(k) < len(node)):
+                raise SpecError(f"--set {item}: {where} has no item {k!r} (it has {len(node)})")
+            k = int(k)
+        elif not isinstance(node, dict):
+            raise SpecError(f"--set {item}: {where} is not a mapping")
+        if i == len(keys) - 1:
+            node[k] = value
+        else:
+            if not isinstance(node[k] if isinstance(node, list) else node.get(k), (dict, list)):
+                node[k] = {}
+            node = node[k]
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    mark = getattr(e, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+    return where + str(getattr(e, "problem", None) or e).replace("\n", " ")
+
+
+def _loc(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif not part.isidentifier():
+            continue  # union branch tags and validator names add nothing for the user
+        else:
+            out += ("." if out else "") + str(part)
+    return out
+
+
+def _allowed_keys(loc: tuple) -> list[str]:
+    """Field names of the model at ``loc`` (for 'unknown key' messages)."""
+    model: Any = JobSpec
+    for part in loc[:-1]:
+        if isinstance(part, int) or model is None:
+            continue
+        field = model.model_fields.get(part) if hasattr(model, "model_fields") else None
+        ann = field.annotation if field else None
+        model = next((t for t in (ann, *getattr(ann, "__args__", ())) if isinstance(t, type)
+                      and issubclass(t, BaseModel)), None)
+    return list(model.model_fields) if model is not None else []
+
+
+def _format_error(err: ValidationError) -> str:
+    errors = err.errors()
+    first = errors[0]
+    # a union (samples: N | {per_class: N}) reports one error per branch: count fields, not branches
+    others = {_loc(e["loc"]) for e in errors[1:]} - {_loc(first["loc"])}
+    more = f" (and {len(others)} more)" if others else ""
+    ctx_err = first.get("ctx", {}).get("error")
+    if isinstance(ctx_err, FieldError):
+        return f"{ctx_err.loc}: {ctx_err.msg}{more}"
+    loc = _loc(first["loc"])
+    if first["type"] == "extra_forbidden":
+        allowed = _allowed_keys(first["loc"])
+        hint = f"; allowed keys here: {', '.join(allowed)}" if allowed else ""
+        return f"{loc}: unknown key{hint}{more}"
+    if first["type"] == "missing":
+        return f"{loc}: required field is missing{more}"
+    msg = first["msg"].removeprefix("Value error, ")
+    got = first.get("input")
+    shown = "" if isinstance(got, (dict, list)) or got is None else f" (got {got!r})"
+    return f"{loc or 'job'}: {msg}{shown}{more}"
+
+
+def validate_spec(data: Any, source: str = "job") -> JobSpec:
+    """A JobSpec from parsed YAML data, or SpecError with a one-line message."""
+    if not isinstance(data, dict):
+        raise SpecError(f"{source}: the job file must be a YAML mapping (key: value), got {type(data).__name__}")
+    try:
+        return JobSpec.model_validate(data)
+    except ValidationError as e:
+        raise SpecError(f"{source}: {_format_error(e)}") from None
+
+
+def _resolve_paths(data: dict, base: Path) -> None:
+    """Make relative model.path / output.dir absolute against ``base`` (in place)."""
+    model = data.get("model")
+    if isinstance(model, dict) and isinstance(model.get("path"), str) and looks_local(model["path"], base):
+        model["path"] = str((base / Path(model["path"]).expanduser()).resolve())
+    output = data.get("output")
+    if isinstance(output, dict) and isinstance(output.get("dir"), str):
+        output["dir"] = str((base / Path(output["dir"]).expanduser()).resolve())
+
+
+def check_paths(spec: JobSpec, source: str) -> None:
+    """Filesystem checks: the local model folder exists, the output dir is not a file."""
+    model = Path(spec.model.path)
+    if model.is_absolute():
+        if not model.is_dir():
+            raise SpecError(f"{source}: model.path: local model folder {model} does not exist "
+                            "(a hub id looks like 'org/name')")
+        if not (model / "model_index.json").is_file():
+            raise SpecError(f"{source}: model.path: {model} has no model_index.json; expected a diffusers "
+                            "Stable Diffusion folder (save_pretrained layout)")
+    out = Path(spec.output.dir)
+    if out.exists() and not out.is_dir():
+        raise SpecError(f"{source}: output.dir: {out} is a file, not a directory; choose another output.dir")
+
+
+def load_spec(path: str | Path, overrides: Sequence[str] = (), out: str | None = None,
+              check_files: bool = True) -> JobSpec:
+    """Read, override, resolve and validate a job file. Raises SpecError (one line).
+
+    ``check_files=False`` skips the filesystem checks (for a job that runs on another machine).
+    """
+    path = Path(path)
+    source = str(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise SpecError(f"{source}: cannot read job file ({e.strerror})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise SpecError(f"{source}: malformed YAML: {_yaml_problem(e)}") from None
+    if not isinstance(data, dict):
+        raise SpecError(f"{source}: the job file must be a YAML mapping (key: value), got {type(data).__name__}")
+    _resolve_paths(data, path.resolve().parent)
+    cli = [parse_override(item) + (item,) for item in overrides]
+    if out is not None:
+        cli.append((["output", "dir"], out, f"--out {out}"))
+    for keys, value, item in cli:
+        if keys in (["model", "path"], ["output", "dir"]) and isinstance(value, str):
+            holder = {"model": {"path": value}} if keys[0] == "model" else {"output": {"dir": value}}
+            _resolve_paths(holder, Path.cwd())
+            value = holder[keys[0]][keys[1]]
+        _apply(data, keys, value, item)
+    spec = validate_spec(data, source)
+    if check_files:
+        check_paths(spec, source)
+    return spec

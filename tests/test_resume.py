@@ -1,0 +1,167 @@
+"""Writer commit protocol and resume: a killed run, rerun, equals an uninterrupted run byte for byte."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import REPO, TINY_JOB, assert_same_dataset
+from pipeline.cli import main
+from pipeline.runner import run_job
+from pipeline.spec import load_spec, validate_spec
+from pipeline.writer import MANIFEST, DatasetWriter, OutputError, sha256_file
+
+IDENTITY = {"source": "hub", "model": "org/m"}
+
+
+def make_writer(out: Path, samples: int = 10, overwrite: bool = False, **changes) -> DatasetWriter:
+    data = dict(TINY_JOB, model={"path": "org/m"}, samples=samples, output={"dir": str(out), "shard_size": 4},
+                **changes)
+    spec = validate_spec(data)
+    return DatasetWriter(spec, spec.fingerprint(IDENTITY), IDENTITY, overwrite=overwrite)
+
+
+def records(indices, rejected=()) -> dict[str, np.ndarray]:
+    """A batch as the encode stage hands it over (bytes members, JSON strings)."""
+    n = len(indices)
+    obj = lambda values: np.array(values, dtype=object)  # noqa: E731
+    return {
+        "key": np.array([f"tiny-{i:09d}" for i in indices]), "index": np.array(indices, dtype=np.int64),
+        "seed": np.array(indices, dtype=np.int64) * 7, "prompt": np.array([f"prompt {i}" for i in indices]),
+        "class_names": np.array(['["circle"]'] * n), "scores": np.array(["{}"] * n),
+        "curriculum": np.array(["{}"] * n), "keep": np.array([i not in rejected for i in indices]),
+        "reject_reason": np.array(["low_contrast" if i in rejected else "" for i in indices]),
+        "jpg": obj([f"jpg{i}".encode() for i in indices]), "seg_png": obj([f"png{i}".encode() for i in indices]),
+        "json": obj([json.dumps({"index": i}).encode() for i in indices]), "cls": obj([b"1"] * n),
+    }
+
+
+def test_shards_commit_when_all_their_indices_arrived_in_any_order(tmp_path):
+    writer = make_writer(tmp_path / "out")
+    assert writer.open() == [0, 1, 2]  # [0,4) [4,8) [8,10)
+    arrivals = [([4, 5], []), ([0, 1], []), ([8, 9], ["train-000002"]), ([2, 3], ["train-000000"]),
+                ([6, 7], ["train-000001"])]
+    for indices, committed in arrivals:
+        assert writer.add(records(indices, rejected={3})) == committed
+    writer.finish({"runner": "test"})
+    with tarfile.open(tmp_path / "out" / "shards" / "train-000000.tar") as tar:
+        members = tar.getmembers()
+    assert [m.name for m in members] == [f"tiny-{i:09d}.{ext}" for i in (0, 1, 2) for ext in
+                                         ("cls", "jpg", "json", "seg.png")]
+    assert {m.mtime for m in members} == {946684800}
+    manifest = json.loads((tmp_path / "out" / MANIFEST).read_text())
+    assert manifest["complete"] and [s["name"] for s in manifest["shards"]] == ["train-000000", "train-000001",
+                                                                               "train-000002"]
+    assert manifest["counts"] == {"shards": 3, "indices": 10, "samples": 9, "rejected": 1,
+                                  "rejected_by_reason": {"low_contrast": 1}}
+    index = pq.read_table(tmp_path / "out" / "index.parquet").to_pylist()
+    assert [r["index"] for r in index] == list(range(10))
+    assert [r["shard"] for r in index] == ["train-000000.tar"] * 4 + ["train-000001.tar"] * 4 + ["train-000002.tar"] * 2
+    assert index[3]["keep"] is False and index[3]["reject_reason"] == "low_contrast"
+    assert index[0]["classes"] == ["circle"]
+
+
+def test_reopening_deletes_strays_and_keeps_committed_shards(tmp_path):
+    out = tmp_path / "out"
+    writer = make_writer(out)
+    writer.open()
+    writer.add(records([0, 1, 2, 3, 4, 5]))  # commits shard 0; 4, 5 only buffered
+    committed = sha256_file(out / "shards" / "train-000000.tar")
+    # what a kill can leave behind: temp files, and a shard renamed but not yet in the manifest
+    (out / "shards" / "train-000001.tar.tmp").write_bytes(b"partial")
+    (out / "shards" / "train-000001.tar").write_bytes(b"uncommitted")
+    (out / "parts" / "train-000001.parquet.tmp").write_bytes(b"partial")
+    (out / "manifest.json.tmp").write_bytes(b"{")
+
+    again = make_writer(out)
+    assert again.open() == [1, 2]
+    assert sorted(p.name for p in (out / "shards").iterdir()) == ["train-000000.tar"]
+    assert sorted(p.name for p in (out / "parts").iterdir()) == ["train-000000.parquet"]
+    assert not list(out.glob("*.tmp"))
+    assert sha256_file(out / "shards" / "train-000000.tar") == committed
+    with pytest.raises(RuntimeError, match="outside the pending shards"):
+        again.add(records([0, 1]))
+    again.add(records([4, 5]))
+    with pytest.raises(RuntimeError, match="arrived twice"):
+        again.add(records([5]))
+
+
+def test_a_different_spec_is_refused_unless_overwrite(tmp_path):
+    out = tmp_path / "out"
+    writer = make_writer(out)
+    writer.open()
+    writer.add(records([0, 1, 2, 3]))
+    manifest = (out / MANIFEST).read_bytes()
+    with pytest.raises(OutputError, match="different job or spec.*--overwrite"):
+        make_writer(out, seed=99)
+    assert (out / MANIFEST).read_bytes() == manifest
+    fresh = make_writer(out, seed=99, overwrite=True)
+    assert fresh.open() == [0, 1, 2]
+    assert list((out / "shards").iterdir()) == []
+
+
+def test_a_foreign_non_empty_directory_is_refused_even_with_overwrite(tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "notes.txt").write_text("mine")
+    for overwrite in (False, True):
+        with pytest.raises(OutputError, match="not a synthgen output"):
+            make_writer(tmp_path / "out", overwrite=overwrite)
+    assert (tmp_path / "out" / "notes.txt").read_text() == "mine"
+
+
+def test_a_killed_run_resumes_to_the_same_bytes_as_an_uninterrupted_run(dataset, tmp_path):
+    out = tmp_path / "killed"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    cmd = [sys.executable, "-m", "pipeline.cli", "run", str(dataset.job), "--no-ray", "--out", str(out)]
+    with open(tmp_path / "stderr.txt", "wb") as err:
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=err)
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                if json.loads((out / MANIFEST).read_text())["shards"]:
+                    break
+            except (FileNotFoundError, json.JSONDecodeError):
+                pass
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL, (tmp_path / "stderr.txt").read_text()
+    killed = json.loads((out / MANIFEST).read_text())
+    assert 1 <= len(killed["shards"]) < 4 and not killed["complete"], "the kill must land mid-run"
+
+    assert main(["run", str(dataset.job), "--no-ray", "--out", str(out)]) == 0
+    resumed = json.loads((out / MANIFEST).read_text())
+    assert resumed["complete"]
+    assert resumed["summary"]["processed"] == 16 - 4 * len(killed["shards"])  # only what was missing
+    assert_same_dataset(out, dataset.out)
+
+
+def test_rerunning_a_complete_job_does_no_work(dataset, tmp_path):
+    out = tmp_path / "copy"
+    shutil.copytree(dataset.out, out)
+    shards = {p.name: sha256_file(p) for p in (out / "shards").iterdir()}
+    summary = run_job(load_spec(dataset.job, out=str(out)), use_ray=False, progress=False)
+    assert summary["processed"] == 0 and summary["shards_written"] == 0
+    assert all(stage["rows"] == 0 for stage in summary["stages"])
+    assert {p.name: sha256_file(p) for p in (out / "shards").iterdir()} == shards
+    assert_same_dataset(out, dataset.out)
+
+
+def test_a_changed_spec_on_a_used_output_dir_is_refused(dataset, tmp_path, capsys):
+    out = tmp_path / "copy"
+    shutil.copytree(dataset.out, out)
+    manifest = (out / MANIFEST).read_bytes()
+    assert main(["run", str(dataset.job), "--no-ray", "--out", str(out), "--set", "seed=99"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "different job or spec" in err and "--overwrite" in err
+    assert (out / MANIFEST).read_bytes() == manifest
