@@ -6,13 +6,14 @@ Checks, in order; the first that fails names the reason (stable strings, grouped
   ``area:<class>``     a prompted class has pixels but no component within the area bounds
   ``low_contrast``     a class's inside/outside attention contrast < ``spec.filters.min_contrast``
   ``duplicate``        the image's perceptual hash is within ``spec.filters.dedup_threshold`` bits
-                       (Hamming) of a kept image earlier in the batch or among the last
-                       ``DEDUP_WINDOW`` kept images seen by this stage instance
+                       (Hamming) of a kept image earlier in the same shard (index order)
 
-Dedup is exact within a batch but only approximate across the dataset: each worker remembers the
-hashes it has kept, so near-duplicates handled by different workers (or before a resume) are not
-compared. The hash is stored in ``scores["phash"]`` (16 hex digits) so a global pass can be run
-offline from the index. ``dedup_threshold`` of ``None`` or below 0 turns dedup off.
+Dedup is scoped to a shard (``index // output.shard_size``) so that the verdict is the same in an
+uninterrupted and a resumed run (a resumed run starts at a shard boundary). The pipeline feeds a
+shard's batches to one filters worker in index order (the spec requires ``resources.filters.actors
+== 1`` when dedup is on). Near-duplicates in different shards are not compared; the hash is stored
+in ``scores["phash"]`` (16 hex digits) so a global pass can be run offline from the index.
+``dedup_threshold`` of ``None`` or below 0 turns dedup off.
 """
 from __future__ import annotations
 
@@ -24,9 +25,6 @@ from PIL import Image
 from scipy.fft import dctn
 
 from .base import Batch, Stage, passthrough
-
-DEDUP_WINDOW = 10_000
-
 
 def phash(image: np.ndarray) -> np.uint64:
     """64-bit DCT perceptual hash: signs of the 8x8 lowest frequencies of a 32x32 grey image."""
@@ -59,31 +57,32 @@ class FilterStage(Stage):
     """Adds ``keep`` (bool) and ``reject_reason`` (str); adds ``phash`` to ``scores``."""
 
     name = "filters"
-    kind = "actor"  # holds the recent-hash window between batches
-    inputs = ("image", "scores")
+    kind = "actor"  # holds the current shard's kept hashes between batches
+    inputs = ("index", "image", "scores")
     outputs = ("keep", "reject_reason", "scores")
 
     def __init__(self, spec: Any):
         super().__init__(spec)
-        self.recent = np.zeros(DEDUP_WINDOW, np.uint64)
-        self.seen = 0  # kept hashes added so far; the window is a ring buffer
+        self.shard = -1
+        self.kept_hashes: list[np.uint64] = []  # kept in the current shard
 
     def __call__(self, batch: Batch) -> Batch:
         f = self.spec.filters
         dedup = f.dedup_threshold is not None and f.dedup_threshold >= 0
         keep, reasons, scores = [], [], []
-        for image, scores_json in zip(batch["image"], batch["scores"]):
+        for index, image, scores_json in zip(batch["index"], batch["image"], batch["scores"]):
+            shard = int(index) // self.spec.output.shard_size
+            if shard != self.shard:
+                self.shard, self.kept_hashes = shard, []
             sc = json.loads(str(scores_json))
             h = phash(image)
             sc["phash"] = f"{int(h):016x}"
             reason = verdict(sc, f.min_contrast)
             if not reason and dedup:
-                window = self.recent[:min(self.seen, DEDUP_WINDOW)]
-                if window.size and hamming(h, window).min() <= f.dedup_threshold:
+                if self.kept_hashes and hamming(h, np.array(self.kept_hashes)).min() <= f.dedup_threshold:
                     reason = "duplicate"
                 else:
-                    self.recent[self.seen % DEDUP_WINDOW] = h
-                    self.seen += 1
+                    self.kept_hashes.append(h)
             keep.append(not reason)
             reasons.append(reason)
             scores.append(json.dumps(sc, separators=(",", ":")))

@@ -13,7 +13,8 @@ from stages.filters import FilterStage, hamming, phash, verdict
 
 def make_spec(min_contrast=0.3, dedup_threshold=4):
     return SimpleNamespace(filters=SimpleNamespace(min_area_fraction=0.005, max_area_fraction=0.95,
-                                                   min_contrast=min_contrast, dedup_threshold=dedup_threshold))
+                                                   min_contrast=min_contrast, dedup_threshold=dedup_threshold),
+                           output=SimpleNamespace(shard_size=4))
 
 
 def cls_score(name, n_components=1, n_instances=1, contrast=0.6):
@@ -27,12 +28,14 @@ def scores(*classes):
 GOOD = scores(cls_score("circle"), cls_score("star"))
 
 
-def make_batch(images, score_list):
+def make_batch(images, score_list, first_index=0):
+    index = np.arange(first_index, first_index + len(images), dtype=np.int64)
+    index.setflags(write=False)
     images = np.stack(images)
     images.setflags(write=False)
     col = np.array(score_list)
     col.setflags(write=False)
-    return {"image": images, "scores": col}
+    return {"index": index, "image": images, "scores": col}
 
 
 def scene(seed):
@@ -65,18 +68,21 @@ def test_stage_marks_rows_and_never_drops_them():
         assert int(sc["phash"], 16) == int(phash(batch["image"][row]))
 
 
-def test_duplicates_within_a_batch_and_across_batches():
+def test_duplicates_within_a_shard_across_batches_but_not_across_shards():
     a, b = scene(10), scene(11)
     a_noisy = np.clip(a.astype(int) + np.random.default_rng(0).integers(-3, 4, a.shape), 0, 255).astype(np.uint8)
     assert hamming(phash(a), np.array([phash(b)]))[0] > 4  # different scenes, different hashes
     stage = FilterStage(make_spec())
     out = stage(make_batch([a, b, a_noisy], [GOOD] * 3))
     assert out["reject_reason"].tolist() == ["", "", "duplicate"]
-    # the stage remembers what it kept: the next batch's copy of ``b`` is a duplicate
-    out2 = stage(make_batch([b, scene(12)], [GOOD] * 2))
-    assert out2["reject_reason"].tolist() == ["duplicate", ""]
-    # a fresh worker has no history (dedup across workers is approximate)
-    assert FilterStage(make_spec())(make_batch([b], [GOOD]))["keep"].tolist() == [True]
+    # same shard (indices 0-3, shard_size 4): the next batch's copy of ``b`` is a duplicate
+    out2 = stage(make_batch([b], [GOOD], first_index=3))
+    assert out2["reject_reason"].tolist() == ["duplicate"]
+    # the next shard starts afresh, so a resumed run (which starts at a shard) decides the same
+    out3 = stage(make_batch([b, b], [GOOD] * 2, first_index=4))
+    assert out3["reject_reason"].tolist() == ["", "duplicate"]
+    assert FilterStage(make_spec())(make_batch([b, b], [GOOD] * 2, first_index=4))["reject_reason"].tolist() == \
+        out3["reject_reason"].tolist()
 
 
 def test_rejected_images_do_not_count_as_originals():
