@@ -23,7 +23,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+from PIL import Image  # noqa: E402
 
 from pipeline.shapes.oracle import find_objects  # noqa: E402
 from pipeline.shapes.tiny_sd import BUNDLED_MODEL  # noqa: E402
@@ -71,28 +73,48 @@ def generation_speed(pipe, steps: int, batch: int, guidance: float, repeats: int
             "seconds_per_image": best / batch, "images_per_second": batch / best}
 
 
-def fidelity_and_attention(model: str, prompts, steps: int, guidance: float, batch: int) -> dict:
-    from stages.synthesis import generate_with_attention  # the project's own capture path
+def synthesis_stage(model: str, steps: int, guidance: float, batch: int):
+    """The project's own synthesis stage (same capture path as a job) on the demo job's settings."""
+    from pipeline.spec import load_spec
+    from stages.synthesis import SynthesisStage
 
+    spec = load_spec(REPO / "jobs" / "shapes-demo.yaml", [
+        f"model.path={model}", f"generation.steps={steps}", f"generation.guidance_scale={guidance}",
+        f"generation.batch_size={batch}", "masks.refine_power=0"])
+    return SynthesisStage(spec)
+
+
+def fidelity_and_attention(stage, prompts, batch: int) -> dict:
+    from stages.sampling import class_token_positions
+
+    tokenizer = stage.pipe.tokenizer
     per_obj, single, double, triple, attn_ious = [], [], [], [], []
     for start in range(0, len(prompts), batch):
         chunk = prompts[start:start + batch]
-        images, maps = generate_with_attention(
-            model, [p for _, p, _ in chunk], [s for s, _, _ in chunk], [[c for _, c in objs] for _, _, objs in chunk],
-            steps=steps, guidance_scale=guidance, height=64, width=64)
-        for (seed, prompt, objs), image, amap in zip(chunk, images, maps):
+        token_index, class_names = [], []
+        for _, prompt, objs in chunk:
+            spans, pos = [], 0
+            for _, cls in objs:  # class words appear in prompt order
+                at = prompt.index(cls, pos)
+                spans.append((at, at + len(cls)))
+                pos = at + len(cls)
+            token_index.append(json.dumps(class_token_positions(tokenizer, prompt, spans)))
+            class_names.append(json.dumps([cls for _, cls in objs]))
+        out = stage({"prompt": np.array([p for _, p, _ in chunk]), "seed": np.array([s for s, _, _ in chunk]),
+                     "token_index": np.array(token_index), "class_names": np.array(class_names)})
+        for (seed, prompt, objs), image, amap in zip(chunk, out["image"], out["attn_raw"]):
             found = find_objects(image, [c for c, _ in objs])
             hits = [f.cls == cls and f.area > 0 for (_, cls), f in zip(objs, found)]
             per_obj += hits
             {1: single, 2: double, 3: triple}[len(objs)].append(all(hits))
-            for k, ((_, cls), f) in enumerate(zip(objs, found)):
+            for k, f in enumerate(found):
                 if not f.area:
                     continue
-                m = amap[k].astype(np.float32)
+                m = np.asarray(Image.fromarray(amap[k].astype(np.float32)).resize(image.shape[1::-1], Image.BILINEAR))
                 m = (m - m.min()) / max(m.max() - m.min(), 1e-8)
                 attn_ious.append(iou(m >= 0.5, f.mask))
     return {
-        "prompts": len(prompts), "steps": steps, "guidance_scale": guidance,
+        "prompts": len(prompts),
         "object_found_rate": float(np.mean(per_obj)),
         "one_object_prompts": {"n": len(single), "found_rate": float(np.mean(single))},
         "two_object_prompts": {"n": len(double), "both_found_rate": float(np.mean(double))},
@@ -107,8 +129,9 @@ def main(argv=None) -> None:
     ap.add_argument("--n", type=int, default=200, help="held-out prompts")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--guidance", type=float, default=5.0)
-    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--batch", type=int, default=10)
     ap.add_argument("--json", default="shapes_model_card.json")
+    ap.add_argument("--oracle-scenes", type=int, default=300)
     args = ap.parse_args(argv)
     from diffusers import StableDiffusionPipeline
 
@@ -121,11 +144,13 @@ def main(argv=None) -> None:
         "model": args.model,
         "parameters_m": {name: sum(p.numel() for p in getattr(pipe, name).parameters()) / 1e6
                          for name in ("unet", "vae", "text_encoder")},
-        "oracle_on_rendered": oracle_accuracy(300),
+        "oracle_on_rendered": oracle_accuracy(args.oracle_scenes),
         "speed": generation_speed(pipe, args.steps, args.batch, args.guidance),
     }
     del pipe
-    result["held_out"] = fidelity_and_attention(args.model, held_out_prompts(args.n), args.steps, args.guidance, args.batch)
+    stage = synthesis_stage(args.model, args.steps, args.guidance, args.batch)
+    result["held_out"] = {"steps": args.steps, "guidance_scale": args.guidance, "scheduler": "ddim",
+                          **fidelity_and_attention(stage, held_out_prompts(args.n), args.batch)}
     print(json.dumps(result, indent=2))
     Path(args.json).write_text(json.dumps(result, indent=2))
     print(f"wrote {args.json}")
