@@ -12,8 +12,9 @@ Rules:
     ``keep=False`` with a ``reject_reason``; they never drop rows.
   * Variable-sized structures (lists, dicts) travel as JSON strings (numpy ``str`` arrays), so
     every column has a fixed dtype that Arrow can hold.
-  * ``resources`` says what one worker needs; the pipeline turns it into Ray Data
-    ``map_batches`` arguments. ``kind`` is "actor" for stages that load a model, else "task".
+  * What one worker needs comes from the job spec's ``resources.<stage name>``; the pipeline turns
+    it into Ray Data ``map_batches`` arguments. ``kind`` is "actor" for stages that keep state
+    between batches (a model, a tokenizer, the dedup memory), else "task".
 
 Record columns (DESIGN.md "Record flowing between stages"):
 
@@ -38,18 +39,11 @@ Record columns (DESIGN.md "Record flowing between stages"):
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
 
 Batch = dict[str, np.ndarray]
-
-
-@dataclass(frozen=True)
-class Resources:
-    num_cpus: float = 1.0
-    num_gpus: float = 0.0
 
 
 class Stage:

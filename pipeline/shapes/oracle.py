@@ -98,10 +98,3 @@ def find_objects(image: np.ndarray, colors) -> list[OracleObject]:
         out.append(OracleObject(color=color, mask=mask, cls=cls, class_iou=iou, area=area))
     return out
 
-
-def semantic_from_oracle(objects: list[OracleObject], classes: list[str], shape) -> np.ndarray:
-    """uint8 HxW semantic map with 1 + index into ``classes`` (the prompt's class order)."""
-    sem = np.zeros(shape, np.uint8)
-    for i, o in enumerate(objects):
-        sem[o.mask] = i + 1
-    return sem

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -111,8 +112,6 @@ def save_pipeline(out_dir: str | Path, tokenizer, text_encoder, vae, unet) -> Pa
         old = out_dir.with_name(out_dir.name + ".old")
         os.replace(out_dir, old)
         os.replace(tmp, out_dir)
-        import shutil
-
         shutil.rmtree(old)
     else:
         os.replace(tmp, out_dir)
