@@ -7,6 +7,7 @@ traceback); committed shards stay valid and rerunning the same command resumes.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shlex
 import sys
@@ -69,6 +70,26 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("out")
     export.add_argument("-o", "--output", help="target file (default OUT/annotations.json)")
     export.set_defaults(func=cmd_export_coco)
+
+    evaluate = sub.add_parser("eval", help="label quality on held-out shapes-world prompts, against the oracle")
+    _job_args(evaluate)
+    evaluate.add_argument("-n", type=int, default=200, help="held-out prompts (default 200)")
+    evaluate.add_argument("--json", default="eval.json", help="where to write the numbers (default eval.json)")
+    evaluate.add_argument("--calibrate", metavar="FILE",
+                          help="instead: fit per-class mask thresholds on calibration prompts and write them "
+                          "to FILE, for masks.calibration")
+    evaluate.set_defaults(func=cmd_eval)
+
+    imp = sub.add_parser("import-coco", help="write a COCO folder of real images as a synthgen output dir "
+                         "(records with curriculum.source = real)")
+    imp.add_argument("coco", help="folder with annotations.json and the images it names")
+    imp.add_argument("out", help="output directory")
+    imp.add_argument("--name", default="real", help="dataset name recorded in the manifest (default: real)")
+    imp.add_argument("--shard-size", type=int, default=1000)
+    imp.add_argument("--split", default="train")
+    imp.add_argument("--jpeg-quality", type=int, default=95)
+    imp.add_argument("--overwrite", action="store_true", help="replace an output dir made from other data")
+    imp.set_defaults(func=cmd_import_coco)
     return parser
 
 
@@ -152,6 +173,36 @@ def cmd_export_coco(args: argparse.Namespace) -> int:
     from .report import export_coco
 
     print(export_coco(Path(args.out), Path(args.output) if args.output else None))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    spec = load_spec(args.job, args.overrides, args.out)
+    if args.n < 1:
+        raise UsageError(f"-n {args.n}: need at least 1 prompt")
+    from . import evaluate
+
+    if args.calibrate:
+        result = evaluate.calibrate(spec, args.n)
+        evaluate.write_json(Path(args.calibrate), result)
+        print(json.dumps(result["class_thresholds"]))
+        print(f"wrote {args.calibrate}; use it with masks: {{threshold: calibrated, calibration: {args.calibrate}}}")
+        return 0
+    result = evaluate.evaluate(spec, args.n)
+    evaluate.write_json(Path(args.json), result)
+    print(evaluate.format_report(result))
+    print(f"wrote {args.json}")
+    return 0
+
+
+def cmd_import_coco(args: argparse.Namespace) -> int:
+    from .import_coco import import_coco
+
+    summary = import_coco(args.coco, args.out, name=args.name, shard_size=args.shard_size, split=args.split,
+                          jpeg_quality=args.jpeg_quality, overwrite=args.overwrite)
+    data = summary["dataset"]
+    print(f"{data['samples']} real images in {data['shards']} shards ({summary['shards_written']} written now, "
+          f"{summary['skipped_unannotated']} images without annotations skipped) -> {Path(args.out).resolve()}")
     return 0
 
 

@@ -61,9 +61,11 @@ def inspect_text(out: Path, n: int = 3) -> str:
     out = Path(out)
     m = read_manifest(out)
     job, counts = m["job"], m["counts"]
+    model = job.get("model") or {}  # an import-coco dataset has no model
     lines = [f"{out}: job {job['name']!r}, fingerprint {m['fingerprint'][:12]}, "
              f"{'complete' if m['complete'] else 'INCOMPLETE'}",
-             f"model: {m['model'].get('model')} ({job['model']['dtype']}, {job['model']['device']})",
+             (f"model: {m['model'].get('model')} ({model['dtype']}, {model['device']})" if model
+              else f"source: {m['model'].get('source')} {m['model'].get('annotations', '')}"),
              f"shards: {counts.get('shards', 0)}/{m['layout']['num_shards']} x {m['layout']['shard_size']} "
              f"indices; {counts.get('samples', 0)} samples kept, {counts.get('rejected', 0)} rejected "
              f"{counts.get('rejected_by_reason', {})}"]

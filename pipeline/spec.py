@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import string
 from pathlib import Path
 from collections.abc import Sequence
@@ -64,10 +65,38 @@ class ClassSpec(_Strict):
         return {"name": value} if isinstance(value, str) else value
 
 
+class EmbeddingSpec(_Strict):
+    """Conditioning in text-embedding space, computed in the synthesis actor from each sample's ``cond``.
+
+    ``interpolate``: the prompt's embedding moved towards a partner prompt (its first class swapped
+    for a class not in the image) by a weight drawn uniformly from ``weight`` (slerp or lerp per
+    token); the label stays the prompt's class, so the weight is at most 0.5. ``jitter``: seeded
+    Gaussian noise added to every token vector, ``sigma`` times that vector's RMS.
+    """
+
+    mode: Literal["interpolate", "jitter"]
+    method: Literal["slerp", "lerp"] = "slerp"
+    weight: tuple[Fraction, Fraction] = (0.1, 0.4)
+    sigma: float = Field(default=0.1, gt=0)
+
+    @model_validator(mode="after")
+    def _mode_fields(self) -> EmbeddingSpec:
+        own = {"interpolate": ["method", "weight"], "jitter": ["sigma"]}[self.mode]
+        stray = sorted(self.model_fields_set - {"mode", *own})
+        if stray:
+            raise ValueError(f"{stray[0]} does not apply to mode {self.mode!r} (its fields: {', '.join(own)})")
+        low, high = self.weight
+        if not low <= high <= 0.5:
+            raise ValueError(f"weight {list(self.weight)} must be [low, high] with low <= high <= 0.5 (the "
+                             "partner class must not outweigh the class the sample is labelled with)")
+        return self
+
+
 class PromptSpec(_Strict):
     templates: list[str] = Field(default=["a photo of {objects}"], min_length=1)
     min_classes_per_image: PositiveInt = 1
     max_classes_per_image: PositiveInt = 1
+    embedding: EmbeddingSpec | None = None
 
     @field_validator("templates")
     @classmethod
@@ -123,6 +152,8 @@ class MasksSpec(_Strict):
     fg_threshold: Fraction = 0.5
     ignore_threshold: Fraction = 0.35
     class_thresholds: dict[str, Fraction] | None = None
+    calibration: str | None = Field(default=None, description="JSON file written by `synthgen eval --calibrate`; "
+                                    "its class_thresholds are loaded into this spec")
     ambiguity_margin: float = Field(default=0.0, ge=0.0)
     use_raw: bool = False
 
@@ -166,6 +197,43 @@ class OutputSpec(_Strict):
     jpeg_quality: int = Field(default=95, ge=1, le=100)
 
 
+Strength = Annotated[float, Field(gt=0.0, le=1.0)]
+
+
+class SelectSpec(_Strict):
+    """Which references get variations: the keys listed in a CSV / Parquet file, or with ``top_k`` /
+    ``top_fraction`` the ones with the highest ``loss_column`` (ties by key)."""
+
+    path: str = Field(min_length=1, description="CSV or Parquet file with a key column (and a loss column)")
+    key_column: str = "key"
+    loss_column: str = "loss"
+    top_k: PositiveInt | None = None
+    top_fraction: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
+
+    @model_validator(mode="after")
+    def _one_rule(self) -> SelectSpec:
+        if self.top_k is not None and self.top_fraction is not None:
+            raise ValueError("give top_k or top_fraction, not both")
+        return self
+
+
+class ReferencesSpec(_Strict):
+    """Real images as img2img starting points: every reference x strength x seed is one sample, so
+    ``samples`` must equal references x len(strengths) x seeds_per_level (checked against the folder)."""
+
+    path: str = Field(min_length=1, description="COCO folder (annotations.json) or a synthgen output dir")
+    strengths: list[Strength] = Field(default=[0.1, 0.3, 0.5, 0.7, 0.9], min_length=1)
+    seeds_per_level: PositiveInt = 1
+    select: SelectSpec | None = None
+
+    @field_validator("strengths")
+    @classmethod
+    def _distinct(cls, strengths: list[float]) -> list[float]:
+        if len(set(strengths)) != len(strengths):
+            raise ValueError(f"strengths {strengths} repeat a value")
+        return strengths
+
+
 class StageResources(_Strict):
     num_cpus: float = Field(default=1.0, gt=0)
     num_gpus: float = Field(default=0.0, ge=0)
@@ -197,6 +265,7 @@ class JobSpec(_Strict):
     filters: FiltersSpec = FiltersSpec()
     output: OutputSpec
     resources: ResourcesSpec = ResourcesSpec()
+    references: ReferencesSpec | None = None
 
     @field_validator("classes")
     @classmethod
@@ -238,7 +307,22 @@ class JobSpec(_Strict):
             if missing:
                 raise FieldError("masks.class_thresholds", f"threshold is 'calibrated' but classes {missing} "
                                "have no threshold")
+        self._check_variations()
         return self
+
+    def _check_variations(self) -> None:
+        """Img2img strengths that run at least one step; a partner class for embedding interpolation."""
+        steps = self.generation.steps
+        for s in self.references.strengths if self.references else ():
+            if int(s * steps) < 1:  # diffusers' img2img runs int(steps x strength) steps
+                raise FieldError("references.strengths", f"strength {s} x generation.steps {steps} is less than "
+                                 f"one denoising step; use generation.steps >= {math.ceil(1 / s)} or a larger strength")
+        embedding = self.prompts.embedding
+        per_image = 1 if self.references else self.prompts.max_classes_per_image
+        if embedding and embedding.mode == "interpolate" and len(self.classes) <= per_image:
+            raise FieldError("prompts.embedding.mode", f"interpolate swaps a class for one not in the image, but "
+                             f"images may name all {len(self.classes)} classes; add classes or lower "
+                             "prompts.max_classes_per_image")
 
     @property
     def num_shards(self) -> int:
@@ -248,12 +332,20 @@ class JobSpec(_Strict):
         """sha256 over everything that changes the samples: the spec without output location and
         resources, and the model as its weight hashes (local folder) or hub id (whose cached
         revision is recorded in the manifest but may only be known after the first download)."""
-        spec = self.model_dump(mode="json", exclude={"output": {"dir"}, "resources": True, "model": {"path"}})
+        exclude: dict[str, Any] = {"output": {"dir"}, "resources": True, "model": {"path"}}
+        if self.prompts.embedding is None:  # new, unset sections leave older jobs' fingerprints as they were
+            exclude["prompts"] = {"embedding"}
+        exclude["references"] = True if self.references is None else {"path": True, "select": {"path"}}
+        spec = self.model_dump(mode="json", exclude=exclude)
         if model_identity.get("source") == "local":
             model = {"weights": model_identity["weights"]}
         else:
             model = {"hub_id": self.model.path}
         payload = {"spec": spec, "model": model}
+        if self.references is not None:  # the reference data by content, not by location
+            from stages.references import references_digest
+
+            payload["references"] = references_digest(self.references)
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
@@ -364,10 +456,58 @@ def _resolve_paths(data: dict, base: Path) -> None:
     output = data.get("output")
     if isinstance(output, dict) and isinstance(output.get("dir"), str):
         output["dir"] = str((base / Path(output["dir"]).expanduser()).resolve())
+    masks = data.get("masks")
+    if isinstance(masks, dict) and isinstance(masks.get("calibration"), str):
+        masks["calibration"] = str((base / Path(masks["calibration"]).expanduser()).resolve())
+
+
+#: file paths inside ``references`` (resolved like output.dir: job file's folder, or cwd for --set)
+REFERENCE_PATHS = (["references", "path"], ["references", "select", "path"])
+
+
+def _resolve_reference_paths(data: dict, base: Path) -> None:
+    for keys in REFERENCE_PATHS:
+        node: Any = data
+        for k in keys[:-1]:
+            node = node.get(k) if isinstance(node, dict) else None
+        if isinstance(node, dict) and isinstance(node.get(keys[-1]), str):
+            node[keys[-1]] = str((base / Path(node[keys[-1]]).expanduser()).resolve())
+
+
+def check_references(spec: JobSpec, source: str) -> None:
+    """The reference folder and selection file are readable, name only the job's classes, and give
+    exactly ``samples`` variations (references x strengths x seeds_per_level)."""
+    from stages.references import ReferenceError, list_references
+
+    try:
+        refs = list_references(spec)
+    except ReferenceError as e:
+        raise SpecError(f"{source}: {e}") from None
+    cfg = spec.references
+    total = len(refs) * len(cfg.strengths) * cfg.seeds_per_level
+    if spec.samples != total:
+        raise SpecError(f"{source}: samples: {spec.samples}, but {len(refs)} references x {len(cfg.strengths)} "
+                        f"strengths x {cfg.seeds_per_level} seeds_per_level = {total} variations; set samples: {total}")
+
+
+def load_calibration(data: dict, source: str) -> None:
+    """Copy the per-class thresholds of ``masks.calibration`` (a JSON file) into ``masks.class_thresholds``."""
+    masks = data.get("masks")
+    if not isinstance(masks, dict) or not isinstance(masks.get("calibration"), str):
+        return
+    path = Path(masks["calibration"])
+    if masks.get("class_thresholds") is not None:
+        raise SpecError(f"{source}: masks: give class_thresholds or calibration, not both")
+    try:
+        thresholds = json.loads(path.read_text())["class_thresholds"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SpecError(f"{source}: masks.calibration: cannot read class_thresholds from {path} "
+                        f"({type(e).__name__}: {e}); write it with `synthgen eval JOB --calibrate {path}`") from None
+    masks["class_thresholds"] = thresholds
 
 
 def check_paths(spec: JobSpec, source: str) -> None:
-    """Filesystem checks: the local model folder exists, the output dir is not a file."""
+    """Filesystem checks: the local model folder exists, the output dir is not a file, the references fit."""
     model = Path(spec.model.path)
     if model.is_absolute():
         if not model.is_dir():
@@ -379,6 +519,8 @@ def check_paths(spec: JobSpec, source: str) -> None:
     out = Path(spec.output.dir)
     if out.exists() and not out.is_dir():
         raise SpecError(f"{source}: output.dir: {out} is a file, not a directory; choose another output.dir")
+    if spec.references is not None:
+        check_references(spec, source)
 
 
 def load_spec(path: str | Path, overrides: Sequence[str] = (), out: str | None = None,
@@ -400,15 +542,19 @@ def load_spec(path: str | Path, overrides: Sequence[str] = (), out: str | None =
     if not isinstance(data, dict):
         raise SpecError(f"{source}: the job file must be a YAML mapping (key: value), got {type(data).__name__}")
     _resolve_paths(data, path.resolve().parent)
+    _resolve_reference_paths(data, path.resolve().parent)
     cli = [parse_override(item) + (item,) for item in overrides]
     if out is not None:
         cli.append((["output", "dir"], out, f"--out {out}"))
     for keys, value, item in cli:
-        if keys in (["model", "path"], ["output", "dir"]) and isinstance(value, str):
-            holder = {"model": {"path": value}} if keys[0] == "model" else {"output": {"dir": value}}
+        if keys in (["model", "path"], ["output", "dir"], ["masks", "calibration"]) and isinstance(value, str):
+            holder = {keys[0]: {keys[1]: value}}
             _resolve_paths(holder, Path.cwd())
             value = holder[keys[0]][keys[1]]
+        if keys in REFERENCE_PATHS and isinstance(value, str):
+            value = str((Path.cwd() / Path(value).expanduser()).resolve())
         _apply(data, keys, value, item)
+    load_calibration(data, source)
     spec = validate_spec(data, source)
     if check_files:
         check_paths(spec, source)

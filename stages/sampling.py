@@ -1,4 +1,5 @@
-"""Prompt sampling: global index → key, seed, prompt, classes and the prompt tokens naming each class."""
+"""Prompt sampling: global index → key, seed, prompt, classes, the prompt tokens naming each class, and
+the conditioning (reference image / text embedding) and curriculum record of image-guided variations."""
 from __future__ import annotations
 
 import hashlib
@@ -9,8 +10,10 @@ import numpy as np
 from transformers import CLIPTokenizer
 
 from .base import Batch, Stage, passthrough
+from .references import Reference, list_references
 
 OBJECTS = "{objects}"
+EMBEDDING_STREAM = 1  # numpy seed-sequence word that separates embedding draws from prompt draws
 
 
 def stable_seed(job_seed: int, index: int) -> int:
@@ -35,7 +38,16 @@ def class_token_positions(tokenizer, prompt: str, spans: list[tuple[int, int]]) 
 
 
 class SamplingStage(Stage):
-    """Deterministic per-sample prompts: 1..max classes, one template, exact class token positions."""
+    """Deterministic per-sample prompts: 1..max classes, one template, exact class token positions.
+
+    With ``spec.references`` every index is one image-guided variation (see :meth:`variation`):
+    the prompt names the reference's class (with its attribute when the class lists it), ``cond``
+    holds the reference key and strength, ``curriculum`` the level, strength, image guidance
+    (1 - strength), group id (the reference key), source "synthetic" and difficulty (= image
+    guidance: 0 is a text-driven image, 1 the hard reference itself). With
+    ``spec.prompts.embedding`` ``cond`` also holds everything the synthesis stage needs to
+    reproduce the embedding (mode, prompts, weight / sigma and noise seed).
+    """
 
     name = "sampling"
     kind = "actor"  # loads the tokenizer once per worker
@@ -58,9 +70,19 @@ class SamplingStage(Stage):
             raise ValueError(f"classes per image must satisfy 1 <= min ({self.min_classes}) <= max "
                              f"({prompts.max_classes_per_image}, capped at {len(self.classes)} classes)")
         self.tokenizer = CLIPTokenizer.from_pretrained(spec.model.path, subfolder="tokenizer")
+        self.embedding = getattr(prompts, "embedding", None)
+        self.references: list[Reference] = []
+        refs = getattr(spec, "references", None)
+        if refs is not None:
+            self.references = list_references(spec)
+            self.strengths = sorted(refs.strengths, reverse=True)  # level 0: least image guidance
+            self.seeds_per_level = refs.seeds_per_level
+            total = len(self.references) * len(self.strengths) * self.seeds_per_level
+            if spec.samples != total:
+                raise ValueError(f"samples is {spec.samples} but the references give {total} variations")
 
-    def compose(self, seed: int) -> tuple[str, list[str], list[list[int]]]:
-        """(prompt, class names in prompt order, token positions per class) for one sample seed."""
+    def _compose(self, seed: int) -> tuple[str, list[Any], list[tuple[int, int]]]:
+        """(prompt, classes in prompt order, character span of each class word) for one sample seed."""
         rng = np.random.default_rng(seed)
         count = int(rng.integers(self.min_classes, self.max_classes + 1))
         chosen = [self.classes[i] for i in rng.choice(len(self.classes), size=count, replace=False)]
@@ -81,15 +103,71 @@ class SamplingStage(Stage):
             word = str(rng.choice([cls.name, *cls.synonyms]))
             spans.append((len(text), len(text) + len(word)))
             text += word
-        prompt = text + suffix
+        return text + suffix, chosen, spans
+
+    def compose(self, seed: int) -> tuple[str, list[str], list[list[int]]]:
+        """(prompt, class names in prompt order, token positions per class) for one sample seed."""
+        prompt, chosen, spans = self._compose(seed)
         return prompt, [c.name for c in chosen], class_token_positions(self.tokenizer, prompt, spans)
+
+    def variation(self, index: int) -> tuple[Reference, int, float]:
+        """(reference, level, strength) of a sample: index = (level x references + reference) x
+        seeds_per_level + seed number, so consecutive indices share a level (and a pipeline call)."""
+        per_level = len(self.references) * self.seeds_per_level
+        level, rest = divmod(index, per_level)
+        if level >= len(self.strengths):
+            raise ValueError(f"index {index} is beyond the {per_level * len(self.strengths)} variations")
+        return self.references[rest // self.seeds_per_level], level, self.strengths[level]
+
+    def reference_prompt(self, seed: int, ref: Reference) -> tuple[str, list[Any], list[tuple[int, int]]]:
+        """A template filled with the reference's class (and its attribute if the class lists it)."""
+        rng = np.random.default_rng(seed)
+        cls = next(c for c in self.classes if c.name == ref.class_name)
+        prefix, suffix = self.templates[int(rng.integers(len(self.templates)))].split(OBJECTS)
+        attribute = next((a for a in ref.attributes if a in (getattr(cls, "attributes", None) or [])), None)
+        text = prefix + (f"a {attribute} " if attribute else "a ")
+        word = str(rng.choice([cls.name, *cls.synonyms]))
+        return text + word + suffix, [cls], [(len(text), len(text) + len(word))]
+
+    def embedding_cond(self, seed: int, prompt: str, classes: list[Any], spans: list[tuple[int, int]]) -> dict:
+        """The ``cond["embedding"]`` of a sample (its own random stream, so prompts stay as without it)."""
+        rng = np.random.default_rng([seed, EMBEDDING_STREAM])
+        spec = self.embedding
+        if spec.mode == "jitter":
+            return {"mode": "jitter", "prompt": prompt, "sigma": spec.sigma, "seed": int(rng.integers(2**63 - 1))}
+        present = {c.name for c in classes}
+        others = [c for c in self.classes if c.name not in present]
+        partner = others[int(rng.integers(len(others)))]
+        word = str(rng.choice([partner.name, *partner.synonyms]))
+        start, end = spans[0]
+        return {"mode": "interpolate", "method": spec.method, "prompts": [prompt, prompt[:start] + word + prompt[end:]],
+                "classes": [classes[0].name, partner.name], "weight": round(float(rng.uniform(*spec.weight)), 4)}
+
+    def row(self, index: int, seed: int) -> tuple[str, list[str], list[list[int]], str, str]:
+        """(prompt, class names, token positions, cond JSON, curriculum JSON) of one sample."""
+        cond: dict[str, Any] = {}
+        curriculum: dict[str, Any] = {}
+        if self.references:
+            ref, level, strength = self.variation(index)
+            prompt, classes, spans = self.reference_prompt(seed, ref)
+            guidance = round(1.0 - strength, 6)
+            cond["reference"] = {"key": ref.key, "strength": strength}
+            curriculum = {"level": level, "strength": strength, "image_guidance": guidance, "group_id": ref.key,
+                          "source": "synthetic", "difficulty": guidance}
+        else:
+            prompt, classes, spans = self._compose(seed)
+        if self.embedding is not None:
+            cond["embedding"] = self.embedding_cond(seed, prompt, classes, spans)
+        positions = class_token_positions(self.tokenizer, prompt, spans)
+        return (prompt, [c.name for c in classes], positions, json.dumps(cond, sort_keys=True) if cond else "",
+                json.dumps(curriculum, sort_keys=True))
 
     def __call__(self, batch: Batch) -> Batch:
         indices = np.asarray(batch["index"], dtype=np.int64)
         if (indices < 0).any():
             raise ValueError("sample indices must be non-negative")
         seeds = [stable_seed(self.spec.seed, int(i)) for i in indices]
-        rows = [self.compose(s) for s in seeds]
+        rows = [self.row(int(i), s) for i, s in zip(indices, seeds)]
         return passthrough(
             batch,
             key=np.array([f"{self.spec.name}-{int(i):09d}" for i in indices], dtype=str),
@@ -97,6 +175,6 @@ class SamplingStage(Stage):
             prompt=np.array([r[0] for r in rows], dtype=str),
             class_names=np.array([json.dumps(r[1]) for r in rows], dtype=str),
             token_index=np.array([json.dumps(r[2]) for r in rows], dtype=str),
-            cond=np.array([""] * len(rows), dtype=str),
-            curriculum=np.array(["{}"] * len(rows), dtype=str),
+            cond=np.array([r[3] for r in rows], dtype=str),
+            curriculum=np.array([r[4] for r in rows], dtype=str),
         )

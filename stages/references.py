@@ -1,0 +1,230 @@
+"""Reference images for image-guided variations: list them, pick the hard ones, load their pixels.
+
+``references.path`` is either a COCO folder (``annotations.json`` + the image files it names, e.g.
+``python -m pipeline.shapes render``) or a synthgen output dir (``index.parquet`` + shards, e.g. from
+``synthgen import-coco``). A reference is one image:
+
+  key         COCO: the image file name's stem ('.' and other odd characters -> '_');
+              output dir: the record key. It is the ``group_id`` of every variation made from it.
+  class_name  COCO: the category of its largest annotation (by ``area``, ties by annotation id);
+              output dir: the record's first class (for an import: the largest annotation's).
+  attributes  COCO: the values of that annotation's ``attributes`` mapping (e.g. its colour), if any.
+
+References are listed in key order; errors are :class:`ReferenceError` naming the job field.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pa_csv
+import pyarrow.parquet as pq
+import webdataset as wds
+from PIL import Image, ImageOps
+from pycocotools.coco import COCO
+
+ANNOTATIONS = "annotations.json"
+INDEX = "index.parquet"
+RENDER_HINT = "python -m pipeline.shapes render --n 40 --out DIR"
+
+
+class ReferenceError(ValueError):
+    """Unusable reference input; ``str(err)`` is '<job field>: <reason>'."""
+
+    def __init__(self, field: str, msg: str):
+        super().__init__(f"{field}: {msg}")
+        self.field = field
+
+
+@dataclass(frozen=True)
+class Reference:
+    key: str
+    class_name: str
+    attributes: tuple[str, ...]
+    image: str  # the image file, or the shard tar that holds ``{key}.jpg`` when ``in_shard``
+    in_shard: bool = False
+
+
+@dataclass(frozen=True)
+class CocoImage:
+    """One annotated image of a COCO file: its key, file, COCO entry and annotations, largest first."""
+
+    key: str
+    path: Path
+    info: dict
+    annotations: list[dict]
+
+
+def reference_key(file_name: str) -> str:
+    """The key of a COCO image: its file name's stem, characters outside [A-Za-z0-9_-] replaced by '_'."""
+    return re.sub(r"[^A-Za-z0-9_-]", "_", PurePosixPath(file_name).stem)
+
+
+def load_coco(folder: Path, field: str = "references.path") -> tuple[COCO, list[CocoImage]]:
+    """The COCO index of ``folder/annotations.json`` and its annotated images in key order."""
+    path = folder / ANNOTATIONS
+    try:
+        data = json.loads(path.read_text())
+        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
+            coco = COCO()
+            coco.dataset = data
+            coco.createIndex()
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ReferenceError(field, f"cannot read {path} as a COCO file ({type(e).__name__}: {e})") from None
+    images, seen = [], {}
+    for image_id, info in coco.imgs.items():
+        anns = coco.imgToAnns.get(image_id, [])
+        if not anns:
+            continue  # no annotation, no class
+        stray = next((a for a in anns if a.get("category_id") not in coco.cats), None)
+        if stray is not None or not isinstance(info.get("file_name"), str):
+            what = (f"annotation {stray.get('id')} has a category_id that is not in its categories" if stray
+                    else f"image {image_id} has no file_name")
+            raise ReferenceError(field, f"{path}: {what}")
+        key = reference_key(info["file_name"])
+        if key in seen:
+            raise ReferenceError(field, f"images {seen[key]!r} and {info['file_name']!r} in {path} both get the "
+                                 f"key {key!r}; give them distinct file names")
+        seen[key] = info["file_name"]
+        largest_first = sorted(anns, key=lambda a: (-float(a.get("area", 0.0)), a["id"]))
+        images.append(CocoImage(key, folder / info["file_name"], info, largest_first))
+    return coco, sorted(images, key=lambda im: im.key)
+
+
+def _from_coco(folder: Path) -> list[Reference]:
+    coco, images = load_coco(folder)
+    refs = []
+    for im in images:
+        top = im.annotations[0]
+        attrs = top.get("attributes") or {}
+        values = tuple(str(attrs[k]) for k in sorted(attrs)) if isinstance(attrs, dict) else ()
+        refs.append(Reference(im.key, coco.cats[top["category_id"]]["name"], values, str(im.path)))
+    return refs
+
+
+def _from_output(folder: Path) -> list[Reference]:
+    try:
+        table = pq.read_table(folder / INDEX, columns=["key", "shard", "classes", "keep"])
+    except (OSError, pa.ArrowException) as e:
+        raise ReferenceError("references.path", f"cannot read {folder / INDEX} ({e})") from None
+    rows = [r for r in table.to_pylist() if r["keep"] and r["classes"]]
+    return sorted((Reference(r["key"], r["classes"][0], (), str(folder / "shards" / r["shard"]), in_shard=True)
+                   for r in rows), key=lambda r: r.key)
+
+
+def _read_table(path: Path, key_column: str) -> pa.Table:
+    if path.suffix == ".parquet":
+        return pq.read_table(path)
+    # keys like "00000012" must stay strings
+    return pa_csv.read_csv(path, convert_options=pa_csv.ConvertOptions(column_types={key_column: pa.string()}))
+
+
+def select(refs: list[Reference], sel: Any) -> list[Reference]:
+    """The references a ``references.select`` section picks (in key order)."""
+    field, path = "references.select.path", Path(sel.path)
+    if not path.is_file():
+        raise ReferenceError(field, f"{path} does not exist; give a CSV or Parquet file with a "
+                             f"{sel.key_column!r} column")
+    try:
+        table = _read_table(path, sel.key_column)
+    except (OSError, pa.ArrowException) as e:
+        raise ReferenceError(field, f"cannot read {path} ({e})") from None
+    ranked = sel.top_k is not None or sel.top_fraction is not None
+    needed = [sel.key_column] + ([sel.loss_column] if ranked else [])
+    missing = [c for c in needed if c not in table.column_names]
+    if missing:
+        raise ReferenceError(field, f"{path} has no column {missing[0]!r} (columns: {table.column_names}); "
+                             "set references.select.key_column / loss_column")
+    keys = [str(k) for k in table[sel.key_column].to_pylist()]
+    if len(set(keys)) != len(keys):
+        raise ReferenceError(field, f"{path} lists key {next(k for k in keys if keys.count(k) > 1)!r} twice")
+    if ranked:
+        losses = table[sel.loss_column].to_pylist()
+        bad = next((k for k, v in zip(keys, losses) if not isinstance(v, (int, float)) or math.isnan(v)), None)
+        if bad is not None:
+            raise ReferenceError(field, f"{path}: key {bad!r} has no numeric {sel.loss_column!r}")
+        order = sorted(zip(losses, keys), key=lambda lk: (-lk[0], lk[1]))
+        n = sel.top_k if sel.top_k is not None else math.ceil(sel.top_fraction * len(order))
+        keys = [k for _, k in order[:n]]
+    known = {r.key for r in refs}
+    unknown = sorted(set(keys) - known)
+    if unknown:
+        raise ReferenceError(field, f"{len(unknown)} keys of {path} are not references (e.g. {unknown[0]!r}; "
+                             f"references are keyed like {min(known)!r})")
+    chosen = set(keys)
+    return [r for r in refs if r.key in chosen]
+
+
+def list_references(spec: Any) -> list[Reference]:
+    """The job's references (``spec.references``) in key order, selected and checked against its classes."""
+    cfg = spec.references
+    folder = Path(cfg.path)
+    if not folder.is_dir():
+        raise ReferenceError("references.path", f"{folder} is not a directory; render a COCO folder with "
+                             f"`{RENDER_HINT}` or give a synthgen output dir")
+    if (folder / ANNOTATIONS).is_file():
+        refs = _from_coco(folder)
+    elif (folder / INDEX).is_file():
+        refs = _from_output(folder)
+    else:
+        raise ReferenceError("references.path", f"{folder} has neither {ANNOTATIONS} (a COCO folder) nor {INDEX} "
+                             "(a synthgen output dir)")
+    if cfg.select is not None:
+        refs = select(refs, cfg.select)
+    if not refs:
+        raise ReferenceError("references.path", f"{folder} has no annotated images")
+    missing = next((r for r in refs if not Path(r.image).is_file()), None)
+    if missing is not None:
+        raise ReferenceError("references.path", f"reference {missing.key!r}: {missing.image} does not exist")
+    classes = {c.name for c in spec.classes}
+    outside = [r for r in refs if r.class_name not in classes]
+    if outside:
+        raise ReferenceError("references.path", f"{len(outside)} references have classes that are not in the "
+                             f"job's classes (e.g. {outside[0].key!r}: {outside[0].class_name!r}); add the class "
+                             "to classes or leave those images out with references.select")
+    return refs
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def references_digest(cfg: Any) -> dict[str, str | None]:
+    """sha256 of the reference listing (annotations.json or index.parquet) and of the selection file."""
+    folder = Path(cfg.path)
+    listing = folder / ANNOTATIONS if (folder / ANNOTATIONS).is_file() else folder / INDEX
+    return {"listing": _sha256(listing), "select": _sha256(Path(cfg.select.path)) if cfg.select else None}
+
+
+class ReferenceImages:
+    """Reference pixels as uint8 (height, width, 3): centre-cropped to the aspect ratio, then resized
+    (bicubic). Shard members are read with webdataset, one shard at a time, on first use."""
+
+    def __init__(self, refs: list[Reference], height: int, width: int):
+        self.refs = {r.key: r for r in refs}
+        self.size = (width, height)
+        self.shards: dict[str, dict[str, bytes]] = {}
+
+    def __call__(self, key: str) -> np.ndarray:
+        ref = self.refs[key]
+        if ref.in_shard:
+            image = Image.open(io.BytesIO(self._shard(ref.image)[key]))
+        else:
+            image = Image.open(ref.image)
+        return np.asarray(ImageOps.fit(image.convert("RGB"), self.size, method=Image.Resampling.BICUBIC))
+
+    def _shard(self, tar: str) -> dict[str, bytes]:
+        if tar not in self.shards:
+            wanted = {k for k, r in self.refs.items() if r.image == tar}
+            dataset = wds.WebDataset(tar, shardshuffle=False, empty_check=False)
+            self.shards[tar] = {s["__key__"]: s["jpg"] for s in dataset if s["__key__"] in wanted}
+        return self.shards[tar]
