@@ -187,11 +187,17 @@ def semantic_scores(samples: list[Sample], ids: dict[str, int]) -> dict[str, Any
                 union[mode, c] += np.logical_or(pc, tc).sum()
     names_by_id = {v: k for k, v in ids.items()}
     iou = np.where(union > 0, inter / np.maximum(union, 1), np.nan)
-    objects = [c for c in range(1, n_classes) if union[0, c] > 0]
+    objects = [c for c in range(1, n_classes) if union[1, c] > 0]  # in the truth or the prediction
+
+    def mean(row: np.ndarray) -> float:
+        values = row[objects]
+        values = values[~np.isnan(values)]
+        return float(values.mean()) if len(values) else 0.0
+
     return {
-        "miou": float(np.nanmean(iou[0, objects])),
-        "miou_ignore_as_background": float(np.nanmean(iou[1, objects])),
-        "per_class": {names_by_id[c]: round(float(iou[0, c]), 4) for c in objects},
+        "miou": mean(iou[0]),
+        "miou_ignore_as_background": mean(iou[1]),
+        "per_class": {names_by_id[c]: None if np.isnan(iou[0, c]) else round(float(iou[0, c]), 4) for c in objects},
         "background_iou": float(iou[0, 0]),
         "ignore_fraction": ignored / max(total, 1),
     }
@@ -383,7 +389,7 @@ def format_report(result: dict[str, Any]) -> str:
                  "miss% = prompted objects without a box of their class at IoU >= 0.5")
     lines.append(f"filters: kept {f['kept']}/{f['kept'] + f['rejected']} {f['rejected_by_reason']}; precision "
                  f"(kept samples with every object found) {f['precision']:.3f}, recall {f['recall']:.3f}")
-    lines.append("per-class refined IoU: " + ", ".join(f"{k} {v:.3f}" for k, v in
+    lines.append("per-class refined IoU: " + ", ".join(f"{k} {v if v is None else round(v, 3)}" for k, v in
                                                         result["refined"]["semantic"]["per_class"].items()))
     lines.append(f"{result['prompts']['n']} held-out prompts in {result['seconds']:.0f} s")
     return "\n".join(lines)
