@@ -27,6 +27,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from PIL import Image  # noqa: E402
 
+from pipeline.evaluate import shapes_prompts, stage_rows  # noqa: E402
 from pipeline.shapes.oracle import find_objects  # noqa: E402
 from pipeline.shapes.tiny_sd import BUNDLED_MODEL  # noqa: E402
 from pipeline.shapes.world import HELD_OUT_SEED, render_scene  # noqa: E402
@@ -49,17 +50,8 @@ def oracle_accuracy(n: int) -> dict:
             "mask_iou_min": float(np.min(ious)), "class_accuracy": float(np.mean(cls_ok))}
 
 
-def held_out_prompts(n: int):
-    """(seed, prompt, [(color, cls), ...]) for held-out scenes: seeds never used in training."""
-    out = []
-    for i in range(n):
-        scene = render_scene(HELD_OUT_SEED + i)
-        out.append((HELD_OUT_SEED + i, scene.caption, [(o.color, o.cls) for o in scene.objects]))
-    return out
-
-
 def generation_speed(pipe, steps: int, batch: int, guidance: float, repeats: int = 3) -> dict:
-    prompts = [p for _, p, _ in held_out_prompts(batch)]
+    prompts = [p.text for p in shapes_prompts(batch)]
     pipe(prompts, num_inference_steps=2, height=64, width=64, output_type="np")  # warm-up
     times = []
     for r in range(repeats):
@@ -85,24 +77,12 @@ def synthesis_stage(model: str, steps: int, guidance: float, batch: int):
 
 
 def fidelity_and_attention(stage, prompts, batch: int) -> dict:
-    from stages.sampling import class_token_positions
-
-    tokenizer = stage.pipe.tokenizer
     per_obj, single, double, triple, attn_ious = [], [], [], [], []
     for start in range(0, len(prompts), batch):
         chunk = prompts[start:start + batch]
-        token_index, class_names = [], []
-        for _, prompt, objs in chunk:
-            spans, pos = [], 0
-            for _, cls in objs:  # class words appear in prompt order
-                at = prompt.index(cls, pos)
-                spans.append((at, at + len(cls)))
-                pos = at + len(cls)
-            token_index.append(json.dumps(class_token_positions(tokenizer, prompt, spans)))
-            class_names.append(json.dumps([cls for _, cls in objs]))
-        out = stage({"prompt": np.array([p for _, p, _ in chunk]), "seed": np.array([s for s, _, _ in chunk]),
-                     "token_index": np.array(token_index), "class_names": np.array(class_names)})
-        for (seed, prompt, objs), image, amap in zip(chunk, out["image"], out["attn_raw"]):
+        out = stage(stage_rows(stage.pipe.tokenizer, chunk, start))
+        for p, image, amap in zip(chunk, out["image"], out["attn_raw"]):
+            objs = p.objects
             found = find_objects(image, [c for c, _ in objs])
             hits = [f.cls == cls and f.area > 0 for (_, cls), f in zip(objs, found)]
             per_obj += hits
@@ -150,7 +130,7 @@ def main(argv=None) -> None:
     del pipe
     stage = synthesis_stage(args.model, args.steps, args.guidance, args.batch)
     result["held_out"] = {"steps": args.steps, "guidance_scale": args.guidance, "scheduler": "ddim",
-                          **fidelity_and_attention(stage, held_out_prompts(args.n), args.batch)}
+                          **fidelity_and_attention(stage, shapes_prompts(args.n), args.batch)}
     print(json.dumps(result, indent=2))
     Path(args.json).write_text(json.dumps(result, indent=2))
     print(f"wrote {args.json}")

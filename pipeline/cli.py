@@ -186,6 +186,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         result = evaluate.calibrate(spec, args.n)
         evaluate.write_json(Path(args.calibrate), result)
         print(json.dumps(result["class_thresholds"]))
+        weak = {c: iou for c, iou in result["calibration_iou"].items() if iou < evaluate.WEAK_CLASS_IOU}
+        if weak:
+            print(f"warning: the attention of {sorted(weak)} does not localise (best IoU {weak}); their masks will be "
+                  "poor at any threshold: filter those samples or check the model", file=sys.stderr)
         print(f"wrote {args.calibrate}; use it with masks: {{threshold: calibrated, calibration: {args.calibrate}}}")
         return 0
     result = evaluate.evaluate(spec, args.n)

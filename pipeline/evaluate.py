@@ -47,6 +47,7 @@ from .spec import JobSpec, SpecError
 #: evaluation captions come from scenes HELD_OUT_SEED + i; calibration uses a disjoint range
 CALIBRATION_SEED = HELD_OUT_SEED + 2_000_000
 CALIBRATION_GRID = np.round(np.arange(0.10, 0.91, 0.05), 2)
+WEAK_CLASS_IOU = 0.3  # calibration warns about classes whose best IoU stays below this
 
 
 @dataclass
