@@ -72,7 +72,8 @@ def synthesis_stage(model: str, steps: int, guidance: float, batch: int):
 
     spec = load_spec(REPO / "jobs" / "shapes-demo.yaml", [
         f"model.path={model}", f"generation.steps={steps}", f"generation.guidance_scale={guidance}",
-        f"generation.batch_size={batch}", "masks.refine_power=0"])
+        f"generation.batch_size={batch}", "masks.refine_power=0",
+        "masks.capture_resolutions=[16, 8]", "masks.threshold=fixed"])  # every cross-attention layer, unrefined
     return SynthesisStage(spec)
 
 
