@@ -3,14 +3,16 @@
 Same model, steps, guidance, scheduler, size, batch size, device and torch threads; prints
 images/second of each and their ratio (target >= 0.85 at the demo's settings) and writes a JSON.
 
-    python benchmarks/throughput.py                       # demo job, 100 samples, local Ray
-    python benchmarks/throughput.py --samples 20 --no-ray # also time the in-process runner
+    python benchmarks/throughput.py                        # demo job (300 samples), local Ray
+    python benchmarks/throughput.py --samples 100 --no-ray # also time the in-process runner
     python benchmarks/throughput.py --set generation.steps=10 --json out.json
 
 The bare baseline is timed after model load and one warm-up batch (its best case). The pipeline
 figure is end to end: run_job's wall time into a fresh output dir, Ray start-up, actor/model
-load, masks, labels, filters, encoding and shard writing included. The summary's own wall_s
-(from after Ray start-up) and the synthesis stage's rows per busy second are reported too.
+load, masks, labels, filters, encoding and shard writing included. Also reported: the start-up
+(output-dir checks and Ray start), the first batch's arrival after it, the summary's own wall_s
+(from after start-up), the synthesis stage's rows per busy second, and the 1-minute load average
+before each run (the machine may be shared: compare runs taken at a low load).
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ def bare(spec, n: int, threads: int) -> dict:
                     generator=[torch.Generator("cpu").manual_seed(s) for s in seeds[lo:hi]]).images
 
     call(0, min(bs, n))  # warm-up
+    load_avg = os.getloadavg()[0]
     if spec.model.device.startswith("cuda"):
         torch.cuda.synchronize()
     t0 = time.perf_counter()
@@ -61,13 +64,15 @@ def bare(spec, n: int, threads: int) -> dict:
         torch.cuda.synchronize()
     wall = time.perf_counter() - t0
     assert images.shape[0] == min(bs, n - (n - 1) // bs * bs)
-    return {"images": n, "wall_s": round(wall, 3), "images_per_s": round(n / wall, 3), "load_s": round(load_s, 2)}
+    return {"images": n, "wall_s": round(wall, 3), "images_per_s": round(n / wall, 3), "load_s": round(load_s, 2),
+            "load_avg_1min_before": round(load_avg, 2)}
 
 
 def full(spec_args: tuple, use_ray: bool) -> dict:
     """images/s of run_job end to end into a fresh output dir."""
     with tempfile.TemporaryDirectory(prefix="synthgen-bench-") as tmp:
         spec = load_spec(*spec_args, out=tmp)
+        load_avg = os.getloadavg()[0]
         t0 = time.perf_counter()
         summary = run_job(spec, use_ray=use_ray, progress=False)
         wall = time.perf_counter() - t0
@@ -75,7 +80,9 @@ def full(spec_args: tuple, use_ray: bool) -> dict:
     synth = next((s for s in summary["stages"] if s["name"] == "synthesis"), {})
     return {
         "runner": summary["runner"], "images": n, "wall_s": round(wall, 3), "images_per_s": round(n / wall, 3),
+        "startup_s": round(wall - summary["wall_s"], 2), "first_batch_s": summary["first_batch_s"],
         "summary_wall_s": summary["wall_s"], "summary_images_per_s": summary["images_per_s"],
+        "load_avg_1min_before": round(load_avg, 2),
         "synthesis_rows_per_busy_s": synth.get("rows_per_busy_s"), "kept": summary["kept"],
         "stages": {s["name"]: {"busy_s": s["busy_s"], "rows_per_busy_s": s["rows_per_busy_s"]}
                    for s in summary["stages"]},
@@ -85,21 +92,22 @@ def full(spec_args: tuple, use_ray: bool) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--job", default=str(ROOT / "jobs" / "shapes-demo.yaml"))
-    ap.add_argument("--samples", type=int, default=100)
-    ap.add_argument("--shard-size", type=int, default=50)
+    ap.add_argument("--samples", type=int, help="default: the job's (300 for the demo)")
+    ap.add_argument("--shard-size", type=int, help="default: the job's")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra job overrides")
     ap.add_argument("--no-ray", action="store_true", help="also time the in-process runner")
     ap.add_argument("--json", default="throughput.json")
     args = ap.parse_args(argv)
 
-    overrides = [f"samples={args.samples}", f"output.shard_size={args.shard_size}", *args.set]
+    overrides = [*([f"samples={args.samples}"] if args.samples else []),
+                 *([f"output.shard_size={args.shard_size}"] if args.shard_size else []), *args.set]
     spec_args = (args.job, overrides)
     with tempfile.TemporaryDirectory() as tmp:
         spec = load_spec(*spec_args, out=tmp)
     gen = spec.generation
     threads = max(1, int(spec.resources.for_stage("synthesis").num_cpus))  # as pipeline/graph.py's TimedStage
 
-    results = {"bare": bare(spec, args.samples, threads)}
+    results = {"bare": bare(spec, spec.samples, threads)}
     results["ray"] = full(spec_args, use_ray=True)
     if args.no_ray:
         results["in_process"] = full(spec_args, use_ray=False)
@@ -110,22 +118,26 @@ def main(argv=None) -> int:
             r["summary_ratio"] = round(r["summary_images_per_s"] / results["bare"]["images_per_s"], 3)
 
     import diffusers
+    import ray
 
     report = {
         "job": args.job, "overrides": overrides,
         "settings": {"model": spec.model.path, "dtype": spec.model.dtype, "device": spec.model.device,
                      "height": gen.height, "width": gen.width, "steps": gen.steps,
                      "guidance_scale": gen.guidance_scale, "scheduler": gen.scheduler,
-                     "batch_size": gen.batch_size, "samples": args.samples, "torch_threads": threads},
+                     "batch_size": gen.batch_size, "samples": spec.samples, "shard_size": spec.output.shard_size,
+                     "torch_threads": threads},
         "machine": {"platform": platform.platform(), "python": platform.python_version(),
-                    "cpu_count": os.cpu_count(), "torch": torch.__version__, "diffusers": diffusers.__version__,
+                    "cpu_count": os.cpu_count(), "nice": os.nice(0), "torch": torch.__version__,
+                    "diffusers": diffusers.__version__, "ray": ray.__version__,
                     "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
         "target_ratio": 0.85, "results": results,
     }
 
-    print(f"\n{args.samples} images, {gen.height}x{gen.width}, {gen.steps} steps {gen.scheduler}, "
+    print(f"\n{spec.samples} images, {gen.height}x{gen.width}, {gen.steps} steps {gen.scheduler}, "
           f"guidance {gen.guidance_scale}, batch {gen.batch_size}, {spec.model.device}, {threads} torch threads")
-    print(f"{'run':<12}{'wall s':>10}{'img/s':>10}{'ratio':>8}   (run_job summary: wall s, img/s, ratio)")
+    print(f"{'run':<12}{'wall s':>10}{'img/s':>10}{'ratio':>8}   (start-up s, first batch s after start-up; "
+          "run_job summary: wall s, img/s, ratio; synthesis rows/busy s)")
     b = results["bare"]
     print(f"{'bare':<12}{b['wall_s']:>10.2f}{b['images_per_s']:>10.3f}{1:>8.3f}   (model load {b['load_s']} s, "
           "excluded; after 1 warm-up batch)")
@@ -133,8 +145,8 @@ def main(argv=None) -> int:
         if key in results:
             r = results[key]
             print(f"{key:<12}{r['wall_s']:>10.2f}{r['images_per_s']:>10.3f}{r['ratio']:>8.3f}   "
-                  f"({r['summary_wall_s']}, {r['summary_images_per_s']}, {r['summary_ratio']}; "
-                  f"synthesis {r['synthesis_rows_per_busy_s']} rows/busy s)")
+                  f"({r['startup_s']}, {r['first_batch_s']}; {r['summary_wall_s']}, {r['summary_images_per_s']}, "
+                  f"{r['summary_ratio']}; {r['synthesis_rows_per_busy_s']})")
     Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))
     print(f"wrote {args.json}")

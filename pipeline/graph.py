@@ -10,18 +10,24 @@ runners (see :class:`TimedStage`).
 Ray graph::
 
   range(#batches) -> expand to indices -> sampling -> synthesis (fixed actor pool, num_gpus from
-  the spec, batch_size=B) -> masks -> labels -> filters -> encode -> select writer columns
-  -> driver (iter_batches)
+  the spec, batch_size=B) -> masks -> labels -> filters -> encode (keeps only the writer's
+  columns) -> driver (iter_batches, no prefetch: each finished batch reaches the writer at once)
 
 Stages whose ``kind`` is "actor" run in a fixed-size ``ActorPoolStrategy``; the others as tasks
 (``TaskPoolStrategy``), which Ray fuses. ``preserve_order`` keeps blocks in index order, so the
 last, possibly short, batch of the job is always the last one bundled and never shifts the others.
+
+Every Ray worker process costs ~2 s of CPU to start (Ray Data, pyarrow) on top of what its stage
+imports, and on a small machine it competes with the synthesis actor's torch threads; so only
+the stages that use torch / diffusers / webdataset import them, and torch is configured only
+where it is already loaded (:class:`TimedStage`).
 """
 from __future__ import annotations
 
 import logging
 import math
 import os
+import sys
 import time
 from collections.abc import Iterator, Sequence
 
@@ -75,25 +81,29 @@ def aligned_batches(spec: JobSpec, shards: Sequence[int]) -> list[tuple[int, int
 
 class TimedStage:
     """A stage instance run with ``int(num_cpus)`` torch threads (at least 1) that records its
-    wall time per row in ``_seconds_<name>``.
+    wall time per row in ``_seconds_<name>``; with ``columns`` its output keeps only those (the
+    Ray graph's last stage sends the driver only what it writes).
 
     Pinning the threads to the spec, in both runners, keeps CPU results independent of the
     machine's core count: float reductions (and so the image bytes) change with the thread count.
+    Stages that use torch import it at module level, so it is set wherever it is used; a worker
+    that runs only torch-free stages never imports it (~3 s of CPU per process).
     """
 
-    def __init__(self, stage: Stage):
+    def __init__(self, stage: Stage, columns: Sequence[str] = ()):
         self.stage = stage
         self.column = TIME_PREFIX + stage.name
         self.threads = max(1, int(stage.spec.resources.for_stage(stage.name).num_cpus))
+        self.columns = list(columns)
 
     def __call__(self, batch: Batch) -> Batch:
-        import torch
-
-        torch.set_num_threads(self.threads)
+        torch = sys.modules.get("torch")
+        if torch is not None:
+            torch.set_num_threads(self.threads)
         start = time.perf_counter()
         out = self.stage(batch)
         rows = len(out["index"])
-        out = dict(out)
+        out = {c: out[c] for c in self.columns if c != self.column} if self.columns else dict(out)
         out[self.column] = np.full(rows, (time.perf_counter() - start) / max(rows, 1))
         return out
 
@@ -193,22 +203,22 @@ def _expand(batch: Batch, starts: np.ndarray, stops: np.ndarray) -> Batch:
     return {"index": np.concatenate([np.arange(starts[i], stops[i], dtype=np.int64) for i in ids])}
 
 
-_TASK_STAGES: dict[tuple[type, str], TimedStage] = {}
+_TASK_STAGES: dict[tuple[type, str, tuple[str, ...]], TimedStage] = {}
 
 
-def _task_stage(batch: Batch, stage_cls: type[Stage], spec: JobSpec) -> Batch:
+def _task_stage(batch: Batch, stage_cls: type[Stage], spec: JobSpec, columns: tuple[str, ...]) -> Batch:
     """A task-kind stage, built once per worker process and reused."""
-    key = (stage_cls, spec.model_dump_json())
+    key = (stage_cls, spec.model_dump_json(), columns)
     if key not in _TASK_STAGES:
-        _TASK_STAGES[key] = TimedStage(stage_cls(spec))
+        _TASK_STAGES[key] = TimedStage(stage_cls(spec), columns)
     return _TASK_STAGES[key](batch)
 
 
 class _ActorStage(TimedStage):
     """An actor-kind stage: built once in the actor's constructor."""
 
-    def __init__(self, stage_cls: type[Stage], spec: JobSpec):
-        super().__init__(stage_cls(spec))
+    def __init__(self, stage_cls: type[Stage], spec: JobSpec, columns: tuple[str, ...]):
+        super().__init__(stage_cls(spec), columns)
 
 
 def _udf(cls: type[Stage]):
@@ -216,8 +226,8 @@ def _udf(cls: type[Stage]):
     if cls.kind == "actor":
         return type(cls.__name__, (_ActorStage,), {})
 
-    def run(batch: Batch, spec: JobSpec) -> Batch:
-        return _task_stage(batch, cls, spec)
+    def run(batch: Batch, spec: JobSpec, columns: tuple[str, ...]) -> Batch:
+        return _task_stage(batch, cls, spec, columns)
 
     run.__name__ = run.__qualname__ = cls.__name__
     return run
@@ -235,18 +245,21 @@ def build_dataset(spec: JobSpec, batches: Sequence[tuple[int, int]], stages: Seq
     stops = np.array([b[1] for b in batches], dtype=np.int64)
     ds = ray.data.range(len(batches), override_num_blocks=min(len(batches), MAX_READ_BLOCKS))
     ds = ds.map_batches(_expand, batch_size=None, batch_format="numpy", fn_kwargs={"starts": starts, "stops": stops})
+    # the last stage keeps only what the driver needs: a separate select_columns operator would
+    # be a task reserving 1 CPU, which the actor pools' reservations starve until the end
+    keep = (*writer_columns, *(TIME_PREFIX + cls.name for cls in stages))
     for cls in stages:
         res = spec.resources.for_stage(cls.name)
+        columns = keep if cls is stages[-1] else ()
         common = dict(batch_size=spec.generation.batch_size, batch_format="numpy",
                       num_cpus=res.num_cpus, num_gpus=res.num_gpus or None)
         if cls.kind == "actor":
             ds = ds.map_batches(_udf(cls), compute=ActorPoolStrategy(size=res.actors),
-                                fn_constructor_kwargs={"stage_cls": cls, "spec": spec}, **common)
+                                fn_constructor_kwargs={"stage_cls": cls, "spec": spec, "columns": columns}, **common)
         else:
             ds = ds.map_batches(_udf(cls), compute=TaskPoolStrategy(size=res.actors),
-                                fn_kwargs={"spec": spec}, **common)
-    timing = [TIME_PREFIX + cls.name for cls in stages]
-    return ds.select_columns([*writer_columns, *timing])
+                                fn_kwargs={"spec": spec, "columns": columns}, **common)
+    return ds
 
 
 def run_ray(spec: JobSpec, batches: Sequence[tuple[int, int]], stages: Sequence[type[Stage]] | None = None,
@@ -261,6 +274,8 @@ def run_ray(spec: JobSpec, batches: Sequence[tuple[int, int]], stages: Sequence[
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = verbose
     ctx.print_on_execution_start = verbose
+    ctx.memory_usage_poll_interval_s = None  # no 1 Hz memory-polling thread beside the stages' torch threads
     logging.getLogger("ray.data").setLevel(logging.INFO if verbose else logging.WARNING)
     ds = build_dataset(spec, batches, stages, writer_columns)
-    yield from ds.iter_batches(batch_size=None, batch_format="numpy")
+    # no prefetch: a finished block reaches the writer at once, not when the next one is done
+    yield from ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=0)

@@ -27,6 +27,7 @@ class RunStats:
         self.busy = Counter()
         self.reasons: Counter = Counter()
         self.processed = self.kept = 0
+        self.first_batch_s: float | None = None
 
     def add(self, batch: Batch) -> None:
         n = len(batch["index"])
@@ -57,6 +58,7 @@ class RunStats:
             "processed": self.processed, "kept": self.kept, "rejected": self.processed - self.kept,
             "rejected_by_reason": dict(sorted(self.reasons.items())),
             "images_per_s": round(self.processed / wall_s, 3) if wall_s > 0 else None,
+            "first_batch_s": None if self.first_batch_s is None else round(self.first_batch_s, 2),
             "shards_written": shards_written, "shards_complete": counts.get("shards", 0),
             "shards_total": shards_total, "dataset": counts, "stages": stages,
         }
@@ -97,6 +99,8 @@ def run_job(spec: JobSpec, *, overwrite: bool = False, use_ray: bool = True, add
         total = sum(stop - start for start, stop in batches)
         with tqdm(total=total, unit="img", disable=not progress, desc=spec.name, dynamic_ncols=True) as bar:
             for batch in records:
+                if stats.first_batch_s is None:
+                    stats.first_batch_s = time.perf_counter() - t0
                 stats.add(batch)
                 written += len(writer.add(batch))
                 bar.update(len(batch["index"]))

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from transformers import CLIPTokenizer
 
 from .base import Batch, Stage, passthrough
-from .references import Reference, list_references
+
+if TYPE_CHECKING:  # stages.references imports webdataset, which imports torch (~3 s per worker)
+    from .references import Reference
 
 OBJECTS = "{objects}"
 EMBEDDING_STREAM = 1  # numpy seed-sequence word that separates embedding draws from prompt draws
@@ -74,6 +76,8 @@ class SamplingStage(Stage):
         self.references: list[Reference] = []
         refs = getattr(spec, "references", None)
         if refs is not None:
+            from .references import list_references
+
             self.references = list_references(spec)
             self.strengths = sorted(refs.strengths, reverse=True)  # level 0: least image guidance
             self.seeds_per_level = refs.seeds_per_level
