@@ -11,6 +11,11 @@ then evaluates on a (balanced) real test set, itself an output dir, and prints +
 per-class and tail-class accuracy. Tail classes are --tail, else those with at most a tenth of the
 largest class's real training samples.
 
+Loss: per-sample cross-entropy x weight, averaged over the batch. The weight is the loader's score
+weight (1 for real samples; --no-weights: 1 for all) times a class weight from each epoch's own label
+counts, ``count ** -p`` scaled to a mean of 1 over the epoch (--balance: none p = 0, sqrt p = 0.5,
+inverse p = 1), so every mode balances its classes by the same rule.
+
     python benchmarks/train_classifier.py --real out/lt-real --synthetic out/lt-variations \\
         --test out/shapes-test --mode curriculum --seed 0 --epochs 20 --json result.json
 
@@ -36,6 +41,8 @@ from pipeline.loader import AdaptiveSchedule, CurriculumDataset, FixedSchedule, 
 
 MODES = ("real-only", "mixed", "curriculum")
 SCHEDULES = ("fixed", "adaptive")
+BALANCES = ("none", "sqrt", "inverse")
+_BALANCE_POWER = {"none": 0.0, "sqrt": 0.5, "inverse": 1.0}
 
 
 class SmallCNN(nn.Module):
@@ -88,6 +95,16 @@ def evaluate(model: nn.Module, test: CurriculumDataset, batch_size: int, tail: l
             "test_samples": len(labels)}
 
 
+def class_weights(counts: dict[str, int], balance: str) -> torch.Tensor:
+    """Loss weight per class (in ``counts`` order): proportional to ``count ** -p`` (p = 0 none,
+    0.5 sqrt, 1 inverse), scaled so the mean weight over the counted samples is 1."""
+    if balance not in BALANCES:
+        raise ValueError(f"balance must be one of {BALANCES}, got {balance!r}")
+    n = torch.tensor(list(counts.values()), dtype=torch.float32)
+    raw = torch.where(n > 0, n.clamp(min=1) ** -_BALANCE_POWER[balance], torch.zeros_like(n))
+    return raw * n.sum() / (n * raw).sum()
+
+
 def make_schedule(kind: str, levels: tuple, epochs_per_level: int):
     if kind == "fixed":
         return FixedSchedule(levels, epochs_per_level)
@@ -99,20 +116,29 @@ def make_schedule(kind: str, levels: tuple, epochs_per_level: int):
 def train(real_dir: str | Path, test_dir: str | Path, synthetic_dir: str | Path | None = None,
           mode: str = "real-only", seed: int = 0, epochs: int = 20, epochs_per_level: int = 1,
           schedule: str = "fixed", real_fraction: float | None = None, batch_size: int = 32, lr: float = 3e-3,
-          weights: bool = True, workers: int = 0, tail: list[str] | None = None, probe: int = 200,
-          json_path: str | Path | None = None) -> dict:
-    """Train one classifier and evaluate it on ``test_dir``; returns (and optionally writes) the result."""
+          weights: bool = True, balance: str = "none", workers: int = 0, tail: list[str] | None = None,
+          probe: int = 200, shuffle_buffer: int = 5000, json_path: str | Path | None = None) -> dict:
+    """Train one classifier and evaluate it on ``test_dir``; returns (and optionally writes) the result.
+
+    ``shuffle_buffer`` is the loader's (samples); keep it near the epoch size, as data written in class
+    order (a COCO folder sorted by file name) otherwise gives class-correlated batches.
+    """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if mode != "real-only" and synthetic_dir is None:
         raise ValueError(f"mode {mode} needs a synthetic dir")
+    if balance not in BALANCES:
+        raise ValueError(f"balance must be one of {BALANCES}, got {balance!r}")
+    if shuffle_buffer < 1:
+        raise ValueError(f"shuffle_buffer must be >= 1, got {shuffle_buffer}")
     t0 = time.perf_counter()
     torch.manual_seed(seed)
     given = [real_dir] + ([synthetic_dir] if synthetic_dir is not None else [])
     classes = CurriculumDataset([*given, test_dir]).classes  # one label space for every mode
     test = CurriculumDataset(test_dir, classes=classes, shuffle=False)
     dirs = [real_dir] if mode == "real-only" else given
-    ds = CurriculumDataset(dirs, classes=classes, real_fraction=real_fraction, seed=seed)
+    ds = CurriculumDataset(dirs, classes=classes, real_fraction=real_fraction, seed=seed,
+                           shuffle_buffer=shuffle_buffer)
     ds.set_epoch(0, ())
     train_counts = ds.label_counts()
     if tail is None:
@@ -135,12 +161,13 @@ def train(real_dir: str | Path, test_dir: str | Path, synthetic_dir: str | Path 
             sched.set_epoch(epoch)
         levels = sched.levels_for_epoch(epoch) if sched is not None else (() if mode == "real-only" else None)
         ds.set_epoch(epoch, levels)
+        per_class = class_weights(ds.label_counts(), balance)
         model.train()
         total, seen = 0.0, 0
         for b in DataLoader(ds, batch_size=batch_size, num_workers=workers, collate_fn=collate):
             losses = loss_fn(model(prepare(b["image"], flip)), b["label"])
-            w = b["weight"] if weights else torch.ones_like(losses)
-            loss = (losses * w).sum() / w.sum()
+            w = (b["weight"] if weights else torch.ones_like(losses)) * per_class[b["label"]]
+            loss = (losses * w).mean()
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -158,7 +185,7 @@ def train(real_dir: str | Path, test_dir: str | Path, synthetic_dir: str | Path 
 
     result = {"mode": mode, "schedule": schedule if sched is not None else None, "seed": seed, "epochs": epochs,
               "classes": list(classes), "train_real_counts": train_counts, "tail_classes": tail,
-              "weights": weights, "real_fraction": real_fraction,
+              "weights": weights, "balance": balance, "real_fraction": real_fraction,
               "levels_per_epoch": [h["levels"] for h in history], "history": history,
               **evaluate(model, test, batch_size, tail), "wall_s": round(time.perf_counter() - t0, 1)}
     if json_path is not None:
@@ -180,9 +207,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--no-weights", action="store_true", help="ignore the loader's per-sample weights")
+    p.add_argument("--balance", choices=BALANCES, default="none",
+                   help="class weights ~ count^-p from each epoch's label counts (none 0, sqrt 0.5, inverse 1)")
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers")
     p.add_argument("--tail", help="comma-separated tail classes (default: <= 1/10 of the largest class)")
     p.add_argument("--probe", type=int, default=200, help="adaptive schedule: samples per level to probe")
+    p.add_argument("--shuffle-buffer", type=int, default=5000, help="loader shuffle buffer (samples)")
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--json", help="write the result here")
     a = p.parse_args(argv)
@@ -190,8 +220,9 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(a.threads)
     result = train(a.real, a.test, synthetic_dir=a.synthetic, mode=a.mode, seed=a.seed, epochs=a.epochs,
                    epochs_per_level=a.epochs_per_level, schedule=a.schedule, real_fraction=a.real_fraction,
-                   batch_size=a.batch_size, lr=a.lr, weights=not a.no_weights, workers=a.workers,
-                   tail=a.tail.split(",") if a.tail else None, probe=a.probe, json_path=a.json)
+                   batch_size=a.batch_size, lr=a.lr, weights=not a.no_weights, balance=a.balance, workers=a.workers,
+                   tail=a.tail.split(",") if a.tail else None, probe=a.probe,
+                   shuffle_buffer=a.shuffle_buffer, json_path=a.json)
     print(json.dumps({k: result[k] for k in ("mode", "seed", "accuracy", "tail_accuracy", "per_class_accuracy")}))
 
 
