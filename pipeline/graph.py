@@ -7,15 +7,15 @@ fixing the composition is what makes a resumed run, the Ray run and the in-proce
 same bytes. For the same reason each stage runs with ``int(num_cpus)`` torch threads in both
 runners (see :class:`TimedStage`).
 
-Ray graph::
+Ray graph (the demo's operators; see :class:`Operator`)::
 
-  range(#batches) -> expand to indices -> sampling -> synthesis (fixed actor pool, num_gpus from
-  the spec, batch_size=B) -> masks -> labels -> filters -> encode (keeps only the writer's
-  columns) -> driver (iter_batches, no prefetch: each finished batch reaches the writer at once)
+  range(#batches) -> expand to indices -> [sampling] (task) -> [synthesis] (fixed actor pool,
+  num_gpus from the spec, batch_size=B) -> [masks -> labels -> filters -> encode] (one actor pool:
+  filters keeps state; encode keeps only the writer's columns) -> driver (iter_batches, no
+  prefetch: each finished batch reaches the writer at once)
 
-Stages whose ``kind`` is "actor" run in a fixed-size ``ActorPoolStrategy``; the others as tasks
-(``TaskPoolStrategy``), which Ray fuses. ``preserve_order`` keeps blocks in index order, so the
-last, possibly short, batch of the job is always the last one bundled and never shifts the others.
+``preserve_order`` keeps blocks in index order, so the last, possibly short, batch of the job is
+always the last one bundled and never shifts the others.
 
 Every Ray worker process costs ~2 s of CPU to start (Ray Data, pyarrow) on top of what its stage
 imports, and on a small machine it competes with the synthesis actor's torch threads; so only
@@ -30,6 +30,7 @@ import os
 import sys
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -125,17 +126,58 @@ def run_in_process(spec: JobSpec, batches: Sequence[tuple[int, int]],
 
 
 # --- Ray runner -----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Operator:
+    """One Ray Data operator: a run of consecutive stages fused into one worker, or a single stage.
+
+    Consecutive fusable stages with equal resources (``num_cpus``, ``num_gpus``, ``actors``) run
+    chained inside one worker: an actor pool of ``actors`` workers if any of them is an actor,
+    else tasks. A stage with ``fusable = False`` (the model stage) is always an operator of its
+    own. Every worker process costs seconds of CPU to start and a share of the cores while it
+    polls, which on a small machine comes straight out of the model stage; the CPU stages take
+    milliseconds per batch, so giving them the same resources (as the demo does) puts them in
+    one worker. Ray Data fuses task operators the same way, but never actors.
+    """
+
+    stages: tuple[type[Stage], ...]
+    kind: str
+    actors: int
+    num_cpus: float
+    num_gpus: float
+
+    @property
+    def name(self) -> str:
+        return "+".join(cls.name for cls in self.stages)
+
+
+def operators(spec: JobSpec, stages: Sequence[type[Stage]]) -> list[Operator]:
+    """The Ray operators of the stage chain, in order (see :class:`Operator`)."""
+    groups: list[list[type[Stage]]] = []
+    for cls in stages:
+        prev = groups[-1][-1] if groups else None
+        if (prev is not None and cls.fusable and prev.fusable
+                and spec.resources.for_stage(cls.name) == spec.resources.for_stage(prev.name)):
+            groups[-1].append(cls)
+        else:
+            groups.append([cls])
+    ops = []
+    for group in groups:
+        res = spec.resources.for_stage(group[0].name)
+        ops.append(Operator(stages=tuple(group), kind="actor" if any(c.kind == "actor" for c in group) else "task",
+                            actors=res.actors, num_cpus=res.num_cpus, num_gpus=res.num_gpus))
+    return ops
+
+
 def resource_bundles(spec: JobSpec, stages: Sequence[type[Stage]]) -> list[dict[str, float]]:
     """What the job holds at once, one bundle per worker: every actor of every pool, plus room
-    for one task of the largest task stage or of the index source (Ray's read tasks take 1 CPU)."""
+    for one task of the largest task operator or of the index source (Ray's read tasks take 1 CPU)."""
     bundles = []
     task_cpu = READ_TASK_CPUS
-    for cls in stages:
-        res = spec.resources.for_stage(cls.name)
-        if cls.kind == "actor":
-            bundles += [{"CPU": res.num_cpus, "GPU": res.num_gpus}] * res.actors
+    for op in operators(spec, stages):
+        if op.kind == "actor":
+            bundles += [{"CPU": op.num_cpus, "GPU": op.num_gpus}] * op.actors
         else:
-            task_cpu = max(task_cpu, res.num_cpus)
+            task_cpu = max(task_cpu, op.num_cpus)
     return bundles + [{"CPU": task_cpu, "GPU": 0.0}]
 
 
@@ -151,11 +193,8 @@ def shortfall(spec: JobSpec, stages: Sequence[type[Stage]], available: dict[str,
     lacking = [f"{amount:g} {res}" for res, amount in need.items() if amount > float(available.get(res, 0.0)) + 1e-9]
     if not lacking:
         return ""
-    pools = []
-    for cls in stages:
-        r = spec.resources.for_stage(cls.name)
-        if cls.kind == "actor":
-            pools.append(f"{cls.name} {r.actors} x ({r.num_cpus:g} CPU, {r.num_gpus:g} GPU)")
+    pools = [f"{op.name} {op.actors} x ({op.num_cpus:g} CPU, {op.num_gpus:g} GPU)"
+             for op in operators(spec, stages) if op.kind == "actor"]
     have = ", ".join(f"{float(available.get(res, 0.0)):g} {res}" for res in need)
     return f"the job reserves {' and '.join(lacking)} ({'; '.join(pools)}; plus tasks) but the Ray cluster has {have}"
 
@@ -166,7 +205,8 @@ def init_ray(spec: JobSpec, stages: Sequence[type[Stage]], address: str | None, 
 
     Uses Ray if it is already initialised in this process, else connects to ``address`` or
     starts a local Ray with ``max(cores, CPUs the spec reserves)`` logical CPUs (CPU reservations
-    are scheduling tokens; the stages time-share the cores). GPUs are never faked: a stage with
+    are scheduling tokens; the stages time-share the cores) whose workers run at this process's
+    priority. GPUs are never faked: a stage with
     ``num_gpus`` on a GPU-less cluster would wait forever, so it fails here instead. With
     ``wait_s`` > 0 the autoscaler is asked for the missing resources and given that long.
     Worker output reaches the terminal only when ``verbose`` (errors still surface as exceptions).
@@ -178,6 +218,10 @@ def init_ray(spec: JobSpec, stages: Sequence[type[Stage]], address: str | None, 
         ray.init(address=address, logging_level="WARNING", log_to_driver=verbose)
     elif started:
         cpus = max(os.cpu_count() or 1, math.ceil(required_resources(spec, stages)["CPU"]))
+        # Ray starts its workers at nice +15 (below its own daemons); on a shared or small machine
+        # that starves the synthesis actor against anything else running. Workers of a local Ray
+        # run at the caller's priority instead, like the in-process runner.
+        os.environ.setdefault("RAY_worker_niceness", "0")
         ray.init(num_cpus=cpus, include_dashboard=False, logging_level="WARNING", log_to_driver=verbose)
     missing = shortfall(spec, stages, ray.cluster_resources())
     if missing and wait_s > 0:
@@ -203,33 +247,41 @@ def _expand(batch: Batch, starts: np.ndarray, stops: np.ndarray) -> Batch:
     return {"index": np.concatenate([np.arange(starts[i], stops[i], dtype=np.int64) for i in ids])}
 
 
-_TASK_STAGES: dict[tuple[type, str, tuple[str, ...]], TimedStage] = {}
+class _Chain:
+    """The stages of one operator, chained; only the pipeline's last stage trims the columns."""
+
+    def __init__(self, stages: Sequence[type[Stage]], spec: JobSpec, columns: tuple[str, ...], last: bool):
+        self.chain = [TimedStage(cls(spec), columns if last and i == len(stages) - 1 else ())
+                      for i, cls in enumerate(stages)]
+
+    def __call__(self, batch: Batch) -> Batch:
+        for stage in self.chain:
+            batch = stage(batch)
+        return batch
 
 
-def _task_stage(batch: Batch, stage_cls: type[Stage], spec: JobSpec, columns: tuple[str, ...]) -> Batch:
-    """A task-kind stage, built once per worker process and reused."""
-    key = (stage_cls, spec.model_dump_json(), columns)
-    if key not in _TASK_STAGES:
-        _TASK_STAGES[key] = TimedStage(stage_cls(spec), columns)
-    return _TASK_STAGES[key](batch)
+_TASK_CHAINS: dict[tuple, _Chain] = {}
 
 
-class _ActorStage(TimedStage):
-    """An actor-kind stage: built once in the actor's constructor."""
+def _task_chain(batch: Batch, stages: tuple[type[Stage], ...], spec: JobSpec, columns: tuple[str, ...],
+                last: bool) -> Batch:
+    """A task operator's chain, built once per worker process and reused."""
+    key = (stages, spec.model_dump_json(), columns, last)
+    if key not in _TASK_CHAINS:
+        _TASK_CHAINS[key] = _Chain(stages, spec, columns, last)
+    return _TASK_CHAINS[key](batch)
 
-    def __init__(self, stage_cls: type[Stage], spec: JobSpec, columns: tuple[str, ...]):
-        super().__init__(stage_cls(spec), columns)
 
+def _udf(op: Operator):
+    """The map_batches callable of an operator, named after its stages (Ray names operators by callable)."""
+    name = "".join(cls.__name__ for cls in op.stages)
+    if op.kind == "actor":
+        return type(name, (_Chain,), {})
 
-def _udf(cls: type[Stage]):
-    """The map_batches callable of a stage, named after it (Ray names operators by callable)."""
-    if cls.kind == "actor":
-        return type(cls.__name__, (_ActorStage,), {})
+    def run(batch: Batch, **kwargs) -> Batch:
+        return _task_chain(batch, **kwargs)
 
-    def run(batch: Batch, spec: JobSpec, columns: tuple[str, ...]) -> Batch:
-        return _task_stage(batch, cls, spec, columns)
-
-    run.__name__ = run.__qualname__ = cls.__name__
+    run.__name__ = run.__qualname__ = name
     return run
 
 
@@ -248,17 +300,16 @@ def build_dataset(spec: JobSpec, batches: Sequence[tuple[int, int]], stages: Seq
     # the last stage keeps only what the driver needs: a separate select_columns operator would
     # be a task reserving 1 CPU, which the actor pools' reservations starve until the end
     keep = (*writer_columns, *(TIME_PREFIX + cls.name for cls in stages))
-    for cls in stages:
-        res = spec.resources.for_stage(cls.name)
-        columns = keep if cls is stages[-1] else ()
+    ops = operators(spec, stages)
+    for op in ops:
+        kwargs = {"stages": op.stages, "spec": spec, "columns": keep, "last": op is ops[-1]}
         common = dict(batch_size=spec.generation.batch_size, batch_format="numpy",
-                      num_cpus=res.num_cpus, num_gpus=res.num_gpus or None)
-        if cls.kind == "actor":
-            ds = ds.map_batches(_udf(cls), compute=ActorPoolStrategy(size=res.actors),
-                                fn_constructor_kwargs={"stage_cls": cls, "spec": spec, "columns": columns}, **common)
+                      num_cpus=op.num_cpus, num_gpus=op.num_gpus or None)
+        if op.kind == "actor":
+            ds = ds.map_batches(_udf(op), compute=ActorPoolStrategy(size=op.actors),
+                                fn_constructor_kwargs=kwargs, **common)
         else:
-            ds = ds.map_batches(_udf(cls), compute=TaskPoolStrategy(size=res.actors),
-                                fn_kwargs={"spec": spec, "columns": columns}, **common)
+            ds = ds.map_batches(_udf(op), compute=TaskPoolStrategy(size=op.actors), fn_kwargs=kwargs, **common)
     return ds
 
 

@@ -30,9 +30,9 @@ def _table(header: list[str], rows: list[list[Any]]) -> str:
 
 def format_summary(summary: dict[str, Any]) -> str:
     """The end-of-run table: per-stage throughput, verdicts, shards, wall time."""
-    rows = [[s["name"], s["kind"], s["workers"], f"{s['num_cpus']:g}", f"{s['num_gpus']:g}", s["rows"],
-             f"{s['busy_s']:.2f}", s["rows_per_busy_s"]] for s in summary["stages"]]
-    out = [_table(["stage", "kind", "workers", "cpus", "gpus", "rows", "busy s", "rows/busy s"], rows)]
+    rows = [[s["name"], s.get("operator") or "-", s["kind"], s["workers"], f"{s['num_cpus']:g}", f"{s['num_gpus']:g}",
+             s["rows"], f"{s['busy_s']:.2f}", s["rows_per_busy_s"]] for s in summary["stages"]]
+    out = [_table(["stage", "ray operator", "kind", "workers", "cpus", "gpus", "rows", "busy s", "rows/busy s"], rows)]
     processed = summary["processed"]
     kept_pct = f" ({100 * summary['kept'] / processed:.1f}%)" if processed else ""
     out.append(f"this run: {processed} samples, {summary['kept']} kept{kept_pct}, {summary['rejected']} rejected"

@@ -12,7 +12,8 @@ from tqdm import tqdm
 
 from stages.base import Batch, Stage
 
-from .graph import TIME_PREFIX, aligned_batches, check_chain, default_stages, init_ray, run_in_process, run_ray
+from .graph import (TIME_PREFIX, aligned_batches, check_chain, default_stages, init_ray, operators, run_in_process,
+                    run_ray)
 from .spec import JobSpec
 from .writer import COLUMNS, DatasetWriter
 
@@ -44,12 +45,15 @@ class RunStats:
     def summary(self, runner: str, started: datetime, wall_s: float, shards_written: int,
                 counts: dict[str, Any], shards_total: int) -> dict[str, Any]:
         stages = []
+        op_of = {cls: op for op in operators(self.spec, self.stages) for cls in op.stages}
         for cls in self.stages:
-            res = self.spec.resources.for_stage(cls.name)
+            op = op_of[cls]
             busy = self.busy[cls.name]
             stages.append({
-                "name": cls.name, "kind": cls.kind, "workers": res.actors if runner == "ray" else 1,
-                "num_cpus": res.num_cpus, "num_gpus": res.num_gpus, "rows": self.rows[cls.name],
+                "name": cls.name, "kind": op.kind if runner == "ray" else "in-process",
+                "operator": op.name if runner == "ray" else None,
+                "workers": op.actors if runner == "ray" else 1,
+                "num_cpus": op.num_cpus, "num_gpus": op.num_gpus, "rows": self.rows[cls.name],
                 "busy_s": round(busy, 3),
                 "rows_per_busy_s": round(self.rows[cls.name] / busy, 2) if busy > 0 else None,
             })

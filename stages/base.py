@@ -50,7 +50,10 @@ class Stage:
     """Base class: subclasses set ``name``, ``kind``, ``inputs``, ``outputs`` and implement ``__call__``."""
 
     name: ClassVar[str] = "stage"
-    kind: ClassVar[str] = "task"  # "actor" when __init__ loads a model
+    kind: ClassVar[str] = "task"  # "actor" when __init__ loads something or the stage keeps state
+    #: False for a stage that needs a worker pool of its own (the model stage); the Ray graph
+    #: runs each run of consecutive fusable stages as one operator, in one worker
+    fusable: ClassVar[bool] = True
     inputs: ClassVar[tuple[str, ...]] = ()
     outputs: ClassVar[tuple[str, ...]] = ()
 

@@ -52,7 +52,7 @@ class SamplingStage(Stage):
     """
 
     name = "sampling"
-    kind = "actor"  # loads the tokenizer once per worker
+    kind = "task"  # no state between batches (the tokenizer is loaded once per worker process)
     inputs = ("index",)
     outputs = ("key", "seed", "prompt", "class_names", "token_index", "cond", "curriculum")
 

@@ -66,6 +66,7 @@ class SynthesisStage(Stage):
 
     name = "synthesis"
     kind = "actor"
+    fusable = False  # its own actor pool: resources.synthesis sizes it and reserves the GPUs
     inputs = ("prompt", "seed", "token_index", "class_names")
     outputs = ("image", "attn", "attn_raw", "gen")
 
