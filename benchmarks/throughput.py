@@ -1,7 +1,11 @@
 """Throughput: the full synthgen pipeline vs the bare diffusers StableDiffusionPipeline.
 
-Same model, steps, guidance, scheduler, size, batch size, device and torch threads; prints
-images/second of each and their ratio (target >= 0.85 at the demo's settings) and writes a JSON.
+Same model, steps, guidance, scheduler, size, batch size and device, and the same compute: on CPU
+the bare pipeline runs with as many torch threads as the job's synthesis pool reserves cores
+(num_cpus x actors, at most the machine's), on GPU on one device against the pipeline's images/s
+per synthesis actor. Prints images/second of each and their ratio (target >= 0.85 at the demo's
+settings) and writes a JSON. The in-process runner is one process running the stages one batch at
+a time with the spec's per-stage threads, so with a multi-actor pool it uses less of the machine.
 
     python benchmarks/throughput.py                        # demo job (300 samples), local Ray
     python benchmarks/throughput.py --samples 100 --no-ray # also time the in-process runner
@@ -106,7 +110,13 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         spec = load_spec(*spec_args, out=tmp)
     gen = spec.generation
-    threads = max(1, int(spec.resources.for_stage("synthesis").num_cpus))  # as pipeline/graph.py's TimedStage
+    synth = spec.resources.for_stage("synthesis")
+    # the bare pipeline gets the compute the job's synthesis pool gets: on CPU all the cores the pool
+    # reserves (num_cpus x actors, at most the machine's) as torch threads in one process; on a GPU
+    # one device, and the pipeline's images/s is divided by its actors (GPUs) for the ratio
+    on_gpu = spec.model.device.startswith("cuda")
+    threads = max(1, int(synth.num_cpus)) if on_gpu else max(1, min(os.cpu_count() or 1, int(synth.num_cpus * synth.actors)))
+    per_device = synth.actors if on_gpu else 1
 
     # the bare baseline runs before and after the pipeline runs, and the ratios use the mean of the
     # two: a shared or throttled machine drifts by ~10% over minutes, which one baseline would hide
@@ -121,8 +131,9 @@ def main(argv=None) -> int:
     for key in ("ray", "in_process"):
         if key in results:
             r = results[key]
-            r["ratio"] = round(r["images_per_s"] / results["bare"]["images_per_s"], 3)
-            r["summary_ratio"] = round(r["summary_images_per_s"] / results["bare"]["images_per_s"], 3)
+            scale = per_device if key == "ray" else 1  # the in-process runner uses one device
+            r["ratio"] = round(r["images_per_s"] / scale / results["bare"]["images_per_s"], 3)
+            r["summary_ratio"] = round(r["summary_images_per_s"] / scale / results["bare"]["images_per_s"], 3)
 
     import diffusers
     import ray
@@ -133,7 +144,8 @@ def main(argv=None) -> int:
                      "height": gen.height, "width": gen.width, "steps": gen.steps,
                      "guidance_scale": gen.guidance_scale, "scheduler": gen.scheduler,
                      "batch_size": gen.batch_size, "samples": spec.samples, "shard_size": spec.output.shard_size,
-                     "torch_threads": threads},
+                     "synthesis_pool": {"actors": synth.actors, "num_cpus": synth.num_cpus, "num_gpus": synth.num_gpus},
+                     "bare_torch_threads": threads, "ratio_per_device": per_device},
         "machine": {"platform": platform.platform(), "python": platform.python_version(),
                     "cpu_count": os.cpu_count(), "nice": os.nice(0), "torch": torch.__version__,
                     "diffusers": diffusers.__version__, "ray": ray.__version__,
@@ -142,7 +154,9 @@ def main(argv=None) -> int:
     }
 
     print(f"\n{spec.samples} images, {gen.height}x{gen.width}, {gen.steps} steps {gen.scheduler}, "
-          f"guidance {gen.guidance_scale}, batch {gen.batch_size}, {spec.model.device}, {threads} torch threads")
+          f"guidance {gen.guidance_scale}, batch {gen.batch_size}, {spec.model.device}; synthesis pool {synth.actors} x "
+          f"{synth.num_cpus:g} CPU / {synth.num_gpus:g} GPU; bare: {threads} torch threads"
+          + (f", Ray img/s divided by {per_device} GPUs" if per_device > 1 else ""))
     print(f"{'run':<12}{'wall s':>10}{'img/s':>10}{'ratio':>8}   (start-up s, first batch s after start-up; "
           "run_job summary: wall s, img/s, ratio; synthesis rows/busy s)")
     b = results["bare"]

@@ -14,14 +14,14 @@ def ops_of(job: str, *overrides: str, tmp_path) -> list[tuple[str, str, int]]:
 def test_demo_cpu_stages_share_one_worker_and_the_model_stage_stands_alone(tmp_path):
     assert ops_of("shapes-demo.yaml", tmp_path=tmp_path) == [
         ("sampling", "task", 1),
-        ("synthesis", "actor", 1),
+        ("synthesis", "actor", 2),
         ("masks+labels+filters+encode", "actor", 1),  # filters keeps state -> the fused group is an actor
     ]
 
 
 def test_stages_with_different_resources_or_the_model_stage_are_never_fused(tmp_path):
     ops = ops_of("shapes-demo.yaml", "resources.labels.actors=3", "resources.sampling.num_cpus=2",
-                 "resources.synthesis.num_cpus=2", tmp_path=tmp_path)
+                 "resources.synthesis.num_cpus=2", "resources.synthesis.actors=1", tmp_path=tmp_path)
     # sampling now has synthesis's resources but synthesis is not fusable; labels breaks the run
     assert ops == [("sampling", "task", 1), ("synthesis", "actor", 1), ("masks", "task", 1),
                    ("labels", "task", 3), ("filters+encode", "actor", 1)]
@@ -35,5 +35,5 @@ def test_gpu_job_keeps_its_parallel_cpu_stages_apart_from_the_stateful_filter(tm
 
 def test_reservations_count_each_actor_pool_once(tmp_path):
     spec = load_spec(REPO / "jobs" / "shapes-demo.yaml", [], out=str(tmp_path / "out"))
-    # synthesis 2 CPUs + the fused CPU actor 0.25 + room for one task (Ray's read tasks take 1 CPU)
+    # synthesis 2 x 1 CPU + the fused CPU actor 0.25 + room for one task (Ray's read tasks take 1 CPU)
     assert required_resources(spec, default_stages()) == {"CPU": 3.25, "GPU": 0.0}
