@@ -19,10 +19,11 @@ PALETTE = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 13
            (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212)]
 
 
-def _table(header: list[str], rows: list[list[Any]]) -> str:
+def _table(header: list[str], rows: list[list[Any]], text_columns: int = 1) -> str:
+    """Plain-text table: the first ``text_columns`` columns left-aligned, the rest right-aligned."""
     cells = [header] + [["" if v is None else str(v) for v in row] for row in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+    lines = ["  ".join(c.ljust(w) if i < text_columns else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
              for r in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
@@ -32,7 +33,8 @@ def format_summary(summary: dict[str, Any]) -> str:
     """The end-of-run table: per-stage throughput, verdicts, shards, wall time."""
     rows = [[s["name"], s.get("operator") or "-", s["kind"], s["workers"], f"{s['num_cpus']:g}", f"{s['num_gpus']:g}",
              s["rows"], f"{s['busy_s']:.2f}", s["rows_per_busy_s"]] for s in summary["stages"]]
-    out = [_table(["stage", "ray operator", "kind", "workers", "cpus", "gpus", "rows", "busy s", "rows/busy s"], rows)]
+    out = [_table(["stage", "ray operator", "kind", "workers", "cpus", "gpus", "rows", "busy s", "rows/busy s"], rows,
+                  text_columns=3)]
     processed = summary["processed"]
     kept_pct = f" ({100 * summary['kept'] / processed:.1f}%)" if processed else ""
     out.append(f"this run: {processed} samples, {summary['kept']} kept{kept_pct}, {summary['rejected']} rejected"
