@@ -329,10 +329,12 @@ class JobSpec(_Strict):
         return -(-self.samples // self.output.shard_size)
 
     def fingerprint(self, model_identity: dict) -> str:
-        """sha256 over everything that changes the samples: the spec without output location and
-        resources, and the model as its weight hashes (local folder) or hub id (whose cached
-        revision is recorded in the manifest but may only be known after the first download)."""
-        exclude: dict[str, Any] = {"output": {"dir"}, "resources": True, "model": {"path"}}
+        """sha256 over everything that changes the samples: the spec without the output location, the
+        calibration file's location and resources, and the model as its weight hashes (local folder) or
+        hub id (whose cached revision is recorded in the manifest but may only be known after the first
+        download)."""
+        # masks.calibration is a location: the thresholds it holds are copied into masks.class_thresholds
+        exclude: dict[str, Any] = {"output": {"dir"}, "resources": True, "model": {"path"}, "masks": {"calibration"}}
         if self.prompts.embedding is None:  # new, unset sections leave older jobs' fingerprints as they were
             exclude["prompts"] = {"embedding"}
         exclude["references"] = True if self.references is None else {"path": True, "select": {"path"}}

@@ -147,12 +147,29 @@ class DatasetWriter:
                               "(no manifest.json); choose a new or empty directory")
         old = read_manifest(self.out)
         if old.get("fingerprint") == self.fingerprint and not self.overwrite:
+            self._check_threads(old)
             return old
         if not self.overwrite:
             raise OutputError(f"output.dir: {self.out} holds a dataset of a different job or spec "
                               f"(fingerprint {str(old.get('fingerprint'))[:12]} != {self.fingerprint[:12]}); "
                               "use another output dir or --overwrite to replace it")
         return fresh
+
+    def _check_threads(self, old: dict) -> None:
+        """On CPU a stage's torch threads (``int(num_cpus)``) change float results, so a resume
+        with other thread counts would mix bytes; resources are otherwise free to change."""
+        if not self.spec.model.device.startswith("cpu"):
+            return
+        started = (old.get("job") or {}).get("resources") or {}
+        for stage, res in started.items():
+            before = max(1, int(res.get("num_cpus", 1)))
+            now = max(1, int(self.spec.resources.for_stage(stage).num_cpus))
+            if before != now:
+                raise OutputError(
+                    f"resources.{stage}.num_cpus: {self.out} was started with {before} torch thread(s) for "
+                    f"{stage} on CPU (num_cpus {res.get('num_cpus'):g}) and this run would use {now}; results "
+                    f"depend on the thread count, so resume with num_cpus {res.get('num_cpus'):g} (actors may "
+                    "change) or use --overwrite")
 
     def open(self) -> list[int]:
         """Create or clean the directory and write the manifest; returns the pending shard numbers."""

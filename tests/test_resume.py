@@ -25,8 +25,8 @@ IDENTITY = {"source": "hub", "model": "org/m"}
 
 
 def make_writer(out: Path, samples: int = 10, overwrite: bool = False, **changes) -> DatasetWriter:
-    data = dict(TINY_JOB, model={"path": "org/m"}, samples=samples, output={"dir": str(out), "shard_size": 4},
-                **changes)
+    data = dict(TINY_JOB, model={"path": "org/m"}, samples=samples, output={"dir": str(out), "shard_size": 4})
+    data.update(changes)
     spec = validate_spec(data)
     return DatasetWriter(spec, spec.fingerprint(IDENTITY), IDENTITY, overwrite=overwrite)
 
@@ -108,6 +108,21 @@ def test_a_different_spec_is_refused_unless_overwrite(tmp_path):
     fresh = make_writer(out, seed=99, overwrite=True)
     assert fresh.open() == [0, 1, 2]
     assert list((out / "shards").iterdir()) == []
+
+
+def test_a_resume_with_other_cpu_thread_counts_is_refused_but_other_resources_may_change(tmp_path):
+    out = tmp_path / "out"
+    cpu = {"path": "org/m", "device": "cpu"}
+    writer = make_writer(out, model=cpu)
+    writer.open()
+    writer.add(records([0, 1, 2, 3]))
+    manifest = (out / MANIFEST).read_bytes()
+    threads = dict(TINY_JOB["resources"], synthesis={"num_cpus": 2})
+    with pytest.raises(OutputError, match=r"resources\.synthesis\.num_cpus: .* 1 torch thread.*would use 2.*--overwrite"):
+        make_writer(out, model=cpu, resources=threads)
+    assert (out / MANIFEST).read_bytes() == manifest
+    more_actors = dict(TINY_JOB["resources"], synthesis={"num_cpus": 0.9, "actors": 3})  # still 1 thread
+    assert make_writer(out, model=cpu, resources=more_actors).open() == [1, 2]
 
 
 def test_a_foreign_non_empty_directory_is_refused_even_with_overwrite(tmp_path):

@@ -1,6 +1,7 @@
 """Job spec: the shipped jobs load, overrides and paths resolve, bad input is one clear line."""
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -79,6 +80,21 @@ def test_fingerprint_ignores_location_and_resources_but_not_content():
     assert validate_spec(dict(base, seed=4)).fingerprint(identity) != fp
     assert validate_spec(dict(base, generation=dict(base["generation"], batch_size=4),
                               output={"dir": "out", "shard_size": 4})).fingerprint(identity) != fp
+
+
+def test_a_calibrated_job_keeps_its_fingerprint_when_the_repo_moves_but_not_when_thresholds_change(tmp_path):
+    identity = {"source": "hub", "model": "org/m"}
+    fps = []
+    for where, thresholds in (("a", {"circle": 0.4}), ("b", {"circle": 0.4}), ("c", {"circle": 0.6})):
+        folder = tmp_path / where
+        (folder / "calibration").mkdir(parents=True)
+        (folder / "calibration" / "t.json").write_text(json.dumps({"class_thresholds": thresholds}))
+        job = dict(TINY_JOB, model={"path": "org/m"}, masks=dict(TINY_JOB["masks"], calibration="calibration/t.json"))
+        (folder / "job.yaml").write_text(yaml.safe_dump(job))
+        spec = load_spec(folder / "job.yaml")
+        assert spec.masks.class_thresholds == thresholds
+        fps.append(spec.fingerprint(identity))
+    assert fps[0] == fps[1] != fps[2]
 
 
 @pytest.mark.parametrize("change, field", [
