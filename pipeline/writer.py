@@ -158,7 +158,8 @@ class DatasetWriter:
     def _check_threads(self, old: dict) -> None:
         """On CPU a stage's torch threads (``int(num_cpus)``) change float results, so a resume
         with other thread counts would mix bytes; resources are otherwise free to change."""
-        if not self.spec.model.device.startswith("cpu"):
+        model = getattr(self.spec, "model", None)  # import-coco's real datasets have no model
+        if model is None or not model.device.startswith("cpu"):
             return
         started = (old.get("job") or {}).get("resources") or {}
         for stage, res in started.items():
