@@ -9,6 +9,13 @@ Phases (each resumable from ``--work``; rerunning the same command continues whe
   4. train UNet + CLIP text encoder jointly (v-prediction, 10% empty captions for
      classifier-free guidance, EMA weights), exporting the SD folder every ``--export-every``
 Seeded: the same command on the same machine gives the same weights.
+
+``--init-from FOLDER`` starts phase 4 from an exported SD folder (its VAE, latent scale, tokenizer,
+UNet and text encoder) instead of phases 2-3 and random weights: how the bundled model was
+fine-tuned. ``--grounding W`` adds TokenCompose's token loss (pipeline/shapes/grounding.py) on the
+colour and class tokens of every object, weight W; ``--min-snr G`` weights the denoising loss by
+min(SNR, G) / (SNR + 1) (Min-SNR, Hang et al. 2023), which spends more of it on the noisy steps
+where shapes are decided.
 """
 from __future__ import annotations
 
@@ -22,8 +29,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import grounding as grounding_loss
 from . import tiny_sd
-from .world import caption_for, render_scene
+from .world import CLASSES, COLORS, caption_for, render_scene
+
+MAX_OBJECTS = 3
+LATENT_SCALE = 4  # the VAE's downsampling: object masks are pooled to the latent grid
 
 
 def log(msg: str) -> None:
@@ -31,19 +42,46 @@ def log(msg: str) -> None:
 
 
 def render_dataset(work: Path, n: int, size: int):
-    path = work / f"scenes-{n}-{size}.npz"
+    """Scenes 0..n-1: images, full and short captions, and each object's visible coverage on the
+    latent grid (n, MAX_OBJECTS, size/4, size/4; zeros where a scene has fewer objects)."""
+    path = work / f"scenes-{n}-{size}-masks.npz"
     if path.exists():
         d = np.load(path, allow_pickle=False)
-        return d["images"], list(d["captions"]), list(d["short"])
+        return d["images"], list(d["captions"]), list(d["short"]), d["masks"]
     images = np.zeros((n, size, size, 3), np.uint8)
+    g = size // LATENT_SCALE
+    masks = np.zeros((n, MAX_OBJECTS, g, g), np.float16)
     captions, short = [], []
     for i in range(n):
         sc = render_scene(i, size)
         images[i] = sc.image
         captions.append(sc.caption)
         short.append(caption_for([(o.color, o.cls) for o in sc.objects]))
-    np.savez(path, images=images, captions=np.array(captions), short=np.array(short))
-    return images, captions, short
+        for k, o in enumerate(sc.objects):
+            masks[i, k] = o.mask.reshape(g, LATENT_SCALE, g, LATENT_SCALE).mean((1, 3))
+    np.savez(path, images=images, captions=np.array(captions), short=np.array(short), masks=masks)
+    return images, captions, short, masks
+
+
+def object_token_positions(tokenizer, captions: list[str]) -> np.ndarray:
+    """(n, 2 * MAX_OBJECTS) prompt positions of object k's colour (2k) and class (2k + 1) tokens, -1 if none.
+
+    Every world word is one token (tiny_sd.build_tokenizer checks it), so a word's position is its
+    index in the caption + 1 (BOS); checked against the tokenizer for each caption.
+    """
+    out = np.full((len(captions), 2 * MAX_OBJECTS), -1, np.int64)
+    for i, text in enumerate(captions):
+        words = text.split()
+        if len(tokenizer(text).input_ids) != len(words) + 2:
+            raise RuntimeError(f"caption {text!r} is not one token per word")
+        k = 0
+        for j, word in enumerate(words):
+            if word in COLORS:
+                out[i, 2 * k] = j + 1
+            elif word in CLASSES:
+                out[i, 2 * k + 1] = j + 1
+                k += 1
+    return out
 
 
 def to_tensor(images: np.ndarray) -> torch.Tensor:
@@ -93,23 +131,32 @@ def train_vae(work: Path, images: np.ndarray, steps: int, batch: int, seed: int)
 
 
 @torch.no_grad()
-def encode_latents(work: Path, vae, images: np.ndarray):
+def encode_latents(work: Path, vae, images: np.ndarray, scale: float | None = None):
+    """Latent means of every scene, scaled by ``scale`` (default: 1/std, set on the VAE's config)."""
     path = work / "latents.pt"
     if path.exists():
         return torch.load(path)
     vae.eval()
     lat = torch.cat([vae.encode(to_tensor(images[i:i + 256])).latent_dist.mean for i in range(0, len(images), 256)])
-    scale = float(1.0 / lat.std())
+    scale = float(1.0 / lat.std()) if scale is None else scale
     vae.register_to_config(scaling_factor=scale)
     out = {"latents": lat * scale, "scaling_factor": scale}
     torch.save(out, path)
     return out
 
 
-def train_unet(work: Path, out: Path, vae, latents, captions, short, tokenizer, steps: int, batch: int,
-               seed: int, export_every: int, lr: float):
-    text_encoder = tiny_sd.build_text_encoder(tokenizer)
-    unet = tiny_sd.build_unet()
+def train_unet(work: Path, out: Path, vae, latents, captions, short, masks, tokenizer, steps: int, batch: int,
+               seed: int, export_every: int, lr: float, init: Path | None = None, grounding: float = 0.0,
+               min_snr: float | None = None):
+    if init is not None:  # the exported (EMA) weights of an earlier run
+        from diffusers import UNet2DConditionModel
+        from transformers import CLIPTextModel
+
+        unet = UNet2DConditionModel.from_pretrained(init, subfolder="unet")
+        text_encoder = CLIPTextModel.from_pretrained(init, subfolder="text_encoder")
+    else:
+        text_encoder = tiny_sd.build_text_encoder(tokenizer)
+        unet = tiny_sd.build_unet()
     params = list(unet.parameters()) + list(text_encoder.parameters())
     ema = [p.detach().clone() for p in params]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
@@ -127,11 +174,16 @@ def train_unet(work: Path, out: Path, vae, latents, captions, short, tokenizer, 
         torch.set_rng_state(st["rng"])
     else:
         torch.manual_seed(seed + 1)
+    store = grounding_loss.install(unet) if grounding > 0 else None
+
     # token ids for every caption, once
     def tok(texts):
         return tokenizer(list(texts), padding="max_length", max_length=tokenizer.model_max_length,
                          truncation=True, return_tensors="pt").input_ids
     ids_full, ids_short, ids_empty = tok(captions), tok(short), tok([""])[0]
+    # objects come first in both caption forms, so their token positions are the same
+    positions = torch.from_numpy(object_token_positions(tokenizer, captions))
+    token_masks = torch.from_numpy(np.repeat(masks.astype(np.float32), 2, axis=1))  # colour and class token
     lat = latents["latents"]
     rng = np.random.default_rng([seed, 7, start])
     warmup = 200
@@ -140,8 +192,9 @@ def train_unet(work: Path, out: Path, vae, latents, captions, short, tokenizer, 
     for step in range(start, steps):
         idx = torch.from_numpy(rng.integers(0, len(lat), batch))
         which = rng.random(batch)
+        empty = torch.from_numpy(which > 0.9)
         ids = torch.where(torch.from_numpy(which < 0.35)[:, None], ids_short[idx], ids_full[idx])
-        ids = torch.where(torch.from_numpy(which > 0.9)[:, None], ids_empty[None], ids)
+        ids = torch.where(empty[:, None], ids_empty[None], ids)
         x0 = lat[idx]
         noise = torch.randn_like(x0)
         t = torch.randint(0, sched.config.num_train_timesteps, (batch,))
@@ -149,9 +202,20 @@ def train_unet(work: Path, out: Path, vae, latents, captions, short, tokenizer, 
         s = (1 - acp[t]).sqrt().view(-1, 1, 1, 1)
         xt = a * x0 + s * noise
         target = a * noise - s * x0  # v-prediction
+        if store is not None:
+            store.clear()
         cond = text_encoder(ids)[0]
         pred = unet(xt, t, cond).sample
-        loss = F.mse_loss(pred, target)
+        per_sample = ((pred - target) ** 2).mean((1, 2, 3))
+        if min_snr:
+            snr = acp[t] / (1 - acp[t])
+            per_sample = per_sample * snr.clamp(max=min_snr) / (snr + 1)
+        loss = denoise = per_sample.mean()
+        ground = torch.zeros(())
+        if store is not None:
+            pos = torch.where(empty[:, None], -1, positions[idx])
+            ground = grounding_loss.token_loss(store, pos, token_masks[idx], *x0.shape[2:])
+            loss = denoise + grounding * ground
         cur_lr = lr * min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
         for g in opt.param_groups:
             g["lr"] = cur_lr
@@ -165,7 +229,8 @@ def train_unet(work: Path, out: Path, vae, latents, captions, short, tokenizer, 
                 e.lerp_(p.detach(), 1 - decay)
         done = step + 1
         if done % 25 == 0:
-            log(f"unet step {done}/{steps} loss {loss.item():.4f} lr {cur_lr:.2e} ({(time.time() - t0) / (done - start):.2f}s/step)")
+            log(f"unet step {done}/{steps} loss {denoise.item():.4f} grounding {ground.item():.4f} lr {cur_lr:.2e} "
+                f"({(time.time() - t0) / (done - start):.2f}s/step)")
         if done % 100 == 0 or done == steps:
             save_ckpt(ckpt, unet=unet.state_dict(), text_encoder=text_encoder.state_dict(), opt=opt.state_dict(),
                       ema=ema, step=done, rng=torch.get_rng_state())
@@ -201,19 +266,33 @@ def main(argv=None) -> None:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--export-every", type=int, default=500)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--init-from", type=Path, default=None,
+                    help="start the UNet phase from this exported SD folder (its VAE, tokenizer and weights)")
+    ap.add_argument("--grounding", type=float, default=0.0, help="weight of the token grounding loss (0: off)")
+    ap.add_argument("--min-snr", type=float, default=None, help="Min-SNR gamma for the denoising loss (off)")
     args = ap.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     log(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    images, captions, short = render_dataset(args.work, args.scenes, args.size)
+    images, captions, short, masks = render_dataset(args.work, args.scenes, args.size)
     log(f"{len(images)} scenes ready")
-    tokenizer = tiny_sd.build_tokenizer(args.work / "tokenizer")
-    vae = train_vae(args.work, images, args.vae_steps, 32, args.seed)
-    latents = encode_latents(args.work, vae, images)
+    if args.init_from is not None:
+        from diffusers import AutoencoderKL
+        from transformers import CLIPTokenizer
+
+        if args.init_from.resolve() == args.out.resolve():
+            raise SystemExit(f"--init-from and --out are both {args.out}: export somewhere else, then move it")
+        tokenizer = CLIPTokenizer.from_pretrained(args.init_from, subfolder="tokenizer")
+        vae = AutoencoderKL.from_pretrained(args.init_from, subfolder="vae")
+        latents = encode_latents(args.work, vae, images, scale=vae.config.scaling_factor)
+    else:
+        tokenizer = tiny_sd.build_tokenizer(args.work / "tokenizer")
+        vae = train_vae(args.work, images, args.vae_steps, 32, args.seed)
+        latents = encode_latents(args.work, vae, images)
     vae.register_to_config(scaling_factor=latents["scaling_factor"])
     log(f"latents {tuple(latents['latents'].shape)}, scaling_factor {latents['scaling_factor']:.4f}")
-    train_unet(args.work, args.out, vae, latents, captions, short, tokenizer, args.unet_steps, args.batch,
-               args.seed, args.export_every, args.lr)
+    train_unet(args.work, args.out, vae, latents, captions, short, masks, tokenizer, args.unet_steps, args.batch,
+               args.seed, args.export_every, args.lr, args.init_from, args.grounding, args.min_snr)
     log(f"done in {time.time() - t0:.0f}s (this run)")
 
 
