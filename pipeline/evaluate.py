@@ -38,7 +38,7 @@ from pycocotools.cocoeval import COCOeval
 
 from stages.base import Batch
 from stages.labels import category_ids
-from stages.masks import IGNORE, class_maps
+from stages.masks import IGNORE, refined_maps
 
 from .shapes.oracle import find_objects
 from .shapes.world import HELD_OUT_SEED, render_scene
@@ -46,7 +46,7 @@ from .spec import JobSpec, SpecError
 
 #: evaluation captions come from scenes HELD_OUT_SEED + i; calibration uses a disjoint range
 CALIBRATION_SEED = HELD_OUT_SEED + 2_000_000
-CALIBRATION_GRID = np.round(np.arange(0.10, 0.91, 0.05), 2)
+CALIBRATION_GRID = np.round(np.arange(0.05, 0.91, 0.05), 2)
 WEAK_CLASS_IOU = 0.3  # calibration warns about classes whose best IoU stays below this
 
 
@@ -82,7 +82,8 @@ def check_spec(spec: JobSpec, prompts: list[Prompt]) -> None:
 def raw_spec(spec: JobSpec) -> JobSpec:
     """The spec of the raw baseline: unrefined maps, fixed threshold 0.5, no ignore band."""
     masks = spec.masks.model_copy(update={"use_raw": True, "threshold": "fixed", "fg_threshold": 0.5,
-                                          "ignore_threshold": 0.5, "ambiguity_margin": 0.0})
+                                          "ignore_threshold": 0.5, "ambiguity_margin": 0.0,
+                                          "image_refine": "none"})
     return spec.model_copy(update={"masks": masks})
 
 
@@ -351,7 +352,7 @@ def calibrate(spec: JobSpec, n: int, progress: bool = True) -> dict[str, Any]:
         out = synthesis(stage_rows(synthesis.pipe.tokenizer, chunk, start))
         for p, image, maps in zip(chunk, out["image"], out[column]):
             truths = find_objects(image, [c for c, _ in p.objects])
-            _, norm = class_maps(maps, len(p.objects), image.shape[:2])
+            norm = refined_maps(maps, image, len(p.objects), spec.masks)
             for (_, cls), t, cmap in zip(p.objects, truths, norm):
                 if not t.mask.any():
                     continue

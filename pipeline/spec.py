@@ -156,6 +156,11 @@ class MasksSpec(_Strict):
                                     "its class_thresholds are loaded into this spec")
     ambiguity_margin: float = Field(default=0.0, ge=0.0)
     use_raw: bool = False
+    image_refine: Literal["none", "superpixels"] = Field(
+        default="none", description="superpixels: average each class map over Felzenszwalb segments of the "
+        "generated image before thresholding, so masks follow the image's edges (stages/masks.py)")
+    superpixel_scale: float = Field(default=10.0, gt=0.0, description="Felzenszwalb scale (larger: bigger segments)")
+    superpixel_min_area: Fraction = Field(default=0.005, description="smallest segment, as a fraction of the image")
 
     @model_validator(mode="after")
     def _consistent(self) -> MasksSpec:
@@ -179,6 +184,9 @@ class FiltersSpec(_Strict):
     min_area_fraction: Fraction = 0.005
     max_area_fraction: Fraction = 0.95
     min_contrast: float = 0.1
+    max_extra_instances: Annotated[int, Field(ge=0)] | None = Field(
+        default=None, description="reject a sample when a class has more than (times prompted + this) "
+        "instances; null = off")
     dedup_threshold: Annotated[int, Field(ge=0)] | None = Field(
         default=None, description="phash Hamming distance to a kept image that marks a duplicate; null = off")
 

@@ -5,13 +5,18 @@ Per row, for the first ``n = len(class_names)`` maps of ``attn`` (or ``attn_raw`
 
 1. bicubic upsampling to the image size, clamped at 0 (bicubic overshoots);
 2. per-class min-max normalisation to [0, 1] (a flat map becomes all zeros: no object);
+   with ``spec.masks.image_refine: superpixels`` each normalised map is then averaged within the
+   segments of scikit-image's Felzenszwalb graph segmentation of the generated image (image-guided
+   refinement in the spirit of DiffuMask's CRF: the 16×16 attention decides *which* segments
+   belong to a class, the image's own edges decide *where* the mask ends);
 3. per-class thresholds ``t_fg`` / ``t_ign``:
    * ``fixed``: ``spec.masks.fg_threshold`` / ``spec.masks.ignore_threshold`` for every class;
    * ``otsu``: ``t_fg`` = Otsu's threshold of the class's normalised map;
    * ``calibrated``: ``t_fg`` = ``spec.masks.class_thresholds[name]`` (from a calibration run,
      stored in the job's manifest);
-   for ``otsu`` and ``calibrated`` the ignore band keeps the fixed band's width:
-   ``t_ign = t_fg - (fg_threshold - ignore_threshold)``;
+   for ``otsu`` and ``calibrated`` the ignore band keeps the fixed band's *proportion*:
+   ``t_ign = t_fg * ignore_threshold / fg_threshold`` (a class calibrated at 0.1 gets a band
+   [0.07, 0.1), not one reaching down to 0 that would mark the whole background ignore);
 4. background handling and labels: a pixel gets class ``1 + i`` when map ``i`` is the largest of
    the maps at or above their own ``t_fg``; background (0) when no map reaches its ``t_ign``;
    ignore (255) when no map reaches ``t_fg`` but one reaches ``t_ign`` (uncertain extent) or
@@ -52,6 +57,29 @@ def class_maps(attn: np.ndarray, n: int, size: tuple[int, int]) -> tuple[np.ndar
     span = raw.max(axis=(1, 2), keepdims=True) - lo
     norm = np.where(span > 1e-12, (raw - lo) / np.maximum(span, 1e-12), 0.0).astype(np.float32)
     return raw, norm
+
+
+def superpixel_pool(norm: np.ndarray, image: np.ndarray, scale: float, min_area: float) -> np.ndarray:
+    """Average each map of ``norm`` (n, H, W) within the Felzenszwalb segments of ``image`` (H, W, 3)."""
+    from skimage.segmentation import felzenszwalb
+
+    if norm.shape[1:] != image.shape[:2]:
+        raise ValueError(f"maps {norm.shape[1:]} and image {image.shape[:2]} differ in size")
+    seg = felzenszwalb(image, scale=scale, sigma=0.5, min_size=max(1, int(min_area * image.shape[0] * image.shape[1])))
+    flat = seg.ravel()
+    count = np.bincount(flat).astype(np.float64)
+    out = np.empty_like(norm)
+    for k, cmap in enumerate(norm):
+        out[k] = (np.bincount(flat, weights=cmap.ravel()) / np.maximum(count, 1))[seg]
+    return out
+
+
+def refined_maps(attn: np.ndarray, image: np.ndarray, n: int, masks: Any) -> np.ndarray:
+    """The normalised (and, if configured, image-refined) maps the thresholds are applied to."""
+    _, norm = class_maps(attn, n, image.shape[:2])
+    if masks.image_refine == "superpixels" and n:
+        norm = superpixel_pool(norm, image, masks.superpixel_scale, masks.superpixel_min_area)
+    return norm
 
 
 def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
@@ -108,7 +136,7 @@ class MaskStage(Stage):
             if missing:
                 raise ValueError(f"masks.class_thresholds: no calibrated threshold for {missing}")
         self.column = "attn_raw" if m.use_raw else "attn"
-        self.band = float(m.fg_threshold - m.ignore_threshold)
+        self.band = float(m.ignore_threshold / m.fg_threshold) if m.fg_threshold > 0 else 1.0
 
     def thresholds(self, names: list[str], norm: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Per-class (t_fg, t_ign) for one row's classes and normalised maps."""
@@ -120,7 +148,7 @@ class MaskStage(Stage):
             t_fg = np.array([otsu_threshold(c) for c in norm], np.float32)
         else:
             t_fg = np.array([m.class_thresholds[name] for name in names], np.float32)
-        return t_fg, np.maximum(t_fg - self.band, 0.0)
+        return t_fg, (t_fg * self.band).astype(np.float32)
 
     def __call__(self, batch: Batch) -> Batch:
         attn, images = batch[self.column], batch["image"]
@@ -128,7 +156,7 @@ class MaskStage(Stage):
         masks = np.zeros((len(images), height, width), np.uint8)
         for row, names_json in enumerate(batch["class_names"]):
             names = json.loads(str(names_json))
-            _, norm = class_maps(attn[row], len(names), (height, width))
+            norm = refined_maps(attn[row], images[row], len(names), self.spec.masks)
             t_fg, t_ign = self.thresholds(names, norm)
             masks[row] = label_pixels(norm, t_fg, t_ign, float(self.spec.masks.ambiguity_margin))
         return passthrough(batch, semantic_mask=masks)

@@ -19,13 +19,15 @@ from stages.masks import MaskStage, class_maps, otsu_threshold
 SIZE, LATENT, K = 64, 16, 3
 
 
-def make_spec(threshold="fixed", class_thresholds=None, margin=0.1, min_area=0.005, max_area=0.95):
+def make_spec(threshold="fixed", class_thresholds=None, margin=0.1, min_area=0.005, max_area=0.95,
+              image_refine="none"):
     return SimpleNamespace(
         classes=[SimpleNamespace(name=c) for c in CLASSES],
         prompts=SimpleNamespace(max_classes_per_image=K),
         masks=SimpleNamespace(threshold=threshold, fg_threshold=0.6, ignore_threshold=0.5,
                               class_thresholds=class_thresholds or {}, use_raw=False,
-                              ambiguity_margin=margin),
+                              ambiguity_margin=margin, image_refine=image_refine, superpixel_scale=10.0,
+                              superpixel_min_area=0.005),
         filters=SimpleNamespace(min_area_fraction=min_area, max_area_fraction=max_area,
                                 min_contrast=0.3, dedup_threshold=4),
         output=SimpleNamespace(jpeg_quality=95),
@@ -118,6 +120,13 @@ def test_calibrated_thresholds_come_from_the_spec():
     thresholds = {c: 0.5 for c in CLASSES} | {"square": 0.85}
     sem = MaskStage(make_spec("calibrated", thresholds))(batch)["semantic_mask"][0]
     assert (sem == 2).sum() < 0.6 * (sem == 1).sum()  # the stricter threshold gives a smaller mask
+    # the ignore band keeps the fixed band's proportion (0.5 / 0.6 of each class's threshold)
+    _, norm = class_maps(batch["attn"][0], 2, (SIZE, SIZE))
+    band = (norm[1] >= 0.85 * 0.5 / 0.6) & (norm[1] < 0.85) & (norm[0] < 0.5 * 0.5 / 0.6)
+    assert band.sum() > 20
+    np.testing.assert_array_equal((sem == 255) & band, band)
+    low = MaskStage(make_spec("calibrated", {c: 0.06 for c in CLASSES}))(batch)["semantic_mask"][0]
+    assert (low == 0).sum() > 0.3 * low.size  # a low threshold still leaves background
     with pytest.raises(ValueError, match="square"):
         MaskStage(make_spec("calibrated", {c: 0.5 for c in CLASSES if c != "square"}))
     with pytest.raises(ValueError, match="masks.threshold"):
@@ -208,10 +217,8 @@ def shapes_batch(seeds, noise: float, rng: np.random.Generator):
     return make_batch(rows, np.stack(images)), truths
 
 
-@pytest.mark.parametrize("mode", ["fixed", "otsu"])
-def test_shapes_world_masks_match_the_truth(mode):
-    batch, truths = shapes_batch(range(24), noise=0.01, rng=np.random.default_rng(7))
-    out = run(make_spec(mode), batch)
+def shapes_scores(out, truths) -> tuple[float, float]:
+    """(mIoU with ignore pixels counted as errors, mean best box IoU) of a labelled shapes batch."""
     ious, box_ious = [], []
     for row, truth in enumerate(truths):
         sem = out["semantic_mask"][row]
@@ -227,9 +234,36 @@ def test_shapes_world_masks_match_the_truth(mode):
             box_ious.extend(mask_utils.iou(true_boxes, pred_boxes, [0] * len(pred_boxes)).max(axis=1))
         else:
             box_ious.extend([0.0] * len(true_boxes))
-    miou, box_iou = float(np.mean(ious)), float(np.mean(box_ious))
+    return float(np.mean(ious)), float(np.mean(box_ious))
+
+
+@pytest.mark.parametrize("mode", ["fixed", "otsu"])
+def test_shapes_world_masks_match_the_truth(mode):
+    batch, truths = shapes_batch(range(24), noise=0.01, rng=np.random.default_rng(7))
+    miou, box_iou = shapes_scores(run(make_spec(mode), batch), truths)
     print(f"{mode}: mIoU {miou:.3f}, mean box IoU {box_iou:.3f}")
     assert miou > 0.7 and box_iou > 0.65, f"{mode}: mIoU {miou:.3f}, mean box IoU {box_iou:.3f}"
+
+
+def test_superpixel_refinement_snaps_blurred_maps_to_the_image_edges():
+    """Attention made 2x blurrier than above: thresholding it misplaces the edges; averaging it over the
+    image's Felzenszwalb segments puts them back on the objects' outlines."""
+    rows, truths, images = [], [], []
+    for seed in range(24):
+        scene = render_scene(seed, size=SIZE)
+        maps = [ndimage.gaussian_filter(o.mask.astype(np.float32), 4.0).reshape(LATENT, 4, LATENT, 4).mean((1, 3))
+                for o in scene.objects]
+        rows.append(([o.cls for o in scene.objects], maps))
+        truth = np.zeros((SIZE, SIZE), np.uint8)
+        for i, obj in enumerate(scene.objects):
+            truth[obj.mask] = i + 1
+        truths.append(truth)
+        images.append(scene.image)
+    batch = make_batch(rows, np.stack(images))
+    plain, _ = shapes_scores(run(make_spec("otsu", margin=0.0), batch), truths)
+    refined, _ = shapes_scores(run(make_spec("otsu", margin=0.0, image_refine="superpixels"), batch), truths)
+    print(f"blurred maps: mIoU {plain:.3f} plain, {refined:.3f} with superpixels")
+    assert refined > plain + 0.05 and refined > 0.8
 
 
 def test_encode_produces_decodable_deterministic_bytes():
