@@ -11,9 +11,10 @@ from pipeline.shapes.world import render_scene
 from stages.filters import FilterStage, hamming, phash, verdict
 
 
-def make_spec(min_contrast=0.3, dedup_threshold=4):
+def make_spec(min_contrast=0.3, dedup_threshold=4, max_extra_instances=None):
     return SimpleNamespace(filters=SimpleNamespace(min_area_fraction=0.005, max_area_fraction=0.95,
-                                                   min_contrast=min_contrast, dedup_threshold=dedup_threshold),
+                                                   min_contrast=min_contrast, dedup_threshold=dedup_threshold,
+                                                   max_extra_instances=max_extra_instances),
                            output=SimpleNamespace(shard_size=4))
 
 
@@ -53,6 +54,17 @@ def scene(seed):
 ])
 def test_verdict_reasons_and_order(classes, reason):
     assert verdict({"per_class": classes}, min_contrast=0.3) == reason
+
+
+def test_instance_count_check_is_off_by_default_and_counts_prompted_objects():
+    two = [cls_score("circle", 2, 2) | {"n_prompted": 1}, cls_score("star") | {"n_prompted": 1}]
+    assert verdict({"per_class": two}, min_contrast=0.3) == ""
+    assert verdict({"per_class": two}, min_contrast=0.3, max_extra_instances=1) == ""
+    assert verdict({"per_class": two}, min_contrast=0.3, max_extra_instances=0) == "count:circle"
+    twice = [cls_score("circle", 2, 2) | {"n_prompted": 2}]
+    assert verdict({"per_class": twice}, min_contrast=0.3, max_extra_instances=0) == ""
+    # missing and area come first
+    assert verdict({"per_class": two + [cls_score("ring", 0, 0)]}, 0.3, 0) == "missing:ring"
 
 
 def test_stage_marks_rows_and_never_drops_them():
