@@ -292,3 +292,22 @@ def test_encode_produces_decodable_deterministic_bytes():
         assert rec["keep"] is (row == 0) and rec["reject_reason"] == ["", "low_contrast"][row]
         assert set(rec) >= {"prompt", "token_index", "gen", "scores", "curriculum"}
         assert out["cls"][row] == str(ids[rec["class_names"][0]]).encode()
+
+
+def test_superpixel_pool_on_a_large_image_keeps_size_and_follows_edges():
+    """Images over SUPERPIXEL_MAX_SIDE are segmented at a reduced size; the result is still full size."""
+    from stages.masks import SUPERPIXEL_MAX_SIDE, superpixel_pool
+
+    side = 2 * SUPERPIXEL_MAX_SIDE + 24
+    image = np.full((side, side, 3), 120, np.uint8)
+    image[100:300, 150:400] = (230, 40, 40)  # a sharp red rectangle
+    yy, xx = np.mgrid[0:side, 0:side]
+    blurry = np.exp(-(((yy - 200) / 140.0) ** 2 + ((xx - 275) / 170.0) ** 2)).astype(np.float32)[None]
+    out = superpixel_pool(blurry, image, 10.0, 0.005)
+    assert out.shape == blurry.shape
+    inside = np.zeros((side, side), bool)
+    inside[100:300, 150:400] = True
+    core = np.zeros_like(inside)
+    core[110:290, 160:390] = True  # away from the edge, which the reduced segmentation may blur by a pixel
+    assert np.ptp(out[0][core]) < 1e-6  # one value over the rectangle
+    assert out[0][core].min() > out[0][~inside].max()
