@@ -59,3 +59,20 @@ def test_training_token_positions_and_latent_masks(tmp_path, tiny_model):
             assert np.isclose(masks[i, k].astype(np.float32).sum() * 16, obj.mask.sum(), atol=0.1)
         assert (pos[i, 2 * len(scene.objects):] == -1).all()
         assert not masks[i, len(scene.objects):].any()
+
+
+def test_pixel_loss_asks_the_map_to_cover_the_whole_object():
+    mask = torch.zeros(1, 1, 16, 16)
+    mask[..., 4:8, 4:8] = 1.0
+    inside = mask.flatten(2).transpose(1, 2)
+    pos = torch.tensor([[0]])
+    full = torch.cat([inside, 1 - inside], -1)  # token 0 takes every object pixel's whole attention
+    core = torch.zeros_like(inside)
+    core[:, [5 * 16 + 5, 5 * 16 + 6, 6 * 16 + 5, 6 * 16 + 6]] = 1.0  # only the object's 2x2 centre
+    partial = torch.cat([core, 1 - core], -1)
+    perfect = grounding.pixel_loss([full], pos, mask, 16, 16).item()
+    peaked = grounding.pixel_loss([partial], pos, mask, 16, 16).item()
+    assert perfect < 1e-4
+    # token_loss cannot tell the two apart (all mass inside either way); pixel_loss can
+    assert grounding.token_loss([partial], pos, mask, 16, 16).item() == 0.0
+    assert peaked > 0.5

@@ -71,3 +71,22 @@ def token_loss(store: list, positions: torch.Tensor, masks: torch.Tensor, height
         inside = (cols * m).sum(1) / cols.sum(1).clamp(min=1e-8)  # B, K
         losses.append(((1 - inside) ** 2)[valid])
     return torch.cat(losses).mean()
+
+
+def pixel_loss(store: list, positions: torch.Tensor, masks: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """TokenCompose's pixel loss: binary cross-entropy of each grounded token's per-pixel attention
+    probability against its object's coverage, over every captured layer (same arguments as token_loss).
+    It asks the map to cover the whole object, where token_loss only asks its mass to fall inside."""
+    valid = positions >= 0
+    if not valid.any():
+        return torch.zeros((), device=masks.device)
+    idx = positions.clamp(min=0)
+    losses = []
+    for probs in store:
+        n = probs.shape[1]
+        scale = int(round((height * width / n) ** 0.5))
+        cols = torch.gather(probs, 2, idx[:, None, :].expand(-1, n, -1)).clamp(1e-6, 1 - 1e-6)  # B, N, K
+        m = (F.avg_pool2d(masks, scale) if scale > 1 else masks).flatten(2).transpose(1, 2)
+        bce = F.binary_cross_entropy(cols, m, reduction="none").mean(1)  # B, K
+        losses.append(bce[valid])
+    return torch.cat(losses).mean()

@@ -147,7 +147,7 @@ def encode_latents(work: Path, vae, images: np.ndarray, scale: float | None = No
 
 def train_unet(work: Path, out: Path, vae, latents, captions, short, masks, tokenizer, steps: int, batch: int,
                seed: int, export_every: int, lr: float, init: Path | None = None, grounding: float = 0.0,
-               min_snr: float | None = None):
+               min_snr: float | None = None, pixel: float = 0.0):
     if init is not None:  # the exported (EMA) weights of an earlier run
         from diffusers import UNet2DConditionModel
         from transformers import CLIPTextModel
@@ -174,7 +174,7 @@ def train_unet(work: Path, out: Path, vae, latents, captions, short, masks, toke
         torch.set_rng_state(st["rng"])
     else:
         torch.manual_seed(seed + 1)
-    store = grounding_loss.install(unet) if grounding > 0 else None
+    store = grounding_loss.install(unet) if grounding > 0 or pixel > 0 else None
 
     # token ids for every caption, once
     def tok(texts):
@@ -216,6 +216,9 @@ def train_unet(work: Path, out: Path, vae, latents, captions, short, masks, toke
             pos = torch.where(empty[:, None], -1, positions[idx])
             ground = grounding_loss.token_loss(store, pos, token_masks[idx], *x0.shape[2:])
             loss = denoise + grounding * ground
+            if pixel > 0:  # class tokens only: a colour and a class token cannot both take a pixel's whole attention
+                loss = loss + pixel * grounding_loss.pixel_loss(store, pos[:, 1::2], token_masks[idx][:, 1::2],
+                                                                *x0.shape[2:])
         cur_lr = lr * min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
         for g in opt.param_groups:
             g["lr"] = cur_lr
@@ -269,6 +272,8 @@ def main(argv=None) -> None:
     ap.add_argument("--init-from", type=Path, default=None,
                     help="start the UNet phase from this exported SD folder (its VAE, tokenizer and weights)")
     ap.add_argument("--grounding", type=float, default=0.0, help="weight of the token grounding loss (0: off)")
+    ap.add_argument("--pixel", type=float, default=0.0,
+                    help="weight of TokenCompose's pixel loss on the class tokens (0: off)")
     ap.add_argument("--min-snr", type=float, default=None, help="Min-SNR gamma for the denoising loss (off)")
     args = ap.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
@@ -292,7 +297,7 @@ def main(argv=None) -> None:
     vae.register_to_config(scaling_factor=latents["scaling_factor"])
     log(f"latents {tuple(latents['latents'].shape)}, scaling_factor {latents['scaling_factor']:.4f}")
     train_unet(args.work, args.out, vae, latents, captions, short, masks, tokenizer, args.unet_steps, args.batch,
-               args.seed, args.export_every, args.lr, args.init_from, args.grounding, args.min_snr)
+               args.seed, args.export_every, args.lr, args.init_from, args.grounding, args.min_snr, args.pixel)
     log(f"done in {time.time() - t0:.0f}s (this run)")
 
 
