@@ -48,6 +48,19 @@ def install(unet) -> list:
     return store
 
 
+def _layer_columns(store: list, positions: torch.Tensor, masks: torch.Tensor, height: int, width: int):
+    """Per captured layer: (the grounded tokens' attention columns, their objects' coverage), both (B, N, K)."""
+    idx = positions.clamp(min=0)
+    for probs in store:
+        n = probs.shape[1]
+        scale = int(round((height * width / n) ** 0.5))
+        if (height // scale) * (width // scale) != n:
+            raise RuntimeError(f"attention over {n} positions does not match a {height}×{width} latent")
+        cols = torch.gather(probs, 2, idx[:, None, :].expand(-1, n, -1))
+        m = (F.avg_pool2d(masks, scale) if scale > 1 else masks).flatten(2).transpose(1, 2)
+        yield cols, m
+
+
 def token_loss(store: list, positions: torch.Tensor, masks: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """TokenCompose's token loss over every captured layer.
 
@@ -57,17 +70,8 @@ def token_loss(store: list, positions: torch.Tensor, masks: torch.Tensor, height
     valid = positions >= 0
     if not valid.any():
         return torch.zeros((), device=masks.device)
-    idx = positions.clamp(min=0)
     losses = []
-    for probs in store:
-        n = probs.shape[1]
-        scale = int(round((height * width / n) ** 0.5))
-        h, w = height // scale, width // scale
-        cols = torch.gather(probs, 2, idx[:, None, :].expand(-1, n, -1))  # B, N, K
-        m = F.avg_pool2d(masks, scale) if scale > 1 else masks  # B, K, h, w
-        m = m.flatten(2).transpose(1, 2)  # B, N, K
-        if m.shape[1] != n or h * w != n:
-            raise RuntimeError(f"attention over {n} positions does not match a {height}×{width} latent")
+    for cols, m in _layer_columns(store, positions, masks, height, width):
         inside = (cols * m).sum(1) / cols.sum(1).clamp(min=1e-8)  # B, K
         losses.append(((1 - inside) ** 2)[valid])
     return torch.cat(losses).mean()
@@ -80,13 +84,8 @@ def pixel_loss(store: list, positions: torch.Tensor, masks: torch.Tensor, height
     valid = positions >= 0
     if not valid.any():
         return torch.zeros((), device=masks.device)
-    idx = positions.clamp(min=0)
     losses = []
-    for probs in store:
-        n = probs.shape[1]
-        scale = int(round((height * width / n) ** 0.5))
-        cols = torch.gather(probs, 2, idx[:, None, :].expand(-1, n, -1)).clamp(1e-6, 1 - 1e-6)  # B, N, K
-        m = (F.avg_pool2d(masks, scale) if scale > 1 else masks).flatten(2).transpose(1, 2)
-        bce = F.binary_cross_entropy(cols, m, reduction="none").mean(1)  # B, K
+    for cols, m in _layer_columns(store, positions, masks, height, width):
+        bce = F.binary_cross_entropy(cols.clamp(1e-6, 1 - 1e-6), m, reduction="none").mean(1)  # B, K
         losses.append(bce[valid])
     return torch.cat(losses).mean()

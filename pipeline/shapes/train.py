@@ -214,11 +214,11 @@ def train_unet(work: Path, out: Path, vae, latents, captions, short, masks, toke
         ground = torch.zeros(())
         if store is not None:
             pos = torch.where(empty[:, None], -1, positions[idx])
-            ground = grounding_loss.token_loss(store, pos, token_masks[idx], *x0.shape[2:])
+            tmasks = token_masks[idx]
+            ground = grounding_loss.token_loss(store, pos, tmasks, *x0.shape[2:])
             loss = denoise + grounding * ground
             if pixel > 0:  # class tokens only: a colour and a class token cannot both take a pixel's whole attention
-                loss = loss + pixel * grounding_loss.pixel_loss(store, pos[:, 1::2], token_masks[idx][:, 1::2],
-                                                                *x0.shape[2:])
+                loss = loss + pixel * grounding_loss.pixel_loss(store, pos[:, 1::2], tmasks[:, 1::2], *x0.shape[2:])
         cur_lr = lr * min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
         for g in opt.param_groups:
             g["lr"] = cur_lr
