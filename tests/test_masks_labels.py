@@ -198,14 +198,14 @@ def test_read_only_inputs_are_not_modified():
         np.testing.assert_array_equal(labelled[k], v)
 
 
-def shapes_batch(seeds, noise: float, rng: np.random.Generator):
+def shapes_batch(seeds, noise: float, rng: np.random.Generator, sigma: float = 2.0):
     """Shapes-world scenes with attention made from their true masks: blurred, 4x downsampled, noisy."""
     rows, truths, images = [], [], []
     for seed in seeds:
         scene = render_scene(seed, size=SIZE)
         maps = []
         for obj in scene.objects:
-            soft = ndimage.gaussian_filter(obj.mask.astype(np.float32), sigma=2.0)
+            soft = ndimage.gaussian_filter(obj.mask.astype(np.float32), sigma=sigma)
             small = soft.reshape(LATENT, 4, LATENT, 4).mean(axis=(1, 3))
             maps.append(0.3 * small + rng.normal(0.02, noise, small.shape).clip(0))
         rows.append(([o.cls for o in scene.objects], maps))
@@ -248,18 +248,7 @@ def test_shapes_world_masks_match_the_truth(mode):
 def test_superpixel_refinement_snaps_blurred_maps_to_the_image_edges():
     """Attention made 2x blurrier than above: thresholding it misplaces the edges; averaging it over the
     image's Felzenszwalb segments puts them back on the objects' outlines."""
-    rows, truths, images = [], [], []
-    for seed in range(24):
-        scene = render_scene(seed, size=SIZE)
-        maps = [ndimage.gaussian_filter(o.mask.astype(np.float32), 4.0).reshape(LATENT, 4, LATENT, 4).mean((1, 3))
-                for o in scene.objects]
-        rows.append(([o.cls for o in scene.objects], maps))
-        truth = np.zeros((SIZE, SIZE), np.uint8)
-        for i, obj in enumerate(scene.objects):
-            truth[obj.mask] = i + 1
-        truths.append(truth)
-        images.append(scene.image)
-    batch = make_batch(rows, np.stack(images))
+    batch, truths = shapes_batch(range(24), noise=0.0, rng=np.random.default_rng(0), sigma=4.0)
     plain, _ = shapes_scores(run(make_spec("otsu", margin=0.0), batch), truths)
     refined, _ = shapes_scores(run(make_spec("otsu", margin=0.0, image_refine="superpixels"), batch), truths)
     print(f"blurred maps: mIoU {plain:.3f} plain, {refined:.3f} with superpixels")
