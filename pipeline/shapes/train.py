@@ -66,21 +66,28 @@ def render_dataset(work: Path, n: int, size: int):
 def object_token_positions(tokenizer, captions: list[str]) -> np.ndarray:
     """(n, 2 * MAX_OBJECTS) prompt positions of object k's colour (2k) and class (2k + 1) tokens, -1 if none.
 
-    Every world word is one token (tiny_sd.build_tokenizer checks it), so a word's position is its
-    index in the caption + 1 (BOS); checked against the tokenizer for each caption.
+    Positions come from the sampling stage's own ``class_token_positions`` (tokenizer offsets); every
+    world word must be exactly one token (tiny_sd.build_tokenizer checks it when it builds the vocabulary).
     """
+    from stages.sampling import class_token_positions
+
     out = np.full((len(captions), 2 * MAX_OBJECTS), -1, np.int64)
     for i, text in enumerate(captions):
-        words = text.split()
-        if len(tokenizer(text).input_ids) != len(words) + 2:
-            raise RuntimeError(f"caption {text!r} is not one token per word")
-        k = 0
-        for j, word in enumerate(words):
+        slots, spans, k, at = [], [], 0, 0
+        for word in text.split():
+            at = text.index(word, at)
             if word in COLORS:
-                out[i, 2 * k] = j + 1
+                slots.append(2 * k)
+                spans.append((at, at + len(word)))
             elif word in CLASSES:
-                out[i, 2 * k + 1] = j + 1
+                slots.append(2 * k + 1)
+                spans.append((at, at + len(word)))
                 k += 1
+            at += len(word)
+        for slot, hit in zip(slots, class_token_positions(tokenizer, text, spans)):
+            if len(hit) != 1:
+                raise RuntimeError(f"caption {text!r}: a world word is {len(hit)} tokens, not one")
+            out[i, slot] = hit[0]
     return out
 
 
