@@ -22,7 +22,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -41,24 +43,44 @@ def log(msg: str) -> None:
     print(time.strftime("%H:%M:%S"), msg, flush=True)
 
 
-def render_dataset(work: Path, n: int, size: int):
+def _render_range(args: tuple[int, int, int]):
+    """Scenes start..stop-1 (a worker's share of render_dataset)."""
+    start, stop, size = args
+    g = size // LATENT_SCALE
+    images = np.zeros((stop - start, size, size, 3), np.uint8)
+    masks = np.zeros((stop - start, MAX_OBJECTS, g, g), np.float16)
+    captions, short = [], []
+    for j, i in enumerate(range(start, stop)):
+        sc = render_scene(i, size)
+        images[j] = sc.image
+        captions.append(sc.caption)
+        short.append(caption_for([(o.color, o.cls) for o in sc.objects]))
+        for k, o in enumerate(sc.objects):
+            masks[j, k] = o.mask.reshape(g, LATENT_SCALE, g, LATENT_SCALE).mean((1, 3))
+    return images, captions, short, masks
+
+
+def render_dataset(work: Path, n: int, size: int, workers: int | None = None):
     """Scenes 0..n-1: images, full and short captions, and each object's visible coverage on the
-    latent grid (n, MAX_OBJECTS, size/4, size/4; zeros where a scene has fewer objects)."""
+    latent grid (n, MAX_OBJECTS, size/4, size/4; zeros where a scene has fewer objects).
+    Rendered by ``workers`` processes (default: every core); each scene depends on its seed alone."""
     path = work / f"scenes-{n}-{size}-masks.npz"
     if path.exists():
         d = np.load(path, allow_pickle=False)
         return d["images"], list(d["captions"]), list(d["short"]), d["masks"]
-    images = np.zeros((n, size, size, 3), np.uint8)
-    g = size // LATENT_SCALE
-    masks = np.zeros((n, MAX_OBJECTS, g, g), np.float16)
-    captions, short = [], []
-    for i in range(n):
-        sc = render_scene(i, size)
-        images[i] = sc.image
-        captions.append(sc.caption)
-        short.append(caption_for([(o.color, o.cls) for o in sc.objects]))
-        for k, o in enumerate(sc.objects):
-            masks[i, k] = o.mask.reshape(g, LATENT_SCALE, g, LATENT_SCALE).mean((1, 3))
+    workers = workers or os.cpu_count() or 1
+    bounds = np.linspace(0, n, min(n, 4 * workers) + 1).astype(int)
+    jobs = [(int(a), int(b), size) for a, b in zip(bounds[:-1], bounds[1:])]
+    if workers > 1:
+        with ProcessPoolExecutor(workers) as pool:
+            parts = list(pool.map(_render_range, jobs))
+    else:
+        parts = [_render_range(j) for j in jobs]
+    images = np.concatenate([p[0] for p in parts])
+    captions = [c for p in parts for c in p[1]]
+    short = [c for p in parts for c in p[2]]
+    masks = np.concatenate([p[3] for p in parts])
+    work.mkdir(parents=True, exist_ok=True)
     np.savez(path, images=images, captions=np.array(captions), short=np.array(short), masks=masks)
     return images, captions, short, masks
 
@@ -95,22 +117,45 @@ def to_tensor(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return device
+
+
+def rng_state(device: torch.device) -> dict:
+    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+
+
+def set_rng_state(state, device: torch.device) -> None:
+    if isinstance(state, torch.Tensor):  # checkpoints from before device support
+        state = {"cpu": state, "cuda": None}
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and state.get("cuda") is not None:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
 def save_ckpt(path: Path, **state) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
     tmp.replace(path)
 
 
-def train_vae(work: Path, images: np.ndarray, steps: int, batch: int, seed: int):
-    vae = tiny_sd.build_vae()
+def train_vae(work: Path, images: np.ndarray, steps: int, batch: int, seed: int,
+              device: torch.device = torch.device("cpu")):
+    vae = tiny_sd.build_vae().to(device)
     ckpt = work / "vae.pt"
     opt = torch.optim.AdamW(vae.parameters(), lr=2e-3, weight_decay=0.0)
     start = 0
     if ckpt.exists():
-        st = torch.load(ckpt, weights_only=False)
+        st = torch.load(ckpt, weights_only=False, map_location="cpu")
         vae.load_state_dict(st["model"]), opt.load_state_dict(st["opt"])
         start = st["step"]
-        torch.set_rng_state(st["rng"])
+        set_rng_state(st["rng"], vae.device)
     else:
         torch.manual_seed(seed)
     if start >= steps:
@@ -122,7 +167,7 @@ def train_vae(work: Path, images: np.ndarray, steps: int, batch: int, seed: int)
         idx = rng.integers(0, len(images), batch)
         crop = 32 if step < int(steps * 0.8) else images.shape[1]
         y0, x0 = rng.integers(0, images.shape[1] - crop + 1, 2)
-        x = to_tensor(images[idx, y0:y0 + crop, x0:x0 + crop])
+        x = to_tensor(images[idx, y0:y0 + crop, x0:x0 + crop]).to(device)
         for g in opt.param_groups:
             g["lr"] = 2e-3 * 0.5 * (1 + math.cos(math.pi * step / steps))
         post = vae.encode(x).latent_dist
@@ -133,7 +178,51 @@ def train_vae(work: Path, images: np.ndarray, steps: int, batch: int, seed: int)
         opt.step()
         if (step + 1) % 50 == 0 or step + 1 == steps:
             log(f"vae step {step + 1}/{steps} loss {loss.item():.4f} ({(time.time() - t0) / (step + 1 - start):.2f}s/step)")
-            save_ckpt(ckpt, model=vae.state_dict(), opt=opt.state_dict(), step=step + 1, rng=torch.get_rng_state())
+            save_ckpt(ckpt, model=vae.state_dict(), opt=opt.state_dict(), step=step + 1, rng=rng_state(vae.device))
+    return vae
+
+
+def train_decoder(work: Path, vae, images: np.ndarray, steps: int, batch: int, seed: int, lr: float = 5e-4):
+    """Fine-tune the VAE's decoder alone (encoder frozen): the latent space, and so every UNet trained
+    on it, stays valid while decoded shapes get sharper. Full-size images, L1 + MSE as in train_vae."""
+    ckpt = work / "decoder.pt"
+    device = vae.device
+    params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
+    for p in list(vae.encoder.parameters()) + list(vae.quant_conv.parameters()):
+        p.requires_grad_(False)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    start = 0
+    if ckpt.exists():
+        st = torch.load(ckpt, weights_only=False, map_location="cpu")
+        vae.load_state_dict(st["model"]), opt.load_state_dict(st["opt"])
+        start = st["step"]
+        set_rng_state(st["rng"], device)
+    else:
+        torch.manual_seed(seed + 2)
+    if start >= steps:
+        return vae
+    pixels = torch.from_numpy(images).to(device)  # uint8, converted per batch
+    rng = np.random.default_rng([seed, 3, start])
+    t0 = time.time()
+    vae.train()
+    for step in range(start, steps):
+        idx = torch.from_numpy(rng.integers(0, len(images), batch)).to(device)
+        x = pixels[idx].permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        for g in opt.param_groups:
+            g["lr"] = lr * min(1.0, (step + 1) / 100) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
+        with torch.no_grad():
+            z = vae.encode(x).latent_dist.sample()
+        rec = vae.decode(z).sample
+        loss = (rec - x).abs().mean() + 0.5 * F.mse_loss(rec, x)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        done = step + 1
+        if done % 50 == 0 or done == steps:
+            log(f"decoder step {done}/{steps} loss {loss.item():.4f} ({(time.time() - t0) / (done - start):.3f}s/step)")
+        if done % 500 == 0 or done == steps:
+            save_ckpt(ckpt, model=vae.state_dict(), opt=opt.state_dict(), step=done, rng=rng_state(device))
+    vae.eval()
     return vae
 
 
@@ -144,7 +233,9 @@ def encode_latents(work: Path, vae, images: np.ndarray, scale: float | None = No
     if path.exists():
         return torch.load(path)
     vae.eval()
-    lat = torch.cat([vae.encode(to_tensor(images[i:i + 256])).latent_dist.mean for i in range(0, len(images), 256)])
+    device = vae.device
+    lat = torch.cat([vae.encode(to_tensor(images[i:i + 256]).to(device)).latent_dist.mean.cpu()
+                     for i in range(0, len(images), 256)])
     scale = float(1.0 / lat.std()) if scale is None else scale
     vae.register_to_config(scaling_factor=scale)
     out = {"latents": lat * scale, "scaling_factor": scale}
@@ -154,7 +245,7 @@ def encode_latents(work: Path, vae, images: np.ndarray, scale: float | None = No
 
 def train_unet(work: Path, out: Path, vae, latents, captions, short, masks, tokenizer, steps: int, batch: int,
                seed: int, export_every: int, lr: float, init: Path | None = None, grounding: float = 0.0,
-               min_snr: float | None = None, pixel: float = 0.0):
+               min_snr: float | None = None, pixel: float = 0.0, device: torch.device = torch.device("cpu")):
     if init is not None:  # the exported (EMA) weights of an earlier run
         from diffusers import UNet2DConditionModel
         from transformers import CLIPTextModel
@@ -164,21 +255,22 @@ def train_unet(work: Path, out: Path, vae, latents, captions, short, masks, toke
     else:
         text_encoder = tiny_sd.build_text_encoder(tokenizer)
         unet = tiny_sd.build_unet()
+    unet.to(device), text_encoder.to(device)
     params = list(unet.parameters()) + list(text_encoder.parameters())
     ema = [p.detach().clone() for p in params]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
     sched = tiny_sd.build_scheduler()
-    acp = sched.alphas_cumprod
+    acp = sched.alphas_cumprod.to(device)
     ckpt = work / "unet.pt"
     start = 0
     if ckpt.exists():
-        st = torch.load(ckpt, weights_only=False)
+        st = torch.load(ckpt, weights_only=False, map_location="cpu")
         unet.load_state_dict(st["unet"]), text_encoder.load_state_dict(st["text_encoder"])
         opt.load_state_dict(st["opt"])
         for e, v in zip(ema, st["ema"]):
             e.copy_(v)
         start = st["step"]
-        torch.set_rng_state(st["rng"])
+        set_rng_state(st["rng"], device)
     else:
         torch.manual_seed(seed + 1)
     store = grounding_loss.install(unet) if grounding > 0 or pixel > 0 else None
@@ -186,25 +278,28 @@ def train_unet(work: Path, out: Path, vae, latents, captions, short, masks, toke
     # token ids for every caption, once
     def tok(texts):
         return tokenizer(list(texts), padding="max_length", max_length=tokenizer.model_max_length,
-                         truncation=True, return_tensors="pt").input_ids
+                         truncation=True, return_tensors="pt").input_ids.to(device)
     ids_full, ids_short, ids_empty = tok(captions), tok(short), tok([""])[0]
     # objects come first in both caption forms, so their token positions are the same
-    positions = torch.from_numpy(object_token_positions(tokenizer, captions))
-    token_masks = torch.from_numpy(np.repeat(masks.astype(np.float32), 2, axis=1))  # colour and class token
-    lat = latents["latents"]
+    positions = torch.from_numpy(object_token_positions(tokenizer, captions)).to(device)
+    token_masks = torch.from_numpy(np.repeat(masks.astype(np.float32), 2, axis=1)).to(device)  # colour, class token
+    lat = latents["latents"].to(device)
+    if start >= steps:  # finished earlier: export again (a decoder fine-tune of this run may have changed the VAE)
+        export(out, tokenizer, text_encoder, vae, unet, params, ema, start)
+        return
     rng = np.random.default_rng([seed, 7, start])
     warmup = 200
     t0 = time.time()
     unet.train(), text_encoder.train()
     for step in range(start, steps):
-        idx = torch.from_numpy(rng.integers(0, len(lat), batch))
+        idx = torch.from_numpy(rng.integers(0, len(lat), batch)).to(device)
         which = rng.random(batch)
-        empty = torch.from_numpy(which > 0.9)
-        ids = torch.where(torch.from_numpy(which < 0.35)[:, None], ids_short[idx], ids_full[idx])
+        empty = torch.from_numpy(which > 0.9).to(device)
+        ids = torch.where(torch.from_numpy(which < 0.35).to(device)[:, None], ids_short[idx], ids_full[idx])
         ids = torch.where(empty[:, None], ids_empty[None], ids)
         x0 = lat[idx]
         noise = torch.randn_like(x0)
-        t = torch.randint(0, sched.config.num_train_timesteps, (batch,))
+        t = torch.randint(0, sched.config.num_train_timesteps, (batch,), device=device)
         a = acp[t].sqrt().view(-1, 1, 1, 1)
         s = (1 - acp[t]).sqrt().view(-1, 1, 1, 1)
         xt = a * x0 + s * noise
@@ -218,7 +313,7 @@ def train_unet(work: Path, out: Path, vae, latents, captions, short, masks, toke
             snr = acp[t] / (1 - acp[t])
             per_sample = per_sample * snr.clamp(max=min_snr) / (snr + 1)
         loss = denoise = per_sample.mean()
-        ground = torch.zeros(())
+        ground = torch.zeros((), device=device)
         if store is not None:
             pos = torch.where(empty[:, None], -1, positions[idx])
             tmasks = token_masks[idx]
@@ -243,7 +338,7 @@ def train_unet(work: Path, out: Path, vae, latents, captions, short, masks, toke
                 f"({(time.time() - t0) / (done - start):.2f}s/step)")
         if done % 100 == 0 or done == steps:
             save_ckpt(ckpt, unet=unet.state_dict(), text_encoder=text_encoder.state_dict(), opt=opt.state_dict(),
-                      ema=ema, step=done, rng=torch.get_rng_state())
+                      ema=ema, step=done, rng=rng_state(device))
         if done % export_every == 0 or done == steps:
             export(out, tokenizer, text_encoder, vae, unet, params, ema, done)
 
@@ -255,7 +350,9 @@ def export(out: Path, tokenizer, text_encoder, vae, unet, params, ema, step: int
         for p, e in zip(params, ema):
             p.copy_(e)
     unet.eval(), text_encoder.eval(), vae.eval()
-    tiny_sd.save_pipeline(out, tokenizer, text_encoder, vae, unet)
+    device = unet.device
+    tiny_sd.save_pipeline(out, tokenizer, text_encoder.cpu(), vae.cpu(), unet.cpu())
+    unet.to(device), text_encoder.to(device), vae.to(device)
     (out / "training.json").write_text(json.dumps({"step": step}, indent=1))
     with torch.no_grad():
         for p, b in zip(params, backup):
@@ -282,10 +379,15 @@ def main(argv=None) -> None:
     ap.add_argument("--pixel", type=float, default=0.0,
                     help="weight of TokenCompose's pixel loss on the class tokens (0: off)")
     ap.add_argument("--min-snr", type=float, default=None, help="Min-SNR gamma for the denoising loss (off)")
+    ap.add_argument("--decoder-steps", type=int, default=0,
+                    help="fine-tune the VAE decoder alone (encoder, latents and UNet unchanged) for this many steps")
+    ap.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (CUDA when there is one)")
     args = ap.parse_args(argv)
+    device = pick_device(args.device)
     args.work.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    log(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    log(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}"
+        + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""))
     images, captions, short, masks = render_dataset(args.work, args.scenes, args.size)
     log(f"{len(images)} scenes ready")
     if args.init_from is not None:
@@ -295,16 +397,18 @@ def main(argv=None) -> None:
         if args.init_from.resolve() == args.out.resolve():
             raise SystemExit(f"--init-from and --out are both {args.out}: export somewhere else, then move it")
         tokenizer = CLIPTokenizer.from_pretrained(args.init_from, subfolder="tokenizer")
-        vae = AutoencoderKL.from_pretrained(args.init_from, subfolder="vae")
+        vae = AutoencoderKL.from_pretrained(args.init_from, subfolder="vae").to(device)
         latents = encode_latents(args.work, vae, images, scale=vae.config.scaling_factor)
     else:
         tokenizer = tiny_sd.build_tokenizer(args.work / "tokenizer")
-        vae = train_vae(args.work, images, args.vae_steps, 32, args.seed)
+        vae = train_vae(args.work, images, args.vae_steps, 32, args.seed, device)
         latents = encode_latents(args.work, vae, images)
     vae.register_to_config(scaling_factor=latents["scaling_factor"])
+    if args.decoder_steps:
+        train_decoder(args.work, vae, images, args.decoder_steps, args.batch, args.seed)
     log(f"latents {tuple(latents['latents'].shape)}, scaling_factor {latents['scaling_factor']:.4f}")
     train_unet(args.work, args.out, vae, latents, captions, short, masks, tokenizer, args.unet_steps, args.batch,
-               args.seed, args.export_every, args.lr, args.init_from, args.grounding, args.min_snr, args.pixel)
+               args.seed, args.export_every, args.lr, args.init_from, args.grounding, args.min_snr, args.pixel, device)
     log(f"done in {time.time() - t0:.0f}s (this run)")
 
 
