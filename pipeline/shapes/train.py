@@ -8,14 +8,16 @@ Phases (each resumable from ``--work``; rerunning the same command continues whe
   3. encode every scene to latents once and set the VAE's ``scaling_factor`` to 1/std
   4. train UNet + CLIP text encoder jointly (v-prediction, 10% empty captions for
      classifier-free guidance, EMA weights), exporting the SD folder every ``--export-every``
-Seeded: the same command on the same machine gives the same weights.
+Seeded: the same command on the same CPU machine gives the same weights (CUDA kernels are not bitwise deterministic).
 
 ``--init-from FOLDER`` starts phase 4 from an exported SD folder (its VAE, latent scale, tokenizer,
 UNet and text encoder) instead of phases 2-3 and random weights: how the bundled model was
 fine-tuned. ``--grounding W`` adds TokenCompose's token loss (pipeline/shapes/grounding.py) on the
 colour and class tokens of every object, weight W; ``--min-snr G`` weights the denoising loss by
 min(SNR, G) / (SNR + 1) (Min-SNR, Hang et al. 2023), which spends more of it on the noisy steps
-where shapes are decided.
+where shapes are decided. ``--decoder-steps N`` first fine-tunes the VAE's decoder alone (encoder
+frozen: the latents, and any UNet trained on them, stay valid). ``--device`` picks CPU or CUDA (default:
+CUDA when there is one); the scenes are rendered by one process per core.
 """
 from __future__ import annotations
 
