@@ -55,34 +55,66 @@ def _clean(mask: np.ndarray) -> np.ndarray:
     return keep[lab]
 
 
-def classify_blob(blob: np.ndarray, occluders: np.ndarray | None = None, classes=CLASSES) -> tuple[str, float]:
-    """Best class for one blob by template IoU over a sweep of sizes, angles and shifts.
+_PERIOD = {"circle": 0, "ring": 0, "square": 90, "cross": 90, "triangle": 120, "star": 72}  # rotational symmetry
 
-    Template pixels covered by ``occluders`` (other objects' colours) are not counted
-    against a template: an occluded shape still matches its own class.
+
+def _template_iou(cls: str, pose: tuple[float, float, float, float], blob: np.ndarray, occ: np.ndarray) -> float:
+    """IoU of a template with the blob; template pixels under ``occ`` are neither hit nor miss."""
+    cx, cy, size, angle = pose
+    tpl = shape_coverage(cls, cx, cy, size, angle, *blob.shape) >= 0.5
+    inter = (tpl & blob).sum()
+    return float(inter / max((tpl | blob).sum() - (tpl & occ).sum(), 1))
+
+
+def _refine_pose(cls: str, pose, iou: float, blob: np.ndarray, occ: np.ndarray, extent: float, max_evals: int = 60):
+    """Hill-climb a template's centre, size and angle (halving the steps when no move helps).
+
+    For occluded shapes: the visible blob's centroid and extent are biased away from the hidden part,
+    so the sweep around them alone misreads a half-hidden square as a triangle."""
+    steps = [extent * 0.12, extent * 0.12, extent * 0.1, 4.0 if _PERIOD[cls] else 0.0]
+    evals = 0
+    while evals < max_evals and max(steps[:3]) > extent * 0.02:
+        moves = [tuple(v + d * steps[k] if i == k else v for i, v in enumerate(pose))
+                 for k in range(4) if steps[k] for d in (-1, 1)]
+        scored = [(_template_iou(cls, m, blob, occ), m) for m in moves]
+        evals += len(scored)
+        top, best_move = max(scored, key=lambda x: x[0])
+        if top > iou:
+            iou, pose = top, best_move
+        else:
+            steps = [x / 2 for x in steps]
+    return pose, iou
+
+
+def classify_blob(blob: np.ndarray, occluders: np.ndarray | None = None, classes=CLASSES) -> tuple[str, float]:
+    """Best class for one blob by template IoU over a sweep of sizes and angles around its centroid.
+
+    Template pixels covered by ``occluders`` (other objects' colours) are not counted against a
+    template: an occluded shape still matches its own class. When the blob touches an occluder, each
+    class's best template is then refined by a local search over centre, size and angle.
     """
-    h, w = blob.shape
     ys, xs = np.nonzero(blob)
     cy, cx = ys.mean() + 0.5, xs.mean() + 0.5
     extent = max(ys.max() - ys.min(), xs.max() - xs.min()) + 1
     occ = np.zeros_like(blob) if occluders is None else occluders & ~blob
-    best = ("", -1.0)
+    per_class = {}
     for cls in classes:
-        period = {"circle": 0, "ring": 0, "square": 90, "cross": 90, "triangle": 120, "star": 72}[cls]
-        angles = np.arange(0, period, 6.0) if period else [0.0]
+        angles = np.arange(0, _PERIOD[cls], 6.0) if _PERIOD[cls] else [0.0]
         for scale in (0.95, 1.05, 1.15, 1.3, 1.45):
-            size = extent * scale
             for angle in angles:
-                tpl = shape_coverage(cls, cx, cy, size, float(angle), h, w) >= 0.5
-                inter = (tpl & blob).sum()
-                iou = inter / max((tpl | blob).sum() - (tpl & occ).sum(), 1)
-                if iou > best[1]:
-                    best = (cls, float(iou))
-    return best
+                pose = (cx, cy, extent * scale, float(angle))
+                iou = _template_iou(cls, pose, blob, occ)
+                if iou > per_class.get(cls, (None, -1.0))[1]:
+                    per_class[cls] = (pose, iou)
+    if (ndimage.binary_dilation(blob) & occ).any():
+        per_class = {cls: _refine_pose(cls, pose, iou, blob, occ, extent) for cls, (pose, iou) in per_class.items()}
+    cls = max(per_class, key=lambda c: per_class[c][1])
+    return cls, per_class[cls][1]
 
 
 def find_objects(image: np.ndarray, colors) -> list[OracleObject]:
-    """For each prompted colour, the mask of its pixels and the class of its largest blob."""
+    """For each prompted colour, the mask of its pixels and the class of its largest blob (with any pieces of
+    that colour joined to it through other objects' pixels: an object cut in two by another)."""
     labels = color_labels(image)
     saturated = labels >= 0
     out = []
@@ -94,6 +126,9 @@ def find_objects(image: np.ndarray, colors) -> list[OracleObject]:
             lab, n = ndimage.label(mask)
             sizes = ndimage.sum(mask, lab, index=np.arange(1, n + 1))
             blob = lab == (int(np.argmax(sizes)) + 1)
+            # pieces of the same colour that another object cuts apart are one object
+            bridged, _ = ndimage.label(mask | (saturated & ~mask))
+            blob = mask & (bridged == bridged[blob][0])
             cls, iou = classify_blob(blob, saturated)
         out.append(OracleObject(color=color, mask=mask, cls=cls, class_iou=iou, area=area))
     return out
