@@ -1,10 +1,12 @@
 """Downstream check: is a segmenter trained on synthgen's synthetic data as good on real images?
 
-Trains the same small U-Net (pure torch) twice with identical settings — same initialisation,
+Trains the same small U-Net (pure torch) with identical settings — same initialisation,
 optimizer, schedule, number of gradient steps, batch order and augmentation (flips, 90° turns) —
 (a) on the first K kept samples of a synthgen output dir, (b) on K real shapes-world scenes, then
-evaluates both on a real shapes-world test set. Prints per-class IoU and mIoU(a) / mIoU(b) (target
->= 0.85) and writes a JSON.
+evaluates both on a real shapes-world test set. Each arm is trained with ``--seeds`` seeds (default 3)
+and its median-mIoU run stands for it: at this size one initialisation in a few leaves two classes in
+a dead zone (seen: star and triangle at 0.00 on the training set itself). Prints per-class IoU of the
+median runs, every run's mIoU, and mIoU(a) / mIoU(b) (target >= 0.85), and writes a JSON.
 
     python benchmarks/downstream_seg.py                            # generate K with jobs/shapes-demo.yaml
     python benchmarks/downstream_seg.py --synthetic out/shapes-demo --k 294
@@ -21,8 +23,8 @@ global ids (0 background, 1 + CLASSES.index(name)); ignore pixels do not count i
 mIoU is the mean over the 6 object classes; background IoU is reported separately.
 
 Defaults (K = 800, 1500 AdamW steps of batch 32, an 80 k-parameter U-Net): trained on real scenes the
-network reaches test mIoU ~0.9; each training takes ~4-5 min on 2 CPU cores, ~15 min in all with
-generating the synthetic set.
+network reaches test mIoU ~0.9; each training takes ~3 min on 2 CPU cores, ~25 min in all (3 seeds per
+arm) with generating the synthetic set.
 """
 from __future__ import annotations
 
@@ -35,7 +37,7 @@ import platform
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace, field
 from pathlib import Path
 
 import numpy as np
@@ -319,6 +321,9 @@ def print_table(results: dict) -> None:
         print(f"{label:<12}{fmt(a[key]):>15}{fmt(b[key]):>10}")
     r = results["ratio"]
     verdict = "n/a" if r is None else ("✔" if r >= TARGET_RATIO else "✘")
+    for name in ("synthetic", "real"):
+        runs = results[name]["miou_runs"]
+        print(f"{name} mIoU per seed: {runs} (median: seed {results[name]['median_seed']})")
     print(f"\nratio mIoU(a)/mIoU(b) = {r if r is not None else '-'}  (target >= {TARGET_RATIO}) {verdict}")
 
 
@@ -336,7 +341,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--width", type=int, default=8, help="U-Net base width")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="first training seed")
+    ap.add_argument("--seeds", type=int, default=3,
+                    help="trainings per arm (seeds seed..seed+N-1); the median-mIoU run stands for the arm")
     ap.add_argument("--threads", type=int, default=2, help="torch threads for training")
     ap.add_argument("--json", type=Path, default=REPO / "benchmarks" / "results" / "downstream_seg.json")
     args = ap.parse_args(argv)
@@ -373,13 +380,19 @@ def run(args: argparse.Namespace) -> dict:
     cfg = TrainSettings(args.steps, args.batch_size, args.lr, width=args.width, seed=args.seed)
     results = {}
     for name, (x, y) in (("synthetic", (syn.images, syn.masks)), ("real", (real_x, real_y))):
-        print(f"training ({'a' if name == 'synthetic' else 'b'}) on {n} {name} images, {cfg.steps} steps ...")
-        model, stats = train(x, y, cfg)
-        t0 = time.perf_counter()
-        results[name] = {"train": stats, "labels": label_stats(y), "test": evaluate(model, test_x, test_y),
-                         "eval_s": round(time.perf_counter() - t0, 2)}
-        print(f"  {stats['wall_s']} s, loss {stats['first_loss']} -> {stats['final_loss']}, "
-              f"test mIoU {results[name]['test']['miou']}")
+        runs = []
+        for seed in range(args.seed, args.seed + args.seeds):
+            print(f"training ({'a' if name == 'synthetic' else 'b'}) on {n} {name} images, {cfg.steps} steps, "
+                  f"seed {seed} ...")
+            model, stats = train(x, y, replace(cfg, seed=seed))
+            runs.append({"seed": seed, "train": stats, "test": evaluate(model, test_x, test_y)})
+            print(f"  {stats['wall_s']} s, loss {stats['first_loss']} -> {stats['final_loss']}, "
+                  f"test mIoU {runs[-1]['test']['miou']}")
+        # the run with the median mIoU stands for the arm: one unlucky initialisation (a tiny network can
+        # leave two classes in a dead zone) does not decide the comparison, and every run is reported
+        median = sorted(runs, key=lambda r: r["test"]["miou"] or 0.0)[(len(runs) - 1) // 2]
+        results[name] = {"labels": label_stats(y), "train": median["train"], "test": median["test"],
+                         "median_seed": median["seed"], "miou_runs": [r["test"]["miou"] for r in runs], "runs": runs}
     a, b = results["synthetic"]["test"]["miou"], results["real"]["test"]["miou"]
     ratio = round(a / b, 4) if a is not None and b else None
     return {
