@@ -22,9 +22,11 @@ holds 0 background, 1 + i = the sample's ``class_names[i]``, 255 ignore; it is m
 global ids (0 background, 1 + CLASSES.index(name)); ignore pixels do not count in the loss.
 mIoU is the mean over the 6 object classes; background IoU is reported separately.
 
-Defaults (K = 800, 1500 AdamW steps of batch 32, an 80 k-parameter U-Net): trained on real scenes the
-network reaches test mIoU ~0.9; each training takes ~3 min on 2 CPU cores, ~25 min in all (3 seeds per
-arm) with generating the synthetic set.
+Defaults (K = 800, 1500 AdamW steps of batch 32, a 320 k-parameter U-Net, width 16): trained on real
+scenes the network reaches test mIoU ~0.95; each training takes ~5 min on 2 CPU cores, ~35 min in all
+(3 seeds per arm) with generating the synthetic set. At width 8 (80 k parameters) the network fitted the
+real set but, in 2 of 3 seeds, not the synthetic set's stars and triangles (IoU 0 on its own training
+images): too small to measure the data with.
 """
 from __future__ import annotations
 
@@ -170,7 +172,7 @@ def conv_block(cin: int, cout: int) -> nn.Sequential:
 class TinyUNet(nn.Module):
     """A three-level U-Net (widths w, 2w, 4w; bottleneck 4w at 1/8 size); input sides must be multiples of 8."""
 
-    def __init__(self, num_classes: int = NUM_CLASSES, width: int = 8):
+    def __init__(self, num_classes: int = NUM_CLASSES, width: int = 16):
         super().__init__()
         widths = [width, 2 * width, 4 * width]
         self.down = nn.ModuleList()
@@ -230,7 +232,7 @@ class TrainSettings:
     batch_size: int = 32
     lr: float = 3e-3
     weight_decay: float = 1e-4
-    width: int = 8
+    width: int = 16
     seed: int = 0
 
 
@@ -340,7 +342,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--steps", type=int, default=1500, help="gradient steps for each training")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--lr", type=float, default=3e-3)
-    ap.add_argument("--width", type=int, default=8, help="U-Net base width")
+    ap.add_argument("--width", type=int, default=16, help="U-Net base width")
     ap.add_argument("--seed", type=int, default=0, help="first training seed")
     ap.add_argument("--seeds", type=int, default=3,
                     help="trainings per arm (seeds seed..seed+N-1); the median-mIoU run stands for the arm")
