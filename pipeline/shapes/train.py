@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import multiprocessing
 import os
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -65,16 +66,19 @@ def _render_range(args: tuple[int, int, int]):
 def render_dataset(work: Path, n: int, size: int, workers: int | None = None):
     """Scenes 0..n-1: images, full and short captions, and each object's visible coverage on the
     latent grid (n, MAX_OBJECTS, size/4, size/4; zeros where a scene has fewer objects).
-    Rendered by ``workers`` processes (default: every core); each scene depends on its seed alone."""
+    Rendered by ``workers`` processes (default: every core for 1,000 scenes or more, else this process),
+    started with "spawn" (a fork of a process whose other threads hold locks can hang); each scene
+    depends on its seed alone, so the result is the same for any number of workers."""
     path = work / f"scenes-{n}-{size}-masks.npz"
     if path.exists():
         d = np.load(path, allow_pickle=False)
         return d["images"], list(d["captions"]), list(d["short"]), d["masks"]
-    workers = workers or os.cpu_count() or 1
+    if workers is None:
+        workers = (os.cpu_count() or 1) if n >= 1000 else 1
     bounds = np.linspace(0, n, min(n, 4 * workers) + 1).astype(int)
     jobs = [(int(a), int(b), size) for a, b in zip(bounds[:-1], bounds[1:])]
     if workers > 1:
-        with ProcessPoolExecutor(workers) as pool:
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
             parts = list(pool.map(_render_range, jobs))
     else:
         parts = [_render_range(j) for j in jobs]
