@@ -117,6 +117,9 @@ def find_objects(image: np.ndarray, colors) -> list[OracleObject]:
     that colour joined to it through other objects' pixels: an object cut in two by another)."""
     labels = color_labels(image)
     saturated = labels >= 0
+    # objects touching one another form one saturated region: pieces of a colour that another object
+    # cuts apart fall in the same region
+    regions, _ = ndimage.label(saturated)
     out = []
     for color in colors:
         mask = _clean(labels == _NAMES.index(color))
@@ -126,9 +129,7 @@ def find_objects(image: np.ndarray, colors) -> list[OracleObject]:
             lab, n = ndimage.label(mask)
             sizes = ndimage.sum(mask, lab, index=np.arange(1, n + 1))
             blob = lab == (int(np.argmax(sizes)) + 1)
-            # pieces of the same colour that another object cuts apart are one object
-            bridged, _ = ndimage.label(mask | (saturated & ~mask))
-            blob = mask & (bridged == bridged[blob][0])
+            blob = mask & (regions == regions[blob][0])
             cls, iou = classify_blob(blob, saturated)
         out.append(OracleObject(color=color, mask=mask, cls=cls, class_iou=iou, area=area))
     return out

@@ -119,8 +119,9 @@ def object_token_positions(tokenizer, captions: list[str]) -> np.ndarray:
     return out
 
 
-def to_tensor(images: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+def to_tensor(images) -> torch.Tensor:
+    """uint8 (N, H, W, 3) array or tensor -> float (N, 3, H, W) in [-1, 1], on the input's device."""
+    return torch.as_tensor(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
 def pick_device(name: str) -> torch.device:
@@ -151,19 +152,27 @@ def save_ckpt(path: Path, **state) -> None:
     tmp.replace(path)
 
 
+def resume_vae(ckpt: Path, vae, opt, device: torch.device, seed: int) -> int:
+    """Load a VAE-phase checkpoint into ``vae`` and ``opt`` and return its step; without one, seed and return 0."""
+    if not ckpt.exists():
+        torch.manual_seed(seed)
+        return 0
+    st = torch.load(ckpt, weights_only=False, map_location="cpu")
+    vae.load_state_dict(st["model"]), opt.load_state_dict(st["opt"])
+    set_rng_state(st["rng"], device)
+    return st["step"]
+
+
+def reconstruction_loss(rec: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return (rec - x).abs().mean() + 0.5 * F.mse_loss(rec, x)
+
+
 def train_vae(work: Path, images: np.ndarray, steps: int, batch: int, seed: int,
               device: torch.device = torch.device("cpu")):
     vae = tiny_sd.build_vae().to(device)
     ckpt = work / "vae.pt"
     opt = torch.optim.AdamW(vae.parameters(), lr=2e-3, weight_decay=0.0)
-    start = 0
-    if ckpt.exists():
-        st = torch.load(ckpt, weights_only=False, map_location="cpu")
-        vae.load_state_dict(st["model"]), opt.load_state_dict(st["opt"])
-        start = st["step"]
-        set_rng_state(st["rng"], vae.device)
-    else:
-        torch.manual_seed(seed)
+    start = resume_vae(ckpt, vae, opt, device, seed)
     if start >= steps:
         return vae
     rng = np.random.default_rng([seed, start])
@@ -178,13 +187,13 @@ def train_vae(work: Path, images: np.ndarray, steps: int, batch: int, seed: int,
             g["lr"] = 2e-3 * 0.5 * (1 + math.cos(math.pi * step / steps))
         post = vae.encode(x).latent_dist
         rec = vae.decode(post.sample()).sample
-        loss = (rec - x).abs().mean() + 0.5 * F.mse_loss(rec, x) + 1e-6 * post.kl().mean()
+        loss = reconstruction_loss(rec, x) + 1e-6 * post.kl().mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         if (step + 1) % 50 == 0 or step + 1 == steps:
             log(f"vae step {step + 1}/{steps} loss {loss.item():.4f} ({(time.time() - t0) / (step + 1 - start):.2f}s/step)")
-            save_ckpt(ckpt, model=vae.state_dict(), opt=opt.state_dict(), step=step + 1, rng=rng_state(vae.device))
+            save_ckpt(ckpt, model=vae.state_dict(), opt=opt.state_dict(), step=step + 1, rng=rng_state(device))
     return vae
 
 
@@ -197,14 +206,7 @@ def train_decoder(work: Path, vae, images: np.ndarray, steps: int, batch: int, s
     for p in list(vae.encoder.parameters()) + list(vae.quant_conv.parameters()):
         p.requires_grad_(False)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    start = 0
-    if ckpt.exists():
-        st = torch.load(ckpt, weights_only=False, map_location="cpu")
-        vae.load_state_dict(st["model"]), opt.load_state_dict(st["opt"])
-        start = st["step"]
-        set_rng_state(st["rng"], device)
-    else:
-        torch.manual_seed(seed + 2)
+    start = resume_vae(ckpt, vae, opt, device, seed + 2)
     if start >= steps:
         return vae
     pixels = torch.from_numpy(images).to(device)  # uint8, converted per batch
@@ -213,13 +215,13 @@ def train_decoder(work: Path, vae, images: np.ndarray, steps: int, batch: int, s
     vae.train()
     for step in range(start, steps):
         idx = torch.from_numpy(rng.integers(0, len(images), batch)).to(device)
-        x = pixels[idx].permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        x = to_tensor(pixels[idx])
         for g in opt.param_groups:
             g["lr"] = lr * min(1.0, (step + 1) / 100) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
         with torch.no_grad():
             z = vae.encode(x).latent_dist.sample()
         rec = vae.decode(z).sample
-        loss = (rec - x).abs().mean() + 0.5 * F.mse_loss(rec, x)
+        loss = reconstruction_loss(rec, x)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
