@@ -37,3 +37,13 @@ def test_decoder_finetune_leaves_the_encoder_and_latents_alone(tmp_path, tiny_mo
     tuned_state = {k: v.clone() for k, v in vae.state_dict().items()}
     train.train_decoder(tmp_path, vae, images, steps=3, batch=4, seed=0)
     assert all(torch.equal(tuned_state[k], v) for k, v in vae.state_dict().items())
+
+
+def test_a_fresh_vae_run_is_reproducible(tmp_path):
+    images, *_ = train.render_dataset(tmp_path, 8, 64, workers=1)
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    torch.rand(3)  # whatever the process's RNG did before must not matter
+    first = train.train_vae(tmp_path / "a", images, steps=2, batch=4, seed=0).state_dict()
+    torch.rand(5)
+    second = train.train_vae(tmp_path / "b", images, steps=2, batch=4, seed=0).state_dict()
+    assert all(torch.equal(first[k], second[k]) for k in first)

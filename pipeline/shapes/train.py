@@ -169,6 +169,7 @@ def reconstruction_loss(rec: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 def train_vae(work: Path, images: np.ndarray, steps: int, batch: int, seed: int,
               device: torch.device = torch.device("cpu")):
+    torch.manual_seed(seed)  # the initial weights, so a fresh run is reproducible
     vae = tiny_sd.build_vae().to(device)
     ckpt = work / "vae.pt"
     opt = torch.optim.AdamW(vae.parameters(), lr=2e-3, weight_decay=0.0)
@@ -261,6 +262,7 @@ def train_unet(work: Path, out: Path, vae, latents, captions, short, masks, toke
         unet = UNet2DConditionModel.from_pretrained(init, subfolder="unet")
         text_encoder = CLIPTextModel.from_pretrained(init, subfolder="text_encoder")
     else:
+        torch.manual_seed(seed + 1)  # the initial weights, so a fresh run is reproducible
         text_encoder = tiny_sd.build_text_encoder(tokenizer)
         unet = tiny_sd.build_unet()
     unet.to(device), text_encoder.to(device)
