@@ -9,7 +9,7 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextModel
 
-from pipeline.shapes.tiny_sd import BUNDLED_MODEL
+from pipeline.shapes.tiny_sd import BUNDLED_MODEL, SCHEDULER_CONFIG
 from pipeline.shapes.world import VOCABULARY
 from stages.model import load_pipeline
 
@@ -32,6 +32,11 @@ def test_bundled_model_is_committed_in_sd_layout():
     assert index["unet"] == ["diffusers", "UNet2DConditionModel"]
     assert index["vae"] == ["diffusers", "AutoencoderKL"]
     assert index["text_encoder"] == ["transformers", "CLIPTextModel"]
+    # the folder samples with DPM-Solver++ on the noise schedule the model was trained with
+    sched = json.loads((root / "scheduler/scheduler_config.json").read_text())
+    assert index["scheduler"] == ["diffusers", sched["_class_name"]] == ["diffusers", "DPMSolverMultistepScheduler"]
+    assert sched["algorithm_type"] == "dpmsolver++"
+    assert {k: sched.get(k) for k in SCHEDULER_CONFIG} == SCHEDULER_CONFIG
     assert not list(root.rglob("*.bin")) and not list(root.rglob("*.pt")), "weights must be safetensors only"
     total = sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
     assert total <= 30 * 2**20, f"bundled model is {total / 2**20:.1f} MiB, over the 30 MiB budget"

@@ -74,7 +74,8 @@ def test_load_options(tiny_model):
         load_pipeline(tiny_model, dtype="float64")
     pipe = load_pipeline(tiny_model, dtype="bfloat16")
     assert pipe.unet.dtype == torch.bfloat16 and pipe.safety_checker is None
-    expected = {"default": DDIMScheduler, "ddim": DDIMScheduler, "dpm++": DPMSolverMultistepScheduler,
+    # "default" keeps the folder's scheduler: DPM-Solver++ for the bundled (and the random) tiny model
+    expected = {"default": DPMSolverMultistepScheduler, "ddim": DDIMScheduler, "dpm++": DPMSolverMultistepScheduler,
                 "euler": EulerDiscreteScheduler, "pndm": PNDMScheduler}
     for name, cls in expected.items():
         scheduler = load_pipeline(tiny_model, scheduler=name).scheduler
