@@ -4,7 +4,8 @@
 
 Measures, on this machine:
   * oracle accuracy on rendered held-out scenes (IoU of recovered masks vs the renderer's, class accuracy);
-  * generation speed of plain ``StableDiffusionPipeline.from_pretrained(model)`` on CPU, 64×64, 20 steps;
+  * generation speed of plain ``StableDiffusionPipeline.from_pretrained(model)`` on CPU, 64×64, 20 steps
+    (the folder's own scheduler);
   * prompt fidelity on N held-out prompts: the oracle finds an object of the prompted class *and*
     colour (per object, 1-object prompts, 2-object prompts: both);
   * cross-attention sanity: the plain class-token cross-attention map (mean over layers, heads and
@@ -69,14 +70,14 @@ def generation_speed(pipe, steps: int, batch: int, guidance: float, repeats: int
             "seconds_per_image": best / batch, "images_per_second": batch / best}
 
 
-def synthesis_stage(model: str, steps: int, guidance: float, batch: int):
+def synthesis_stage(model: str, steps: int, guidance: float, batch: int, scheduler: str):
     """The project's own synthesis stage (same capture path as a job) on the demo job's settings."""
     from pipeline.spec import load_spec
     from stages.synthesis import SynthesisStage
 
     spec = load_spec(REPO / "jobs" / "shapes-demo.yaml", [
         f"model.path={model}", f"generation.steps={steps}", f"generation.guidance_scale={guidance}",
-        f"generation.batch_size={batch}", "masks.refine_power=0",
+        f"generation.batch_size={batch}", f"generation.scheduler={scheduler}", "masks.refine_power=0",
         "masks.capture_resolutions=[16, 8]", "masks.threshold=fixed"])  # every cross-attention layer, unrefined
     return SynthesisStage(spec)
 
@@ -118,6 +119,8 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--guidance", type=float, default=5.0)
     ap.add_argument("--batch", type=int, default=10)
+    ap.add_argument("--scheduler", default="default",
+                    help="for the fidelity and attention numbers: default (the folder's), ddim, dpm++, euler, pndm")
     ap.add_argument("--json", default="shapes_model_card.json")
     ap.add_argument("--oracle-scenes", type=int, default=300)
     args = ap.parse_args(argv)
@@ -132,12 +135,15 @@ def main(argv=None) -> None:
         "model": args.model,
         "parameters_m": {name: sum(p.numel() for p in getattr(pipe, name).parameters()) / 1e6
                          for name in ("unet", "vae", "text_encoder")},
+        "scheduler_in_folder": type(pipe.scheduler).__name__,
         "oracle_on_rendered": oracle_accuracy(args.oracle_scenes),
         "speed": generation_speed(pipe, args.steps, args.batch, args.guidance),
     }
     del pipe
-    stage = synthesis_stage(args.model, args.steps, args.guidance, args.batch)
-    result["held_out"] = {"steps": args.steps, "guidance_scale": args.guidance, "scheduler": "ddim",
+    stage = synthesis_stage(args.model, args.steps, args.guidance, args.batch, args.scheduler)
+    result["speed"]["scheduler"] = result["scheduler_in_folder"]
+    result["held_out"] = {"steps": args.steps, "guidance_scale": args.guidance,
+                          "scheduler": type(stage.pipe.scheduler).__name__,
                           **fidelity_and_attention(stage, shapes_prompts(args.n), args.batch)}
     print(json.dumps(result, indent=2))
     Path(args.json).write_text(json.dumps(result, indent=2))
