@@ -56,6 +56,12 @@ def _local_folder(model: str) -> Path | None:
     return None
 
 
+def scheduler_from_config(name: str, config) -> Any:
+    """The ``SCHEDULERS`` entry ``name`` built on a noise-schedule config (a checkpoint's scheduler config)."""
+    cls, overrides = SCHEDULERS[name]
+    return cls.from_config(config, **overrides)
+
+
 def load_pipeline(model: str, dtype: str = "float32", device: str = "cpu",
                   scheduler: str | None = None) -> StableDiffusionPipeline:
     """A StableDiffusionPipeline from a local folder or hub id (safetensors only, no safety checker)
@@ -80,8 +86,7 @@ def load_pipeline(model: str, dtype: str = "float32", device: str = "cpu",
             raise FileNotFoundError(f"{model!r} is not a local folder and could not be loaded as a hub id "
                                     f"({e}): {_EXPECTED}") from e
     if name != DEFAULT_SCHEDULER:
-        cls, overrides = SCHEDULERS[name]
-        pipe.scheduler = cls.from_config(pipe.scheduler.config, **overrides)
+        pipe.scheduler = scheduler_from_config(name, pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(resolve_device(device))
 
