@@ -32,6 +32,7 @@ from pipeline.evaluate import shapes_prompts, stage_rows  # noqa: E402
 from pipeline.shapes.oracle import find_objects  # noqa: E402
 from pipeline.shapes.tiny_sd import BUNDLED_MODEL  # noqa: E402
 from pipeline.shapes.world import HELD_OUT_SEED, render_scene  # noqa: E402
+from stages.model import DEFAULT_SCHEDULER, SCHEDULERS  # noqa: E402
 
 
 def iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -67,7 +68,8 @@ def generation_speed(pipe, steps: int, batch: int, guidance: float, repeats: int
         times.append(time.perf_counter() - t0)
     best = min(times)
     return {"steps": steps, "batch": batch, "guidance_scale": guidance,
-            "seconds_per_image": best / batch, "images_per_second": batch / best}
+            "seconds_per_image": best / batch, "images_per_second": batch / best,
+            "scheduler": type(pipe.scheduler).__name__}
 
 
 def synthesis_stage(model: str, steps: int, guidance: float, batch: int, scheduler: str):
@@ -119,8 +121,9 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--guidance", type=float, default=5.0)
     ap.add_argument("--batch", type=int, default=10)
-    ap.add_argument("--scheduler", default="default",
-                    help="for the fidelity and attention numbers: default (the folder's), ddim, dpm++, euler, pndm")
+    ap.add_argument("--scheduler", default=DEFAULT_SCHEDULER,
+                    help=f"for the fidelity and attention numbers: {DEFAULT_SCHEDULER} (the folder's) or one of "
+                         f"{', '.join(SCHEDULERS)}")
     ap.add_argument("--json", default="shapes_model_card.json")
     ap.add_argument("--oracle-scenes", type=int, default=300)
     args = ap.parse_args(argv)
@@ -135,13 +138,11 @@ def main(argv=None) -> None:
         "model": args.model,
         "parameters_m": {name: sum(p.numel() for p in getattr(pipe, name).parameters()) / 1e6
                          for name in ("unet", "vae", "text_encoder")},
-        "scheduler_in_folder": type(pipe.scheduler).__name__,
         "oracle_on_rendered": oracle_accuracy(args.oracle_scenes),
         "speed": generation_speed(pipe, args.steps, args.batch, args.guidance),
     }
     del pipe
     stage = synthesis_stage(args.model, args.steps, args.guidance, args.batch, args.scheduler)
-    result["speed"]["scheduler"] = result["scheduler_in_folder"]
     result["held_out"] = {"steps": args.steps, "guidance_scale": args.guidance,
                           "scheduler": type(stage.pipe.scheduler).__name__,
                           **fidelity_and_attention(stage, shapes_prompts(args.n), args.batch)}
