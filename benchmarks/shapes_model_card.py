@@ -117,7 +117,9 @@ def fidelity_and_attention(stage, prompts, batch: int) -> dict:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=str(BUNDLED_MODEL))
-    ap.add_argument("--n", type=int, default=200, help="held-out prompts")
+    ap.add_argument("--n", type=int, default=200, help="prompts (held-out by default)")
+    ap.add_argument("--first-seed", type=int, default=HELD_OUT_SEED,
+                    help="scene seed of the first prompt (a development set to choose settings on: 1200000)")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--guidance", type=float, default=5.0)
     ap.add_argument("--batch", type=int, default=10)
@@ -145,7 +147,8 @@ def main(argv=None) -> None:
     stage = synthesis_stage(args.model, args.steps, args.guidance, args.batch, args.scheduler)
     result["held_out"] = {"steps": args.steps, "guidance_scale": args.guidance,
                           "scheduler": type(stage.pipe.scheduler).__name__,
-                          **fidelity_and_attention(stage, shapes_prompts(args.n), args.batch)}
+                          "first_seed": args.first_seed,
+                          **fidelity_and_attention(stage, shapes_prompts(args.n, args.first_seed), args.batch)}
     print(json.dumps(result, indent=2))
     Path(args.json).write_text(json.dumps(result, indent=2))
     print(f"wrote {args.json}")
