@@ -117,6 +117,11 @@ def save_pipeline(out_dir: str | Path, tokenizer, text_encoder, vae, unet) -> Pa
     )
     tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".", dir=out_dir.parent))
     pipe.save_pretrained(tmp, safe_serialization=True)
+    return replace_folder(tmp, out_dir)
+
+
+def replace_folder(tmp: Path, out_dir: Path) -> Path:
+    """Move the finished folder ``tmp`` (a sibling of ``out_dir``) to ``out_dir``, replacing what was there."""
     if out_dir.exists():
         old = out_dir.with_name(out_dir.name + ".old")
         os.replace(out_dir, old)
