@@ -5,8 +5,8 @@
 OUT is an SD folder whose UNet and text encoder are ``(1 - weight) * A + weight * B``, tensor by tensor;
 its VAE and tokenizer are A's. Averaging only makes sense for runs that share a latent space and a
 vocabulary and started from the same weights (a fine-tune B of A: Wortsman et al. 2022, "Model soups"),
-so the two folders must have identical VAE and tokenizer files and identical UNet and text-encoder
-configs; anything else is refused before a byte is written. OUT may be A itself (everything is read
+so the two folders must have the same VAE (weights and config), the same vocabulary and the same UNet
+and text-encoder architectures; anything else is refused before a byte is written. OUT may be A itself (everything is read
 before the folder is replaced, atomically). How the bundled model was made: README, model card.
 """
 from __future__ import annotations
@@ -91,16 +91,21 @@ def average(a: str | Path, b: str | Path, weight: float, out: str | Path) -> Pat
                for f in (a, b)]
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
-    shutil.copytree(a, tmp, dirs_exist_ok=True)  # VAE, tokenizer, scheduler, model_index.json: A's, byte for byte
-    for part in ("unet", "text_encoder"):
-        mixed = mix(ma[part], mb[part], weight).eval()
-        shutil.rmtree(tmp / part)
-        mixed.save_pretrained(tmp / part, safe_serialization=True)
-        cfg = json.loads((tmp / part / "config.json").read_text())
-        if cfg.pop("_name_or_path", None) is not None:  # where A was loaded from: not part of the model
-            (tmp / part / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-    (tmp / "training.json").write_text(json.dumps(
-        {"average": {"weight_of_b": weight, "a": str(a), "b": str(b)}, "a": history[0], "b": history[1]}, indent=1))
+    try:
+        shutil.copytree(a, tmp, dirs_exist_ok=True)  # VAE, tokenizer, scheduler, model_index.json: A's, byte for byte
+        for part in ("unet", "text_encoder"):
+            mixed = mix(ma[part], mb[part], weight).eval()
+            shutil.rmtree(tmp / part)
+            mixed.save_pretrained(tmp / part, safe_serialization=True)
+            cfg = json.loads((tmp / part / "config.json").read_text())
+            if cfg.pop("_name_or_path", None) is not None:  # where A was loaded from: not part of the model
+                (tmp / part / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+        (tmp / "training.json").write_text(json.dumps(
+            {"average": {"weight_of_b": weight, "a": str(a), "b": str(b)}, "a": history[0], "b": history[1]},
+            indent=1))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # OUT, if it existed, is untouched
+        raise
     return replace_folder(tmp, out)
 
 
