@@ -1,7 +1,6 @@
 """Weight averaging of two runs (pipeline/shapes/average.py): the arithmetic, what is kept, what is refused."""
 from __future__ import annotations
 
-import hashlib
 import shutil
 
 import pytest
@@ -11,10 +10,11 @@ from transformers import CLIPTextModel
 
 from pipeline.shapes import average
 from pipeline.shapes.tiny_sd import build_random
+from pipeline.writer import sha256_file
 
 
 def _digest(folder):
-    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+    return {p.relative_to(folder).as_posix(): sha256_file(p)
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 

@@ -47,3 +47,22 @@ def test_a_fresh_vae_run_is_reproducible(tmp_path):
     torch.rand(5)
     second = train.train_vae(tmp_path / "b", images, steps=2, batch=4, seed=0).state_dict()
     assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_an_export_of_loaded_weights_records_no_source_path(tmp_path, tiny_model):
+    """--init-from loads with from_pretrained, which remembers the folder; the exported configs must not."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from pipeline.shapes.tiny_sd import save_pipeline
+
+    parts = dict(vae=AutoencoderKL.from_pretrained(tiny_model, subfolder="vae"),
+                 unet=UNet2DConditionModel.from_pretrained(tiny_model, subfolder="unet"),
+                 text_encoder=CLIPTextModel.from_pretrained(tiny_model, subfolder="text_encoder"),
+                 tokenizer=CLIPTokenizer.from_pretrained(tiny_model, subfolder="tokenizer"))
+    out = save_pipeline(tmp_path / "export", **parts)
+    configs = sorted(out.glob("*/config.json"))
+    assert [c.parent.name for c in configs] == ["text_encoder", "unet", "vae"]
+    assert not [c for c in configs if "_name_or_path" in c.read_text()]
+    assert UNet2DConditionModel.from_pretrained(out, subfolder="unet").config.cross_attention_dim == \
+        parts["unet"].config.cross_attention_dim

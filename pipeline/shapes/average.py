@@ -21,7 +21,7 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from .tiny_sd import replace_folder
+from .tiny_sd import drop_source_paths, replace_folder
 
 PARTS = ("unet", "text_encoder", "vae", "tokenizer")
 
@@ -97,9 +97,7 @@ def average(a: str | Path, b: str | Path, weight: float, out: str | Path) -> Pat
             mixed = mix(ma[part], mb[part], weight).eval()
             shutil.rmtree(tmp / part)
             mixed.save_pretrained(tmp / part, safe_serialization=True)
-            cfg = json.loads((tmp / part / "config.json").read_text())
-            if cfg.pop("_name_or_path", None) is not None:  # where A was loaded from: not part of the model
-                (tmp / part / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+        drop_source_paths(tmp)
         (tmp / "training.json").write_text(json.dumps(
             {"average": {"weight_of_b": weight, "a": str(a), "b": str(b)}, "a": history[0], "b": history[1]},
             indent=1))

@@ -117,7 +117,17 @@ def save_pipeline(out_dir: str | Path, tokenizer, text_encoder, vae, unet) -> Pa
     )
     tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".", dir=out_dir.parent))
     pipe.save_pretrained(tmp, safe_serialization=True)
+    drop_source_paths(tmp)
     return replace_folder(tmp, out_dir)
+
+
+def drop_source_paths(folder: Path) -> None:
+    """A model loaded with ``from_pretrained`` (a fine-tune's ``--init-from``) keeps where it came from as
+    ``_name_or_path``, and ``save_pretrained`` writes it into its config.json: a path, not part of the model."""
+    for path in folder.glob("*/config.json"):
+        cfg = json.loads(path.read_text())
+        if cfg.pop("_name_or_path", None) is not None:
+            path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
 def replace_folder(tmp: Path, out_dir: Path) -> Path:
