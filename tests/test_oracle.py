@@ -49,3 +49,18 @@ def test_oracle_joins_a_shape_cut_in_two():
     red, blue = find_objects(image, ["red", "blue"])
     assert red.cls == "square"
     assert red.mask.sum() == (square & ~np.isin(np.arange(64), range(28, 36))[:, None]).sum()
+
+
+@pytest.mark.parametrize("cls", ["star", "square", "triangle", "circle"])
+def test_oracle_reads_shapes_rounded_like_a_decoder_draws_them(cls):
+    """A decoded star has rounded points and filled notches (a Gaussian blur, thresholded, is a stand-in):
+    matched only against the world's thin star, 4 of these 12 read as other classes; fatter star templates
+    must read them all without taking the other classes' rounded shapes."""
+    reads = []
+    for size in (22, 26, 30, 34):
+        for angle in (0, 17, 40):
+            image = np.full((64, 64, 3), 128, np.uint8)
+            cover = ndimage.gaussian_filter(shape_coverage(cls, 30.3, 33.1, size, angle, 64, 64), 2.2)
+            image[cover >= 0.5] = COLORS["red"]
+            reads.append(find_objects(image, ["red"])[0].cls)
+    assert reads == [cls] * 12

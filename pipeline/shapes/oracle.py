@@ -4,7 +4,9 @@ The shapes world paints objects in a small saturated palette on desaturated back
 so an object's pixels are found by colour alone: a pixel belongs to a palette colour when it
 is saturated and closer to that colour than to any other. The class of the largest
 connected blob of a colour is then read by matching it against the world's own shape
-templates (every class, a sweep of sizes and angles) and taking the best IoU.
+templates (every class, a sweep of sizes and angles) and taking the best IoU. Stars are also
+matched with fatter arms than the world draws (:data:`STAR_TEMPLATES`): a decoder that rounds
+a star's points and fills its notches (a VAE reconstruction of a rendered star) still makes a star.
 
 This is how the project measures mask quality on generated images without an annotator.
 """
@@ -15,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from .world import CLASSES, COLORS, shape_coverage
+from .world import CLASSES, COLORS, STAR_INNER, shape_coverage
 
 _PALETTE = np.array(list(COLORS.values()), np.float32)
 _NAMES = list(COLORS)
@@ -55,28 +57,35 @@ def _clean(mask: np.ndarray) -> np.ndarray:
     return keep[lab]
 
 
+# star notch radii tried besides the world's own: chosen on VAE reconstructions of rendered scenes
+# (class accuracy 0.945 -> 0.953, stars 0.87 -> 0.91; rendered scenes 0.983 -> 0.988; no other class lower)
+STAR_TEMPLATES = (STAR_INNER, 0.55, 0.65)
+_TEMPLATES = tuple((cls, inner) for cls in CLASSES for inner in (STAR_TEMPLATES if cls == "star" else (STAR_INNER,)))
 _PERIOD = {"circle": 0, "ring": 0, "square": 90, "cross": 90, "triangle": 120, "star": 72}  # rotational symmetry
 
 
-def _template_iou(cls: str, pose: tuple[float, float, float, float], blob: np.ndarray, occ: np.ndarray) -> float:
-    """IoU of a template with the blob; template pixels under ``occ`` are neither hit nor miss."""
+def _template_iou(tpl: tuple[str, float], pose: tuple[float, float, float, float], blob: np.ndarray,
+                  occ: np.ndarray) -> float:
+    """IoU of a template (class, star notch radius) with the blob; template pixels under ``occ`` are neither hit
+    nor miss."""
     cx, cy, size, angle = pose
-    tpl = shape_coverage(cls, cx, cy, size, angle, *blob.shape) >= 0.5
-    inter = (tpl & blob).sum()
-    return float(inter / max((tpl | blob).sum() - (tpl & occ).sum(), 1))
+    mask = shape_coverage(tpl[0], cx, cy, size, angle, *blob.shape, star_inner=tpl[1]) >= 0.5
+    inter = (mask & blob).sum()
+    return float(inter / max((mask | blob).sum() - (mask & occ).sum(), 1))
 
 
-def _refine_pose(cls: str, pose, iou: float, blob: np.ndarray, occ: np.ndarray, extent: float, max_evals: int = 60):
+def _refine_pose(tpl: tuple[str, float], pose, iou: float, blob: np.ndarray, occ: np.ndarray, extent: float,
+                 max_evals: int = 60):
     """Hill-climb a template's centre, size and angle (halving the steps when no move helps).
 
     For occluded shapes: the visible blob's centroid and extent are biased away from the hidden part,
     so the sweep around them alone misreads a half-hidden square as a triangle."""
-    steps = [extent * 0.12, extent * 0.12, extent * 0.1, 4.0 if _PERIOD[cls] else 0.0]
+    steps = [extent * 0.12, extent * 0.12, extent * 0.1, 4.0 if _PERIOD[tpl[0]] else 0.0]
     evals = 0
     while evals < max_evals and max(steps[:3]) > extent * 0.02:
         moves = [tuple(v + d * steps[k] if i == k else v for i, v in enumerate(pose))
                  for k in range(4) if steps[k] for d in (-1, 1)]
-        scored = [(_template_iou(cls, m, blob, occ), m) for m in moves]
+        scored = [(_template_iou(tpl, m, blob, occ), m) for m in moves]
         evals += len(scored)
         top, best_move = max(scored, key=lambda x: x[0])
         if top > iou:
@@ -91,25 +100,27 @@ def classify_blob(blob: np.ndarray, occluders: np.ndarray | None = None, classes
 
     Template pixels covered by ``occluders`` (other objects' colours) are not counted against a
     template: an occluded shape still matches its own class. When the blob touches an occluder, each
-    class's best template is then refined by a local search over centre, size and angle.
+    template's best pose is then refined by a local search over centre, size and angle.
     """
     ys, xs = np.nonzero(blob)
     cy, cx = ys.mean() + 0.5, xs.mean() + 0.5
     extent = max(ys.max() - ys.min(), xs.max() - xs.min()) + 1
     occ = np.zeros_like(blob) if occluders is None else occluders & ~blob
-    per_class = {}
-    for cls in classes:
-        angles = np.arange(0, _PERIOD[cls], 6.0) if _PERIOD[cls] else [0.0]
+    best = {}
+    for tpl in _TEMPLATES:
+        if tpl[0] not in classes:
+            continue
+        angles = np.arange(0, _PERIOD[tpl[0]], 6.0) if _PERIOD[tpl[0]] else [0.0]
         for scale in (0.95, 1.05, 1.15, 1.3, 1.45):
             for angle in angles:
                 pose = (cx, cy, extent * scale, float(angle))
-                iou = _template_iou(cls, pose, blob, occ)
-                if iou > per_class.get(cls, (None, -1.0))[1]:
-                    per_class[cls] = (pose, iou)
+                iou = _template_iou(tpl, pose, blob, occ)
+                if iou > best.get(tpl, (None, -1.0))[1]:
+                    best[tpl] = (pose, iou)
     if (ndimage.binary_dilation(blob) & occ).any():
-        per_class = {cls: _refine_pose(cls, pose, iou, blob, occ, extent) for cls, (pose, iou) in per_class.items()}
-    cls = max(per_class, key=lambda c: per_class[c][1])
-    return cls, per_class[cls][1]
+        best = {tpl: _refine_pose(tpl, pose, iou, blob, occ, extent) for tpl, (pose, iou) in best.items()}
+    tpl = max(best, key=lambda t: best[t][1])
+    return tpl[0], best[tpl][1]
 
 
 def find_objects(image: np.ndarray, colors) -> list[OracleObject]:

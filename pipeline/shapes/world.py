@@ -76,8 +76,12 @@ def caption_for(pairs, background: str | None = None) -> str:
     return f"{text} on {background}" if background else text
 
 
-def shape_polygon(cls: str, cx: float, cy: float, size: float, angle: float):
-    """Outline of a class as a list of (x, y) points; circle and ring return None (ellipses)."""
+STAR_INNER = 0.45  # the world's stars: inner (notch) radius as a fraction of the outer (point) radius
+
+
+def shape_polygon(cls: str, cx: float, cy: float, size: float, angle: float, star_inner: float = STAR_INNER):
+    """Outline of a class as a list of (x, y) points; circle and ring return None (ellipses).
+    ``star_inner`` sets a star's notch radius (the world draws STAR_INNER; the oracle also fits fatter ones)."""
     r = size / 2
     a0 = math.radians(angle)
 
@@ -93,7 +97,7 @@ def shape_polygon(cls: str, cx: float, cy: float, size: float, angle: float):
     if cls == "star":
         pts = []
         for k in range(10):
-            rad = r if k % 2 == 0 else r * 0.45
+            rad = r if k % 2 == 0 else r * star_inner
             t = -math.pi / 2 + k * math.pi / 5
             pts.append((rad * math.cos(t), rad * math.sin(t)))
         return rot(pts)
@@ -105,7 +109,7 @@ def shape_polygon(cls: str, cx: float, cy: float, size: float, angle: float):
 
 
 def draw_shape(draw: ImageDraw.ImageDraw, cls: str, cx: float, cy: float, size: float,
-               angle: float, fill) -> None:
+               angle: float, fill, star_inner: float = STAR_INNER) -> None:
     """Draw one class outline filled with ``fill`` (coordinates already in the canvas scale)."""
     r = size / 2
     if cls == "circle":
@@ -115,14 +119,15 @@ def draw_shape(draw: ImageDraw.ImageDraw, cls: str, cx: float, cy: float, size: 
         ri = r * 0.55
         draw.ellipse([cx - ri, cy - ri, cx + ri, cy + ri], fill=0 if isinstance(fill, int) else None)
     else:
-        draw.polygon(shape_polygon(cls, cx, cy, size, angle), fill=fill)
+        draw.polygon(shape_polygon(cls, cx, cy, size, angle, star_inner), fill=fill)
 
 
-def shape_coverage(cls: str, cx: float, cy: float, size: float, angle: float, h: int, w: int) -> np.ndarray:
+def shape_coverage(cls: str, cx: float, cy: float, size: float, angle: float, h: int, w: int,
+                   star_inner: float = STAR_INNER) -> np.ndarray:
     """Anti-aliased coverage in [0, 1] (float32 HxW) of one shape on an h×w canvas."""
     s = SUPERSAMPLE
     canvas = Image.new("L", (w * s, h * s), 0)
-    draw_shape(ImageDraw.Draw(canvas), cls, cx * s, cy * s, size * s, angle, 255)
+    draw_shape(ImageDraw.Draw(canvas), cls, cx * s, cy * s, size * s, angle, 255, star_inner)
     small = canvas.resize((w, h), Image.BOX)
     return np.asarray(small, np.float32) / 255.0
 
