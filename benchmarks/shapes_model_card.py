@@ -4,6 +4,9 @@
 
 Measures, on this machine:
   * oracle accuracy on rendered held-out scenes (IoU of recovered masks vs the renderer's, class accuracy);
+  * the decoder's ceiling: the oracle's class accuracy on the model's VAE reconstructions of those scenes
+    (objects it reads right on the original), per class — a shape the decoder cannot draw back from a
+    true latent it will not draw from a generated one;
   * generation speed of plain ``StableDiffusionPipeline.from_pretrained(model)`` on CPU, 64×64, 20 steps
     (the folder's own scheduler);
   * prompt fidelity on N held-out prompts: the oracle finds an object of the prompted class *and*
@@ -54,6 +57,26 @@ def oracle_accuracy(n: int) -> dict:
     return {"scenes": n, "objects": len(ious), "mask_iou_mean": float(np.mean(ious)),
             "mask_iou_min": float(np.min(ious)), "class_accuracy": float(np.mean(cls_ok)),
             "all_read_by_object_count": {k: round(float(np.mean(v)), 3) for k, v in sorted(whole.items())}}
+
+
+@torch.no_grad()
+def oracle_on_reconstructions(vae, n: int) -> dict:
+    """Encode and decode the rendered scenes of :func:`oracle_accuracy` with the model's VAE; the rate at which
+    the oracle still reads an object's class right (of those it reads right on the original), per class."""
+    hits = {}
+    for start in range(0, n, 50):
+        scenes = [render_scene(HELD_OUT_SEED + 500_000 + i) for i in range(start, min(n, start + 50))]
+        x = torch.from_numpy(np.stack([s.image for s in scenes])).permute(0, 3, 1, 2).float() / 127.5 - 1
+        rec = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
+        rec = ((rec + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+        for scene, image in zip(scenes, rec):
+            colors = [o.color for o in scene.objects]
+            for obj, a, b in zip(scene.objects, find_objects(scene.image, colors), find_objects(image, colors)):
+                if a.cls == obj.cls:
+                    hits.setdefault(obj.cls, []).append(b.cls == obj.cls)
+    every = [h for v in hits.values() for h in v]
+    return {"scenes": n, "objects": len(every), "class_accuracy": round(float(np.mean(every)), 3),
+            "per_class": {k: round(float(np.mean(v)), 3) for k, v in sorted(hits.items())}}
 
 
 def generation_speed(pipe, steps: int, batch: int, guidance: float, repeats: int = 3) -> dict:
@@ -141,6 +164,7 @@ def main(argv=None) -> None:
         "parameters_m": {name: sum(p.numel() for p in getattr(pipe, name).parameters()) / 1e6
                          for name in ("unet", "vae", "text_encoder")},
         "oracle_on_rendered": oracle_accuracy(args.oracle_scenes),
+        "oracle_on_vae_reconstructions": oracle_on_reconstructions(pipe.vae, args.oracle_scenes),
         "speed": generation_speed(pipe, args.steps, args.batch, args.guidance),
     }
     del pipe

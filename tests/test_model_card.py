@@ -1,0 +1,34 @@
+"""benchmarks/shapes_model_card.py: the decoder-ceiling measure reads what the VAE gives back."""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+_spec = importlib.util.spec_from_file_location("shapes_model_card", REPO / "benchmarks" / "shapes_model_card.py")
+card = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(card)
+
+
+class _FakeVAE:
+    """encode/decode with diffusers' return shapes; ``decode`` applies ``fn`` to the 'latent' (the image)."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def encode(self, x):
+        return SimpleNamespace(latent_dist=SimpleNamespace(mean=x))
+
+    def decode(self, z):
+        return SimpleNamespace(sample=self.fn(z))
+
+
+def test_a_perfect_decoder_keeps_every_class_and_a_blank_one_none():
+    perfect = card.oracle_on_reconstructions(_FakeVAE(lambda z: z), 12)
+    assert perfect["objects"] >= 12 and perfect["class_accuracy"] == 1.0
+    assert set(perfect["per_class"]) <= {"circle", "square", "triangle", "star", "ring", "cross"}
+    blank = card.oracle_on_reconstructions(_FakeVAE(torch.zeros_like), 12)
+    assert blank["objects"] == perfect["objects"] and blank["class_accuracy"] == 0.0
