@@ -66,3 +66,39 @@ def test_an_export_of_loaded_weights_records_no_source_path(tmp_path, tiny_model
     assert not [c for c in configs if "_name_or_path" in c.read_text()]
     assert UNet2DConditionModel.from_pretrained(out, subfolder="unet").config.cross_attention_dim == \
         parts["unet"].config.cross_attention_dim
+
+
+def test_outline_weights_mark_a_band_around_each_object():
+    image = np.full((1, 64, 64, 3), 120, np.uint8)  # grey background
+    image[0, 20:40, 20:40] = (230, 40, 40)  # a red square, rows and columns 20..39
+    w = train.outline_weights(train.to_tensor(image), 4.0)[0, 0].numpy()
+    assert w.shape == (64, 64)
+    assert w[30, 30] == 1.0 and w[5, 5] == 1.0  # deep inside, far outside
+    for y, x in [(20, 30), (19, 30), (39, 30), (40, 30), (30, 18), (30, 41)]:  # on and beside the outline
+        assert w[y, x] == 5.0, (y, x)
+    assert w[30, 23] == 1.0 and w[30, 16] == 1.0  # three pixels in, four out
+    # a weighted loss counts an error on the outline more than the plain mean does
+    x = train.to_tensor(image)
+    rec = x.clone()
+    rec[..., 20, 20:40] -= 0.5
+    weight = train.outline_weights(x, 4.0)
+    assert torch.allclose(train.reconstruction_loss(rec, x, torch.ones_like(weight)), train.reconstruction_loss(rec, x))
+    assert train.reconstruction_loss(rec, x, weight) > 2 * train.reconstruction_loss(rec, x)
+
+
+def test_a_decoder_only_run_exports_the_unet_and_text_encoder_unchanged(tmp_path, tiny_model):
+    """--init-from M --unet-steps 0 --decoder-steps N: the documented way to fine-tune the decoder alone."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "model"
+    train.main(["--work", str(tmp_path / "work"), "--out", str(out), "--init-from", tiny_model, "--scenes", "8",
+                "--batch", "4", "--decoder-steps", "2", "--decoder-edge-weight", "4", "--unet-steps", "0",
+                "--device", "cpu"])
+    for part in ("unet", "text_encoder"):
+        name = "diffusion_pytorch_model.safetensors" if part == "unet" else "model.safetensors"
+        a, b = load_file(f"{tiny_model}/{part}/{name}"), load_file(out / part / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
+    a = load_file(f"{tiny_model}/vae/diffusion_pytorch_model.safetensors")
+    b = load_file(out / "vae" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a if k.startswith(("encoder.", "quant_conv.")))
+    assert any(not torch.equal(a[k], b[k]) for k in a if k.startswith("decoder."))

@@ -16,7 +16,10 @@ fine-tuned. ``--grounding W`` adds TokenCompose's token loss (pipeline/shapes/gr
 colour and class tokens of every object, weight W; ``--min-snr G`` weights the denoising loss by
 min(SNR, G) / (SNR + 1) (Min-SNR, Hang et al. 2023), which spends more of it on the noisy steps
 where shapes are decided. ``--decoder-steps N`` first fine-tunes the VAE's decoder alone (encoder
-frozen: the latents, and any UNet trained on them, stay valid). ``--device`` picks CPU or CUDA (default:
+frozen: the latents, and any UNet trained on them, stay valid); ``--decoder-edge-weight W`` weights its
+loss W times more on a band around object outlines (star points, square corners: a few pixels that
+decide the class, swamped by background texture in a plain mean). With ``--init-from`` and
+``--unet-steps 0`` a run fine-tunes the decoder alone and exports the UNet unchanged. ``--device`` picks CPU or CUDA (default:
 CUDA when there is one); the scenes are rendered by one process per core.
 """
 from __future__ import annotations
@@ -36,6 +39,7 @@ import torch.nn.functional as F
 
 from . import grounding as grounding_loss
 from . import tiny_sd
+from .oracle import MIN_SATURATION
 from .world import CLASSES, COLORS, caption_for, render_scene
 
 MAX_OBJECTS = 3
@@ -163,8 +167,24 @@ def resume_vae(ckpt: Path, vae, opt, device: torch.device, seed: int) -> int:
     return st["step"]
 
 
-def reconstruction_loss(rec: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    return (rec - x).abs().mean() + 0.5 * F.mse_loss(rec, x)
+def reconstruction_loss(rec: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """L1 + MSE / 2 per pixel, averaged (weighted by ``weight`` (B, 1, H, W) when given)."""
+    d = rec - x
+    per_pixel = d.abs() + 0.5 * d * d
+    if weight is None:
+        return per_pixel.mean()
+    return (weight * per_pixel).mean() / weight.mean()
+
+
+def outline_weights(x: torch.Tensor, edge_weight: float) -> torch.Tensor:
+    """(B, 1, H, W) loss weights for images ``x`` in [-1, 1]: 1 + ``edge_weight`` within about two pixels of
+    an object's outline. Objects are the saturated pixels (the world paints them from a saturated palette
+    on desaturated backgrounds; the oracle's own test, ``oracle.MIN_SATURATION``)."""
+    px = (x + 1) * 127.5
+    mx, mn = px.max(1, keepdim=True).values, px.min(1, keepdim=True).values
+    obj = ((mx - mn) / mx.clamp(min=1.0) >= MIN_SATURATION).float()
+    outline = F.max_pool2d(obj, 3, 1, 1) + F.max_pool2d(-obj, 3, 1, 1)  # dilation minus erosion
+    return 1.0 + edge_weight * F.max_pool2d(outline, 3, 1, 1)
 
 
 def train_vae(work: Path, images: np.ndarray, steps: int, batch: int, seed: int,
@@ -198,9 +218,11 @@ def train_vae(work: Path, images: np.ndarray, steps: int, batch: int, seed: int,
     return vae
 
 
-def train_decoder(work: Path, vae, images: np.ndarray, steps: int, batch: int, seed: int, lr: float = 5e-4):
+def train_decoder(work: Path, vae, images: np.ndarray, steps: int, batch: int, seed: int, lr: float = 5e-4,
+                  edge_weight: float = 0.0):
     """Fine-tune the VAE's decoder alone (encoder frozen): the latent space, and so every UNet trained
-    on it, stays valid while decoded shapes get sharper. Full-size images, L1 + MSE as in train_vae."""
+    on it, stays valid while decoded shapes get sharper. Full-size images, L1 + MSE as in train_vae,
+    weighted towards object outlines when ``edge_weight`` > 0 (:func:`outline_weights`)."""
     ckpt = work / "decoder.pt"
     device = vae.device
     params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
@@ -222,7 +244,7 @@ def train_decoder(work: Path, vae, images: np.ndarray, steps: int, batch: int, s
         with torch.no_grad():
             z = vae.encode(x).latent_dist.sample()
         rec = vae.decode(z).sample
-        loss = reconstruction_loss(rec, x)
+        loss = reconstruction_loss(rec, x, outline_weights(x, edge_weight) if edge_weight else None)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -391,6 +413,8 @@ def main(argv=None) -> None:
     ap.add_argument("--min-snr", type=float, default=None, help="Min-SNR gamma for the denoising loss (off)")
     ap.add_argument("--decoder-steps", type=int, default=0,
                     help="fine-tune the VAE decoder alone (encoder, latents and UNet unchanged) for this many steps")
+    ap.add_argument("--decoder-edge-weight", type=float, default=0.0,
+                    help="extra loss weight on object outlines in the decoder fine-tune (0: plain mean)")
     ap.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (CUDA when there is one)")
     args = ap.parse_args(argv)
     device = pick_device(args.device)
@@ -415,7 +439,8 @@ def main(argv=None) -> None:
         latents = encode_latents(args.work, vae, images)
     vae.register_to_config(scaling_factor=latents["scaling_factor"])
     if args.decoder_steps:
-        train_decoder(args.work, vae, images, args.decoder_steps, args.batch, args.seed)
+        train_decoder(args.work, vae, images, args.decoder_steps, args.batch, args.seed,
+                      edge_weight=args.decoder_edge_weight)
     log(f"latents {tuple(latents['latents'].shape)}, scaling_factor {latents['scaling_factor']:.4f}")
     train_unet(args.work, args.out, vae, latents, captions, short, masks, tokenizer, args.unet_steps, args.batch,
                args.seed, args.export_every, args.lr, args.init_from, args.grounding, args.min_snr, args.pixel, device)
