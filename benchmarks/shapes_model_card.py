@@ -43,39 +43,44 @@ def iou(a: np.ndarray, b: np.ndarray) -> float:
     return float((a & b).sum() / union) if union else 1.0
 
 
-def oracle_accuracy(n: int) -> dict:
+def rendered_readings(n: int) -> list:
+    """(scene, the oracle's reading of it) for n rendered held-out scenes: read once, used by the two
+    measures below."""
+    scenes = [render_scene(HELD_OUT_SEED + 500_000 + i) for i in range(n)]
+    return [(scene, find_objects(scene.image, [o.color for o in scene.objects])) for scene in scenes]
+
+
+def oracle_accuracy(readings: list) -> dict:
     """The oracle on rendered scenes (truth known); per object count, the rate at which it reads every
     object right: the ceiling of the prompt-fidelity rates measured with it."""
     ious, cls_ok, whole = [], [], {}
-    for i in range(n):
-        scene = render_scene(HELD_OUT_SEED + 500_000 + i)
-        found = find_objects(scene.image, [o.color for o in scene.objects])
+    for scene, found in readings:
         ok = [f.cls == obj.cls for obj, f in zip(scene.objects, found)]
         ious += [iou(obj.mask, f.mask) for obj, f in zip(scene.objects, found)]
         cls_ok += ok
         whole.setdefault(len(ok), []).append(all(ok))
-    return {"scenes": n, "objects": len(ious), "mask_iou_mean": float(np.mean(ious)),
+    return {"scenes": len(readings), "objects": len(ious), "mask_iou_mean": float(np.mean(ious)),
             "mask_iou_min": float(np.min(ious)), "class_accuracy": float(np.mean(cls_ok)),
             "all_read_by_object_count": {k: round(float(np.mean(v)), 3) for k, v in sorted(whole.items())}}
 
 
 @torch.no_grad()
-def oracle_on_reconstructions(vae, n: int) -> dict:
-    """Encode and decode the rendered scenes of :func:`oracle_accuracy` with the model's VAE; the rate at which
+def oracle_on_reconstructions(vae, readings: list) -> dict:
+    """Encode and decode the rendered scenes of :func:`rendered_readings` with the model's VAE; the rate at which
     the oracle still reads an object's class right (of those it reads right on the original), per class."""
     hits = {}
-    for start in range(0, n, 50):
-        scenes = [render_scene(HELD_OUT_SEED + 500_000 + i) for i in range(start, min(n, start + 50))]
-        x = torch.from_numpy(np.stack([s.image for s in scenes])).permute(0, 3, 1, 2).float() / 127.5 - 1
+    for start in range(0, len(readings), 50):
+        chunk = readings[start:start + 50]
+        x = torch.from_numpy(np.stack([s.image for s, _ in chunk])).permute(0, 3, 1, 2).float() / 127.5 - 1
         rec = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
         rec = ((rec + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
-        for scene, image in zip(scenes, rec):
-            colors = [o.color for o in scene.objects]
-            for obj, a, b in zip(scene.objects, find_objects(scene.image, colors), find_objects(image, colors)):
+        for (scene, found), image in zip(chunk, rec):
+            again = find_objects(image, [o.color for o in scene.objects])
+            for obj, a, b in zip(scene.objects, found, again):
                 if a.cls == obj.cls:
                     hits.setdefault(obj.cls, []).append(b.cls == obj.cls)
     every = [h for v in hits.values() for h in v]
-    return {"scenes": n, "objects": len(every), "class_accuracy": round(float(np.mean(every)), 3),
+    return {"scenes": len(readings), "objects": len(every), "class_accuracy": round(float(np.mean(every)), 3),
             "per_class": {k: round(float(np.mean(v)), 3) for k, v in sorted(hits.items())}}
 
 
@@ -156,6 +161,7 @@ def main(argv=None) -> None:
 
     torch.manual_seed(0)
     pipe = StableDiffusionPipeline.from_pretrained(args.model)
+    readings = rendered_readings(args.oracle_scenes)
     pipe.set_progress_bar_config(disable=True)
     result = {
         "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
@@ -163,8 +169,8 @@ def main(argv=None) -> None:
         "model": args.model,
         "parameters_m": {name: sum(p.numel() for p in getattr(pipe, name).parameters()) / 1e6
                          for name in ("unet", "vae", "text_encoder")},
-        "oracle_on_rendered": oracle_accuracy(args.oracle_scenes),
-        "oracle_on_vae_reconstructions": oracle_on_reconstructions(pipe.vae, args.oracle_scenes),
+        "oracle_on_rendered": oracle_accuracy(readings),
+        "oracle_on_vae_reconstructions": oracle_on_reconstructions(pipe.vae, readings),
         "speed": generation_speed(pipe, args.steps, args.batch, args.guidance),
     }
     del pipe

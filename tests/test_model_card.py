@@ -27,8 +27,9 @@ class _FakeVAE:
 
 
 def test_a_perfect_decoder_keeps_every_class_and_a_blank_one_none():
-    perfect = card.oracle_on_reconstructions(_FakeVAE(lambda z: z), 12)
+    readings = card.rendered_readings(12)
+    perfect = card.oracle_on_reconstructions(_FakeVAE(lambda z: z), readings)
     assert perfect["objects"] >= 12 and perfect["class_accuracy"] == 1.0
     assert set(perfect["per_class"]) <= {"circle", "square", "triangle", "star", "ring", "cross"}
-    blank = card.oracle_on_reconstructions(_FakeVAE(torch.zeros_like), 12)
+    blank = card.oracle_on_reconstructions(_FakeVAE(torch.zeros_like), readings)
     assert blank["objects"] == perfect["objects"] and blank["class_accuracy"] == 0.0
