@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from diffusers import AutoencoderKL
 
@@ -102,3 +103,32 @@ def test_a_decoder_only_run_exports_the_unet_and_text_encoder_unchanged(tmp_path
     b = load_file(out / "vae" / "diffusion_pytorch_model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a if k.startswith(("encoder.", "quant_conv.")))
     assert any(not torch.equal(a[k], b[k]) for k in a if k.startswith("decoder."))
+
+
+def test_class_weights_are_parsed_and_bad_ones_named():
+    assert train.parse_class_weights("square=3, cross=2.5") == {"square": 3.0, "cross": 2.5}
+    assert train.parse_class_weights(None) == {} == train.parse_class_weights("")
+    for bad, says in (("sqare=3", "unknown class 'sqare'"), ("square", "not CLASS=NUMBER"),
+                      ("square=x", "not CLASS=NUMBER"), ("square=0", "must be > 0")):
+        with pytest.raises(ValueError, match=says):
+            train.parse_class_weights(bad)
+
+
+def test_scenes_are_drawn_by_the_mean_weight_of_their_classes():
+    captions = ["a red square on noise", "a blue circle", "a red square and a blue circle on stripes",
+                "a green cross and a red square and a blue ring"]
+    assert train.scene_probabilities(captions, {}) is None
+    probs = train.scene_probabilities(captions, {"square": 3.0, "cross": 2.0})
+    assert np.allclose(probs * (3 + 1 + 2 + 2), [3, 1, 2, 2])
+    drawn = train.draw_scenes(np.random.default_rng(0), len(captions), 40_000, probs)
+    assert np.allclose(np.bincount(drawn, minlength=4) / len(drawn), probs, atol=0.01)
+    uniform = train.draw_scenes(np.random.default_rng(0), len(captions), 40_000, None)
+    assert np.allclose(np.bincount(uniform, minlength=4) / len(uniform), 0.25, atol=0.01)
+
+
+def test_a_bad_class_weight_stops_the_run_before_any_work(tmp_path):
+    work = tmp_path / "work"
+    with pytest.raises(SystemExit, match="unknown class 'hexagon'"):
+        train.main(["--work", str(work), "--out", str(tmp_path / "out"), "--scenes", "8",
+                    "--class-weights", "hexagon=2", "--device", "cpu"])
+    assert not work.exists()

@@ -123,6 +123,43 @@ def object_token_positions(tokenizer, captions: list[str]) -> np.ndarray:
     return out
 
 
+def parse_class_weights(text: str | None) -> dict[str, float]:
+    """``"square=3,cross=3"`` -> {"square": 3.0, "cross": 3.0}; unknown classes and weights <= 0 are errors."""
+    out = {}
+    for item in (text or "").split(","):
+        if not item.strip():
+            continue
+        name, _, value = item.partition("=")
+        name = name.strip()
+        if name not in CLASSES:
+            raise ValueError(f"--class-weights: unknown class {name!r} in {text!r}; the world's classes are "
+                             f"{', '.join(CLASSES)} (write e.g. square=3,cross=2)")
+        try:
+            weight = float(value)
+        except ValueError:
+            raise ValueError(f"--class-weights: {item.strip()!r} is not CLASS=NUMBER (e.g. square=3)") from None
+        if not weight > 0:
+            raise ValueError(f"--class-weights: the weight of {name} must be > 0, got {value!r}")
+        out[name] = weight
+    return out
+
+
+def scene_probabilities(captions: list[str], class_weights: dict[str, float]) -> np.ndarray | None:
+    """How often each training scene is drawn: in proportion to the mean weight of its objects' classes
+    (classes not listed weigh 1), so hard classes come up more often while the mix of 1-, 2- and
+    3-object scenes stays about the same. None without weights: every scene equally often."""
+    if not class_weights:
+        return None
+    w = np.array([np.mean([class_weights.get(word, 1.0) for word in text.split() if word in CLASSES])
+                  for text in captions])
+    return w / w.sum()
+
+
+def draw_scenes(rng: np.random.Generator, n: int, batch: int, probs: np.ndarray | None) -> np.ndarray:
+    """A batch of scene indices: uniform, or by ``probs`` (:func:`scene_probabilities`)."""
+    return rng.integers(0, n, batch) if probs is None else rng.choice(n, batch, p=probs)
+
+
 def to_tensor(images) -> torch.Tensor:
     """uint8 (N, H, W, 3) array or tensor -> float (N, 3, H, W) in [-1, 1], on the input's device."""
     return torch.as_tensor(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
@@ -276,7 +313,8 @@ def encode_latents(work: Path, vae, images: np.ndarray, scale: float | None = No
 
 def train_unet(work: Path, out: Path, vae, latents, captions, short, masks, tokenizer, steps: int, batch: int,
                seed: int, export_every: int, lr: float, init: Path | None = None, grounding: float = 0.0,
-               min_snr: float | None = None, pixel: float = 0.0, device: torch.device = torch.device("cpu")):
+               min_snr: float | None = None, pixel: float = 0.0, device: torch.device = torch.device("cpu"),
+               class_weights: dict[str, float] | None = None):
     if init is not None:  # the exported (EMA) weights of an earlier run
         from diffusers import UNet2DConditionModel
         from transformers import CLIPTextModel
@@ -320,11 +358,17 @@ def train_unet(work: Path, out: Path, vae, latents, captions, short, masks, toke
         export(out, tokenizer, text_encoder, vae, unet, params, ema, start)
         return
     rng = np.random.default_rng([seed, 7, start])
+    probs = scene_probabilities(captions, class_weights or {})
+    if probs is not None:
+        share = {c: sum(p * text.split().count(c) for p, text in zip(probs, captions)) for c in CLASSES}
+        total = sum(share.values())
+        log("class weights " + ", ".join(f"{c}={w:g}" for c, w in class_weights.items()) + ": objects drawn per class "
+            + ", ".join(f"{c} {v / total:.2f}" for c, v in share.items()))
     warmup = 200
     t0 = time.time()
     unet.train(), text_encoder.train()
     for step in range(start, steps):
-        idx = torch.from_numpy(rng.integers(0, len(lat), batch)).to(device)
+        idx = torch.from_numpy(draw_scenes(rng, len(lat), batch, probs)).to(device)
         which = rng.random(batch)
         empty = torch.from_numpy(which > 0.9).to(device)
         ids = torch.where(torch.from_numpy(which < 0.35).to(device)[:, None], ids_short[idx], ids_full[idx])
@@ -415,8 +459,15 @@ def main(argv=None) -> None:
                     help="fine-tune the VAE decoder alone (encoder, latents and UNet unchanged) for this many steps")
     ap.add_argument("--decoder-edge-weight", type=float, default=0.0,
                     help="extra loss weight on object outlines in the decoder fine-tune (0: plain mean)")
+    ap.add_argument("--class-weights", default=None, metavar="CLASS=W,...",
+                    help="draw training scenes in proportion to the mean weight of their objects' classes "
+                         "(unlisted classes 1), e.g. square=3,cross=3: more steps on the classes the model draws worst")
     ap.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (CUDA when there is one)")
     args = ap.parse_args(argv)
+    try:
+        class_weights = parse_class_weights(args.class_weights)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
     device = pick_device(args.device)
     args.work.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
@@ -443,7 +494,8 @@ def main(argv=None) -> None:
                       edge_weight=args.decoder_edge_weight)
     log(f"latents {tuple(latents['latents'].shape)}, scaling_factor {latents['scaling_factor']:.4f}")
     train_unet(args.work, args.out, vae, latents, captions, short, masks, tokenizer, args.unet_steps, args.batch,
-               args.seed, args.export_every, args.lr, args.init_from, args.grounding, args.min_snr, args.pixel, device)
+               args.seed, args.export_every, args.lr, args.init_from, args.grounding, args.min_snr, args.pixel, device,
+               class_weights)
     log(f"done in {time.time() - t0:.0f}s (this run)")
 
 
