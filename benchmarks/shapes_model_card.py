@@ -112,6 +112,17 @@ def synthesis_stage(model: str, steps: int, guidance: float, batch: int, schedul
     return SynthesisStage(spec)
 
 
+def counted(hits: list) -> dict:
+    """n, how many hits, and the 95 % Wilson interval of the rate: at 61 prompts a rate of 0.85 can be
+    anything from 0.74 to 0.92, which is what comparing two models or two prompt sets has to allow for."""
+    from scipy.stats import binomtest
+
+    if not hits:
+        return {"n": 0, "found": 0, "ci95": None}
+    ci = binomtest(int(sum(hits)), len(hits)).proportion_ci(confidence_level=0.95, method="wilson")
+    return {"n": len(hits), "found": int(sum(hits)), "ci95": [round(float(ci.low), 3), round(float(ci.high), 3)]}
+
+
 def fidelity_and_attention(stage, prompts, batch: int) -> dict:
     per_obj, single, double, triple, attn_ious, per_class = [], [], [], [], [], {}
     for start in range(0, len(prompts), batch):
@@ -135,9 +146,9 @@ def fidelity_and_attention(stage, prompts, batch: int) -> dict:
         "prompts": len(prompts),
         "object_found_rate": float(np.mean(per_obj)),
         "found_rate_per_class": {c: round(float(np.mean(v)), 3) for c, v in sorted(per_class.items())},
-        "one_object_prompts": {"n": len(single), "found_rate": float(np.mean(single))},
-        "two_object_prompts": {"n": len(double), "both_found_rate": float(np.mean(double))},
-        "three_object_prompts": {"n": len(triple), "all_found_rate": float(np.mean(triple)) if triple else None},
+        "one_object_prompts": {**counted(single), "found_rate": float(np.mean(single))},
+        "two_object_prompts": {**counted(double), "both_found_rate": float(np.mean(double))},
+        "three_object_prompts": {**counted(triple), "all_found_rate": float(np.mean(triple)) if triple else None},
         "raw_cross_attention_miou": float(np.mean(attn_ious)), "attention_objects": len(attn_ious),
     }
 

@@ -33,3 +33,14 @@ def test_a_perfect_decoder_keeps_every_class_and_a_blank_one_none():
     assert set(perfect["per_class"]) <= {"circle", "square", "triangle", "star", "ring", "cross"}
     blank = card.oracle_on_reconstructions(_FakeVAE(torch.zeros_like), readings)
     assert blank["objects"] == perfect["objects"] and blank["class_accuracy"] == 0.0
+
+
+def test_rates_come_with_their_count_and_a_95_percent_interval():
+    held_out = card.counted([True] * 52 + [False] * 9)  # the card's 1-object row, 2026-11-30
+    assert (held_out["n"], held_out["found"]) == (61, 52)
+    low, high = held_out["ci95"]
+    assert 0.73 < low < 52 / 61 < high < 0.93
+    wider = card.counted([True] * 26 + [False] * 5)["ci95"]
+    assert wider[0] < low and wider[1] > high  # half the prompts: a wider interval
+    assert card.counted([]) == {"n": 0, "found": 0, "ci95": None}
+    assert card.counted([True] * 10)["ci95"][1] == 1.0
