@@ -1,6 +1,7 @@
 """Numbers for the bundled tiny model's card (issue "Shapes world and the bundled tiny model").
 
     python benchmarks/shapes_model_card.py [--model pipeline/models/shapes-tiny-sd] [--n 200] [--json out.json]
+                                           [--images-per-prompt K]
 
 Measures, on this machine:
   * oracle accuracy on rendered held-out scenes (IoU of recovered masks vs the renderer's, class accuracy);
@@ -10,7 +11,8 @@ Measures, on this machine:
   * generation speed of plain ``StableDiffusionPipeline.from_pretrained(model)`` on CPU, 64×64, 20 steps
     (the folder's own scheduler);
   * prompt fidelity on N held-out prompts: the oracle finds an object of the prompted class *and*
-    colour (per object, 1-object prompts, 2-object prompts: both);
+    colour (per object, 1-object prompts, 2-object prompts: both), with counts and 95 % intervals;
+    ``--images-per-prompt K`` makes K images of each prompt (K noise seeds) for a tighter estimate;
   * cross-attention sanity: the plain class-token cross-attention map (mean over layers, heads and
     steps, min-max normalised, threshold 0.5) vs the oracle mask, mean IoU.
 Prints a table and writes a JSON.
@@ -123,6 +125,17 @@ def counted(hits: list) -> dict:
     return {"n": len(hits), "found": int(sum(hits)), "ci95": [round(float(ci.low), 3), round(float(ci.high), 3)]}
 
 
+NOISE_SEED_STRIDE = 1_000_003  # image k of a prompt starts from noise seed (scene seed + k * this)
+
+
+def repeated(prompts: list, images_per_prompt: int) -> list:
+    """Each prompt ``images_per_prompt`` times, image k from its own noise seed; image 0 is the one a
+    single-image run makes, so more images per prompt only add to it."""
+    from dataclasses import replace
+
+    return [replace(p, seed=p.seed + k * NOISE_SEED_STRIDE) for k in range(images_per_prompt) for p in prompts]
+
+
 def fidelity_and_attention(stage, prompts, batch: int) -> dict:
     per_obj, single, double, triple, attn_ious, per_class = [], [], [], [], [], {}
     for start in range(0, len(prompts), batch):
@@ -143,7 +156,7 @@ def fidelity_and_attention(stage, prompts, batch: int) -> dict:
                 m = (m - m.min()) / max(m.max() - m.min(), 1e-8)
                 attn_ious.append(iou(m >= 0.5, f.mask))
     return {
-        "prompts": len(prompts),
+        "images": len(prompts),
         "object_found_rate": float(np.mean(per_obj)),
         "found_rate_per_class": {c: round(float(np.mean(v)), 3) for c, v in sorted(per_class.items())},
         "one_object_prompts": {**counted(single), "found_rate": float(np.mean(single))},
@@ -167,7 +180,11 @@ def main(argv=None) -> None:
                          f"{', '.join(SCHEDULERS)}")
     ap.add_argument("--json", default="shapes_model_card.json")
     ap.add_argument("--oracle-scenes", type=int, default=300)
+    ap.add_argument("--images-per-prompt", type=int, default=1,
+                    help="fidelity over K images of each prompt (K noise seeds): the same prompts, a tighter estimate")
     args = ap.parse_args(argv)
+    if args.images_per_prompt < 1:
+        ap.error(f"--images-per-prompt must be at least 1, got {args.images_per_prompt}")
     from diffusers import StableDiffusionPipeline
 
     torch.manual_seed(0)
@@ -188,8 +205,9 @@ def main(argv=None) -> None:
     stage = synthesis_stage(args.model, args.steps, args.guidance, args.batch, args.scheduler)
     result["held_out"] = {"steps": args.steps, "guidance_scale": args.guidance,
                           "scheduler": type(stage.pipe.scheduler).__name__,
-                          "first_seed": args.first_seed,
-                          **fidelity_and_attention(stage, shapes_prompts(args.n, args.first_seed), args.batch)}
+                          "first_seed": args.first_seed, "prompts": args.n, "images_per_prompt": args.images_per_prompt,
+                          **fidelity_and_attention(stage, repeated(shapes_prompts(args.n, args.first_seed),
+                                                                   args.images_per_prompt), args.batch)}
     print(json.dumps(result, indent=2))
     Path(args.json).write_text(json.dumps(result, indent=2))
     print(f"wrote {args.json}")

@@ -44,3 +44,13 @@ def test_rates_come_with_their_count_and_a_95_percent_interval():
     assert wider[0] < low and wider[1] > high  # half the prompts: a wider interval
     assert card.counted([]) == {"n": 0, "found": 0, "ci95": None}
     assert card.counted([True] * 10)["ci95"][1] == 1.0
+
+
+def test_more_images_per_prompt_keep_the_first_and_add_fresh_noise_seeds():
+    from pipeline.evaluate import shapes_prompts
+
+    prompts = shapes_prompts(4)
+    three = card.repeated(prompts, 3)
+    assert three[:4] == prompts and card.repeated(prompts, 1) == prompts
+    assert [p.text for p in three] == [p.text for p in prompts] * 3
+    assert len({p.seed for p in three}) == 12
