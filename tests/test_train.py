@@ -120,6 +120,9 @@ def test_scenes_are_drawn_by_the_mean_weight_of_their_classes():
     assert train.scene_probabilities(captions, {}) is None
     probs = train.scene_probabilities(captions, {"square": 3.0, "cross": 2.0})
     assert np.allclose(probs * (3 + 1 + 2 + 2), [3, 1, 2, 2])
+    shares = train.class_shares(captions, probs)  # objects per scene: square 1, circle 1, square+circle, 3 objects
+    assert np.isclose(shares["square"], (3 + 2 + 2) / (3 + 1 + 2 * 2 + 2 * 3))
+    assert np.isclose(sum(shares.values()), 1.0) and shares["triangle"] == 0.0
     drawn = train.draw_scenes(np.random.default_rng(0), len(captions), 40_000, probs)
     assert np.allclose(np.bincount(drawn, minlength=4) / len(drawn), probs, atol=0.01)
     uniform = train.draw_scenes(np.random.default_rng(0), len(captions), 40_000, None)

@@ -150,9 +150,23 @@ def scene_probabilities(captions: list[str], class_weights: dict[str, float]) ->
     3-object scenes stays about the same. None without weights: every scene equally often."""
     if not class_weights:
         return None
-    w = np.array([np.mean([class_weights.get(word, 1.0) for word in text.split() if word in CLASSES])
-                  for text in captions])
+    w = np.array([np.mean([class_weights.get(cls, 1.0) for cls in caption_classes(text)]) for text in captions])
     return w / w.sum()
+
+
+def caption_classes(text: str) -> list[str]:
+    """The class words of a world caption, in order (one per object)."""
+    return [word for word in text.split() if word in CLASSES]
+
+
+def class_shares(captions: list[str], probs: np.ndarray) -> dict[str, float]:
+    """The share of each class among the objects drawn when scenes are drawn with ``probs``."""
+    share = dict.fromkeys(CLASSES, 0.0)
+    for p, text in zip(probs, captions):
+        for cls in caption_classes(text):
+            share[cls] += p
+    total = sum(share.values())
+    return {cls: v / total for cls, v in share.items()}
 
 
 def draw_scenes(rng: np.random.Generator, n: int, batch: int, probs: np.ndarray | None) -> np.ndarray:
@@ -360,10 +374,8 @@ def train_unet(work: Path, out: Path, vae, latents, captions, short, masks, toke
     rng = np.random.default_rng([seed, 7, start])
     probs = scene_probabilities(captions, class_weights or {})
     if probs is not None:
-        share = {c: sum(p * text.split().count(c) for p, text in zip(probs, captions)) for c in CLASSES}
-        total = sum(share.values())
         log("class weights " + ", ".join(f"{c}={w:g}" for c, w in class_weights.items()) + ": objects drawn per class "
-            + ", ".join(f"{c} {v / total:.2f}" for c, v in share.items()))
+            + ", ".join(f"{c} {v:.2f}" for c, v in class_shares(captions, probs).items()))
     warmup = 200
     t0 = time.time()
     unet.train(), text_encoder.train()
