@@ -136,6 +136,13 @@ def repeated(prompts: list, images_per_prompt: int) -> list:
     return [replace(p, seed=p.seed + k * NOISE_SEED_STRIDE) for k in range(images_per_prompt) for p in prompts]
 
 
+def object_hits(image: np.ndarray, prompt) -> tuple[list, list[bool]]:
+    """The oracle's reading of a generated image (one per prompted object, looked up by its colour) and,
+    per object, whether it found that colour drawn as the prompted class."""
+    found = find_objects(image, [colour for colour, _ in prompt.objects])
+    return found, [f.cls == cls and f.area > 0 for (_, cls), f in zip(prompt.objects, found)]
+
+
 def fidelity_and_attention(stage, prompts, batch: int) -> dict:
     per_obj, single, double, triple, attn_ious, per_class = [], [], [], [], [], {}
     for start in range(0, len(prompts), batch):
@@ -143,8 +150,7 @@ def fidelity_and_attention(stage, prompts, batch: int) -> dict:
         out = stage(stage_rows(stage.pipe.tokenizer, chunk, start))
         for p, image, amap in zip(chunk, out["image"], out["attn_raw"]):
             objs = p.objects
-            found = find_objects(image, [c for c, _ in objs])
-            hits = [f.cls == cls and f.area > 0 for (_, cls), f in zip(objs, found)]
+            found, hits = object_hits(image, p)
             per_obj += hits
             for (_, cls), hit in zip(objs, hits):
                 per_class.setdefault(cls, []).append(hit)
