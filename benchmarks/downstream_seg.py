@@ -89,7 +89,7 @@ class SyntheticSet:
 
 def shard_paths(out: Path) -> tuple[list[str], dict]:
     """The committed shard tars of a synthgen output dir (manifest order) and the manifest's counts."""
-    from pipeline.writer import read_manifest
+    from pipeline.dataset import read_manifest
 
     manifest = read_manifest(out)
     paths = [str(out / s["tar"]) for s in manifest["shards"]]

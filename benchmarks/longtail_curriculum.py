@@ -53,7 +53,7 @@ from pipeline.import_coco import import_coco  # noqa: E402
 from pipeline.shapes.coco import categories, scene_annotations  # noqa: E402
 from pipeline.shapes.world import CLASSES, HELD_OUT_SEED, render_scene  # noqa: E402
 from pipeline.spec import UsageError, load_spec  # noqa: E402
-from pipeline.writer import INDEX, OutputError, read_manifest  # noqa: E402
+from pipeline.dataset import INDEX, OutputError, read_manifest  # noqa: E402
 from stages.references import reference_key  # noqa: E402
 from train_classifier import BALANCES, train  # noqa: E402
 

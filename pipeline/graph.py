@@ -36,6 +36,7 @@ import numpy as np
 
 from stages.base import Batch, Stage
 
+from .plan import ShardPlan
 from .spec import JobSpec, UsageError
 
 #: time spent per row in a stage travels with the rows as ``_seconds_<stage>`` (driver sums them)
@@ -70,16 +71,6 @@ def check_chain(stages: Sequence[type[Stage]]) -> None:
         available.update(cls.outputs)
 
 
-def aligned_batches(spec: JobSpec, shards: Sequence[int]) -> list[tuple[int, int]]:
-    """[start, stop) index ranges of the batches of the given shards, in order."""
-    size, b, total = spec.output.shard_size, spec.generation.batch_size, spec.samples
-    out = []
-    for k in shards:
-        stop = min((k + 1) * size, total)
-        out.extend((s, min(s + b, stop)) for s in range(k * size, stop, b))
-    return out
-
-
 class TimedStage:
     """A stage instance run with ``int(num_cpus)`` torch threads (at least 1) that records its
     wall time per row in ``_seconds_<name>``; with ``columns`` its output keeps only those (the
@@ -110,15 +101,15 @@ class TimedStage:
 
 
 # --- in-process runner ----------------------------------------------------------------------------
-def run_in_process(spec: JobSpec, batches: Sequence[tuple[int, int]],
+def run_in_process(spec: JobSpec, pending: Sequence[int],
                    stages: Sequence[type[Stage]] | None = None) -> Iterator[Batch]:
-    """Chain the stages in this process, one aligned batch at a time (tests, benchmark baseline)."""
+    """Chain the stages in this process, one aligned batch of the pending shards at a time."""
     stages = list(stages or default_stages())
     check_chain(stages)
-    if not batches:
+    if not len(pending):
         return
     chain = [TimedStage(cls(spec)) for cls in stages]
-    for start, stop in batches:
+    for start, stop in ShardPlan.from_spec(spec).batches(pending):
         batch: Batch = {"index": np.arange(start, stop, dtype=np.int64)}
         for stage in chain:
             batch = stage(batch)
@@ -241,10 +232,10 @@ def init_ray(spec: JobSpec, stages: Sequence[type[Stage]], address: str | None, 
     return started
 
 
-def _expand(batch: Batch, starts: np.ndarray, stops: np.ndarray) -> Batch:
-    """Rows of batch ids -> rows of sample indices (whole aligned batches)."""
-    ids = np.asarray(batch["id"], dtype=np.int64)
-    return {"index": np.concatenate([np.arange(starts[i], stops[i], dtype=np.int64) for i in ids])}
+def _expand(batch: Batch, plan: ShardPlan, pending: np.ndarray) -> Batch:
+    """Rows of batch ids -> rows of sample indices (whole aligned batches of the pending shards)."""
+    starts, stops = plan.batch_bounds(pending, np.asarray(batch["id"], dtype=np.int64))
+    return {"index": np.concatenate([np.arange(a, b, dtype=np.int64) for a, b in zip(starts, stops)])}
 
 
 class _Chain:
@@ -285,18 +276,20 @@ def _udf(op: Operator):
     return run
 
 
-def build_dataset(spec: JobSpec, batches: Sequence[tuple[int, int]], stages: Sequence[type[Stage]],
+def build_dataset(spec: JobSpec, pending: Sequence[int], stages: Sequence[type[Stage]],
                   writer_columns: Sequence[str]):
-    """The Ray Data pipeline over the given aligned batches (lazy; consume with ``iter_batches``)."""
+    """The Ray Data pipeline over the aligned batches of the pending shards (lazy; consume with
+    ``iter_batches``). The source holds one int64 per pending shard, not one per batch or sample."""
     import ray.data
     from ray.data import ActorPoolStrategy, TaskPoolStrategy
 
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True
-    starts = np.array([b[0] for b in batches], dtype=np.int64)
-    stops = np.array([b[1] for b in batches], dtype=np.int64)
-    ds = ray.data.range(len(batches), override_num_blocks=min(len(batches), MAX_READ_BLOCKS))
-    ds = ds.map_batches(_expand, batch_size=None, batch_format="numpy", fn_kwargs={"starts": starts, "stops": stops})
+    plan = ShardPlan.from_spec(spec)
+    pending = np.asarray(pending, dtype=np.int64)
+    count = plan.batch_count(pending)
+    ds = ray.data.range(count, override_num_blocks=min(count, MAX_READ_BLOCKS))
+    ds = ds.map_batches(_expand, batch_size=None, batch_format="numpy", fn_kwargs={"plan": plan, "pending": pending})
     # the last stage keeps only what the driver needs: a separate select_columns operator would
     # be a task reserving 1 CPU, which the actor pools' reservations starve until the end
     keep = (*writer_columns, *(TIME_PREFIX + cls.name for cls in stages))
@@ -313,20 +306,20 @@ def build_dataset(spec: JobSpec, batches: Sequence[tuple[int, int]], stages: Seq
     return ds
 
 
-def run_ray(spec: JobSpec, batches: Sequence[tuple[int, int]], stages: Sequence[type[Stage]] | None = None,
+def run_ray(spec: JobSpec, pending: Sequence[int], stages: Sequence[type[Stage]] | None = None,
             writer_columns: Sequence[str] = (), verbose: bool = False) -> Iterator[Batch]:
-    """Stream the records of the given batches out of Ray Data (Ray must be initialised)."""
+    """Stream the records of the pending shards out of Ray Data (Ray must be initialised)."""
     import ray.data
 
     stages = list(stages or default_stages())
     check_chain(stages)
-    if not batches:
+    if not len(pending):
         return
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = verbose
     ctx.print_on_execution_start = verbose
     ctx.memory_usage_poll_interval_s = None  # no 1 Hz memory-polling thread beside the stages' torch threads
     logging.getLogger("ray.data").setLevel(logging.INFO if verbose else logging.WARNING)
-    ds = build_dataset(spec, batches, stages, writer_columns)
+    ds = build_dataset(spec, pending, stages, writer_columns)
     # no prefetch: a finished block reaches the writer at once, not when the next one is done
     yield from ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=0)

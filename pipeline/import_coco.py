@@ -116,17 +116,17 @@ def import_coco(folder: str | Path, out: str | Path, name: str = "real", shard_s
     class_ids = {c.name: i + 1 for i, c in enumerate(spec.classes)}
     started, t0 = datetime.now(timezone.utc), time.perf_counter()
     pending = writer.open()
-    written = 0
     for k in pending:
         for index in range(*writer.plan.bounds(k)):
-            written += len(writer.add(encode(_record(coco, images[index], index, class_ids))))
+            writer.add(encode(_record(coco, images[index], index, class_ids)))
     processed = sum(len(range(*writer.plan.bounds(k))) for k in pending)
     wall = time.perf_counter() - t0
     summary = {"runner": "import-coco", "started": started.isoformat(timespec="seconds"), "wall_s": round(wall, 2),
                "processed": processed, "kept": processed, "rejected": 0, "rejected_by_reason": {},
                "skipped_unannotated": len(coco.imgs) - len(images),
                "images_per_s": round(processed / wall, 3) if wall > 0 and processed else None,
-               "shards_written": written, "shards_complete": len(writer.complete_names()),
-               "shards_total": writer.plan.num_shards, "dataset": writer.manifest["counts"], "stages": []}
+               "shards_written": writer.written, "shards_complete": len(writer.committed),
+               "shards_total": writer.plan.num_shards, "dataset": writer.counts(), "stages": [],
+               "redone": writer.redo, "left_alone": writer.foreign}
     writer.finish(summary)
     return summary

@@ -54,7 +54,7 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
-from .writer import INDEX, OutputError, read_manifest
+from .dataset import INDEX, OutputError, read_manifest
 
 Level = int | float | str | None
 #: index.parquet columns the loader plans with

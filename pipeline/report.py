@@ -12,7 +12,7 @@ import numpy as np
 import webdataset as wds
 from PIL import Image, ImageDraw
 
-from .writer import INDEX, OutputError, read_manifest, write_atomic
+from .dataset import INDEX, OutputError, read_manifest, write_atomic
 
 #: overlay colours for mask values 1, 2, ... (class_names order of the sample)
 PALETTE = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
@@ -43,6 +43,12 @@ def format_summary(summary: dict[str, Any]) -> str:
     out.append(f"dataset: {data.get('samples', 0)} samples kept of {data.get('indices', 0)}, "
                f"{summary['shards_complete']}/{summary['shards_total']} shards complete "
                f"({summary['shards_written']} written this run)")
+    for name, problem in (summary.get("redone") or {}).items():
+        out.append(f"redone: {name} ({problem})")
+    if summary.get("left_alone"):
+        names = summary["left_alone"]
+        out.append(f"left alone: {len(names)} file(s) in the output dir that synthgen did not write: "
+                   f"{', '.join(names[:5])}{' ...' if len(names) > 5 else ''}")
     rate = f", {summary['images_per_s']:.2f} img/s" if summary.get("images_per_s") else ""
     out.append(f"wall time: {summary['wall_s']:.1f} s ({summary['runner']}){rate}")
     return "\n".join(out)

@@ -12,8 +12,7 @@ from tqdm import tqdm
 
 from stages.base import Batch, Stage
 
-from .graph import (TIME_PREFIX, aligned_batches, check_chain, default_stages, init_ray, operators, run_in_process,
-                    run_ray)
+from .graph import TIME_PREFIX, check_chain, default_stages, init_ray, operators, run_in_process, run_ray
 from .spec import JobSpec
 from .writer import COLUMNS, DatasetWriter
 
@@ -42,8 +41,7 @@ class RunStats:
                 self.rows[cls.name] += n
                 self.busy[cls.name] += float(np.sum(batch[column]))
 
-    def summary(self, runner: str, started: datetime, wall_s: float, shards_written: int,
-                counts: dict[str, Any], shards_total: int) -> dict[str, Any]:
+    def summary(self, runner: str, started: datetime, wall_s: float, writer: DatasetWriter) -> dict[str, Any]:
         stages = []
         op_of = {cls: op for op in operators(self.spec, self.stages) for cls in op.stages}
         for cls in self.stages:
@@ -63,20 +61,25 @@ class RunStats:
             "rejected_by_reason": dict(sorted(self.reasons.items())),
             "images_per_s": round(self.processed / wall_s, 3) if wall_s > 0 else None,
             "first_batch_s": None if self.first_batch_s is None else round(self.first_batch_s, 2),
-            "shards_written": shards_written, "shards_complete": counts.get("shards", 0),
-            "shards_total": shards_total, "dataset": counts, "stages": stages,
+            "shards_written": writer.written, "shards_complete": len(writer.committed),
+            "shards_total": writer.plan.num_shards, "dataset": writer.counts(), "stages": stages,
+            "redone": writer.redo, "left_alone": writer.foreign,
         }
 
 
-def prepare(spec: JobSpec, overwrite: bool = False) -> DatasetWriter:
-    """The writer for the job's output dir, checked against the job (raises OutputError); writes nothing."""
+def prepare(spec: JobSpec, overwrite: bool = False, verify: bool = False, adopt: bool = False) -> DatasetWriter:
+    """The writer for the job's output dir, checked against the job (raises OutputError); writes nothing.
+
+    ``verify`` also compares every committed shard's sha256 (sizes are always compared); ``adopt``
+    starts a fresh manifest in a directory without one (``synthgen repair``)."""
     from stages.model import model_identity
 
     identity = model_identity(spec.model.path)
-    return DatasetWriter(spec, spec.fingerprint(identity), identity, overwrite)
+    return DatasetWriter(spec, spec.fingerprint(identity), identity, overwrite, verify, adopt)
 
 
-def run_job(spec: JobSpec, *, overwrite: bool = False, use_ray: bool = True, address: str | None = None,
+def run_job(spec: JobSpec, *, overwrite: bool = False, verify: bool = False, use_ray: bool = True,
+            address: str | None = None,
             resource_wait_s: float = 0.0, verbose: bool = False, progress: bool = True,
             stages: Sequence[type[Stage]] | None = None) -> dict[str, Any]:
     """Generate every sample of the job that is not yet committed in its output dir; returns the summary.
@@ -86,32 +89,29 @@ def run_job(spec: JobSpec, *, overwrite: bool = False, use_ray: bool = True, add
     """
     stages = list(stages or default_stages())
     check_chain(stages)
-    writer = prepare(spec, overwrite)
+    writer = prepare(spec, overwrite, verify)
     # a finished job starts no Ray at all; checks come before open(), which writes
     owns_ray = bool(writer.pending_shards()) and use_ray and init_ray(spec, stages, address, resource_wait_s,
                                                                         verbose)
     try:
         pending = writer.open()
-        batches = aligned_batches(spec, pending)
         stats = RunStats(spec, stages)
         started, t0 = datetime.now(timezone.utc), time.perf_counter()
         if use_ray:
-            records = run_ray(spec, batches, stages, COLUMNS, verbose=verbose)
+            records = run_ray(spec, pending, stages, COLUMNS, verbose=verbose)
         else:
-            records = run_in_process(spec, batches, stages)
-        written = 0
-        total = sum(stop - start for start, stop in batches)
+            records = run_in_process(spec, pending, stages)
+        total = sum(stop - start for start, stop in map(writer.plan.bounds, pending))
         with tqdm(total=total, unit="img", disable=not progress, desc=spec.name, dynamic_ncols=True) as bar:
             for batch in records:
                 if stats.first_batch_s is None:
                     stats.first_batch_s = time.perf_counter() - t0
                 stats.add(batch)
-                written += len(writer.add(batch))
+                writer.add(batch)
                 bar.update(len(batch["index"]))
                 bar.set_postfix(kept=f"{100 * stats.kept / max(stats.processed, 1):.0f}%",
-                                shards=f"{len(writer.complete_names())}/{writer.plan.num_shards}")
-        summary = stats.summary("ray" if use_ray else "in-process", started, time.perf_counter() - t0, written,
-                                writer.manifest["counts"], writer.plan.num_shards)
+                                shards=f"{len(writer.committed)}/{writer.plan.num_shards}")
+        summary = stats.summary("ray" if use_ray else "in-process", started, time.perf_counter() - t0, writer)
         writer.finish(summary)
         return summary
     finally:

@@ -1,27 +1,23 @@
-"""Shard writer: WebDataset tars over fixed index ranges, per-shard Parquet parts, a manifest, resume.
+"""Shard writer: owns one job's output directory, resumes it, verifies what was committed, commits shards.
 
-Layout of an output directory::
+The format (names, index schema, manifest and commit journal) is :mod:`pipeline.dataset`'s. Commit of
+shard k: write the tar and the part under ``.tmp`` names (fsync), ``os.replace`` both, then append the
+shard's commit record (sizes, sha256, counts) to the journal. Tars have a fixed mtime and their
+members are in index order, so a resumed run writes byte-identical shards.
 
-  OUT/manifest.json                 job spec, fingerprint, model identity, versions, shard list, counts
-  OUT/shards/{split}-{k:06d}.tar    samples with index in [k*S, (k+1)*S) that were kept, in index order
-  OUT/parts/{split}-{k:06d}.parquet one row per index of shard k, kept or rejected
-  OUT/index.parquet                 all parts concatenated (written when a run ends)
+On open, committed shards are checked (size always, sha256 with ``verify``): one that is missing or
+changed is generated again. Only files this job's plan or a synthgen manifest names are deleted;
+anything else in the directory is left alone and reported (:attr:`DatasetWriter.foreign`).
 
-Commit protocol of shard k: write the tar and the part under ``*.tmp`` names (fsync), ``os.replace``
-both, then rewrite the manifest (tmp + replace) with the shard's sha256 and counts. The manifest entry
-is the commit marker: on start, tmp files and shard files the manifest does not list are deleted, and
-only shards it does not list are generated again. Tars have a fixed mtime and their members are in
-index order, so a resumed run writes byte-identical shards.
+Must not: import Ray, torch or stage code (they are imported only where a run needs them).
 """
 from __future__ import annotations
 
-import hashlib
+import errno
 import json
 import os
 import platform
-import shutil
-from collections import Counter
-from dataclasses import dataclass
+import signal
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -32,28 +28,20 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import webdataset as wds
 
-from .spec import JobSpec, UsageError
+from .dataset import (INDEX, INDEX_SCHEMA, JOURNAL, MANIFEST, MEMBERS, TAR_MTIME, TOP_LEVEL, FORMAT, OutputError,
+                      append_commit, check_shards, counts, load_manifest, merge_commits, read_journal, sha256_file,
+                      write_atomic)
+from .plan import ShardPlan
 
-MANIFEST = "manifest.json"
-INDEX = "index.parquet"
-FORMAT = "synthgen-dataset/1"
-TAR_MTIME = 946684800  # 2000-01-01: fixed member mtime, so equal content gives an equal sha256
-#: record column -> tar member extension (``{key}.{ext}``); empty bytes mean "not produced"
-MEMBERS = {"jpg": "jpg", "seg_png": "seg.png", "json": "json", "cls": "cls"}
 #: record columns the writer needs (everything else can be dropped before the driver)
 COLUMNS = ("key", "index", "seed", "prompt", "class_names", "scores", "curriculum", "keep", "reject_reason",
            *MEMBERS)
-INDEX_SCHEMA = pa.schema([
-    ("key", pa.string()), ("index", pa.int64()), ("shard", pa.string()), ("seed", pa.int64()),
-    ("prompt", pa.string()), ("classes", pa.list_(pa.string())), ("keep", pa.bool_()),
-    ("reject_reason", pa.string()), ("scores", pa.string()), ("curriculum", pa.string()),
-])
 VERSIONS = ("synthgen", "torch", "diffusers", "transformers", "ray", "webdataset", "pycocotools", "pyarrow",
             "numpy", "pillow", "pydantic")
-
-
-class OutputError(UsageError):
-    """The output directory cannot be used for this job (one-line message)."""
+#: errors of the output filesystem that a plain rerun repeats until the user acts
+_STORAGE_ERRNOS = {errno.EACCES: "permission denied", errno.EPERM: "permission denied",
+                   errno.EROFS: "read-only file system", errno.ENOSPC: "no space left on device",
+                   errno.EDQUOT: "disk quota exceeded"}
 
 
 def package_versions() -> dict[str, str | None]:
@@ -66,68 +54,55 @@ def package_versions() -> dict[str, str | None]:
     return out
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via ``path.tmp`` + fsync + os.replace."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def failpoint(name: str) -> None:
+    """Fault injection for the tests: ``SYNTHGEN_FAILPOINT=<name>:<n>`` kills this process (SIGKILL)
+    the n-th time it reaches ``name`` (points: before-rename, between-renames, after-rename, after-commit)."""
+    spec = os.environ.get("SYNTHGEN_FAILPOINT")
+    if not spec or spec.partition(":")[0] != name:
+        return
+    failpoint.hits = getattr(failpoint, "hits", 0) + 1  # type: ignore[attr-defined]
+    if failpoint.hits >= int(spec.partition(":")[2] or 1):  # type: ignore[attr-defined]
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+def _listing(names: list[str], limit: int = 4) -> str:
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
 
 
-def read_manifest(out: Path) -> dict:
-    path = Path(out) / MANIFEST
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise OutputError(f"{out}: no {MANIFEST}; not a synthgen output directory") from None
-    except json.JSONDecodeError as e:
-        raise OutputError(f"{path}: corrupt manifest ({e})") from None
-
-
-@dataclass(frozen=True)
-class ShardPlan:
-    """Shard k holds the indices [k*shard_size, min((k+1)*shard_size, total))."""
-
-    split: str
-    shard_size: int
-    total: int
-
-    @property
-    def num_shards(self) -> int:
-        return -(-self.total // self.shard_size)
-
-    def name(self, k: int) -> str:
-        return f"{self.split}-{k:06d}"
-
-    def bounds(self, k: int) -> tuple[int, int]:
-        return k * self.shard_size, min((k + 1) * self.shard_size, self.total)
+def storage_error(out: Path, e: OSError, doing: str) -> OutputError:
+    """A one-line OutputError for a write that failed on the output filesystem."""
+    what = _STORAGE_ERRNOS.get(e.errno, e.strerror or type(e).__name__)
+    return OutputError(f"output.dir: {what} while {doing} in {out}; committed shards are kept: fix the directory "
+                       "(permissions, free space) and rerun the same command to resume")
 
 
 class DatasetWriter:
     """Owns one output directory: checks it, resumes it, and commits shards as their samples arrive.
 
-    Constructing it checks the directory against the job (fingerprint) and raises OutputError
-    before anything is written; ``open()`` then creates/cleans it.
+    Constructing it checks the directory against the job (ownership, fingerprint, committed shards)
+    and raises OutputError before anything is written; ``open()`` then cleans it and writes the manifest.
     """
 
-    def __init__(self, spec: JobSpec, fingerprint: str, model_identity: dict, overwrite: bool = False):
+    def __init__(self, spec: Any, fingerprint: str, model_identity: dict, overwrite: bool = False,
+                 verify: bool = False, adopt: bool = False):
         self.spec = spec
+        self.adopt = adopt
         self.out = Path(spec.output.dir)
-        self.plan = ShardPlan(spec.output.split, spec.output.shard_size, spec.samples)
+        self.plan = ShardPlan.from_spec(spec)
         self.fingerprint = fingerprint
         self.overwrite = overwrite
+        self.replaced: dict | None = None  # our manifest (another spec's) that --overwrite replaces
         self.manifest = self._check(model_identity)
+        committed = {self.plan.shard_of(s["indices"][0]): s for s in self.manifest["shards"]}
+        #: committed shards that failed verification: {name: problem}; they are generated again
+        self.redo = check_shards(self.out, list(committed.values()), hashes=verify)
+        self.committed: dict[int, dict] = {k: s for k, s in committed.items() if s["name"] not in self.redo}
+        self.foreign: list[str] = []  # files in the directory that synthgen did not write (after open)
         self.buffers: dict[int, dict[int, dict]] = {}
+        self.written = 0
+        if self.manifest["shards"] and self.pending_shards():
+            self._check_threads(self.manifest)
 
     # --- opening ---------------------------------------------------------------------------
     def _check(self, model_identity: dict) -> dict:
@@ -138,31 +113,46 @@ class DatasetWriter:
             "job": self.spec.model_dump(mode="json"), "model": model_identity, "versions": package_versions(),
             "layout": {"split": self.plan.split, "shard_size": self.plan.shard_size, "samples": self.plan.total,
                        "num_shards": self.plan.num_shards, "members": list(MEMBERS.values())},
-            "shards": [], "counts": {}, "complete": False, "summary": None, "runs": [],
+            "shards": [], "counts": counts([]), "complete": False, "summary": None, "runs": [],
         }
-        if not self.out.exists() or not any(self.out.iterdir()):
+        if self.out.exists() and not self.out.is_dir():
+            raise OutputError(f"output.dir: {self.out} is a file, not a directory; choose another output dir")
+        entries = sorted(p.name for p in self.out.iterdir()) if self.out.exists() else []
+        if not entries:
             return fresh
-        if not (self.out / MANIFEST).is_file():
-            raise OutputError(f"output.dir: {self.out} is not empty and is not a synthgen output "
-                              "(no manifest.json); choose a new or empty directory")
-        old = read_manifest(self.out)
+        try:
+            old = load_manifest(self.out)
+        except OutputError as e:
+            raise OutputError(f"output.dir: {e} (it holds {_listing(entries)}; nothing was changed)") from None
+        if old is None and self.adopt:
+            return fresh
+        if old is None:
+            ours = JOURNAL in entries or {"shards", "parts"} <= set(entries)
+            hint = ("; if it is a synthgen output that lost its manifest, `synthgen repair JOB --out DIR` rebuilds "
+                    "it" if ours else "")
+            raise OutputError(f"output.dir: {self.out} is not empty and is not a synthgen output (no {MANIFEST}; "
+                              f"it holds {_listing(entries)}); choose a new or empty directory{hint}")
+        old = merge_commits(old, read_journal(self.out))
         if old.get("fingerprint") == self.fingerprint and not self.overwrite:
-            self._check_threads(old)
             return old
         if not self.overwrite:
             raise OutputError(f"output.dir: {self.out} holds a dataset of a different job or spec "
                               f"(fingerprint {str(old.get('fingerprint'))[:12]} != {self.fingerprint[:12]}); "
                               "use another output dir or --overwrite to replace it")
+        self.replaced = old
         return fresh
 
     def _check_threads(self, old: dict) -> None:
         """On CPU a stage's torch threads (``int(num_cpus)``) change float results, so a resume
-        with other thread counts would mix bytes; resources are otherwise free to change."""
+        with other thread counts would mix bytes; resources are otherwise free to change. Every
+        stage but a synthesis stage on a GPU runs on the CPU (``device: auto`` resolves here)."""
         model = getattr(self.spec, "model", None)  # import-coco's real datasets have no model
-        if model is None or not model.device.startswith("cpu"):
+        if model is None:
             return
         started = (old.get("job") or {}).get("resources") or {}
         for stage, res in started.items():
+            if stage == "synthesis" and self._synthesis_on_gpu(model.device):
+                continue
             before = max(1, int(res.get("num_cpus", 1)))
             now = max(1, int(self.spec.resources.for_stage(stage).num_cpus))
             if before != now:
@@ -172,31 +162,65 @@ class DatasetWriter:
                     f"depend on the thread count, so resume with num_cpus {res.get('num_cpus'):g} (actors may "
                     "change) or use --overwrite")
 
+    @staticmethod
+    def _synthesis_on_gpu(device: str) -> bool:
+        if device == "auto":
+            import torch
+
+            return torch.cuda.is_available()
+        return device.startswith("cuda")
+
     def open(self) -> list[int]:
-        """Create or clean the directory and write the manifest; returns the pending shard numbers."""
-        if self.overwrite:
-            for name in ("shards", "parts"):
-                shutil.rmtree(self.out / name, ignore_errors=True)
-            for name in (MANIFEST, INDEX, "annotations.json"):
-                (self.out / name).unlink(missing_ok=True)
-        for sub in ("shards", "parts"):
-            (self.out / sub).mkdir(parents=True, exist_ok=True)
-        done = self.complete_names()
-        for path in self.out.glob("*.tmp"):
-            path.unlink()
-        for sub, suffix in (("shards", ".tar"), ("parts", ".parquet")):
-            for path in (self.out / sub).iterdir():
-                if path.name.endswith(".tmp") or path.name.removesuffix(suffix) not in done:
-                    path.unlink()  # stray temp file or an uncommitted shard: regenerated
-        self._save_manifest()
+        """Clean the directory (only files synthgen named), write the manifest; returns the pending shards."""
+        try:
+            if self.replaced is not None:
+                self._remove(self.replaced)
+            for sub in ("shards", "parts"):
+                (self.out / sub).mkdir(parents=True, exist_ok=True)
+            self.foreign = self._clean()
+            self._save_manifest()
+        except OSError as e:
+            raise storage_error(self.out, e, "preparing the output dir") from None
         return self.pending_shards()
 
-    def complete_names(self) -> set[str]:
-        return {s["name"] for s in self.manifest["shards"]}
+    def _remove(self, old: dict) -> None:
+        """Delete what the replaced dataset's manifest and plan name (--overwrite), nothing else."""
+        for s in old["shards"]:
+            for rel in (s["tar"], s["part"]):
+                (self.out / rel).unlink(missing_ok=True)
+        self._remove_uncommitted(ShardPlan.from_layout(old["layout"]), set())
+        for name in TOP_LEVEL:
+            for path in (self.out / name, self.out / (name + ".tmp")):
+                path.unlink(missing_ok=True)
+
+    def _remove_uncommitted(self, plan: ShardPlan, keep: set[int]) -> list[str]:
+        """Delete ``plan``'s shard files (and temp files) in shards/ and parts/ except shards ``keep``;
+        returns the other files found there."""
+        others = []
+        for sub, ext in (("shards", ".tar"), ("parts", ".parquet")):
+            folder = self.out / sub
+            for path in sorted(folder.iterdir()) if folder.is_dir() else ():
+                k = plan.shard_of_file(path.name)
+                if k is None or not path.name.removesuffix(".tmp").endswith(ext) or not path.is_file():
+                    others.append(f"{sub}/{path.name}")
+                elif k not in keep or path.name.endswith(".tmp"):
+                    path.unlink()  # an uncommitted or failed shard of the plan: generated again
+        return others
+
+    def _clean(self) -> list[str]:
+        """Remove uncommitted files of this plan and our temp files; returns the files we do not own."""
+        foreign = self._remove_uncommitted(self.plan, set(self.committed))
+        for path in sorted(self.out.iterdir()):
+            if path.name in TOP_LEVEL or (path.name in ("shards", "parts") and path.is_dir()):
+                continue
+            if path.name.removesuffix(".tmp") in TOP_LEVEL:
+                path.unlink()  # an atomic write of ours cut short
+            else:
+                foreign.append(path.name)
+        return sorted(foreign)
 
     def pending_shards(self) -> list[int]:
-        done = self.complete_names()
-        return [k for k in range(self.plan.num_shards) if self.plan.name(k) not in done]
+        return [k for k in range(self.plan.num_shards) if k not in self.committed]
 
     # --- writing ---------------------------------------------------------------------------
     def add(self, batch: dict[str, np.ndarray]) -> list[str]:
@@ -209,8 +233,8 @@ class DatasetWriter:
         for row in range(len(batch["index"])):
             rec = {c: batch[c][row] for c in columns}
             index = int(rec["index"])
-            k = index // self.plan.shard_size
-            if not 0 <= index < self.plan.total or self.plan.name(k) in self.complete_names():
+            k = self.plan.shard_of(index)
+            if not 0 <= index < self.plan.total or k in self.committed:
                 raise RuntimeError(f"record index {index} is outside the pending shards")
             shard = self.buffers.setdefault(k, {})
             if index in shard:
@@ -224,12 +248,38 @@ class DatasetWriter:
         return committed
 
     def _commit(self, k: int, records: list[dict]) -> None:
-        name = self.plan.name(k)
-        tar = self.out / "shards" / f"{name}.tar"
-        part = self.out / "parts" / f"{name}.parquet"
+        tar, part = self.out / self.plan.tar(k), self.out / self.plan.part(k)
+        tmp_tar, tmp_part = tar.with_name(tar.name + ".tmp"), part.with_name(part.name + ".tmp")
         kept = [r for r in records if bool(r["keep"])]
-        tmp_tar = tar.with_name(tar.name + ".tmp")
-        with open(tmp_tar, "wb") as f:
+        try:
+            self._write_tar(tmp_tar, kept)
+            self._write_part(tmp_part, records, tar.name)
+            failpoint("before-rename")
+            os.replace(tmp_tar, tar)
+            failpoint("between-renames")
+            os.replace(tmp_part, part)
+            failpoint("after-rename")
+            start, stop = self.plan.bounds(k)
+            rejected = [str(r["reject_reason"]) for r in records if not bool(r["keep"])]
+            record = {
+                "name": self.plan.name(k), "tar": self.plan.tar(k), "part": self.plan.part(k),
+                "indices": [start, stop], "samples": len(kept), "rejected": len(rejected),
+                "rejected_by_reason": {r: rejected.count(r) for r in sorted(set(rejected))},
+                "bytes": tar.stat().st_size, "sha256": sha256_file(tar),
+                "part_bytes": part.stat().st_size, "part_sha256": sha256_file(part),
+            }
+            append_commit(self.out, record)
+        except OSError as e:
+            for path in (tmp_tar, tmp_part):
+                path.unlink(missing_ok=True)
+            raise storage_error(self.out, e, f"writing {self.plan.tar(k)}") from None
+        self.committed[k] = record
+        self.written += 1
+        failpoint("after-commit")
+
+    @staticmethod
+    def _write_tar(path: Path, kept: list[dict]) -> None:
+        with open(path, "wb") as f:
             with wds.TarWriter(f, encoder=False, mtime=TAR_MTIME) as sink:
                 for r in kept:
                     sample = {"__key__": str(r["key"])}
@@ -237,53 +287,49 @@ class DatasetWriter:
                     sink.write(sample)
             f.flush()
             os.fsync(f.fileno())
+
+    @staticmethod
+    def _write_part(path: Path, records: list[dict], shard: str) -> None:
         table = pa.table({
             "key": [str(r["key"]) for r in records], "index": [int(r["index"]) for r in records],
-            "shard": [f"{name}.tar"] * len(records), "seed": [int(r["seed"]) for r in records],
+            "shard": [shard] * len(records), "seed": [int(r["seed"]) for r in records],
             "prompt": [str(r["prompt"]) for r in records],
             "classes": [json.loads(str(r["class_names"])) for r in records],
             "keep": [bool(r["keep"]) for r in records],
             "reject_reason": [str(r["reject_reason"]) for r in records],
             "scores": [str(r["scores"]) for r in records], "curriculum": [str(r["curriculum"]) for r in records],
         }, schema=INDEX_SCHEMA)
-        tmp_part = part.with_name(part.name + ".tmp")
-        pq.write_table(table, tmp_part)
-        os.replace(tmp_tar, tar)
-        os.replace(tmp_part, part)
-        start, stop = self.plan.bounds(k)
-        reasons = Counter(str(r["reject_reason"]) for r in records if not bool(r["keep"]))
-        self.manifest["shards"].append({
-            "name": name, "tar": f"shards/{name}.tar", "part": f"parts/{name}.parquet",
-            "indices": [start, stop], "samples": len(kept), "rejected": len(records) - len(kept),
-            "rejected_by_reason": dict(sorted(reasons.items())), "bytes": tar.stat().st_size,
-            "sha256": sha256_file(tar),
-        })
-        self.manifest["shards"].sort(key=lambda s: s["name"])
-        self._save_manifest()
+        with open(path, "wb") as f:
+            pq.write_table(table, f)
+            f.flush()
+            os.fsync(f.fileno())
+
+    def counts(self) -> dict[str, Any]:
+        return counts(list(self.committed.values()))
 
     def _save_manifest(self) -> None:
-        shards = self.manifest["shards"]
-        reasons: Counter = Counter()
-        for s in shards:
-            reasons.update(s["rejected_by_reason"])
-        kept = sum(s["samples"] for s in shards)
-        self.manifest["counts"] = {
-            "shards": len(shards), "indices": kept + sum(reasons.values()), "samples": kept,
-            "rejected": sum(reasons.values()), "rejected_by_reason": dict(sorted(reasons.items())),
-        }
-        self.manifest["complete"] = len(shards) == self.plan.num_shards
+        """Fold the committed shards into manifest.json (atomic), then drop the journal they were in."""
+        self.manifest["shards"] = [self.committed[k] for k in sorted(self.committed)]
+        self.manifest["counts"] = self.counts()
+        self.manifest["complete"] = len(self.committed) == self.plan.num_shards
         write_atomic(self.out / MANIFEST, (json.dumps(self.manifest, indent=1) + "\n").encode())
+        (self.out / JOURNAL).unlink(missing_ok=True)
 
     # --- finishing -------------------------------------------------------------------------
     def finish(self, summary: dict[str, Any]) -> None:
-        """Write index.parquet from the committed parts and record the run summary."""
+        """Write index.parquet from the committed parts (when it changed) and record the run summary."""
         if self.buffers:
             raise RuntimeError(f"shards {sorted(self.plan.name(k) for k in self.buffers)} are incomplete")
-        parts = [pq.read_table(self.out / s["part"], schema=INDEX_SCHEMA) for s in self.manifest["shards"]]
-        table = pa.concat_tables(parts) if parts else INDEX_SCHEMA.empty_table()
-        tmp = self.out / (INDEX + ".tmp")
-        pq.write_table(table, tmp)
-        os.replace(tmp, self.out / INDEX)
-        self.manifest["summary"] = summary
-        self.manifest["runs"].append(summary)
-        self._save_manifest()
+        try:
+            if self.written or self.redo or not (self.out / INDEX).is_file():
+                parts = [pq.read_table(self.out / self.committed[k]["part"], schema=INDEX_SCHEMA)
+                         for k in sorted(self.committed)]
+                table = pa.concat_tables(parts) if parts else INDEX_SCHEMA.empty_table()
+                tmp = self.out / (INDEX + ".tmp")
+                pq.write_table(table, tmp)
+                os.replace(tmp, self.out / INDEX)
+            self.manifest["summary"] = summary
+            self.manifest["runs"].append(summary)
+            self._save_manifest()
+        except OSError as e:
+            raise storage_error(self.out, e, f"writing {INDEX}") from None

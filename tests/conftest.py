@@ -79,9 +79,11 @@ def dataset(tmp_path_factory, tiny_model) -> SimpleNamespace:
 
 
 def member_hashes(out: Path) -> dict[str, str]:
-    """{member name: sha256} over every shard of an output dir."""
+    """{member name: sha256} over every committed shard of an output dir."""
+    from pipeline.dataset import read_manifest
+
     hashes = {}
-    for tar_path in sorted((out / "shards").glob("*.tar")):
+    for tar_path in (out / s["tar"] for s in read_manifest(out)["shards"]):
         with tarfile.open(tar_path) as tar:
             for member in tar.getmembers():
                 hashes[member.name] = hashlib.sha256(tar.extractfile(member).read()).hexdigest()

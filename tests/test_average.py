@@ -10,7 +10,7 @@ from transformers import CLIPTextModel
 
 from pipeline.shapes import average
 from pipeline.shapes.tiny_sd import build_random
-from pipeline.writer import sha256_file
+from pipeline.dataset import sha256_file
 
 
 def _digest(folder):

@@ -19,7 +19,8 @@ from conftest import REPO, TINY_JOB, assert_same_dataset
 from pipeline.cli import main
 from pipeline.runner import run_job
 from pipeline.spec import load_spec, validate_spec
-from pipeline.writer import MANIFEST, DatasetWriter, OutputError, sha256_file
+from pipeline.dataset import MANIFEST, OutputError, read_manifest, sha256_file
+from pipeline.writer import DatasetWriter
 
 IDENTITY = {"source": "hub", "model": "org/m"}
 
@@ -143,15 +144,15 @@ def test_a_killed_run_resumes_to_the_same_bytes_as_an_uninterrupted_run(dataset,
         deadline = time.monotonic() + 600
         while time.monotonic() < deadline and proc.poll() is None:
             try:
-                if json.loads((out / MANIFEST).read_text())["shards"]:
+                if read_manifest(out)["shards"]:
                     break
-            except (FileNotFoundError, json.JSONDecodeError):
+            except OutputError:
                 pass
             time.sleep(0.01)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     assert proc.returncode == -signal.SIGKILL, (tmp_path / "stderr.txt").read_text()
-    killed = json.loads((out / MANIFEST).read_text())
+    killed = read_manifest(out)
     assert 1 <= len(killed["shards"]) < 4 and not killed["complete"], "the kill must land mid-run"
 
     assert main(["run", str(dataset.job), "--no-ray", "--out", str(out)]) == 0

@@ -1,0 +1,175 @@
+"""The on-disk dataset format: names, index schema, manifest + commit journal, atomic writes, hashes.
+
+Layout of an output directory::
+
+  OUT/manifest.json                 format, job spec, fingerprint, model identity, versions, shard list, counts
+  OUT/commits.jsonl                 commit records appended during a run (folded into the manifest at its end)
+  OUT/shards/{split}-{k:06d}.tar    samples with index in [k*S, (k+1)*S) that were kept, in index order
+  OUT/parts/{split}-{k:06d}.parquet one row per index of shard k, kept or rejected
+  OUT/index.parquet                 all parts concatenated (written when a run ends)
+  OUT/annotations.json              COCO export (``synthgen export-coco``)
+
+A shard is committed when its record (name, bytes and sha256 of tar and part, counts) is a whole
+line of ``commits.jsonl`` or an entry of the manifest's ``shards``: appending one line per shard
+keeps a commit O(1) whatever the number of shards; the manifest is rewritten (atomically) only when
+a run opens and when it finishes. Readers see both through :func:`read_manifest`.
+
+A directory is ours only if its ``manifest.json`` carries our ``format`` value; only the files
+that a manifest or a job's shard plan names are ever deleted (never by pattern).
+
+Must not: import Ray, torch or stage code.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from .spec import UsageError
+
+FORMAT = "synthgen-dataset/1"
+MANIFEST = "manifest.json"
+JOURNAL = "commits.jsonl"
+INDEX = "index.parquet"
+ANNOTATIONS = "annotations.json"
+#: files directly in OUT that belong to the format (besides shards/ and parts/)
+TOP_LEVEL = (MANIFEST, JOURNAL, INDEX, ANNOTATIONS)
+TAR_MTIME = 946684800  # 2000-01-01: fixed member mtime, so equal content gives an equal sha256
+#: record column -> tar member extension (``{key}.{ext}``); empty bytes mean "not produced"
+MEMBERS = {"jpg": "jpg", "seg_png": "seg.png", "json": "json", "cls": "cls"}
+INDEX_SCHEMA = pa.schema([
+    ("key", pa.string()), ("index", pa.int64()), ("shard", pa.string()), ("seed", pa.int64()),
+    ("prompt", pa.string()), ("classes", pa.list_(pa.string())), ("keep", pa.bool_()),
+    ("reject_reason", pa.string()), ("scores", pa.string()), ("curriculum", pa.string()),
+])
+
+
+class OutputError(UsageError):
+    """The output directory cannot be used (one-line message)."""
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via ``path.tmp`` + fsync + os.replace."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# --- commit journal ---------------------------------------------------------------------------
+def append_commit(out: Path, record: dict) -> None:
+    """Append one shard's commit record as a line of the journal (fsync'd: the commit point)."""
+    line = (json.dumps(record, separators=(",", ":")) + "\n").encode()
+    with open(Path(out) / JOURNAL, "ab") as f:
+        f.write(line)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_journal(out: Path) -> list[dict]:
+    """The whole commit records of the journal; a line cut short by a kill is not a commit."""
+    try:
+        data = (Path(out) / JOURNAL).read_bytes()
+    except FileNotFoundError:
+        return []
+    records = []
+    for line in data.split(b"\n")[:-1]:  # the text after the last newline was never committed
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            break
+    return records
+
+
+def counts(shards: list[dict]) -> dict[str, Any]:
+    """The manifest's ``counts`` of a list of committed shard records."""
+    reasons: Counter = Counter()
+    for s in shards:
+        reasons.update(s["rejected_by_reason"])
+    kept = sum(s["samples"] for s in shards)
+    return {"shards": len(shards), "indices": kept + sum(reasons.values()), "samples": kept,
+            "rejected": sum(reasons.values()), "rejected_by_reason": dict(sorted(reasons.items()))}
+
+
+def merge_commits(manifest: dict, records: list[dict]) -> dict:
+    """``manifest`` with the journal's records added to its shards (by name), counts and completeness updated."""
+    if not records:
+        return manifest
+    shards = {s["name"]: s for s in manifest["shards"]}
+    shards.update((r["name"], r) for r in records)
+    merged = dict(manifest, shards=[shards[n] for n in sorted(shards)])
+    merged["counts"] = counts(merged["shards"])
+    merged["complete"] = len(merged["shards"]) == merged["layout"]["num_shards"]
+    return merged
+
+
+# --- manifest ---------------------------------------------------------------------------------
+def load_manifest(out: Path) -> dict | None:
+    """The manifest of a directory that is ours, None when there is none; OutputError when the
+    directory holds a ``manifest.json`` that synthgen did not write."""
+    path = Path(out) / MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise OutputError(f"{path}: not a readable synthgen manifest ({type(e).__name__}); if this directory was a "
+                          "synthgen output, `synthgen repair JOB --out DIR` rebuilds its manifest from the shards")
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else None
+        raise OutputError(f"{path}: not a synthgen manifest (format {found!r}, expected {FORMAT!r}); synthgen "
+                          "only writes into a new, empty or synthgen-made directory: choose another output dir")
+    return manifest
+
+
+def read_manifest(out: Path) -> dict:
+    """The manifest of a synthgen output dir, with the commits of a running or killed run merged in."""
+    manifest = load_manifest(out)
+    if manifest is None:
+        raise OutputError(f"{out}: no {MANIFEST}; not a synthgen output directory")
+    return merge_commits(manifest, read_journal(out))
+
+
+def check_shard(out: Path, record: dict, hashes: bool) -> str:
+    """'' when the committed shard's tar and part are on disk as recorded, else what is wrong.
+
+    Sizes are always compared (a stat); sha256 only with ``hashes``. Records of older runs without
+    part sizes / hashes are checked on what they have.
+    """
+    for kind in ("tar", "part"):
+        path = Path(out) / record[kind]
+        size = record.get("bytes" if kind == "tar" else "part_bytes")
+        digest = record.get("sha256" if kind == "tar" else "part_sha256")
+        try:
+            actual = path.stat().st_size
+        except FileNotFoundError:
+            return f"{record[kind]} is missing"
+        if size is not None and actual != size:
+            return f"{record[kind]} has {actual} bytes, {size} committed"
+        if hashes and digest is not None and sha256_file(path) != digest:
+            return f"{record[kind]} sha256 differs from the committed one"
+    return ""
+
+
+def check_shards(out: Path, records: list[dict], hashes: bool = False) -> dict[str, str]:
+    """{shard name: problem} for the committed shards that fail :func:`check_shard` (hashed in parallel)."""
+    workers = min(8, os.cpu_count() or 1) if hashes else 1
+    with ThreadPoolExecutor(workers) as pool:
+        problems = pool.map(lambda r: check_shard(out, r, hashes), records)
+        return {r["name"]: p for r, p in zip(records, problems) if p}
