@@ -17,7 +17,8 @@ One pipeline call::
 Resolutions name UNet levels by their grid size at the model's native square latent size
 (``unet.config.sample_size``): [16, 32] for SD 1.x at 512², [16, 8] for the bundled tiny model.
 Other image sizes (non-square included) capture the same levels at their actual shapes, computed
-from the latent shape by ceil-halving.
+from the latent shape by ceil-halving. The naming rule lives in ``stages/unet_layout.py`` (config only,
+no torch), which the pre-flight checks share.
 """
 from __future__ import annotations
 
@@ -31,15 +32,11 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
-#: self-attention probabilities are N×N per head: refuse levels above 48×48 (64² would need
-#: 512 MB per image per layer for SD's 8 heads)
-MAX_SELF_ATTENTION_TOKENS = 48 * 48
+from .unet_layout import (MAX_SELF_ATTENTION_TOKENS, capture_level, expected_layers, level_grid,  # noqa: F401
+                          native_grids)
 
 _NAME = re.compile(r"^(?:down_blocks\.(\d+)|mid_block|up_blocks\.(\d+))"
                    r"\.attentions\.\d+\.transformer_blocks\.\d+\.(attn[12])\.processor$")
-_CROSS_DOWN = {"CrossAttnDownBlock2D": True, "DownBlock2D": False}
-_CROSS_UP = {"CrossAttnUpBlock2D": True, "UpBlock2D": False}
-_CROSS_MID = {"UNetMidBlock2DCrossAttn": True, None: False}
 
 
 @dataclass(frozen=True)
@@ -70,47 +67,6 @@ class CaptureConfig:
         return range(lo, hi)
 
 
-def _per_block(value: Any, n: int, field: str) -> list[int]:
-    values = [value] * n if isinstance(value, int) else list(value)
-    if len(values) != n or not all(isinstance(v, int) for v in values):
-        raise ValueError(f"unsupported UNet config {field}={value!r} (expected an int or {n} ints)")
-    return values
-
-
-def _block_has_cross(table: dict, block_type: str | None, where: str) -> bool:
-    if block_type not in table:
-        raise ValueError(f"unsupported UNet {where} block {block_type!r} (supported: {sorted(map(str, table))})")
-    return table[block_type]
-
-
-def expected_layers(config: Any) -> Counter:
-    """Attention layers a Stable Diffusion UNet config implies, counted per ("attn1"|"attn2", level).
-
-    Level 0 is the latent resolution, level i is i halvings below it.
-    """
-    n = len(config.down_block_types)
-    layers = _per_block(config.layers_per_block, n, "layers_per_block")
-    transformers = _per_block(config.transformer_layers_per_block, n, "transformer_layers_per_block")
-    up_transformers = (list(reversed(transformers)) if config.reverse_transformer_layers_per_block is None
-                       else _per_block(config.reverse_transformer_layers_per_block, n,
-                                       "reverse_transformer_layers_per_block"))
-    counts: Counter = Counter()
-
-    def add(level: int, blocks: int) -> None:
-        counts[("attn1", level)] += blocks
-        counts[("attn2", level)] += blocks
-
-    for i, block in enumerate(config.down_block_types):
-        if _block_has_cross(_CROSS_DOWN, block, "down"):
-            add(i, layers[i] * transformers[i])
-    if _block_has_cross(_CROSS_MID, config.mid_block_type, "mid"):
-        add(n - 1, transformers[-1])
-    for j, block in enumerate(config.up_block_types):
-        if _block_has_cross(_CROSS_UP, block, "up"):
-            add(n - 1 - j, (layers[n - 1 - j] + 1) * up_transformers[j])
-    return counts
-
-
 def layer_of(name: str, n_levels: int) -> tuple[str, int]:
     """("attn1"|"attn2", level) of an attention processor name from ``unet.attn_processors``."""
     m = _NAME.match(name)
@@ -120,13 +76,6 @@ def layer_of(name: str, n_levels: int) -> tuple[str, int]:
     down, up, kind = m.groups()
     level = int(down) if down is not None else n_levels - 1 - int(up) if up is not None else n_levels - 1
     return kind, level
-
-
-def level_grid(height: int, width: int, level: int) -> tuple[int, int]:
-    """Grid shape of a UNet level: ceil-halve the latent shape ``level`` times (as stride-2 convs do)."""
-    for _ in range(level):
-        height, width = (height + 1) // 2, (width + 1) // 2
-    return height, width
 
 
 def _resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -200,11 +149,11 @@ class AttentionCapture:
         if found != self.expected:
             raise RuntimeError(f"UNet attention layers {dict(sorted(found.items()))} differ from what its config "
                                f"implies {dict(sorted(self.expected.items()))}: diffusers' layout changed?")
-        native = {level: level_grid(cfg.sample_size, cfg.sample_size, level)[0] for level in range(n_levels)}
+        native = native_grids(cfg)
         self.native = native
-        self.cross_levels = sorted({self._level("attn2", r, native) for r in config.resolutions})
-        self.self_level = (self._level("attn1", config.self_resolution, native) if config.refine_power > 0
-                           else None)
+        self.cross_levels = sorted({capture_level("attn2", r, cfg, self.expected) for r in config.resolutions})
+        self.self_level = (capture_level("attn1", config.self_resolution, cfg, self.expected)
+                           if config.refine_power > 0 else None)
         if self.self_level is not None and native[self.self_level] ** 2 > MAX_SELF_ATTENTION_TOKENS:
             raise ValueError(f"self-attention at {native[self.self_level]}² is too large to capture "
                              f"(at most {MAX_SELF_ATTENTION_TOKENS} tokens); pick a coarser level")
@@ -218,14 +167,6 @@ class AttentionCapture:
                 processors[name] = CaptureProcessor(self, kind, level)
         unet.set_attn_processor(processors)
         self._run: dict[str, Any] | None = None
-
-    def _level(self, kind: str, resolution: int, native: dict[int, int]) -> int:
-        available = {native[level]: n for (k, level), n in sorted(self.expected.items()) if k == kind}
-        for level, size in native.items():
-            if size == resolution and self.expected[(kind, level)] > 0:
-                return level
-        raise ValueError(f"no {kind} layers at resolution {resolution}; this UNet has {available} "
-                         f"(grid size: layer count, at its native sample_size {self.unet.config.sample_size})")
 
     @property
     def layer_counts(self) -> dict[str, dict[str, int]]:
