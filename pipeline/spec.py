@@ -20,8 +20,8 @@ from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator,
-                      model_validator)
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError,
+                      field_validator, model_validator)
 
 PositiveInt = Annotated[int, Field(ge=1)]
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
@@ -54,10 +54,25 @@ class ModelSpec(_Strict):
     device: Literal["cpu", "cuda", "auto"] = "auto"
 
 
+def _trimmed(value: str) -> str:
+    """A class word or template as written: not blank, no leading or trailing whitespace (a blank word
+    names no token; stray spaces would double the prompt's spaces and make the class name differ
+    from the one references, thresholds and datasets use)."""
+    if not value.strip():
+        raise ValueError("must not be empty or only whitespace")
+    if value != value.strip():
+        raise ValueError(f"has leading or trailing whitespace; write {value.strip()!r}")
+    return value
+
+
+#: a class name, synonym, attribute or prompt template (checked item by item, so errors name the item)
+Text = Annotated[str, AfterValidator(_trimmed)]
+
+
 class ClassSpec(_Strict):
-    name: str = Field(min_length=1)
-    synonyms: list[str] = []
-    attributes: list[str] = []
+    name: Text
+    synonyms: list[Text] = []
+    attributes: list[Text] = []
 
     @model_validator(mode="before")
     @classmethod
@@ -93,7 +108,7 @@ class EmbeddingSpec(_Strict):
 
 
 class PromptSpec(_Strict):
-    templates: list[str] = Field(default=["a photo of {objects}"], min_length=1)
+    templates: list[Text] = Field(default=["a photo of {objects}"], min_length=1)
     min_classes_per_image: PositiveInt = 1
     max_classes_per_image: PositiveInt = 1
     embedding: EmbeddingSpec | None = None
@@ -103,8 +118,9 @@ class PromptSpec(_Strict):
     def _placeholders(cls, templates: list[str]) -> list[str]:
         for t in templates:
             fields = {f for _, f, _, _ in string.Formatter().parse(t) if f is not None}
-            if fields != {"objects"}:
-                raise ValueError(f"template {t!r} must contain '{{objects}}' and no other {{...}} field")
+            if fields != {"objects"} or t.count("{objects}") != 1:  # the sampler splits on '{objects}'
+                raise ValueError(f"template {t!r} must contain '{{objects}}' exactly once and no other {{...}} "
+                                 "field")
         return templates
 
     @model_validator(mode="after")
