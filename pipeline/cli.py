@@ -1,8 +1,9 @@
 """``synthgen``: run / submit / validate a job, inspect / preview / export-coco its output.
 
-Bad input (job file, output dir, cluster resources) is one line on stderr and exit code 2, with
-nothing written. A failure while running is one line and exit code 1 (``--verbose`` shows the
-traceback); committed shards stay valid and rerunning the same command resumes.
+Bad input (command line, job file, model folder, output dir, cluster resources) is one line on stderr
+and exit code 2, before Ray starts and with nothing written (pipeline/preflight.py). A failure while
+running is one line and exit code 1 (``--verbose`` shows the traceback); committed shards stay valid
+and rerunning the same command resumes.
 """
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ import shlex
 import sys
 import traceback
 from pathlib import Path
+from typing import NoReturn
 
+from .preflight import check_model, check_output_dir
 from .spec import SpecError, UsageError, load_spec
 
 EXIT_BAD_INPUT = 2
@@ -26,8 +29,16 @@ def _job_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="output directory (overrides output.dir)")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors (unknown flag, bad value, missing argument) are one line and exit 2, like
+    every other bad input, instead of a usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{message} (see `{self.prog} --help`)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="synthgen", description="Turn a text-to-image diffusion model into a "
+    parser = _Parser(prog="synthgen", description="Turn a text-to-image diffusion model into a "
                                      "labeled, sharded WebDataset.")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -113,6 +124,8 @@ def submission(args: argparse.Namespace) -> dict:
     absolute: the working_dir is unpacked into a temporary folder on the cluster.
     """
     spec = load_spec(args.job, args.overrides, args.out, check_files=False)
+    if Path(spec.model.path).is_dir():  # a model folder on this machine: check it now as `run` will there
+        check_model(spec, str(Path(args.job)))
     workdir = Path(args.working_dir).resolve()
     job = Path(args.job).resolve()
     if not job.is_relative_to(workdir):
@@ -147,7 +160,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    spec = load_spec(args.job, args.overrides, args.out)
+    spec = load_spec(args.job, args.overrides, args.out)  # every pre-flight check of `run` (pipeline/preflight.py)
+    check_output_dir(spec, str(Path(args.job)))  # `run` leaves this to the writer, which also compares fingerprints
     synth = spec.resources.synthesis
     print(f"ok: job {spec.name!r}: {spec.samples} samples of {len(spec.classes)} classes in {spec.num_shards} "
           f"shards of {spec.output.shard_size} -> {spec.output.dir}; model {spec.model.path} "
@@ -211,7 +225,13 @@ def cmd_import_coco(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args, extra = build_parser().parse_known_args(argv)
+        if extra:
+            raise UsageError(f"unrecognized arguments: {' '.join(extra)} (see `synthgen {args.command} --help`)")
+    except UsageError as e:
+        print(f"synthgen: error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     try:
         return args.func(args)
     except UsageError as e:

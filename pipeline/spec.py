@@ -533,15 +533,12 @@ def load_calibration(data: dict, source: str) -> None:
 
 
 def check_paths(spec: JobSpec, source: str) -> None:
-    """Filesystem checks: the local model folder exists, the output dir is not a file, the references fit."""
-    model = Path(spec.model.path)
-    if model.is_absolute():
-        if not model.is_dir():
-            raise SpecError(f"{source}: model.path: local model folder {model} does not exist "
-                            "(a hub id looks like 'org/name')")
-        if not (model / "model_index.json").is_file():
-            raise SpecError(f"{source}: model.path: {model} has no model_index.json; expected a diffusers "
-                            "Stable Diffusion folder (save_pretrained layout)")
+    """Filesystem checks: the local model folder and what the job asks of it (pipeline/preflight.py: layout,
+    safetensors, tokenizer and prompt lengths, capture levels; no weights loaded), the output dir is not
+    a file, the references fit."""
+    from .preflight import check_model
+
+    check_model(spec, source)
     out = Path(spec.output.dir)
     if out.exists() and not out.is_dir():
         raise SpecError(f"{source}: output.dir: {out} is a file, not a directory; choose another output.dir")

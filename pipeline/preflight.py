@@ -1,0 +1,378 @@
+"""Pre-flight: what ``synthgen run`` would reject, found before any weights load, Ray starts or a file is written.
+
+``load_spec(..., check_files=True)`` calls :func:`check_model` through ``spec.check_paths``, so
+``validate``, ``run``, ``eval`` and ``repair`` run the same checks; ``submit`` runs them when the
+model folder is on this machine. ``validate`` also runs :func:`check_output_dir` (``run`` leaves
+that to the writer, which checks ownership and fingerprint in full before Ray starts).
+
+Checks of a local model folder, from its JSON files, its tokenizer vocabulary and directory listings:
+
+* ``model_index.json`` is readable and its ``_class_name`` names a supported family (``FAMILIES``);
+* the family's components are listed and present, and each one with weights holds plain
+  ``*.safetensors`` (the loader reads nothing else);
+* the tokenizer loads from ``<model>/tokenizer``; every class name, synonym and attribute is at
+  least one token and no unknown one; the longest prompt the sampler can build (:func:`longest_prompts`)
+  fits the tokenizer's ``model_max_length``;
+* ``masks.capture_resolutions`` / ``self_attention_resolution`` name attention levels the UNet has,
+  by the capture's own rule (``stages/unet_layout.py``), and self-attention fits at the job's size.
+
+A hub id is not checked here: its files are remote, only the workers download them, and the loader
+reports what is wrong there. Every failure is a SpecError, one line: ``<job file>: <field>: <reason
+and fix>``.
+
+Must not: load weights, import torch, diffusers or Ray (transformers' tokenizer needs none), or write.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from stages.unet_layout import MAX_SELF_ATTENTION_TOKENS, capture_level, expected_layers, level_grid, unet_config
+
+from .spec import JobSpec, SpecError, UsageError
+
+OBJECTS = "{objects}"  # the sampler's placeholder (stages/sampling.py)
+
+
+@dataclass(frozen=True)
+class Family:
+    """What pre-flight needs to know of a model family: the components it loads, which of them hold
+    weights, and their config files. A new family (SDXL, SD3, Flux) is one more entry of FAMILIES."""
+
+    name: str
+    configs: dict[str, str]  # component -> its config file (every component the loader needs)
+    weighted: tuple[str, ...]  # components whose weights the loader reads (safetensors only)
+    tokenizer: str = "tokenizer"
+    unet: str = "unet"
+    vae: str = "vae"
+
+
+SD = Family("Stable Diffusion 1.x/2.x",
+            configs={"unet": "config.json", "vae": "config.json", "text_encoder": "config.json",
+                     "tokenizer": "tokenizer_config.json", "scheduler": "scheduler_config.json"},
+            weighted=("unet", "vae", "text_encoder"))
+
+#: model_index.json ``_class_name`` -> family (safety_checker / feature_extractor are never loaded)
+FAMILIES: dict[str, Family] = {"StableDiffusionPipeline": SD}
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth", ".msgpack", ".h5", ".onnx")
+CONVERT = ("convert the folder with diffusers: DiffusionPipeline.from_pretrained(folder).save_pretrained(new_folder, "
+           "safe_serialization=True)")
+
+
+def _short(text: str, limit: int = 40) -> str:
+    """repr of ``text``, cut to ``limit`` characters (long class words stay one readable line)."""
+    return repr(text if len(text) <= limit else text[:limit] + "…")
+
+
+def _read_json(path: Path, source: str) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise SpecError(f"{source}: model.path: {path} is missing; expected a diffusers Stable Diffusion folder "
+                        "(save_pretrained layout)") from None
+    except (OSError, ValueError) as e:
+        raise SpecError(f"{source}: model.path: {path} is not readable JSON ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else ''}); restore it from the model's source") from None
+    if not isinstance(data, dict):
+        raise SpecError(f"{source}: model.path: {path} holds a JSON {type(data).__name__}, not an object; restore it "
+                        "from the model's source")
+    return data
+
+
+def model_folder(spec: JobSpec) -> Path | None:
+    """The job's local model folder (an absolute ``model.path``: load_spec resolves local paths); None for a hub id."""
+    path = Path(spec.model.path)
+    return path if path.is_absolute() else None
+
+
+def check_model(spec: JobSpec, source: str) -> None:
+    """Every model-folder check (module docstring); nothing for a hub id."""
+    folder = model_folder(spec)
+    if folder is None:
+        return
+    if not folder.is_dir():
+        raise SpecError(f"{source}: model.path: local model folder {folder} does not exist (a hub id looks like "
+                        "'org/name')")
+    if not (folder / "model_index.json").is_file():
+        raise SpecError(f"{source}: model.path: {folder} has no model_index.json; expected a diffusers Stable "
+                        "Diffusion folder (save_pretrained layout)")
+    family = check_layout(folder, source)
+    tokenizer = load_tokenizer(folder / family.tokenizer, source)
+    check_words(spec, tokenizer, source)
+    check_prompt_length(spec, tokenizer, source)
+    check_capture(spec, folder, family, source)
+
+
+def check_layout(folder: Path, source: str) -> Family:
+    """model_index.json names a supported family whose components are all there, weights as safetensors."""
+    index_path = folder / "model_index.json"
+    index = _read_json(index_path, source)
+    name = index.get("_class_name")
+    family = FAMILIES.get(name) if isinstance(name, str) else None
+    if family is None:
+        raise SpecError(f"{source}: model.path: {index_path} has _class_name {name!r}; supported: "
+                        f"{', '.join(sorted(FAMILIES))} ({' / '.join(sorted({f.name for f in FAMILIES.values()}))})")
+    for component, config in family.configs.items():
+        entry = index.get(component)
+        if not (isinstance(entry, list) and len(entry) == 2 and all(isinstance(e, str) for e in entry)):
+            raise SpecError(f"{source}: model.path: {index_path} lists no {component} (got {entry!r}); a "
+                            f"{family.name} folder needs {', '.join(family.configs)}")
+        where = folder / component
+        if not where.is_dir():
+            raise SpecError(f"{source}: model.path: component {component}: folder {where} is missing")
+        _read_json(where / config, source)
+        if component in family.weighted:
+            check_safetensors(where, component, source)
+    return family
+
+
+def check_safetensors(where: Path, component: str, source: str) -> None:
+    """The component folder holds weights the loader reads: ``<name>.safetensors`` (or its sharded index)."""
+    files = sorted(p.name for p in where.iterdir() if p.is_file())
+    plain = [f for f in files if f.endswith(".safetensors") and "." not in f.removesuffix(".safetensors")]
+    if plain or any(f.endswith(".safetensors.index.json") for f in files):
+        return
+    weights = [f for f in files if f.endswith(WEIGHT_SUFFIXES)]
+    variants = [f for f in weights if f.endswith(".safetensors")]
+    if variants:
+        raise SpecError(f"{source}: model.path: component {component} has only variant weights "
+                        f"({', '.join(variants)}); the loader reads plain safetensors (no variant): load them with "
+                        "diffusers (variant=...) and save_pretrained(new_folder, safe_serialization=True)")
+    if weights:
+        raise SpecError(f"{source}: model.path: component {component} has only {', '.join(weights)}; safetensors are "
+                        f"required (the loader never unpickles .bin/.ckpt files): {CONVERT}")
+    raise SpecError(f"{source}: model.path: component {component} has no weights (no *.safetensors in {where})")
+
+
+@contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """transformers' warnings off (bad input must stay one line on stderr), restored afterwards."""
+    logger = logging.getLogger("transformers")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+@dataclass(frozen=True)
+class Tokenizer:
+    """What pre-flight asks of the sampler's tokenizer: token ids, the unknown token, the length limit."""
+
+    encode: Callable[[str, bool], list[int]]  # (text, add BOS/EOS) -> ids, never padded or truncated
+    unk_token: str | None
+    unk_token_id: int | None
+    model_max_length: int
+
+    def ids(self, text: str, special: bool = False) -> list[int]:
+        return self.encode(text, special)
+
+
+def load_tokenizer(where: Path, source: str) -> Tokenizer:
+    """The sampler's tokenizer (transformers' CLIPTokenizer from ``<model>/tokenizer``: vocabulary files only).
+
+    A folder with ``tokenizer.json`` and its limit and unknown token in ``tokenizer_config.json`` is read
+    with the ``tokenizers`` library directly, which is what CLIPTokenizer runs on it (same ids:
+    tests/test_bad_input.py) without importing transformers (~1.5 s): ``synthgen validate`` stays fast.
+    """
+    files = {p.name for p in where.iterdir()} if where.is_dir() else set()
+    if "tokenizer.json" not in files and not {"vocab.json", "merges.txt"} <= files:
+        raise SpecError(f"{source}: model.path: the tokenizer in {where} has no vocabulary (tokenizer.json, or "
+                        "vocab.json + merges.txt); restore it from the model's source")
+    try:
+        return _fast_tokenizer(where) or _clip_tokenizer(where)
+    except Exception as e:  # noqa: BLE001 - any failure here is a broken tokenizer folder
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise SpecError(f"{source}: model.path: the tokenizer in {where} does not load ({type(e).__name__}: "
+                        f"{first[:200]}); restore its files (vocab.json + merges.txt or tokenizer.json)") from None
+
+
+def _fast_tokenizer(where: Path) -> Tokenizer | None:
+    config_path, file = where / "tokenizer_config.json", where / "tokenizer.json"
+    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    unk, limit = config.get("unk_token"), config.get("model_max_length")
+    if not (file.is_file() and isinstance(unk, str) and isinstance(limit, int)):
+        return None
+    import tokenizers
+
+    backend = tokenizers.Tokenizer.from_file(str(file))
+    backend.no_padding()
+    backend.no_truncation()
+    return Tokenizer(lambda text, special: backend.encode(text, add_special_tokens=special).ids, unk,
+                     backend.token_to_id(unk), limit)
+
+
+def _clip_tokenizer(where: Path) -> Tokenizer:
+    with _quiet_transformers():
+        from transformers import CLIPTokenizer
+
+        tok = CLIPTokenizer.from_pretrained(str(where.parent), subfolder=where.name)
+
+    def encode(text: str, special: bool) -> list[int]:
+        with _quiet_transformers():
+            return tok(text, add_special_tokens=special, truncation=False, verbose=False).input_ids
+
+    return Tokenizer(encode, tok.unk_token, tok.unk_token_id, tok.model_max_length)
+
+
+def class_words(spec: JobSpec) -> Iterator[tuple[str, str]]:
+    """(field path, word) of every class name, synonym and attribute."""
+    for i, cls in enumerate(spec.classes):
+        yield f"classes[{i}].name", cls.name
+        for j, word in enumerate(cls.synonyms):
+            yield f"classes[{i}].synonyms[{j}]", word
+        for j, word in enumerate(cls.attributes):
+            yield f"classes[{i}].attributes[{j}]", word
+
+
+def check_words(spec: JobSpec, tokenizer: Tokenizer, source: str) -> None:
+    """Every class word is at least one token and none is the unknown token (the masks follow the tokens)."""
+    unk = tokenizer.unk_token_id
+    for field, word in class_words(spec):
+        ids = tokenizer.ids(word)
+        if not ids:
+            raise SpecError(f"{source}: {field}: {_short(word)} becomes no token at all (the tokenizer drops its "
+                            "characters), so no attention map can follow it; use a visible word")
+        if unk is not None and unk in ids:
+            chars = sorted({c for c in word if unk in tokenizer.ids(c)})
+            shown = f" ({', '.join(map(repr, chars))})" if chars else ""
+            raise SpecError(f"{source}: {field}: {_short(word)} has characters the model's tokenizer does not "
+                            f"know{shown}: they become {tokenizer.unk_token!r} tokens, so the prompt loses them and "
+                            "a mask would follow no word; write it with characters the tokenizer knows")
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One class as the sampler writes it at its longest: 'a {attribute} {word}' (or 'a {word}')."""
+
+    index: int
+    text: str
+    tokens: int
+    field: str  # the class's longest part: its longest word or its longest attribute
+
+
+def _longest(tokenizer: Tokenizer, fields: list[tuple[str, str]]) -> tuple[str, str, int] | None:
+    counted = [(field, word, len(tokenizer.ids(word))) for field, word in fields]
+    return max(counted, key=lambda c: c[2]) if counted else None  # the first of equals: max keeps the first
+
+
+def _slot(tokenizer: Tokenizer, i: int, cls: Any) -> Slot:
+    word = _longest(tokenizer, [(f"classes[{i}].name", cls.name)] +
+                    [(f"classes[{i}].synonyms[{j}]", s) for j, s in enumerate(cls.synonyms)])
+    attribute = _longest(tokenizer, [(f"classes[{i}].attributes[{j}]", a) for j, a in enumerate(cls.attributes)])
+    text = f"a {attribute[1]} {word[1]}" if attribute else f"a {word[1]}"
+    field = attribute[0] if attribute and attribute[2] > word[2] else word[0]
+    return Slot(i, text, len(tokenizer.ids(text)), field)
+
+
+def _fill(tokenizer: Tokenizer, templates: list[str], slots: list[Slot]) -> tuple[int, int, str]:
+    """(tokens with BOS/EOS, template index, prompt) of the longest prompt these slots make in any template."""
+    objects = " and ".join(s.text for s in slots)
+    filled = []
+    for t, template in enumerate(templates):
+        prefix, suffix = template.split(OBJECTS)
+        prompt = prefix + objects + suffix
+        filled.append((len(tokenizer.ids(prompt, special=True)), t, prompt))
+    return max(filled, key=lambda f: (f[0], -f[1]))
+
+
+def longest_prompts(spec: JobSpec, tokenizer: Tokenizer) -> tuple[list[Slot], int]:
+    """Each class at its longest (longest word and longest attribute, as the sampler writes them) and the
+    number of classes per image (1 for image-guided variations).
+
+    The longest prompt is then the ``count`` longest slots in the longest template: the sampler joins
+    classes with ' and ' into the template's {objects}. It assumes every class can get its longest
+    attribute: the sampler prefers distinct attributes within an image, so when several classes
+    share their longest attribute this errs long by the difference to their next one.
+    """
+    slots = [_slot(tokenizer, i, cls) for i, cls in enumerate(spec.classes)]
+    count = 1 if spec.references is not None else min(spec.prompts.max_classes_per_image, len(slots))
+    return slots, count
+
+
+def check_prompt_length(spec: JobSpec, tokenizer: Tokenizer, source: str) -> None:
+    """The longest prompt fits the tokenizer; the error names the template, the class or the class count."""
+    limit = tokenizer.model_max_length
+    templates = list(spec.prompts.templates)
+    slots, count = longest_prompts(spec, tokenizer)
+    over = f"over the tokenizer's limit of {limit} (model_max_length in {Path(spec.model.path).name}/tokenizer)"
+    shortest = min(slots, key=lambda s: s.tokens)
+    for t, template in enumerate(templates):
+        n, _, prompt = _fill(tokenizer, [template], [shortest])
+        if n > limit:
+            raise SpecError(f"{source}: prompts.templates[{t}]: this template makes {n}-token prompts with a single "
+                            f"class ({_short(prompt, 60)}), {over}; shorten the template")
+    for slot in slots:
+        n, _, prompt = _fill(tokenizer, templates, [slot])
+        if n > limit:
+            name = spec.classes[slot.index].name
+            raise SpecError(f"{source}: {slot.field}: class {_short(name)} makes prompts of up to {n} tokens "
+                            f"({_short(prompt, 60)}), {over}; shorten it")
+    if count > 1:
+        worst = sorted(slots, key=lambda s: -s.tokens)[:count]
+        n, _, prompt = _fill(tokenizer, templates, worst)
+        if n > limit:
+            names = [spec.classes[s.index].name for s in worst]
+            raise SpecError(f"{source}: prompts.max_classes_per_image: {count} classes per image make prompts of up "
+                            f"to {n} tokens (classes {', '.join(map(_short, names))}: {_short(prompt, 80)}), {over}; "
+                            "lower max_classes_per_image or shorten the templates or class words")
+
+
+def check_capture(spec: JobSpec, folder: Path, family: Family, source: str) -> None:
+    """The capture resolutions name attention levels of this UNet; self-attention fits at the job's size."""
+    unet_path = folder / family.unet / "config.json"
+    config = unet_config(_read_json(unet_path, source))
+    try:
+        expected = expected_layers(config)
+    except ValueError as e:
+        raise SpecError(f"{source}: model.path: {unet_path}: {e}; synthgen captures attention of Stable Diffusion "
+                        "1.x/2.x UNets") from None
+    masks = spec.masks
+    for r in masks.capture_resolutions:
+        try:
+            capture_level("attn2", r, config, expected)
+        except ValueError as e:
+            raise SpecError(f"{source}: masks.capture_resolutions: {e}") from None
+    if masks.refine_power == 0:  # self-attention is captured only for refinement
+        return
+    try:
+        level = capture_level("attn1", masks.self_attention_resolution, config, expected)
+    except ValueError as e:
+        raise SpecError(f"{source}: masks.self_attention_resolution: {e}") from None
+    vae = _read_json(folder / family.vae / "config.json", source)
+    scale = 2 ** (len(vae.get("block_out_channels", [64])) - 1)  # diffusers' vae_scale_factor
+    gen = spec.generation
+    h, w = level_grid(gen.height // scale, gen.width // scale, level)
+    if h * w > MAX_SELF_ATTENTION_TOKENS:
+        raise SpecError(f"{source}: masks.self_attention_resolution: {masks.self_attention_resolution} is a {h}×{w} "
+                        f"grid at generation {gen.height}×{gen.width} ({h * w} tokens), too large to capture (at "
+                        f"most {MAX_SELF_ATTENTION_TOKENS}); pick a coarser level or smaller images")
+
+
+def check_output_dir(spec: JobSpec, source: str) -> None:
+    """The output dir can be ours: absent, empty, or with synthgen's files (after ``load_spec``, which refuses
+    a file; the writer checks ownership and fingerprint in full when a run opens the dir). A dir that lost
+    its manifest but holds shards is left to ``synthgen repair``."""
+    out = Path(spec.output.dir)
+    entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if not entries:
+        return
+    from .dataset import JOURNAL, MANIFEST, load_manifest
+
+    try:
+        manifest = load_manifest(out)
+    except UsageError as e:  # a manifest.json synthgen did not write
+        raise SpecError(f"{source}: output.dir: {e}") from None
+    if manifest is None and not (JOURNAL in entries or {"shards", "parts"} <= set(entries)):
+        shown = ", ".join(entries[:4]) + (f" and {len(entries) - 4} more" if len(entries) > 4 else "")
+        raise SpecError(f"{source}: output.dir: {out} is not empty and is not a synthgen output (no {MANIFEST}; it "
+                        f"holds {shown}); choose a new or empty directory")
