@@ -119,7 +119,7 @@ def import_coco(folder: str | Path, out: str | Path, name: str = "real", shard_s
     for k in pending:
         for index in range(*writer.plan.bounds(k)):
             writer.add(encode(_record(coco, images[index], index, class_ids)))
-    processed = sum(len(range(*writer.plan.bounds(k))) for k in pending)
+    processed = writer.plan.count(pending)
     wall = time.perf_counter() - t0
     summary = {"runner": "import-coco", "started": started.isoformat(timespec="seconds"), "wall_s": round(wall, 2),
                "processed": processed, "kept": processed, "rejected": 0, "rejected_by_reason": {},

@@ -65,6 +65,11 @@ class ShardPlan:
     def shard_of(self, index: int) -> int:
         return index // self.shard_size
 
+    def count(self, pending: Sequence[int]) -> int:
+        """Number of samples in the given shards."""
+        shards = np.asarray(pending, dtype=np.int64)
+        return int((np.minimum((shards + 1) * self.shard_size, self.total) - shards * self.shard_size).sum())
+
     def batches_in(self, k: int) -> int:
         start, stop = self.bounds(k)
         return -(-(stop - start) // self.batch_size)

@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import webdataset as wds
 from PIL import Image, ImageDraw
 
 from .dataset import INDEX, OutputError, read_manifest, write_atomic
@@ -56,6 +55,8 @@ def format_summary(summary: dict[str, Any]) -> str:
 
 def iter_samples(out: Path, manifest: dict | None = None) -> Iterator[dict[str, Any]]:
     """Raw samples (``__key__`` plus member bytes) of every committed shard, in index order."""
+    import webdataset as wds  # imports torch: not for the commands that only print
+
     manifest = manifest or read_manifest(out)
     urls = [str(Path(out) / s["tar"]) for s in manifest["shards"]]
     if urls:

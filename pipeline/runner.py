@@ -85,14 +85,15 @@ def run_job(spec: JobSpec, *, overwrite: bool = False, verify: bool = False, use
     """Generate every sample of the job that is not yet committed in its output dir; returns the summary.
 
     Raises OutputError / ResourceError (before anything is written) when the output dir or the
-    cluster does not fit the job.
+    cluster does not fit the job. A job with nothing to generate imports no stage (no torch) and
+    starts no Ray: its summary lists no stages.
     """
-    stages = list(stages or default_stages())
-    check_chain(stages)
     writer = prepare(spec, overwrite, verify)
-    # a finished job starts no Ray at all; checks come before open(), which writes
-    owns_ray = bool(writer.pending_shards()) and use_ray and init_ray(spec, stages, address, resource_wait_s,
-                                                                        verbose)
+    work = len(writer.pending_shards()) > 0
+    stages = list(stages or (default_stages() if work else ()))
+    check_chain(stages)
+    # checks come before open(), which writes
+    owns_ray = work and use_ray and init_ray(spec, stages, address, resource_wait_s, verbose)
     try:
         pending = writer.open()
         stats = RunStats(spec, stages)
@@ -101,7 +102,7 @@ def run_job(spec: JobSpec, *, overwrite: bool = False, verify: bool = False, use
             records = run_ray(spec, pending, stages, COLUMNS, verbose=verbose)
         else:
             records = run_in_process(spec, pending, stages)
-        total = sum(stop - start for start, stop in map(writer.plan.bounds, pending))
+        total = writer.plan.count(pending)
         with tqdm(total=total, unit="img", disable=not progress, desc=spec.name, dynamic_ncols=True) as bar:
             for batch in records:
                 if stats.first_batch_s is None:

@@ -26,7 +26,6 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import webdataset as wds
 
 from .dataset import (INDEX, INDEX_SCHEMA, JOURNAL, MANIFEST, MEMBERS, TAR_MTIME, TOP_LEVEL, FORMAT, OutputError,
                       append_commit, check_shards, counts, load_manifest, merge_commits, read_journal, sha256_file,
@@ -101,7 +100,7 @@ class DatasetWriter:
         self.foreign: list[str] = []  # files in the directory that synthgen did not write (after open)
         self.buffers: dict[int, dict[int, dict]] = {}
         self.written = 0
-        if self.manifest["shards"] and self.pending_shards():
+        if self.manifest["shards"] and len(self.committed) < self.plan.num_shards:
             self._check_threads(self.manifest)
 
     # --- opening ---------------------------------------------------------------------------
@@ -219,8 +218,10 @@ class DatasetWriter:
                 foreign.append(path.name)
         return sorted(foreign)
 
-    def pending_shards(self) -> list[int]:
-        return [k for k in range(self.plan.num_shards) if k not in self.committed]
+    def pending_shards(self) -> np.ndarray:
+        """Shard numbers not committed, ascending (int64: 8 bytes a shard, whatever the job's size)."""
+        return np.setdiff1d(np.arange(self.plan.num_shards, dtype=np.int64),
+                            np.fromiter(self.committed, dtype=np.int64, count=len(self.committed)))
 
     # --- writing ---------------------------------------------------------------------------
     def add(self, batch: dict[str, np.ndarray]) -> list[str]:
@@ -279,6 +280,8 @@ class DatasetWriter:
 
     @staticmethod
     def _write_tar(path: Path, kept: list[dict]) -> None:
+        import webdataset as wds  # imports torch: only a run that writes pays for it
+
         with open(path, "wb") as f:
             with wds.TarWriter(f, encoder=False, mtime=TAR_MTIME) as sink:
                 for r in kept:

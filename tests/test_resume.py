@@ -49,7 +49,7 @@ def records(indices, rejected=()) -> dict[str, np.ndarray]:
 
 def test_shards_commit_when_all_their_indices_arrived_in_any_order(tmp_path):
     writer = make_writer(tmp_path / "out")
-    assert writer.open() == [0, 1, 2]  # [0,4) [4,8) [8,10)
+    assert list(writer.open()) == [0, 1, 2]  # [0,4) [4,8) [8,10)
     arrivals = [([4, 5], []), ([0, 1], []), ([8, 9], ["train-000002"]), ([2, 3], ["train-000000"]),
                 ([6, 7], ["train-000001"])]
     for indices, committed in arrivals:
@@ -85,7 +85,7 @@ def test_reopening_deletes_strays_and_keeps_committed_shards(tmp_path):
     (out / "manifest.json.tmp").write_bytes(b"{")
 
     again = make_writer(out)
-    assert again.open() == [1, 2]
+    assert list(again.open()) == [1, 2]
     assert sorted(p.name for p in (out / "shards").iterdir()) == ["train-000000.tar"]
     assert sorted(p.name for p in (out / "parts").iterdir()) == ["train-000000.parquet"]
     assert not list(out.glob("*.tmp"))
@@ -107,7 +107,7 @@ def test_a_different_spec_is_refused_unless_overwrite(tmp_path):
         make_writer(out, seed=99)
     assert (out / MANIFEST).read_bytes() == manifest
     fresh = make_writer(out, seed=99, overwrite=True)
-    assert fresh.open() == [0, 1, 2]
+    assert list(fresh.open()) == [0, 1, 2]
     assert list((out / "shards").iterdir()) == []
 
 
@@ -123,7 +123,18 @@ def test_a_resume_with_other_cpu_thread_counts_is_refused_but_other_resources_ma
         make_writer(out, model=cpu, resources=threads)
     assert (out / MANIFEST).read_bytes() == manifest
     more_actors = dict(TINY_JOB["resources"], synthesis={"num_cpus": 0.9, "actors": 3})  # still 1 thread
-    assert make_writer(out, model=cpu, resources=more_actors).open() == [1, 2]
+    assert list(make_writer(out, model=cpu, resources=more_actors).open()) == [1, 2]
+
+
+def test_the_thread_check_covers_device_auto_on_a_machine_without_gpu(tmp_path):
+    out = tmp_path / "out"
+    auto = {"path": "org/m", "device": "auto"}
+    writer = make_writer(out, model=auto)
+    writer.open()
+    writer.add(records([0, 1, 2, 3]))
+    threads = dict(TINY_JOB["resources"], masks={"num_cpus": 2})
+    with pytest.raises(OutputError, match=r"resources\.masks\.num_cpus: .* 1 torch thread"):
+        make_writer(out, model=auto, resources=threads)
 
 
 def test_a_foreign_non_empty_directory_is_refused_even_with_overwrite(tmp_path):
@@ -168,8 +179,20 @@ def test_rerunning_a_complete_job_does_no_work(dataset, tmp_path):
     shards = {p.name: sha256_file(p) for p in (out / "shards").iterdir()}
     summary = run_job(load_spec(dataset.job, out=str(out)), use_ray=False, progress=False)
     assert summary["processed"] == 0 and summary["shards_written"] == 0
-    assert all(stage["rows"] == 0 for stage in summary["stages"])
+    assert summary["stages"] == []
     assert {p.name: sha256_file(p) for p in (out / "shards").iterdir()} == shards
+    assert_same_dataset(out, dataset.out)
+
+
+def test_a_no_op_rerun_imports_no_torch_and_starts_no_ray(dataset, tmp_path):
+    out = tmp_path / "copy"
+    shutil.copytree(dataset.out, out)
+    code = ("import sys; from pipeline.cli import main; rc = main(sys.argv[1:]); "
+            "print(rc, sorted(m for m in ('torch', 'ray', 'diffusers') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code, "run", str(dataset.job), "--out", str(out)],
+                          capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.stdout.strip().splitlines()[-1] == "0 []", proc.stderr[-2000:]
+    assert "0 written this run" in proc.stdout
     assert_same_dataset(out, dataset.out)
 
 
