@@ -50,8 +50,10 @@ class _Strict(BaseModel):
 
 class ModelSpec(_Strict):
     path: str = Field(min_length=1, description="local Stable Diffusion folder or hub id")
-    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
-    device: Literal["cpu", "cuda", "auto"] = "auto"
+    dtype: Literal["float32", "float16", "bfloat16"] = Field(default="float32", description="weights' dtype "
+                                                             "(float32 on cpu)")
+    device: Literal["cpu", "cuda", "auto"] = Field(default="auto", description="auto: cuda when a GPU is "
+                                                   "visible, else cpu")
 
 
 def _trimmed(value: str) -> str:
@@ -70,9 +72,10 @@ Text = Annotated[str, AfterValidator(_trimmed)]
 
 
 class ClassSpec(_Strict):
-    name: Text
-    synonyms: list[Text] = []
-    attributes: list[Text] = []
+    name: Text = Field(description="the class as prompts, masks and labels name it")
+    synonyms: list[Text] = Field(default=[], description="other words for it, drawn at random into prompts")
+    attributes: list[Text] = Field(default=[], description="adjectives drawn into prompts, e.g. colours "
+                                   "(\"a red circle\")")
 
     @model_validator(mode="before")
     @classmethod
@@ -89,10 +92,12 @@ class EmbeddingSpec(_Strict):
     Gaussian noise added to every token vector, ``sigma`` times that vector's RMS.
     """
 
-    mode: Literal["interpolate", "jitter"]
-    method: Literal["slerp", "lerp"] = "slerp"
-    weight: tuple[Fraction, Fraction] = (0.1, 0.4)
-    sigma: float = Field(default=0.1, gt=0)
+    mode: Literal["interpolate", "jitter"] = Field(description="interpolate: towards a partner prompt; "
+                                                   "jitter: seeded noise")
+    method: Literal["slerp", "lerp"] = Field(default="slerp", description="interpolate: per token")
+    weight: tuple[Fraction, Fraction] = Field(default=(0.1, 0.4), description="interpolate: the partner's "
+                                              "weight, uniform in [low, high], high ≤ 0.5")
+    sigma: float = Field(default=0.1, gt=0, description="jitter: noise × each token vector's RMS")
 
     @model_validator(mode="after")
     def _mode_fields(self) -> EmbeddingSpec:
@@ -108,10 +113,12 @@ class EmbeddingSpec(_Strict):
 
 
 class PromptSpec(_Strict):
-    templates: list[Text] = Field(default=["a photo of {objects}"], min_length=1)
-    min_classes_per_image: PositiveInt = 1
-    max_classes_per_image: PositiveInt = 1
-    embedding: EmbeddingSpec | None = None
+    templates: list[Text] = Field(default=["a photo of {objects}"], min_length=1,
+                                  description="each holds {objects} once; one is drawn per sample")
+    min_classes_per_image: PositiveInt = Field(default=1, description="fewest classes a prompt names")
+    max_classes_per_image: PositiveInt = Field(default=1, description="most classes a prompt names")
+    embedding: EmbeddingSpec | None = Field(default=None, description="conditioning in text-embedding "
+                                            "space; null: the prompt as written")
 
     @field_validator("templates")
     @classmethod
@@ -144,12 +151,13 @@ Samples = Annotated[
 
 
 class GenerationSpec(_Strict):
-    steps: PositiveInt = 25
-    guidance_scale: float = Field(default=7.5, ge=0.0)
-    height: PositiveInt = 512
-    width: PositiveInt = 512
-    scheduler: Literal["default", "ddim", "dpm++", "euler", "pndm"] = "default"
-    batch_size: PositiveInt = 8
+    steps: PositiveInt = Field(default=25, description="denoising steps")
+    guidance_scale: float = Field(default=7.5, ge=0.0, description="classifier-free guidance scale")
+    height: PositiveInt = Field(default=512, description="image height in pixels, a multiple of 8")
+    width: PositiveInt = Field(default=512, description="image width in pixels, a multiple of 8")
+    scheduler: Literal["default", "ddim", "dpm++", "euler", "pndm"] = Field(
+        default="default", description="default: the model folder's own scheduler")
+    batch_size: PositiveInt = Field(default=8, description="images per pipeline call")
 
     @field_validator("height", "width")
     @classmethod
@@ -160,18 +168,28 @@ class GenerationSpec(_Strict):
 
 
 class MasksSpec(_Strict):
-    capture_resolutions: list[PositiveInt] = Field(default=[16, 32], min_length=1)
-    self_attention_resolution: PositiveInt | None = None
-    refine_power: int = Field(default=0, ge=0)
-    step_window: tuple[Fraction, Fraction] = (0.0, 1.0)
-    threshold: Literal["fixed", "otsu", "calibrated"] = "fixed"
-    fg_threshold: Fraction = 0.5
-    ignore_threshold: Fraction = 0.35
-    class_thresholds: dict[str, Fraction] | None = None
+    capture_resolutions: list[PositiveInt] = Field(default=[16, 32], min_length=1, description="UNet "
+                                                   "attention grids captured (16: 16×16)")
+    self_attention_resolution: PositiveInt | None = Field(default=None, description="self-attention grid "
+                                                          "for refine_power")
+    refine_power: int = Field(default=0, ge=0, description="τ: maps refined as A^τ · maps (A: self-"
+                              "attention); 0: off")
+    step_window: tuple[Fraction, Fraction] = Field(default=(0.0, 1.0), description="[start, end): the "
+                                                   "fraction of denoising steps captured")
+    threshold: Literal["fixed", "otsu", "calibrated"] = Field(default="fixed", description="fixed: "
+                                                              "fg_threshold; otsu: per map; calibrated: "
+                                                              "class_thresholds")
+    fg_threshold: Fraction = Field(default=0.5, description="a normalised map at or above it: the class")
+    ignore_threshold: Fraction = Field(default=0.35, description="from here up to the class threshold: "
+                                       "ignore (255); scaled in proportion for otsu / calibrated")
+    class_thresholds: dict[str, Fraction] | None = Field(default=None, description="per-class "
+                                                         "thresholds for threshold: calibrated")
     calibration: str | None = Field(default=None, description="JSON file written by `synthgen eval --calibrate`; "
                                     "its class_thresholds are loaded into this spec")
-    ambiguity_margin: float = Field(default=0.0, ge=0.0)
-    use_raw: bool = False
+    ambiguity_margin: float = Field(default=0.0, ge=0.0, description="two best maps this close: ignore "
+                                    "(255)")
+    use_raw: bool = Field(default=False, description="masks from the raw cross-attention, not the "
+                          "self-attention-refined maps")
     image_refine: Literal["none", "superpixels"] = Field(
         default="none", description="superpixels: average each class map over Felzenszwalb segments of the "
         "generated image before thresholding, so masks follow the image's edges (stages/masks.py)")
@@ -191,15 +209,16 @@ class MasksSpec(_Strict):
 
 
 class LabelsSpec(_Strict):
-    semantic: bool = True
-    instances: bool = True
-    boxes: bool = True
+    semantic: bool = Field(default=True, description="semantic mask (not read yet: always produced)")
+    instances: bool = Field(default=True, description="COCO instances, RLE (not read yet: always produced)")
+    boxes: bool = Field(default=True, description="boxes (not read yet: always produced)")
 
 
 class FiltersSpec(_Strict):
-    min_area_fraction: Fraction = 0.005
-    max_area_fraction: Fraction = 0.95
-    min_contrast: float = 0.1
+    min_area_fraction: Fraction = Field(default=0.005, description="smallest instance, fraction of the image")
+    max_area_fraction: Fraction = Field(default=0.95, description="largest instance, fraction of the image")
+    min_contrast: float = Field(default=0.1, description="reject when a class's inside/outside attention "
+                                "contrast is lower")
     max_extra_instances: Annotated[int, Field(ge=0)] | None = Field(
         default=None, description="reject a sample when a class has more than (times prompted + this) "
         "instances; null = off")
@@ -215,10 +234,11 @@ class FiltersSpec(_Strict):
 
 
 class OutputSpec(_Strict):
-    dir: str = Field(min_length=1)
-    shard_size: PositiveInt = 1000
-    split: str = Field(default="train", pattern=r"^[a-z0-9]+$")
-    jpeg_quality: int = Field(default=95, ge=1, le=100)
+    dir: str = Field(min_length=1, description="output directory")
+    shard_size: PositiveInt = Field(default=1000, description="indices per shard, a multiple of "
+                                    "generation.batch_size")
+    split: str = Field(default="train", pattern=r"^[a-z0-9]+$", description="shard name prefix")
+    jpeg_quality: int = Field(default=95, ge=1, le=100, description="quality of key.jpg")
 
 
 Strength = Annotated[float, Field(gt=0.0, le=1.0)]
@@ -229,10 +249,11 @@ class SelectSpec(_Strict):
     ``top_fraction`` the ones with the highest ``loss_column`` (ties by key)."""
 
     path: str = Field(min_length=1, description="CSV or Parquet file with a key column (and a loss column)")
-    key_column: str = "key"
-    loss_column: str = "loss"
-    top_k: PositiveInt | None = None
-    top_fraction: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
+    key_column: str = Field(default="key", description="column of reference keys")
+    loss_column: str = Field(default="loss", description="column that top_k / top_fraction rank by")
+    top_k: PositiveInt | None = Field(default=None, description="the k highest losses")
+    top_fraction: Annotated[float, Field(gt=0.0, le=1.0)] | None = Field(default=None, description="this "
+                                                                         "fraction, highest losses first")
 
     @model_validator(mode="after")
     def _one_rule(self) -> SelectSpec:
@@ -246,9 +267,11 @@ class ReferencesSpec(_Strict):
     ``samples`` must equal references x len(strengths) x seeds_per_level (checked against the folder)."""
 
     path: str = Field(min_length=1, description="COCO folder (annotations.json) or a synthgen output dir")
-    strengths: list[Strength] = Field(default=[0.1, 0.3, 0.5, 0.7, 0.9], min_length=1)
-    seeds_per_level: PositiveInt = 1
-    select: SelectSpec | None = None
+    strengths: list[Strength] = Field(default=[0.1, 0.3, 0.5, 0.7, 0.9], min_length=1, description="img2img "
+                                      "strengths, each with int(steps × strength) ≥ 1")
+    seeds_per_level: PositiveInt = Field(default=1, description="variations per reference and strength")
+    select: SelectSpec | None = Field(default=None, description="which references get variations; "
+                                      "null: all")
 
     @field_validator("strengths")
     @classmethod
@@ -259,8 +282,8 @@ class ReferencesSpec(_Strict):
 
 
 class StageResources(_Strict):
-    num_cpus: float = Field(default=1.0, gt=0)
-    num_gpus: float = Field(default=0.0, ge=0)
+    num_cpus: float = Field(default=1.0, gt=0, description="per actor or task; on CPU also its torch threads")
+    num_gpus: float = Field(default=0.0, ge=0, description="per actor (synthesis only)")
     actors: PositiveInt = Field(default=1, description="actor pool size (model stages) or concurrent tasks")
 
 
@@ -278,18 +301,21 @@ class ResourcesSpec(_Strict):
 
 class JobSpec(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_-]+$", description="used in sample keys")
-    seed: int = 0
+    seed: int = Field(default=0, description="job seed: each sample's seed is a blake2 hash of (seed, index)")
     model: ModelSpec
-    classes: list[ClassSpec] = Field(min_length=1)
+    classes: list[ClassSpec] = Field(min_length=1, description="an item is a name or {name, synonyms, "
+                                     "attributes}")
     prompts: PromptSpec = PromptSpec()
-    samples: Samples
+    samples: Samples = Field(description="how many: a total, or {per_class: N} for N × the classes")
     generation: GenerationSpec = GenerationSpec()
     masks: MasksSpec = MasksSpec()
     labels: LabelsSpec = LabelsSpec()
     filters: FiltersSpec = FiltersSpec()
     output: OutputSpec
-    resources: ResourcesSpec = ResourcesSpec()
-    references: ReferencesSpec | None = None
+    resources: ResourcesSpec = Field(default=ResourcesSpec(), description="per stage; consecutive CPU "
+                                     "stages with equal resources share one worker")
+    references: ReferencesSpec | None = Field(default=None, description="img2img variations of real "
+                                              "images; null: text-to-image")
 
     @field_validator("classes")
     @classmethod
