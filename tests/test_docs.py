@@ -230,3 +230,26 @@ def test_benchmark_sections_state_their_provenance_and_mark_old_figures():
             assert "✔" not in body, f"'## {heading}' is not current ({fields['status'][:60]}) but shows ✔"
     assert checked >= 6
     assert "## Planning scale and no-op rerun" in text
+
+
+def _slug(heading: str) -> str:
+    """GitHub's anchor for a heading: lower case, punctuation dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+@pytest.mark.parametrize("doc", [README, BENCHMARKS, CARD, ROOT / "docs" / "history.md"],
+                         ids=["readme", "benchmarks", "model-card", "history"])
+def test_relative_links_resolve(doc):
+    broken = []
+    for target in re.findall(r"\]\(([^)\s]+)\)", doc.read_text()):
+        if re.match(r"^[a-z]+://", target):
+            continue
+        path, _, anchor = target.partition("#")
+        dest = (doc.parent / path).resolve() if path else doc
+        if not dest.exists():
+            broken.append(target)
+        elif anchor and dest.suffix == ".md":
+            headings = re.findall(r"^#+ (.+)$", dest.read_text(), flags=re.M)
+            if anchor not in {_slug(h) for h in headings}:
+                broken.append(target)
+    assert not broken, f"{doc.relative_to(ROOT)}: broken links {broken}"
