@@ -138,6 +138,36 @@ def load_manifest(out: Path) -> dict | None:
     return manifest
 
 
+def _listing(names: list[str], limit: int = 4) -> str:
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+def output_state(out: Path) -> tuple[dict | None, bool]:
+    """Whether an output dir may be written: (its manifest with the journal merged in, or None; whether
+    it is an orphan: a synthgen output that lost its manifest, for ``synthgen repair``).
+
+    (None, False) for an absent or empty dir. Raises OutputError (naming what the dir holds) for a
+    file, a ``manifest.json`` synthgen did not write, or a non-empty dir with no synthgen files.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"output.dir: {out} is a file, not a directory; choose another output dir")
+    entries = sorted(p.name for p in out.iterdir()) if out.exists() else []
+    if not entries:
+        return None, False
+    try:
+        manifest = load_manifest(out)
+    except OutputError as e:
+        raise OutputError(f"output.dir: {e} (it holds {_listing(entries)}; nothing was changed)") from None
+    if manifest is not None:
+        return merge_commits(manifest, read_journal(out)), False
+    if JOURNAL in entries or {"shards", "parts"} <= set(entries):
+        return None, True
+    raise OutputError(f"output.dir: {out} is not empty and is not a synthgen output (no {MANIFEST}; it holds "
+                      f"{_listing(entries)}); choose a new or empty directory")
+
+
 def read_manifest(out: Path) -> dict:
     """The manifest of a synthgen output dir, with the commits of a running or killed run merged in."""
     manifest = load_manifest(out)

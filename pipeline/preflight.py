@@ -362,17 +362,9 @@ def check_output_dir(spec: JobSpec, source: str) -> None:
     """The output dir can be ours: absent, empty, or with synthgen's files (after ``load_spec``, which refuses
     a file; the writer checks ownership and fingerprint in full when a run opens the dir). A dir that lost
     its manifest but holds shards is left to ``synthgen repair``."""
-    out = Path(spec.output.dir)
-    entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
-    if not entries:
-        return
-    from .dataset import JOURNAL, MANIFEST, load_manifest
+    from .dataset import output_state
 
     try:
-        manifest = load_manifest(out)
-    except UsageError as e:  # a manifest.json synthgen did not write
-        raise SpecError(f"{source}: output.dir: {e}") from None
-    if manifest is None and not (JOURNAL in entries or {"shards", "parts"} <= set(entries)):
-        shown = ", ".join(entries[:4]) + (f" and {len(entries) - 4} more" if len(entries) > 4 else "")
-        raise SpecError(f"{source}: output.dir: {out} is not empty and is not a synthgen output (no {MANIFEST}; it "
-                        f"holds {shown}); choose a new or empty directory")
+        output_state(Path(spec.output.dir))
+    except UsageError as e:
+        raise SpecError(f"{source}: {e}") from None

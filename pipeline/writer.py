@@ -28,8 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .dataset import (INDEX, INDEX_SCHEMA, JOURNAL, MANIFEST, MEMBERS, TAR_MTIME, TOP_LEVEL, FORMAT, OutputError,
-                      append_commit, check_shards, counts, load_manifest, merge_commits, read_journal, sha256_file,
-                      write_atomic)
+                      append_commit, check_shards, counts, output_state, sha256_file, write_atomic)
 from .plan import ShardPlan
 
 #: record columns the writer needs (everything else can be dropped before the driver)
@@ -62,11 +61,6 @@ def failpoint(name: str) -> None:
     failpoint.hits = getattr(failpoint, "hits", 0) + 1  # type: ignore[attr-defined]
     if failpoint.hits >= int(spec.partition(":")[2] or 1):  # type: ignore[attr-defined]
         os.kill(os.getpid(), signal.SIGKILL)
-
-
-def _listing(names: list[str], limit: int = 4) -> str:
-    more = f" and {len(names) - limit} more" if len(names) > limit else ""
-    return ", ".join(names[:limit]) + more
 
 
 def storage_error(out: Path, e: OSError, doing: str) -> OutputError:
@@ -114,24 +108,12 @@ class DatasetWriter:
                        "num_shards": self.plan.num_shards, "members": list(MEMBERS.values())},
             "shards": [], "counts": counts([]), "complete": False, "summary": None, "runs": [],
         }
-        if self.out.exists() and not self.out.is_dir():
-            raise OutputError(f"output.dir: {self.out} is a file, not a directory; choose another output dir")
-        entries = sorted(p.name for p in self.out.iterdir()) if self.out.exists() else []
-        if not entries:
-            return fresh
-        try:
-            old = load_manifest(self.out)
-        except OutputError as e:
-            raise OutputError(f"output.dir: {e} (it holds {_listing(entries)}; nothing was changed)") from None
-        if old is None and self.adopt:
-            return fresh
+        old, orphan = output_state(self.out)
+        if orphan and not self.adopt:
+            raise OutputError(f"output.dir: {self.out} holds synthgen shards but no {MANIFEST}; `synthgen repair JOB "
+                              "--out DIR` rebuilds it from the shards that agree with the job")
         if old is None:
-            ours = JOURNAL in entries or {"shards", "parts"} <= set(entries)
-            hint = ("; if it is a synthgen output that lost its manifest, `synthgen repair JOB --out DIR` rebuilds "
-                    "it" if ours else "")
-            raise OutputError(f"output.dir: {self.out} is not empty and is not a synthgen output (no {MANIFEST}; "
-                              f"it holds {_listing(entries)}); choose a new or empty directory{hint}")
-        old = merge_commits(old, read_journal(self.out))
+            return fresh
         if old.get("fingerprint") == self.fingerprint and not self.overwrite:
             return old
         if not self.overwrite:
