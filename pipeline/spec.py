@@ -8,6 +8,8 @@ Paths: a relative ``model.path`` or ``output.dir`` written in the job file is re
 job file's directory (so a job file works from any working directory); one given on the command
 line (``--set``, ``--out``) against the current directory. A ``model.path`` is local when it starts
 with ``/``, ``.`` or ``~`` or names an existing folder; anything else is a Hugging Face hub id.
+The spec keeps each path field as the user gave it too: ``JobSpec.public_dump()`` (what a manifest
+records) and ``JobSpec.model_name`` (what samples record) never hold an absolute local path.
 """
 from __future__ import annotations
 
@@ -20,10 +22,14 @@ from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import (AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError,
-                      field_validator, model_validator)
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Discriminator, Field, PrivateAttr, Tag,
+                      ValidationError, field_validator, model_validator)
+
+from stages.identity import public_path
 
 PositiveInt = Annotated[int, Field(ge=1)]
+#: path fields: resolved to absolute local paths to be used; recorded as given (``JobSpec.public_dump``)
+PATH_FIELDS = ("model.path", "output.dir", "masks.calibration", "references.path", "references.select.path")
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
 STAGES = ("sampling", "synthesis", "masks", "labels", "filters", "encode")
 
@@ -316,6 +322,8 @@ class JobSpec(_Strict):
                                      "stages with equal resources share one worker")
     references: ReferencesSpec | None = Field(default=None, description="img2img variations of real "
                                               "images; null: text-to-image")
+    #: PATH_FIELDS as the user gave them (job file or command line), before resolving; set by load_spec
+    _given: dict[str, str] = PrivateAttr(default_factory=dict)
 
     @field_validator("classes")
     @classmethod
@@ -378,11 +386,48 @@ class JobSpec(_Strict):
     def num_shards(self) -> int:
         return -(-self.samples // self.output.shard_size)
 
+    def given(self, field: str) -> str | None:
+        """A path field (``PATH_FIELDS``, dotted) as the user gave it; the resolved value when the spec
+        was not made by ``load_spec``; None when unset."""
+        node: Any = self
+        for part in field.split("."):
+            node = getattr(node, part, None)
+        return self._given.get(field, node) if isinstance(node, str) else None
+
+    @property
+    def model_name(self) -> str:
+        """The model as datasets name it: the hub id or the folder path as written (relative to the job
+        file, or to the working directory for ``--set``); an absolute one only by its folder's name."""
+        return public_path(self.given("model.path"))
+
+    def model_identity(self) -> dict[str, Any]:
+        """The model by content under the name the user gave it (``stages.identity.model_identity``): what
+        the manifest's ``model`` entry records and ``fingerprint`` takes. Hashes the model's files
+        (cached by path, size and mtime; see stages/identity.py)."""
+        from stages.identity import model_identity
+
+        return model_identity(self.model.path, self.model_name)
+
+    def public_dump(self) -> dict[str, Any]:
+        """``model_dump(mode="json")`` with every path field as the user gave it (``public_path``: relative
+        as written, absolute reduced to its last component): what a manifest records, so no local path
+        leaks into a dataset and two checkouts of one job record the same spec."""
+        dump = self.model_dump(mode="json")
+        for field in PATH_FIELDS:
+            *parents, leaf = field.split(".")
+            node: Any = dump
+            for part in parents:
+                node = node.get(part) if isinstance(node, dict) else None
+            if isinstance(node, dict) and isinstance(node.get(leaf), str):
+                node[leaf] = public_path(self.given(field))
+        return dump
+
     def fingerprint(self, model_identity: dict) -> str:
-        """sha256 over everything that changes the samples: the spec without the output location, the
-        calibration file's location and resources, and the model as its weight hashes (local folder) or
-        hub id (whose cached revision is recorded in the manifest but may only be known after the first
-        download)."""
+        """sha256 over everything that changes the samples, by content and never by location: the spec
+        without its path fields and resources, the model as its name (``model_name``, which samples
+        record) and content ``id`` (local folder: weights, configs, tokenizer) or its hub id (whose
+        cached revision is recorded in the manifest but may only be known after the first download),
+        and the references by content (``references_digest``)."""
         # masks.calibration is a location: the thresholds it holds are copied into masks.class_thresholds
         exclude: dict[str, Any] = {"output": {"dir"}, "resources": True, "model": {"path"}, "masks": {"calibration"}}
         if self.prompts.embedding is None:  # new, unset sections leave older jobs' fingerprints as they were
@@ -390,7 +435,7 @@ class JobSpec(_Strict):
         exclude["references"] = True if self.references is None else {"path": True, "select": {"path"}}
         spec = self.model_dump(mode="json", exclude=exclude)
         if model_identity.get("source") == "local":
-            model = {"weights": model_identity["weights"]}
+            model = {"name": self.model_name, "id": model_identity["id"]}
         else:
             model = {"hub_id": self.model.path}
         payload = {"spec": spec, "model": model}
@@ -500,6 +545,23 @@ def validate_spec(data: Any, source: str = "job") -> JobSpec:
         raise SpecError(f"{source}: {_format_error(e)}") from None
 
 
+def _lookup(data: Any, field: str) -> Any:
+    """``data[k1][k2]...`` for a dotted field, None where a level is missing."""
+    for part in field.split("."):
+        data = data.get(part) if isinstance(data, dict) else None
+    return data
+
+
+def _given_override(given: dict[str, str], key: str, value: Any) -> None:
+    """Record the path fields an override ``key=value`` sets, as typed (relative to the working directory)."""
+    for field in PATH_FIELDS:
+        if field == key or field.startswith(key + "."):
+            given.pop(field, None)
+            inner = value if field == key else _lookup(value, field[len(key) + 1:])
+            if isinstance(inner, str):
+                given[field] = inner
+
+
 def _resolve_paths(data: dict, base: Path) -> None:
     """Make relative model.path / output.dir absolute against ``base`` (in place)."""
     model = data.get("model")
@@ -590,12 +652,14 @@ def load_spec(path: str | Path, overrides: Sequence[str] = (), out: str | None =
         raise SpecError(f"{source}: malformed YAML: {_yaml_problem(e)}") from None
     if not isinstance(data, dict):
         raise SpecError(f"{source}: the job file must be a YAML mapping (key: value), got {type(data).__name__}")
+    given = {field: value for field in PATH_FIELDS if isinstance(value := _lookup(data, field), str)}
     _resolve_paths(data, path.resolve().parent)
     _resolve_reference_paths(data, path.resolve().parent)
     cli = [parse_override(item) + (item,) for item in overrides]
     if out is not None:
         cli.append((["output", "dir"], out, f"--out {out}"))
     for keys, value, item in cli:
+        _given_override(given, ".".join(keys), value)
         if keys in (["model", "path"], ["output", "dir"], ["masks", "calibration"]) and isinstance(value, str):
             holder = {keys[0]: {keys[1]: value}}
             _resolve_paths(holder, Path.cwd())
@@ -605,6 +669,7 @@ def load_spec(path: str | Path, overrides: Sequence[str] = (), out: str | None =
         _apply(data, keys, value, item)
     load_calibration(data, source)
     spec = validate_spec(data, source)
+    spec._given = given
     if check_files:
         check_paths(spec, source)
     return spec

@@ -1,9 +1,6 @@
-"""Load a Stable Diffusion 1.x / 2.x pipeline (local folder or hub id) and describe its identity."""
+"""Load a Stable Diffusion 1.x / 2.x pipeline (local folder or hub id); its identity: stages/identity.py."""
 from __future__ import annotations
 
-import hashlib
-import re
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -14,6 +11,10 @@ from diffusers import (
     PNDMScheduler,
     StableDiffusionPipeline,
 )
+
+# the model's identity (content digests, name) is torch-free and lives in stages/identity.py; re-exported here
+from .identity import local_folder as _local_folder
+from .identity import model_identity, short_id  # noqa: F401
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -27,9 +28,6 @@ SCHEDULERS: dict[str, tuple[type, dict[str, Any]]] = {
 }
 DEFAULT_SCHEDULER = "default"  # keep the checkpoint's scheduler
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-_EXPECTED = "expected a local Stable Diffusion folder (containing model_index.json) or a Hugging Face hub id"
-
 
 def _torch_dtype(dtype: str) -> torch.dtype:
     if dtype not in DTYPES:
@@ -42,18 +40,6 @@ def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return device
-
-
-def _local_folder(model: str) -> Path | None:
-    """The model's local folder, None for a hub id; raises for a missing or malformed local path."""
-    path = Path(model).expanduser()
-    if path.exists():
-        if not (path / "model_index.json").is_file():
-            raise ValueError(f"{str(path)!r} has no model_index.json: {_EXPECTED}")
-        return path
-    if not _HUB_ID.match(model) or model.startswith((".", "~")):
-        raise FileNotFoundError(f"model path {model!r} does not exist: {_EXPECTED}")
-    return None
 
 
 def scheduler_from_config(name: str, config) -> Any:
@@ -89,31 +75,3 @@ def load_pipeline(model: str, dtype: str = "float32", device: str = "cpu",
         pipe.scheduler = scheduler_from_config(name, pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(resolve_device(device))
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _weights(folder: Path) -> dict[str, str]:
-    return {p.relative_to(folder).as_posix(): _sha256(p) for p in sorted(folder.rglob("*.safetensors"))}
-
-
-def model_identity(model: str) -> dict[str, Any]:
-    """What the manifest records about a model: its path and the sha256 of each weights file, or,
-    for a hub id, the id and the cached snapshot's revision (with weight hashes when cached)."""
-    folder = _local_folder(model)
-    if folder is not None:
-        folder = folder.resolve()
-        return {"source": "local", "model": str(folder), "weights": _weights(folder)}
-    from huggingface_hub import try_to_load_from_cache
-
-    cached = try_to_load_from_cache(model, "model_index.json")
-    if not isinstance(cached, str):  # not in the local cache: only the id is known
-        return {"source": "hub", "model": model, "revision": None, "weights": {}}
-    snapshot = Path(cached).parent  # .../snapshots/<commit>/model_index.json
-    return {"source": "hub", "model": model, "revision": snapshot.name, "weights": _weights(snapshot)}

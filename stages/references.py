@@ -15,7 +15,6 @@ References are listed in key order; errors are :class:`ReferenceError` naming th
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import json
 import math
@@ -31,6 +30,8 @@ import pyarrow.parquet as pq
 import webdataset as wds
 from PIL import Image, ImageOps
 from pycocotools.coco import COCO
+
+from .identity import cached_sha256_many, digest_of, sha256_file
 
 ANNOTATIONS = "annotations.json"
 INDEX = "index.parquet"
@@ -164,9 +165,8 @@ def select(refs: list[Reference], sel: Any) -> list[Reference]:
     return [r for r in refs if r.key in chosen]
 
 
-def list_references(spec: Any) -> list[Reference]:
-    """The job's references (``spec.references``) in key order, selected and checked against its classes."""
-    cfg = spec.references
+def _selected(cfg: Any) -> list[Reference]:
+    """The references of a ``references`` section (listed, selected, files present), in key order."""
     folder = Path(cfg.path)
     if not folder.is_dir():
         raise ReferenceError("references.path", f"{folder} is not a directory; render a COCO folder with "
@@ -185,6 +185,12 @@ def list_references(spec: Any) -> list[Reference]:
     missing = next((r for r in refs if not Path(r.image).is_file()), None)
     if missing is not None:
         raise ReferenceError("references.path", f"reference {missing.key!r}: {missing.image} does not exist")
+    return refs
+
+
+def list_references(spec: Any) -> list[Reference]:
+    """The job's references (``spec.references``) in key order, selected and checked against its classes."""
+    refs = _selected(spec.references)
     classes = {c.name for c in spec.classes}
     outside = [r for r in refs if r.class_name not in classes]
     if outside:
@@ -194,15 +200,17 @@ def list_references(spec: Any) -> list[Reference]:
     return refs
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def references_digest(cfg: Any) -> dict[str, str | None]:
-    """sha256 of the reference listing (annotations.json or index.parquet) and of the selection file."""
+    """The reference data by content, never by location: sha256 of the listing (annotations.json or
+    index.parquet), of the selection file, and one sha256 over {key: sha256 of its image file} of the
+    selected references (for an output dir: of the shard tars that hold them). File digests are
+    cached by (path, size, mtime_ns) (``stages.identity``), so a rerun reads no pixels again."""
     folder = Path(cfg.path)
     listing = folder / ANNOTATIONS if (folder / ANNOTATIONS).is_file() else folder / INDEX
-    return {"listing": _sha256(listing), "select": _sha256(Path(cfg.select.path)) if cfg.select else None}
+    refs = _selected(cfg)
+    files = cached_sha256_many(sorted({Path(r.image) for r in refs} | {listing}))
+    return {"listing": files[listing], "select": sha256_file(cfg.select.path) if cfg.select else None,
+            "images": digest_of({r.key: files[Path(r.image)] for r in refs})}
 
 
 class ReferenceImages:

@@ -4,7 +4,9 @@ Text-to-image rows go through ``StableDiffusionPipeline``; rows whose ``cond`` n
 image go through ``StableDiffusionImg2ImgPipeline`` built from the same components (same weights,
 same capture), one call per strength. A ``cond["embedding"]`` is turned into ``prompt_embeds``
 here: the prompts are encoded one at a time, then interpolated (slerp / lerp per token) or
-jittered (seeded noise scaled by each token vector's RMS).
+jittered (seeded noise scaled by each token vector's RMS). Each row's ``gen`` names the model by
+its content (``model_id``, 16 hex digits of ``model_identity``'s ``id``) and by the path the user
+gave (``model``, ``stages.identity.public_path``), never by where it lies on this machine.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from diffusers import StableDiffusionImg2ImgPipeline
 
 from .attention import AttentionCapture, CaptureConfig
 from .base import Batch, Stage, passthrough
+from .identity import model_identity, public_path, short_id
 from .model import load_pipeline
 from .references import ReferenceImages, list_references
 
@@ -86,8 +89,11 @@ class SynthesisStage(Stage):
             capture_info = {"resolutions": list(config.resolutions), "self_resolution": config.self_resolution,
                             "refine_power": config.refine_power, "step_window": list(config.step_window),
                             "layers": self.capture.layer_counts}
+        # the model by content and by the name the user gave it: no local path, so two checkouts write the same bytes
+        name = getattr(spec, "model_name", None) or public_path(model.path)
         self.gen_json = json.dumps({
-            "model": model.path, "dtype": model.dtype, "scheduler": gen.scheduler or "default",
+            "model": name, "model_id": short_id(model_identity(model.path, name)), "dtype": model.dtype,
+            "scheduler": gen.scheduler or "default",
             "scheduler_class": type(self.pipe.scheduler).__name__, "steps": gen.steps,
             "guidance_scale": gen.guidance_scale, "height": gen.height, "width": gen.width,
             "capture": capture_info,

@@ -86,13 +86,15 @@ def test_load_options(tiny_model):
 
 def test_model_identity(tiny_model):
     ident = model_identity(tiny_model)
-    assert ident["source"] == "local" and ident["model"] == str(Path(tiny_model).resolve())
+    assert ident["source"] == "local" and ident["model"] == Path(tiny_model).name  # never the absolute path
+    assert len(ident["id"]) == 64 and "model_index.json" in ident["configs"] and ident["tokenizer"]
     assert set(ident["weights"]) == {"text_encoder/model.safetensors", "unet/diffusion_pytorch_model.safetensors",
                                      "vae/diffusion_pytorch_model.safetensors"}
     unet = Path(tiny_model) / "unet/diffusion_pytorch_model.safetensors"
     assert ident["weights"]["unet/diffusion_pytorch_model.safetensors"] == hashlib.sha256(unet.read_bytes()).hexdigest()
     hub = model_identity("example-org/not-cached-model")
-    assert hub == {"source": "hub", "model": "example-org/not-cached-model", "revision": None, "weights": {}}
+    assert hub == {"source": "hub", "model": "example-org/not-cached-model", "revision": None, "id": None,
+                   "weights": {}, "configs": {}, "tokenizer": {}}
 
 
 # --- sampling --------------------------------------------------------------------------------
