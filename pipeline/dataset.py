@@ -21,7 +21,6 @@ Must not: import Ray, torch or stage code.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections import Counter
@@ -30,6 +29,8 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+
+from stages.identity import sha256_file
 
 from .spec import UsageError
 
@@ -62,14 +63,6 @@ def write_atomic(path: Path, data: bytes) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 # --- commit journal ---------------------------------------------------------------------------

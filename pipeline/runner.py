@@ -72,9 +72,7 @@ def prepare(spec: JobSpec, overwrite: bool = False, verify: bool = False, adopt:
 
     ``verify`` also compares every committed shard's sha256 (sizes are always compared); ``adopt``
     starts a fresh manifest in a directory without one (``synthgen repair``)."""
-    from stages.model import model_identity
-
-    identity = model_identity(spec.model.path)
+    identity = spec.model_identity()
     return DatasetWriter(spec, spec.fingerprint(identity), identity, overwrite, verify, adopt)
 
 

@@ -103,7 +103,7 @@ class DatasetWriter:
         fresh = {
             "format": FORMAT, "fingerprint": self.fingerprint,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "job": self.spec.model_dump(mode="json"), "model": model_identity, "versions": package_versions(),
+            "job": self._job_dump(), "model": model_identity, "versions": package_versions(),
             "layout": {"split": self.plan.split, "shard_size": self.plan.shard_size, "samples": self.plan.total,
                        "num_shards": self.plan.num_shards, "members": list(MEMBERS.values())},
             "shards": [], "counts": counts([]), "complete": False, "summary": None, "runs": [],
@@ -122,6 +122,12 @@ class DatasetWriter:
                               "use another output dir or --overwrite to replace it")
         self.replaced = old
         return fresh
+
+    def _job_dump(self) -> dict:
+        """The spec as the manifest records it: paths as the user gave them (import-coco's real
+        datasets have no such paths)."""
+        public = getattr(self.spec, "public_dump", None)
+        return public() if public else self.spec.model_dump(mode="json")
 
     def _check_threads(self, old: dict) -> None:
         """On CPU a stage's torch threads (``int(num_cpus)``) change float results, so a resume

@@ -110,8 +110,6 @@ def test_no_local_path_in_shard_members_or_parts(two_checkouts):
         assert not [k for k, v in found.items() for loc in (*roots, REPO) if str(loc).encode() in v]
 
 
-@pytest.mark.xfail(strict=True, reason="pipeline/writer.py still records spec.model_dump() (absolute paths) in "
-                   "the manifest's job: it must record spec.public_dump() and spec.model_identity()")
 def test_no_local_path_in_the_manifest(two_checkouts):
     roots, outs = two_checkouts
     for out in outs:
