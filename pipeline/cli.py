@@ -16,6 +16,7 @@ import traceback
 from pathlib import Path
 from typing import NoReturn
 
+from . import quiet
 from .preflight import check_model, check_output_dir
 from .spec import SpecError, UsageError, load_spec
 
@@ -49,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-ray", action="store_true", help="run the stages in this process, without Ray")
     run.add_argument("--resource-timeout", type=float, default=0.0, metavar="S",
                      help="ask the autoscaler for missing CPUs/GPUs and wait up to S seconds (default: fail now)")
-    run.add_argument("--verbose", action="store_true", help="Ray's per-operator progress, tracebacks")
+    run.add_argument("-v", "--verbose", action="store_true", help="show everything: library warnings, Ray's log "
+                     "and per-operator progress, worker output, tracebacks")
     run.set_defaults(func=cmd_run)
 
     submit = sub.add_parser("submit", help="send `synthgen run` to a Ray cluster through the Ray Jobs API")
@@ -232,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         print(f"synthgen: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    quiet.setup(getattr(args, "verbose", False))  # before anything imports transformers, diffusers or Ray
     try:
         return args.func(args)
     except UsageError as e:

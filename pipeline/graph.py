@@ -29,6 +29,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -36,6 +37,7 @@ import numpy as np
 
 from stages.base import Batch, Stage
 
+from . import quiet
 from .plan import ShardPlan
 from .spec import JobSpec, UsageError
 
@@ -43,6 +45,11 @@ from .spec import JobSpec, UsageError
 TIME_PREFIX = "_seconds_"
 MAX_READ_BLOCKS = 20_000
 READ_TASK_CPUS = 1.0  # ray.data.range read tasks reserve one CPU
+#: a crashed actor (killed by the OOM killer, its node lost) is not restarted: the run stops with
+#: exit code 1 and a rerun resumes from the committed shards. Ray Data's default, endless restarts,
+#: spins forever on a crash that repeats, and makes Ray log an error-level line on every run
+#: (restarting actors whose constructor arguments live in the object store, ray-project/ray#53727)
+ACTOR_RESTARTS = 0
 
 
 class ResourceError(UsageError):
@@ -200,20 +207,21 @@ def init_ray(spec: JobSpec, stages: Sequence[type[Stage]], address: str | None, 
     priority. GPUs are never faked: a stage with
     ``num_gpus`` on a GPU-less cluster would wait forever, so it fails here instead. With
     ``wait_s`` > 0 the autoscaler is asked for the missing resources and given that long.
-    Worker output reaches the terminal only when ``verbose`` (errors still surface as exceptions).
+    Worker output reaches the terminal only when ``verbose`` (errors still surface as exceptions);
+    the workers' environment quiets their libraries (``pipeline/quiet.py``).
     """
     import ray
 
     started = not ray.is_initialized()
     if started and address:
-        ray.init(address=address, logging_level="WARNING", log_to_driver=verbose)
+        ray.init(address=address, **quiet.ray_init_args(verbose))
     elif started:
         cpus = max(os.cpu_count() or 1, math.ceil(required_resources(spec, stages)["CPU"]))
         # Ray starts its workers at nice +15 (below its own daemons); on a shared or small machine
         # that starves the synthesis actor against anything else running. Workers of a local Ray
         # run at the caller's priority instead, like the in-process runner.
         os.environ.setdefault("RAY_worker_niceness", "0")
-        ray.init(num_cpus=cpus, include_dashboard=False, logging_level="WARNING", log_to_driver=verbose)
+        ray.init(num_cpus=cpus, include_dashboard=False, **quiet.ray_init_args(verbose))
     missing = shortfall(spec, stages, ray.cluster_resources())
     if missing and wait_s > 0:
         from ray.autoscaler.sdk import request_resources
@@ -299,8 +307,10 @@ def build_dataset(spec: JobSpec, pending: Sequence[int], stages: Sequence[type[S
         common = dict(batch_size=spec.generation.batch_size, batch_format="numpy",
                       num_cpus=op.num_cpus, num_gpus=op.num_gpus or None)
         if op.kind == "actor":
-            ds = ds.map_batches(_udf(op), compute=ActorPoolStrategy(size=op.actors),
-                                fn_constructor_kwargs=kwargs, **common)
+            with warnings.catch_warnings():  # max_restarts has no named parameter yet (Ray 2.60)
+                warnings.filterwarnings("ignore", "`ray_remote_args` is deprecated", DeprecationWarning)
+                ds = ds.map_batches(_udf(op), compute=ActorPoolStrategy(size=op.actors),
+                                    fn_constructor_kwargs=kwargs, max_restarts=ACTOR_RESTARTS, **common)
         else:
             ds = ds.map_batches(_udf(op), compute=TaskPoolStrategy(size=op.actors), fn_kwargs=kwargs, **common)
     return ds
@@ -321,5 +331,6 @@ def run_ray(spec: JobSpec, pending: Sequence[int], stages: Sequence[type[Stage]]
     ctx.memory_usage_poll_interval_s = None  # no 1 Hz memory-polling thread beside the stages' torch threads
     logging.getLogger("ray.data").setLevel(logging.INFO if verbose else logging.WARNING)
     ds = build_dataset(spec, pending, stages, writer_columns)
-    # no prefetch: a finished block reaches the writer at once, not when the next one is done
-    yield from ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=0)
+    with quiet.ray_data_console(verbose):
+        # no prefetch: a finished block reaches the writer at once, not when the next one is done
+        yield from ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=0)
