@@ -3,7 +3,8 @@
 Bad input (command line, job file, model folder, output dir, cluster resources) is one line on stderr
 and exit code 2, before Ray starts and with nothing written (pipeline/preflight.py). A failure while
 running is one line and exit code 1 (``--verbose`` shows the traceback); committed shards stay valid
-and rerunning the same command resumes.
+and rerunning the same command resumes. Every failure's line is ``synthgen: error: <Type>: <message>``
+and names a log file with the full traceback (:func:`main`).
 """
 from __future__ import annotations
 
@@ -12,11 +13,11 @@ import json
 import os
 import shlex
 import sys
-import traceback
 from pathlib import Path
 from typing import NoReturn
 
 from . import quiet
+from .errors import auth_error, report
 from .preflight import check_model, check_output_dir
 from .spec import SpecError, UsageError, load_spec
 
@@ -154,8 +155,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     try:
         job_id = JobSubmissionClient(args.address).submit_job(**kwargs)
     except AuthenticationError as e:
-        raise UsageError(f"{args.address}: {str(e).splitlines()[0]}; the cluster uses Ray token authentication: "
-                         "export RAY_AUTH_MODE=token (and RAY_AUTH_TOKEN, or the token in ~/.ray/auth_token)") from None
+        raise auth_error(args.address, str(e).splitlines()[0]) from None
     print(job_id)
     print(f"follow it with: ray job logs --follow --address {args.address} {job_id}", file=sys.stderr)
     return 0
@@ -227,29 +227,20 @@ def cmd_import_coco(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Every failure ends in one line, ``synthgen: error: <Type>: <message>``, and an exit code:
+    2 bad input (a rerun repeats it), 1 a failure while running (a rerun resumes), 130 interrupted;
+    the full traceback goes to a log file the line names (pipeline/errors.py)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command, verbose = "", False
     try:
         args, extra = build_parser().parse_known_args(argv)
+        command, verbose = args.command, getattr(args, "verbose", False)
         if extra:
             raise UsageError(f"unrecognized arguments: {' '.join(extra)} (see `synthgen {args.command} --help`)")
-    except UsageError as e:
-        print(f"synthgen: error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    quiet.setup(getattr(args, "verbose", False))  # before anything imports transformers, diffusers or Ray
-    try:
+        quiet.setup(verbose)  # before anything imports transformers, diffusers or Ray
         return args.func(args)
-    except UsageError as e:
-        print(f"synthgen: error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except KeyboardInterrupt:
-        print("synthgen: interrupted; committed shards are kept, rerun the same command to resume", file=sys.stderr)
-        return 130
-    except Exception as e:  # a failure while running: one line, traceback on request
-        if getattr(args, "verbose", False):
-            traceback.print_exc()
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        print(f"synthgen: {args.command} failed: {type(e).__name__}: {first} (--verbose for the traceback; "
-              "rerun to resume)", file=sys.stderr)
-        return 1
+    except (Exception, KeyboardInterrupt) as e:
+        return report(e, command, argv, verbose)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import sys
 import time
 import warnings
@@ -37,7 +38,7 @@ import numpy as np
 
 from stages.base import Batch, Stage
 
-from . import quiet
+from . import errors, quiet
 from .plan import ShardPlan
 from .spec import JobSpec, UsageError
 
@@ -100,11 +101,18 @@ class TimedStage:
         if torch is not None:
             torch.set_num_threads(self.threads)
         start = time.perf_counter()
-        out = self.stage(batch)
+        with errors.in_stage(self.stage.name, "call", batch):
+            out = self.stage(batch)
         rows = len(out["index"])
         out = {c: out[c] for c in self.columns if c != self.column} if self.columns else dict(out)
         out[self.column] = np.full(rows, (time.perf_counter() - start) / max(rows, 1))
         return out
+
+
+def build_stage(cls: type[Stage], spec: JobSpec) -> Stage:
+    """``cls(spec)``; what it raises names the stage (``pipeline/errors.py``)."""
+    with errors.in_stage(cls.name, "init"):
+        return cls(spec)
 
 
 # --- in-process runner ----------------------------------------------------------------------------
@@ -115,7 +123,7 @@ def run_in_process(spec: JobSpec, pending: Sequence[int],
     check_chain(stages)
     if not len(pending):
         return
-    chain = [TimedStage(cls(spec)) for cls in stages]
+    chain = [TimedStage(build_stage(cls, spec)) for cls in stages]
     for start, stop in ShardPlan.from_spec(spec).batches(pending):
         batch: Batch = {"index": np.arange(start, stop, dtype=np.int64)}
         for stage in chain:
@@ -208,12 +216,16 @@ def init_ray(spec: JobSpec, stages: Sequence[type[Stage]], address: str | None, 
     ``num_gpus`` on a GPU-less cluster would wait forever, so it fails here instead. With
     ``wait_s`` > 0 the autoscaler is asked for the missing resources and given that long.
     Worker output reaches the terminal only when ``verbose`` (errors still surface as exceptions);
-    the workers' environment quiets their libraries (``pipeline/quiet.py``).
+    the workers' environment quiets their libraries (``pipeline/quiet.py``). A cluster that wants a
+    token we do not send is a UsageError at once, not after Ray's 20 s of retries.
     """
     import ray
 
     started = not ray.is_initialized()
     if started and address:
+        reason = token_refusal(address)
+        if reason:
+            raise errors.auth_error(address, reason)
         ray.init(address=address, **quiet.ray_init_args(verbose))
     elif started:
         cpus = max(os.cpu_count() or 1, math.ceil(required_resources(spec, stages)["CPU"]))
@@ -240,6 +252,33 @@ def init_ray(spec: JobSpec, stages: Sequence[type[Stage]], address: str | None, 
     return started
 
 
+def token_refusal(address: str) -> str:
+    """Why the Ray cluster at ``address`` (``host:port``) refuses our token, or the want of one; else ''.
+
+    Ray retries a refused connection for 20 s (a warning a second) before "Failed to connect"; one
+    GetClusterId call to the GCS, on a channel made as Ray makes its own (the token when
+    ``RAY_AUTH_MODE=token``, TLS when ``RAY_USE_TLS``), tells the same at once. Any other outcome (no
+    answer, another address form) is left to ``ray.init``.
+    """
+    if not re.fullmatch(r"[\w.\-]+:\d+", address):
+        return ""
+    import grpc
+    from ray._private.grpc_utils import init_grpc_channel
+    from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
+
+    channel = init_grpc_channel(address)
+    try:
+        gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel).GetClusterId(gcs_service_pb2.GetClusterIdRequest(),
+                                                                          timeout=5)
+    except grpc.RpcError as e:
+        if e.code() == grpc.StatusCode.UNAUTHENTICATED:
+            sent = os.environ.get("RAY_AUTH_MODE", "").lower() == "token"
+            return f"{e.details() or 'unauthenticated'} ({'the token sent was refused' if sent else 'no token sent'})"
+    finally:
+        channel.close()
+    return ""
+
+
 def _expand(batch: Batch, plan: ShardPlan, pending: np.ndarray) -> Batch:
     """Rows of batch ids -> rows of sample indices (whole aligned batches of the pending shards)."""
     starts, stops = plan.batch_bounds(pending, np.asarray(batch["id"], dtype=np.int64))
@@ -250,7 +289,7 @@ class _Chain:
     """The stages of one operator, chained; only the pipeline's last stage trims the columns."""
 
     def __init__(self, stages: Sequence[type[Stage]], spec: JobSpec, columns: tuple[str, ...], last: bool):
-        self.chain = [TimedStage(cls(spec), columns if last and i == len(stages) - 1 else ())
+        self.chain = [TimedStage(build_stage(cls, spec), columns if last and i == len(stages) - 1 else ())
                       for i, cls in enumerate(stages)]
 
     def __call__(self, batch: Batch) -> Batch:
@@ -271,9 +310,14 @@ def _task_chain(batch: Batch, stages: tuple[type[Stage], ...], spec: JobSpec, co
     return _TASK_CHAINS[key](batch)
 
 
+def _udf_name(op: Operator) -> str:
+    """The name Ray gives the operator (``MapBatches(<name>)``): its stage classes' names."""
+    return "".join(cls.__name__ for cls in op.stages)
+
+
 def _udf(op: Operator):
     """The map_batches callable of an operator, named after its stages (Ray names operators by callable)."""
-    name = "".join(cls.__name__ for cls in op.stages)
+    name = _udf_name(op)
     if op.kind == "actor":
         return type(name, (_Chain,), {})
 
@@ -329,8 +373,13 @@ def run_ray(spec: JobSpec, pending: Sequence[int], stages: Sequence[type[Stage]]
     ctx.enable_progress_bars = verbose
     ctx.print_on_execution_start = verbose
     ctx.memory_usage_poll_interval_s = None  # no 1 Hz memory-polling thread beside the stages' torch threads
+    ctx.raise_original_map_exception = True  # a stage's own exception, not Ray Data's UserCodeException
     logging.getLogger("ray.data").setLevel(logging.INFO if verbose else logging.WARNING)
     ds = build_dataset(spec, pending, stages, writer_columns)
-    with quiet.ray_data_console(verbose):
-        # no prefetch: a finished block reaches the writer at once, not when the next one is done
-        yield from ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=0)
+    try:
+        with quiet.ray_data_console(verbose):
+            # no prefetch: a finished block reaches the writer at once, not when the next one is done
+            yield from ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=0)
+    except Exception as e:  # a dead worker names only its Ray operator: say which of ours that is
+        setattr(e, errors.OPERATORS, {_udf_name(op): op.name for op in operators(spec, stages)})
+        raise

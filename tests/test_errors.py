@@ -1,4 +1,7 @@
-"""Quiet runs: a normal run prints no library noise on stderr."""
+"""One error path and quiet runs: a failure inside a Ray stage ends in one line naming the original
+exception and the stage, with exit 2 when a rerun would repeat it and 1 (and the resume advice) when
+it would not; the full traceback is in the log file the line names; a normal run prints no library
+noise on stderr."""
 from __future__ import annotations
 
 import os
@@ -7,8 +10,173 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
 
 from conftest import REPO, write_job
+from pipeline import errors
+from pipeline.cli import main
+from stages.base import Stage
+
+LINE = re.compile(r"^synthgen: error: (?P<type>\w+): (?P<message>.*?)(?: \((?P<where>stage [^)]*)\))?"
+                  r"; full traceback: (?P<log>\S+\.log)(?P<advice>; .*)?$")
+
+
+# --- stages for the failures (pickled by value into the Ray workers: see ray_session) ---------------
+class Keys(Stage):
+    """A stand-in for sampling: names the samples."""
+
+    name, kind, inputs, outputs = "sampling", "task", ("index",), ("key",)
+
+    def __call__(self, batch):
+        return {**batch, "key": np.array([f"tiny-{i:09d}" for i in batch["index"]])}
+
+
+class RaisesValueError(Stage):
+    name, kind, fusable, inputs, outputs = "synthesis", "actor", False, ("key",), ("image",)
+
+    def __call__(self, batch):
+        raise ValueError("guidance_scale -1 is below 0")
+
+
+class Dies(Stage):
+    """A worker that dies without raising, as one killed by the OOM killer does."""
+
+    name, kind, fusable, inputs, outputs = "synthesis", "actor", False, ("key",), ("image",)
+
+    def __call__(self, batch):
+        os._exit(1)
+
+
+@pytest.fixture(scope="class")
+def ray_session():
+    """A local Ray for the tests of one class (the others need none in this process: ``run`` would use it)."""
+    import ray
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import this module
+    temp = tempfile.mkdtemp(prefix="sg-err-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False, _temp_dir=temp)
+    yield ray
+    ray.shutdown()
+    shutil.rmtree(temp, ignore_errors=True)
+
+
+def run_failing(monkeypatch, capsys, tmp_path, model: str, stages: list) -> tuple[int, re.Match, str]:
+    """``synthgen run`` of a 2-sample job through the shared local Ray with the given stage chain."""
+    monkeypatch.setattr("pipeline.runner.default_stages", lambda: stages)
+    job = write_job(tmp_path, model, samples=2, output={"dir": str(tmp_path / "out"), "shard_size": 2})
+    code = main(["run", str(job)])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip() and not line.startswith("tiny:")]  # the bar
+    assert len(lines) == 1, err
+    match = LINE.match(lines[0])
+    assert match, lines[0]
+    log = Path(match["log"])
+    assert log.parent == errors.log_dir() and log.is_file()
+    text = log.read_text()
+    log.unlink()
+    return code, match, text
+
+
+class TestInLocalRay:
+    """Failures inside Ray workers, through ``main``, on one local Ray."""
+
+    def test_a_stage_error_is_its_own_type_and_message_with_the_stage_and_exit_2(self, ray_session, monkeypatch,
+                                                                                capsys, tmp_path, tiny_model):
+        code, line, log = run_failing(monkeypatch, capsys, tmp_path, tiny_model, [Keys, RaisesValueError])
+        assert code == 2
+        assert (line["type"], line["message"]) == ("ValueError", "guidance_scale -1 is below 0")
+        assert line["where"] == "stage synthesis, samples tiny-000000000..tiny-000000001"
+        assert line["advice"] is None  # a rerun repeats it: no "rerun to resume"
+        assert "\x1b" not in line.string and "Ray" not in line.string and "ray::" not in line.string
+        # the log holds the worker's traceback down to the raising line
+        assert "Traceback" in log and 'raise ValueError("guidance_scale -1 is below 0")' in log
+
+    def test_a_model_that_does_not_load_in_the_actor_constructor_is_the_loader_error_and_exit_2(
+            self, ray_session, monkeypatch, capsys, tmp_path, tiny_model):
+        from stages.sampling import SamplingStage
+        from stages.synthesis import SynthesisStage
+
+        broken = tmp_path / "broken-model"
+        shutil.copytree(tiny_model, broken, copy_function=os.link)  # hard links: no 16 MB copy
+        weights = broken / "unet" / "diffusion_pytorch_model.safetensors"
+        weights.unlink()  # never write through the link
+        weights.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not a header}")
+        code, line, log = run_failing(monkeypatch, capsys, tmp_path, str(broken), [SamplingStage, SynthesisStage])
+        assert code == 2
+        assert line["type"] == "OSError" and str(weights) in line["message"], line.string
+        assert line["where"] == "stage synthesis" and line["advice"] is None
+        assert "ActorDiedError" not in line.string and "\x1b" not in line.string
+        assert "Traceback" in log and "from_pretrained" in log  # the creation task's traceback, unwrapped
+
+    def test_a_worker_that_dies_is_exit_1_with_the_resume_advice(self, ray_session, monkeypatch, capsys, tmp_path,
+                                                                 tiny_model):
+        code, line, log = run_failing(monkeypatch, capsys, tmp_path, tiny_model, [Keys, Dies])
+        assert code == 1
+        assert line["type"] == "ActorDiedError" and line["where"] == "stage synthesis", line.string
+        assert "(worker exit SYSTEM_ERROR: " in line["message"]  # how it ended (Ray's likely causes: in the log)
+        assert line["advice"] == f"; {errors.RESUME}"
+        assert "Traceback" in log
+
+
+def test_bad_input_is_one_line_with_its_type_and_no_log(tmp_path, capsys):
+    assert main(["validate", str(tmp_path / "missing.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("synthgen: error: SpecError: ") and "missing.yaml" in err
+    assert "full traceback" not in err
+
+
+def test_ray_wrappers_unwrap_to_the_original_and_transient_failures_are_exit_1():
+    from ray.exceptions import ActorDiedError, RayTaskError
+
+    original = ValueError("bad")
+    with pytest.raises(ValueError) as caught, errors.in_stage("masks", "call", {"key": np.array(["a", "b"])}):
+        raise original
+    wrapped = RayTaskError("submit", "Traceback ...\nValueError: bad", caught.value).as_instanceof_cause()
+    assert errors.unwrap(wrapped) is original and errors.exit_code(wrapped) == 2
+    assert errors.summary(wrapped) == ("ValueError", "bad")
+    assert errors.where(wrapped) == {"stage": "masks", "phase": "call", "samples": "a..b", "message": "bad"}
+    died_in_init = ActorDiedError(RayTaskError("__init__", "Traceback ...", OSError("no weights")))
+    assert errors.summary(died_in_init) == ("OSError", "no weights")
+    assert errors.exit_code(died_in_init) == 1  # untagged: not known to come from a stage's constructor
+    assert errors.exit_code(ActorDiedError()) == 1 and errors.exit_code(RuntimeError("CUDA out of memory")) == 1
+    assert errors.exit_code(KeyboardInterrupt()) == 130
+
+
+def test_run_against_a_cluster_that_wants_a_token_is_one_line_at_once(monkeypatch, capfd, tmp_path, tiny_model):
+    """No 20 s of Ray's InvalidAuthToken retries: one call to the GCS (here a stand-in that refuses
+    us) and one line with the hint ``submit`` gives."""
+    from concurrent import futures
+
+    import grpc
+    import ray
+    from ray.core.generated import gcs_service_pb2_grpc
+
+    from pipeline.graph import token_refusal
+
+    class Refuses(gcs_service_pb2_grpc.NodeInfoGcsServiceServicer):
+        def GetClusterId(self, request, context):
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "InvalidAuthToken: Authentication token is missing")
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=1))
+    gcs_service_pb2_grpc.add_NodeInfoGcsServiceServicer_to_server(Refuses(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    job = write_job(tmp_path, tiny_model, output={"dir": str(tmp_path / "out")})
+    try:
+        code = main(["run", str(job), "--address", f"127.0.0.1:{port}"])
+        err = capfd.readouterr().err  # the file descriptor: Ray's C++ warnings would be here too
+    finally:
+        server.stop(None)  # (gRPC logs a GOAWAY on stderr if a connection is still open: read before)
+    assert code == 2 and err.count("\n") == 1, err
+    assert err.startswith(f"synthgen: error: UsageError: 127.0.0.1:{port}: InvalidAuthToken: ") and \
+        "(no token sent); the cluster uses Ray token authentication: export RAY_AUTH_MODE=token" in err, err
+    assert not ray.is_initialized() and not (tmp_path / "out").exists()
+    assert token_refusal(f"127.0.0.1:{port}") == ""  # nobody answers: left to ray.init
+    assert token_refusal("ray://head:10001") == ""  # Ray Client: not a GCS address
 
 
 def test_a_normal_run_prints_no_library_noise(tmp_path, tiny_model):
