@@ -363,12 +363,12 @@ def build_dataset(spec: JobSpec, pending: Sequence[int], stages: Sequence[type[S
 def run_ray(spec: JobSpec, pending: Sequence[int], stages: Sequence[type[Stage]] | None = None,
             writer_columns: Sequence[str] = (), verbose: bool = False) -> Iterator[Batch]:
     """Stream the records of the pending shards out of Ray Data (Ray must be initialised)."""
+    if not len(pending):
+        return
     import ray.data
 
     stages = list(stages or default_stages())
     check_chain(stages)
-    if not len(pending):
-        return
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = verbose
     ctx.print_on_execution_start = verbose

@@ -208,8 +208,9 @@ class DatasetWriter:
 
     def pending_shards(self) -> np.ndarray:
         """Shard numbers not committed, ascending (int64: 8 bytes a shard, whatever the job's size)."""
-        return np.setdiff1d(np.arange(self.plan.num_shards, dtype=np.int64),
-                            np.fromiter(self.committed, dtype=np.int64, count=len(self.committed)))
+        pending = np.ones(self.plan.num_shards, dtype=bool)
+        pending[np.fromiter(self.committed, dtype=np.int64, count=len(self.committed))] = False
+        return np.flatnonzero(pending).astype(np.int64)
 
     # --- writing ---------------------------------------------------------------------------
     def add(self, batch: dict[str, np.ndarray]) -> list[str]:
