@@ -174,6 +174,18 @@ def test_self_attention_refinement(unet):
 
 
 def test_non_square_latent(unet):
+    # a 16×24 latent (384 queries) against diffusers' own softmax(QKᵀ/√d), raw and refined
+    cross, self_ = record_reference(unet, "attn2"), record_reference(unet, "attn1")
+    capture = AttentionCapture(unet, CaptureConfig(resolutions=(16,), self_resolution=16, refine_power=1))
+    maps = run(capture, unet, latent_hw=(16, 24))
+    capture.remove()
+    raw = max_normalise(class_maps(layers_at(cross, 16 * 24), len(TOKENS), (16, 24)))
+    torch.testing.assert_close(maps["attn_raw"], raw, rtol=1e-4, atol=1e-6)
+    affinity = torch.stack([p[-2:].mean(dim=1) for p in layers_at(self_, 16 * 24)]).mean(dim=0)  # (B, 384, 384)
+    refined = affinity @ raw.flatten(2).transpose(1, 2)
+    torch.testing.assert_close(maps["attn"], refined.transpose(1, 2).reshape(2, K, 16, 24), rtol=1e-4, atol=1e-6)
+
+    # two levels (16×24 and 8×12) and refinement at the coarse one keep the non-square latent grid
     capture = AttentionCapture(unet, CaptureConfig(resolutions=(16, 8), self_resolution=8, refine_power=1))
     maps = run(capture, unet, latent_hw=(16, 24))
     assert level_grid(16, 24, 1) == (8, 12) and level_grid(5, 7, 1) == (3, 4)

@@ -1,5 +1,5 @@
 """benchmarks/downstream_seg.py: reading a synthgen output into global class ids, the IoU metric,
-and a two-step training smoke test (the full benchmark is not run here)."""
+and a short training run that must lower the loss (the full benchmark is not run here)."""
 from __future__ import annotations
 
 import importlib.util
@@ -89,12 +89,14 @@ def test_iou_report_on_known_arrays():
     assert ds.iou_report(ds.confusion(np.where(half == 255, 0, half), target))["per_class"]["star"] == 0.5
 
 
-def test_two_training_steps_give_finite_loss_and_a_valid_miou():
+def test_training_on_a_tiny_batch_lowers_the_loss_and_gives_a_valid_miou():
     images, masks = ds.render_real(ds.REAL_TRAIN_SEED, 4, 32)
     masks = masks.copy()
     masks[:, :2] = 255
-    model, stats = ds.train(images, masks, ds.TrainSettings(steps=2, batch_size=4, width=4))
+    # 20 steps on the same 4 images: the loss must fall (by 10-20 % for seeds 0-4; seed 0 here)
+    model, stats = ds.train(images, masks, ds.TrainSettings(steps=20, batch_size=4, width=4))
     assert np.isfinite(stats["first_loss"]) and np.isfinite(stats["final_loss"])
+    assert stats["final_loss"] < 0.95 * stats["first_loss"], stats
     report = ds.evaluate(model, *ds.render_real(ds.TEST_SEED, 3, 32))
     assert 0.0 <= report["miou"] <= 1.0 and 0.0 <= report["background"] <= 1.0
     assert ds.masked_ce(torch.zeros(1, ds.NUM_CLASSES, 4, 4), torch.full((1, 4, 4), 255)).item() == 0.0

@@ -104,7 +104,8 @@ def test_calibration_and_inline_thresholds_conflict(tmp_path, tiny_model):
 
 
 def test_eval_and_calibrate_run_the_job_stages(tmp_path, tiny_model, capsys):
-    """A real (tiny) `synthgen eval` and `--calibrate` on the bundled model: numbers in range, files valid."""
+    """A real (tiny) `synthgen eval` and `--calibrate` on the bundled model: the job's refined masks
+    score at least the raw attention's mIoU, calibrated thresholds come from the searched grid."""
     job = REPO / "jobs" / "shapes-demo.yaml"
     fast = ["--set", f"model.path={tiny_model}", "--set", "generation.steps=4", "--set", "generation.batch_size=4"]
     out = tmp_path / "eval.json"
@@ -114,13 +115,19 @@ def test_eval_and_calibrate_run_the_job_stages(tmp_path, tiny_model, capsys):
     for key in ("raw", "refined"):
         assert 0.0 <= result[key]["semantic"]["miou"] <= 1.0
         assert 0.0 <= result[key]["bbox"]["AP50"] <= 1.0
+    raw, refined = result["raw"]["semantic"]["miou"], result["refined"]["semantic"]["miou"]
+    assert refined >= raw > 0.0, (raw, refined)  # refinement is what the job adds over raw attention
     assert result["filters"]["kept"] + result["filters"]["rejected"] == 4
     assert "mIoU" in capsys.readouterr().out
 
     calib = tmp_path / "cal.json"
     assert cli.main(["eval", str(job), *fast, "-n", "8", "--calibrate", str(calib)]) == 0
-    thresholds = json.loads(calib.read_text())["class_thresholds"]
-    assert set(thresholds) == set(CLASSES) and all(0.0 < t < 1.0 for t in thresholds.values())
+    calibration = json.loads(calib.read_text())
+    thresholds, ious = calibration["class_thresholds"], calibration["calibration_iou"]
+    assert set(thresholds) == set(ious) == set(CLASSES)
+    assert all(t in ev.CALIBRATION_GRID for t in thresholds.values()), thresholds  # the searched thresholds
+    assert all(0.0 <= v <= 1.0 for v in ious.values()) and max(ious.values()) > 0.0, ious
+    assert calibration["prompts"] == {"n": 8, "first_seed": ev.CALIBRATION_SEED}
     spec = load_spec(job, [f"model.path={tiny_model}", "masks.threshold=calibrated", f"masks.calibration={calib}"])
     assert spec.masks.class_thresholds == thresholds
 

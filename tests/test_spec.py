@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from pydantic import ValidationError
 
 from conftest import REPO, TINY_JOB, write_job
 from pipeline.cli import main
@@ -105,8 +106,9 @@ def test_validate_prints_a_summary(job_file, capsys):
 
 def test_the_spec_is_frozen():
     spec = validate_spec(dict(TINY_JOB, model={"path": "org/m"}))
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError, match="frozen"):
         spec.seed = 5
+    assert spec.seed != 5
     assert isinstance(spec, JobSpec)
     assert yaml.safe_load(yaml.safe_dump(spec.model_dump(mode="json")))["samples"] == 16
 

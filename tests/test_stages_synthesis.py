@@ -13,7 +13,7 @@ from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteS
 from transformers import CLIPTokenizer
 
 from pipeline.shapes.world import CLASSES, COLORS
-from stages.model import load_pipeline, model_identity
+from stages.model import SCHEDULERS, load_pipeline, model_identity
 from stages.sampling import SamplingStage, stable_seed
 from stages.synthesis import SynthesisStage
 
@@ -214,6 +214,11 @@ def test_non_square_and_cfg_off(tiny_model, sampled):
 @pytest.mark.parametrize("scheduler", ["pndm", "dpm++"])
 def test_schedulers_run_with_capture(tiny_model, sampled, scheduler):
     spec = make_spec(tiny_model, scheduler=scheduler, refine_power=0)
-    out = SynthesisStage(spec)(rows(sampled, slice(0, 1)))
-    assert json.loads(out["gen"][0])["scheduler"] == scheduler
+    stage = SynthesisStage(spec)
+    out = stage(rows(sampled, slice(0, 1)))
+    cls, overrides = SCHEDULERS[scheduler]
+    used = stage.pipe.scheduler  # the scheduler the pipeline actually stepped with
+    assert type(used) is cls and overrides.items() <= dict(used.config).items()
+    gen = json.loads(out["gen"][0])
+    assert gen["scheduler"] == scheduler and gen["scheduler_class"] == cls.__name__
     assert np.array_equal(out["attn"], out["attn_raw"])  # refinement off
