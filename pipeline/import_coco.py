@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from stages.base import Batch
 from stages.encode import EncodeStage
-from stages.references import ANNOTATIONS, CocoImage, ReferenceError, load_coco
+from stages.references import ANNOTATIONS, CocoImage, ReferenceDataError, load_coco
 
 from .spec import ClassSpec, OutputSpec, UsageError
 from .writer import DatasetWriter
@@ -91,7 +91,7 @@ def import_coco(folder: str | Path, out: str | Path, name: str = "real", shard_s
                          "from `python -m pipeline.shapes render --n 40 --out DIR`")
     try:
         coco, images = load_coco(folder, field=str(folder))
-    except ReferenceError as e:
+    except ReferenceDataError as e:
         raise UsageError(str(e)) from None
     if not images:
         raise UsageError(f"{folder / ANNOTATIONS}: no image has an annotation")

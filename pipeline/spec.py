@@ -591,11 +591,11 @@ def _resolve_reference_paths(data: dict, base: Path) -> None:
 def check_references(spec: JobSpec, source: str) -> None:
     """The reference folder and selection file are readable, name only the job's classes, and give
     exactly ``samples`` variations (references x strengths x seeds_per_level)."""
-    from stages.references import ReferenceError, list_references
+    from stages.references import ReferenceDataError, list_references
 
     try:
         refs = list_references(spec)
-    except ReferenceError as e:
+    except ReferenceDataError as e:
         raise SpecError(f"{source}: {e}") from None
     cfg = spec.references
     total = len(refs) * len(cfg.strengths) * cfg.seeds_per_level

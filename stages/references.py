@@ -10,7 +10,7 @@
               output dir: the record's first class (for an import: the largest annotation's).
   attributes  COCO: the values of that annotation's ``attributes`` mapping (e.g. its colour), if any.
 
-References are listed in key order; errors are :class:`ReferenceError` naming the job field.
+References are listed in key order; errors are :class:`ReferenceDataError` naming the job field.
 """
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ INDEX = "index.parquet"
 RENDER_HINT = "python -m pipeline.shapes render --n 40 --out DIR"
 
 
-class ReferenceError(ValueError):
+class ReferenceDataError(ValueError):
     """Unusable reference input; ``str(err)`` is '<job field>: <reason>'."""
 
     def __init__(self, field: str, msg: str):
@@ -80,7 +80,7 @@ def load_coco(folder: Path, field: str = "references.path") -> tuple[COCO, list[
             coco.dataset = data
             coco.createIndex()
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ReferenceError(field, f"cannot read {path} as a COCO file ({type(e).__name__}: {e})") from None
+        raise ReferenceDataError(field, f"cannot read {path} as a COCO file ({type(e).__name__}: {e})") from None
     images, seen = [], {}
     for image_id, info in coco.imgs.items():
         anns = coco.imgToAnns.get(image_id, [])
@@ -90,10 +90,10 @@ def load_coco(folder: Path, field: str = "references.path") -> tuple[COCO, list[
         if stray is not None or not isinstance(info.get("file_name"), str):
             what = (f"annotation {stray.get('id')} has a category_id that is not in its categories" if stray
                     else f"image {image_id} has no file_name")
-            raise ReferenceError(field, f"{path}: {what}")
+            raise ReferenceDataError(field, f"{path}: {what}")
         key = reference_key(info["file_name"])
         if key in seen:
-            raise ReferenceError(field, f"images {seen[key]!r} and {info['file_name']!r} in {path} both get the "
+            raise ReferenceDataError(field, f"images {seen[key]!r} and {info['file_name']!r} in {path} both get the "
                                  f"key {key!r}; give them distinct file names")
         seen[key] = info["file_name"]
         largest_first = sorted(anns, key=lambda a: (-float(a.get("area", 0.0)), a["id"]))
@@ -116,7 +116,7 @@ def _from_output(folder: Path) -> list[Reference]:
     try:
         table = pq.read_table(folder / INDEX, columns=["key", "shard", "classes", "keep"])
     except (OSError, pa.ArrowException) as e:
-        raise ReferenceError("references.path", f"cannot read {folder / INDEX} ({e})") from None
+        raise ReferenceDataError("references.path", f"cannot read {folder / INDEX} ({e})") from None
     rows = [r for r in table.to_pylist() if r["keep"] and r["classes"]]
     return sorted((Reference(r["key"], r["classes"][0], (), str(folder / "shards" / r["shard"]), in_shard=True)
                    for r in rows), key=lambda r: r.key)
@@ -133,33 +133,33 @@ def select(refs: list[Reference], sel: Any) -> list[Reference]:
     """The references a ``references.select`` section picks (in key order)."""
     field, path = "references.select.path", Path(sel.path)
     if not path.is_file():
-        raise ReferenceError(field, f"{path} does not exist; give a CSV or Parquet file with a "
+        raise ReferenceDataError(field, f"{path} does not exist; give a CSV or Parquet file with a "
                              f"{sel.key_column!r} column")
     try:
         table = _read_table(path, sel.key_column)
     except (OSError, pa.ArrowException) as e:
-        raise ReferenceError(field, f"cannot read {path} ({e})") from None
+        raise ReferenceDataError(field, f"cannot read {path} ({e})") from None
     ranked = sel.top_k is not None or sel.top_fraction is not None
     needed = [sel.key_column] + ([sel.loss_column] if ranked else [])
     missing = [c for c in needed if c not in table.column_names]
     if missing:
-        raise ReferenceError(field, f"{path} has no column {missing[0]!r} (columns: {table.column_names}); "
+        raise ReferenceDataError(field, f"{path} has no column {missing[0]!r} (columns: {table.column_names}); "
                              "set references.select.key_column / loss_column")
     keys = [str(k) for k in table[sel.key_column].to_pylist()]
     if len(set(keys)) != len(keys):
-        raise ReferenceError(field, f"{path} lists key {next(k for k in keys if keys.count(k) > 1)!r} twice")
+        raise ReferenceDataError(field, f"{path} lists key {next(k for k in keys if keys.count(k) > 1)!r} twice")
     if ranked:
         losses = table[sel.loss_column].to_pylist()
         bad = next((k for k, v in zip(keys, losses) if not isinstance(v, (int, float)) or math.isnan(v)), None)
         if bad is not None:
-            raise ReferenceError(field, f"{path}: key {bad!r} has no numeric {sel.loss_column!r}")
+            raise ReferenceDataError(field, f"{path}: key {bad!r} has no numeric {sel.loss_column!r}")
         order = sorted(zip(losses, keys), key=lambda lk: (-lk[0], lk[1]))
         n = sel.top_k if sel.top_k is not None else math.ceil(sel.top_fraction * len(order))
         keys = [k for _, k in order[:n]]
     known = {r.key for r in refs}
     unknown = sorted(set(keys) - known)
     if unknown:
-        raise ReferenceError(field, f"{len(unknown)} keys of {path} are not references (e.g. {unknown[0]!r}; "
+        raise ReferenceDataError(field, f"{len(unknown)} keys of {path} are not references (e.g. {unknown[0]!r}; "
                              f"references are keyed like {min(known)!r})")
     chosen = set(keys)
     return [r for r in refs if r.key in chosen]
@@ -169,22 +169,22 @@ def _selected(cfg: Any) -> list[Reference]:
     """The references of a ``references`` section (listed, selected, files present), in key order."""
     folder = Path(cfg.path)
     if not folder.is_dir():
-        raise ReferenceError("references.path", f"{folder} is not a directory; render a COCO folder with "
+        raise ReferenceDataError("references.path", f"{folder} is not a directory; render a COCO folder with "
                              f"`{RENDER_HINT}` or give a synthgen output dir")
     if (folder / ANNOTATIONS).is_file():
         refs = _from_coco(folder)
     elif (folder / INDEX).is_file():
         refs = _from_output(folder)
     else:
-        raise ReferenceError("references.path", f"{folder} has neither {ANNOTATIONS} (a COCO folder) nor {INDEX} "
+        raise ReferenceDataError("references.path", f"{folder} has neither {ANNOTATIONS} (a COCO folder) nor {INDEX} "
                              "(a synthgen output dir)")
     if cfg.select is not None:
         refs = select(refs, cfg.select)
     if not refs:
-        raise ReferenceError("references.path", f"{folder} has no annotated images")
+        raise ReferenceDataError("references.path", f"{folder} has no annotated images")
     missing = next((r for r in refs if not Path(r.image).is_file()), None)
     if missing is not None:
-        raise ReferenceError("references.path", f"reference {missing.key!r}: {missing.image} does not exist")
+        raise ReferenceDataError("references.path", f"reference {missing.key!r}: {missing.image} does not exist")
     return refs
 
 
@@ -194,7 +194,7 @@ def list_references(spec: Any) -> list[Reference]:
     classes = {c.name for c in spec.classes}
     outside = [r for r in refs if r.class_name not in classes]
     if outside:
-        raise ReferenceError("references.path", f"{len(outside)} references have classes that are not in the "
+        raise ReferenceDataError("references.path", f"{len(outside)} references have classes that are not in the "
                              f"job's classes (e.g. {outside[0].key!r}: {outside[0].class_name!r}); add the class "
                              "to classes or leave those images out with references.select")
     return refs
