@@ -46,7 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="generate the dataset of a job (resumes an interrupted run)")
     _job_args(run)
-    run.add_argument("--overwrite", action="store_true", help="replace an output dir made by a different spec")
+    run.add_argument("--overwrite", action="store_true", help="replace an output dir made by a different spec "
+                     "(deletes only the files its manifest names)")
+    run.add_argument("--verify", action="store_true", help="also compare every committed shard's sha256 before "
+                     "resuming (sizes are always compared); a shard that fails is generated again")
     run.add_argument("--address", help="Ray cluster to connect to (default: $RAY_ADDRESS, else a local Ray)")
     run.add_argument("--no-ray", action="store_true", help="run the stages in this process, without Ray")
     run.add_argument("--resource-timeout", type=float, default=0.0, metavar="S",
@@ -57,9 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     submit = sub.add_parser("submit", help="send `synthgen run` to a Ray cluster through the Ray Jobs API")
     _job_args(submit)
-    submit.add_argument("--address", required=True, help="Ray dashboard address, e.g. http://head:8265")
-    submit.add_argument("--working-dir", default=".", help="directory shipped as the job's working_dir "
-                        "(default: current directory; must contain the job file)")
+    submit.add_argument("--address", help="Ray dashboard address, e.g. http://head:8265 (required unless --dry-run)")
+    submit.add_argument("--working-dir", default=".", help="project folder the package is taken from (default: "
+                        "current directory; must contain the job file): the job file, the local files it names "
+                        "and the project code git tracks; never dotfiles")
+    submit.add_argument("--dry-run", action="store_true", help="print every file the package holds, its size "
+                        "and the entrypoint; send nothing")
     submit.add_argument("--overwrite", action="store_true")
     submit.add_argument("--resource-timeout", type=float, default=900.0, metavar="S",
                         help="how long the job waits for the autoscaler to add GPU workers (default 900)")
@@ -68,6 +74,16 @@ def build_parser() -> argparse.ArgumentParser:
     validate = sub.add_parser("validate", help="check a job file and print what it would do")
     _job_args(validate)
     validate.set_defaults(func=cmd_validate)
+
+    verify = sub.add_parser("verify", help="check an output dir against its manifest (sizes, sha256, index); "
+                            "exit 1 on any mismatch")
+    verify.add_argument("out")
+    verify.set_defaults(func=cmd_verify)
+
+    repair = sub.add_parser("repair", help="rebuild a lost manifest.json from the shards and index parts that agree "
+                            "with the job; `synthgen run` then resumes")
+    _job_args(repair)
+    repair.set_defaults(func=cmd_repair)
 
     inspect = sub.add_parser("inspect", help="print an output dir's manifest summary and sample records")
     inspect.add_argument("out")
@@ -112,7 +128,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .report import format_summary
     from .runner import run_job
 
-    summary = run_job(spec, overwrite=args.overwrite, use_ray=not args.no_ray,
+    summary = run_job(spec, overwrite=args.overwrite, verify=args.verify, use_ray=not args.no_ray,
                       address=args.address or os.environ.get("RAY_ADDRESS"),
                       resource_wait_s=args.resource_timeout, verbose=args.verbose)
     print(format_summary(summary))
@@ -121,11 +137,14 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def submission(args: argparse.Namespace) -> dict:
-    """``JobSubmissionClient.submit_job`` arguments: ``synthgen run`` of the job inside the shipped working_dir.
+    """What ``synthgen submit`` sends: ``entrypoint`` (``synthgen run`` of the job inside the package) and
+    ``package`` (pipeline/package.py: the allowlisted files of --working-dir, staged at submit time).
 
     The job is validated here first (schema only: paths are the cluster's). Its output dir must be
-    absolute: the working_dir is unpacked into a temporary folder on the cluster.
+    absolute and outside the working dir: the package is unpacked into a temporary folder on the cluster.
     """
+    from .package import build_package
+
     spec = load_spec(args.job, args.overrides, args.out, check_files=False)
     if Path(spec.model.path).is_dir():  # a model folder on this machine: check it now as `run` will there
         check_model(spec, str(Path(args.job)))
@@ -136,26 +155,43 @@ def submission(args: argparse.Namespace) -> dict:
     if Path(spec.output.dir).is_relative_to(workdir):
         raise SpecError(f"{args.job}: output.dir {spec.output.dir} is inside the shipped working_dir, which the "
                         "cluster unpacks into a temporary folder; pass --out with an absolute path on the cluster")
+    package = build_package(workdir, job, args.overrides)
     argv = ["python", "-m", "pipeline.cli", "run", job.relative_to(workdir).as_posix()]
     for item in args.overrides:
         argv += ["--set", item]
     argv += ["--out", spec.output.dir, "--resource-timeout", f"{args.resource_timeout:g}"]
     if args.overwrite:
         argv.append("--overwrite")
-    runtime_env = {"working_dir": str(workdir),
-                   "excludes": [".git/", "out/", "*.tmp", "pipeline/models/*.old/", "__pycache__/"]}
-    return {"entrypoint": shlex.join(argv), "runtime_env": runtime_env}
+    return {"entrypoint": shlex.join(argv), "package": package}
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
+    import tempfile
+
+    if not args.address and not args.dry_run:
+        raise UsageError("submit: --address is required (the Ray dashboard, e.g. http://head:8265), unless --dry-run")
+    sub = submission(args)
+    package = sub["package"]
+    notes = [f"not sent, read on the cluster: {name} {path}" for name, path in package.cluster_paths.items()]
+    if package.untracked:
+        shown = ", ".join(package.untracked[:5]) + (f", ... ({len(package.untracked)} in all)"
+                                                    if len(package.untracked) > 5 else "")
+        notes.append(f"warning: not sent, not tracked by git: {shown}; git add them to send them")
+    if args.dry_run:
+        print(package.listing())
+        print("\n".join(notes + [f"entrypoint: {sub['entrypoint']}", "dry run: nothing sent"]))
+        return 0
     from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
 
-    kwargs = submission(args)
-    try:
-        job_id = JobSubmissionClient(args.address).submit_job(**kwargs)
-    except AuthenticationError as e:
-        raise auth_error(args.address, str(e).splitlines()[0]) from None
+    print("\n".join([f"sending {package.summary()}", *notes]), file=sys.stderr)
+    with tempfile.TemporaryDirectory(prefix="synthgen-package-") as tmp:
+        staged = package.stage(Path(tmp) / "package")  # Ray uploads this folder: exactly the package
+        try:
+            job_id = JobSubmissionClient(args.address).submit_job(entrypoint=sub["entrypoint"],
+                                                                  runtime_env={"working_dir": str(staged)})
+        except AuthenticationError as e:
+            raise auth_error(args.address, str(e).splitlines()[0]) from None
     print(job_id)
     print(f"follow it with: ray job logs --follow --address {args.address} {job_id}", file=sys.stderr)
     return 0
@@ -168,6 +204,33 @@ def cmd_validate(args: argparse.Namespace) -> int:
     print(f"ok: job {spec.name!r}: {spec.samples} samples of {len(spec.classes)} classes in {spec.num_shards} "
           f"shards of {spec.output.shard_size} -> {spec.output.dir}; model {spec.model.path} "
           f"({spec.model.device}, {spec.model.dtype}); synthesis {synth.actors} actor(s) x {synth.num_gpus:g} GPU")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from .verify import verify_dataset
+
+    result = verify_dataset(Path(args.out))
+    for problem in result["problems"]:
+        print(f"{args.out}: {problem}")
+    if result["problems"]:
+        print(f"verify: {len(result['problems'])} problem(s) in {args.out}", file=sys.stderr)
+        return 1
+    print(f"ok: {args.out}: {result['shards']} shards, {result['samples']} samples match the manifest (sizes, sha256, "
+          "index)")
+    return 0
+
+
+def cmd_repair(args: argparse.Namespace) -> int:
+    spec = load_spec(args.job, args.overrides, args.out)
+    from .verify import repair
+
+    result = repair(spec)
+    print(f"repaired {spec.output.dir}: adopted {len(result['adopted'])} shard(s) ({result['samples']} samples); "
+          f"{result['pending']} shard(s) to generate: `synthgen run {args.job}"
+          f"{' --out ' + args.out if args.out else ''}` resumes")
+    if result["left_alone"]:
+        print(f"left alone: {', '.join(result['left_alone'])}", file=sys.stderr)
     return 0
 
 

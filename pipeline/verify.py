@@ -1,0 +1,141 @@
+"""``synthgen verify`` and ``synthgen repair``: check a dataset against its manifest; rebuild a lost manifest.
+
+``verify_dataset`` reads everything a manifest claims (each shard's size and sha256, each index part's
+rows, the tar members against the part's kept keys, index.parquet against the parts) and returns the
+problems found; it changes nothing.
+
+``repair`` adopts a directory that lost its manifest: every shard file of the job's plan whose
+part agrees with the job (the sampling stage's keys, seeds and prompts for its indices) and whose
+tar holds exactly the part's kept samples becomes committed; if any shard present disagrees,
+nothing is written. Shards not present are left for ``synthgen run`` to generate.
+"""
+from __future__ import annotations
+
+import tarfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from .dataset import (INDEX, INDEX_SCHEMA, MANIFEST, OutputError, check_shards, load_manifest, read_journal,
+                      read_manifest, sha256_file)
+from .plan import ShardPlan
+
+
+def tar_keys(path: Path) -> list[str]:
+    """Sample keys of a shard, in member order (one per key; members ``key.ext``)."""
+    keys: list[str] = []
+    with tarfile.open(path) as tar:
+        for name in tar.getnames():
+            key = name.split(".", 1)[0]
+            if not keys or keys[-1] != key:
+                keys.append(key)
+    return keys
+
+
+def shard_problems(out: Path, record: dict) -> list[str]:
+    """What is wrong with one committed shard beyond its size and hash: part rows vs indices, tar vs part."""
+    try:
+        part = pq.read_table(out / record["part"], schema=INDEX_SCHEMA)
+    except Exception as e:  # noqa: BLE001 - any unreadable part is a finding, not a crash
+        return [f"{record['part']}: unreadable ({type(e).__name__})"]
+    start, stop = record["indices"]
+    problems = []
+    if part.column("index").to_pylist() != list(range(start, stop)):
+        problems.append(f"{record['part']}: rows are not the indices [{start}, {stop})")
+    kept = [k for k, keep in zip(part.column("key").to_pylist(), part.column("keep").to_pylist()) if keep]
+    try:
+        keys = tar_keys(out / record["tar"])
+    except (tarfile.TarError, OSError) as e:
+        return problems + [f"{record['tar']}: unreadable ({type(e).__name__})"]
+    if keys != kept:
+        problems.append(f"{record['tar']}: holds {len(keys)} samples, its part keeps {len(kept)} (or other keys)")
+    return problems
+
+
+def verify_dataset(out: Path) -> dict[str, Any]:
+    """{"problems": [...], "shards", "samples", "complete"} for an output dir; raises OutputError if not ours."""
+    out = Path(out)
+    manifest = read_manifest(out)
+    shards = manifest["shards"]
+    problems = [f"{name}: {p}" for name, p in check_shards(out, shards, hashes=True).items()]
+    bad = {p.split(":")[0] for p in problems}
+    for record in shards:
+        if record["name"] not in bad:
+            problems += shard_problems(out, record)
+    if not manifest["complete"]:
+        problems.append(f"incomplete: {len(shards)} of {manifest['layout']['num_shards']} shards committed; "
+                        "rerun `synthgen run` on its job")
+    elif not (out / INDEX).is_file():
+        problems.append(f"{INDEX} is missing; rerun `synthgen run` on its job to rebuild it")
+    else:
+        index = pq.read_table(out / INDEX, columns=["key", "index"])
+        if index.num_rows != manifest["counts"]["indices"] or \
+                not np.array_equal(index.column("index").to_numpy(), np.arange(index.num_rows)):
+            problems.append(f"{INDEX}: {index.num_rows} rows do not match the {manifest['counts']['indices']} "
+                            "committed indices; rerun `synthgen run` on its job to rebuild it")
+    return {"problems": problems, "shards": len(shards), "samples": manifest["counts"]["samples"],
+            "complete": manifest["complete"]}
+
+
+def _adopt(out: Path, plan: ShardPlan, k: int, sampling) -> tuple[dict | None, str]:
+    """(commit record, '') when shard k's files agree with the job, (None, why) when they do not."""
+    tar, part = out / plan.tar(k), out / plan.part(k)
+    start, stop = plan.bounds(k)
+    try:
+        table = pq.read_table(part, schema=INDEX_SCHEMA)
+    except Exception as e:  # noqa: BLE001
+        return None, f"{plan.part(k)} is unreadable ({type(e).__name__})"
+    expected = sampling({"index": np.arange(start, stop, dtype=np.int64)})
+    for column in ("index", "key", "seed", "prompt"):
+        if table.column(column).to_pylist() != np.asarray(expected[column]).tolist():
+            return None, f"{plan.part(k)}: its {column} column is not this job's"
+    record = {"name": plan.name(k), "tar": plan.tar(k), "part": plan.part(k), "indices": [start, stop]}
+    problems = shard_problems(out, record)
+    if problems:
+        return None, problems[0]
+    keep = table.column("keep").to_pylist()
+    rejected = [r for r, kept in zip(table.column("reject_reason").to_pylist(), keep) if not kept]
+    record.update({"samples": sum(keep), "rejected": len(rejected),
+                   "rejected_by_reason": {r: rejected.count(r) for r in sorted(set(rejected))},
+                   "bytes": tar.stat().st_size, "sha256": sha256_file(tar),
+                   "part_bytes": part.stat().st_size, "part_sha256": sha256_file(part)})
+    return record, ""
+
+
+def repair(spec: Any) -> dict[str, Any]:
+    """Rebuild the manifest of ``spec``'s output dir from its shards and parts (see the module doc).
+
+    Returns {"adopted": [names], "samples", "pending", "left_alone"}. Raises OutputError (nothing written).
+    """
+    from stages.sampling import SamplingStage
+
+    from .runner import prepare
+
+    out = Path(spec.output.dir)
+    if not out.is_dir():
+        raise OutputError(f"output.dir: {out} does not exist; nothing to repair")
+    if load_manifest(out) is not None:
+        raise OutputError(f"output.dir: {out} has its {MANIFEST}; nothing to repair (`synthgen verify {out}` checks "
+                          "it, `synthgen run` redoes shards that fail)")
+    plan = ShardPlan.from_spec(spec)
+    journal = {r["name"]: r for r in read_journal(out)}
+    failed = check_shards(out, list(journal.values()), hashes=True)
+    sampling = SamplingStage(spec)
+    adopted, disagree = [], []
+    for k in range(plan.num_shards):
+        name = plan.name(k)
+        if name in journal and name not in failed:
+            adopted.append(journal[name])
+        elif (out / plan.tar(k)).is_file() and (out / plan.part(k)).is_file():
+            record, why = _adopt(out, plan, k, sampling)
+            (adopted.append(record) if record else disagree.append(f"{name}: {why}"))
+    if disagree:
+        raise OutputError(f"output.dir: {len(disagree)} shard(s) in {out} do not agree with this job ({disagree[0]}); "
+                          "nothing was written: repair with the job that made them, or use another output dir")
+    writer = prepare(spec, adopt=True)
+    writer.committed = {plan.shard_of(r["indices"][0]): r for r in adopted}
+    pending = writer.open()
+    return {"adopted": [r["name"] for r in adopted], "samples": sum(r["samples"] for r in adopted),
+            "pending": len(pending), "left_alone": writer.foreign}

@@ -1,0 +1,266 @@
+"""Fault injection: kills at each commit point, damaged and lost files, foreign and read-only dirs, a full disk.
+
+Each case either completes with output byte-identical to the uninterrupted run (the session's
+``dataset`` fixture) or stops with one line and exit 2 — and no file synthgen did not write is
+touched. Kills are real SIGKILLs of a ``synthgen run`` subprocess at a failpoint
+(``SYNTHGEN_FAILPOINT``, pipeline/writer.py).
+"""
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, assert_same_dataset
+from pipeline.cli import main
+from pipeline.dataset import JOURNAL, MANIFEST, read_manifest
+from pipeline.writer import DatasetWriter
+
+
+def tree(root: Path) -> dict[str, str]:
+    """{relative path: sha256} of every file under ``root``."""
+    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def run(dataset, out: Path, *extra: str) -> int:
+    return main(["run", str(dataset.job), "--no-ray", "--out", str(out), *extra])
+
+
+def one_error_line(capsys) -> str:
+    """The one error line ending stderr (a failure after generation started follows our progress bar)."""
+    err = capsys.readouterr().err
+    lines = [line for line in err.replace("\r", "\n").splitlines() if "error" in line.lower()]
+    assert len(lines) == 1 and err.endswith(lines[0] + "\n") and "Traceback" not in err, err
+    return lines[0]
+
+
+@pytest.fixture
+def done(dataset, tmp_path) -> Path:
+    """A copy of the finished tiny dataset."""
+    out = tmp_path / "out"
+    shutil.copytree(dataset.out, out)
+    return out
+
+
+# --- driver killed (SIGKILL) at each point of the commit protocol --------------------------------
+@pytest.mark.parametrize("point", ["before-rename:1", "between-renames:2", "after-rename:2", "after-commit:3"])
+def test_a_driver_killed_at_any_commit_point_resumes_to_the_same_bytes(dataset, tmp_path, point):
+    out = tmp_path / "killed"
+    env = dict(os.environ, SYNTHGEN_FAILPOINT=point,
+               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", str(dataset.job), "--no-ray", "--out",
+                           str(out)], env=env, capture_output=True, timeout=600)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
+    before = read_manifest(out)
+    committed = int(point.split(":")[1]) - (0 if point.startswith("after-commit") else 1)
+    assert len(before["shards"]) == committed and not before["complete"]
+    assert run(dataset, out) == 0
+    after = read_manifest(out)
+    assert after["summary"]["shards_written"] == 4 - committed  # nothing committed was generated again
+    assert not (out / JOURNAL).exists() and not list(out.rglob("*.tmp"))
+    assert_same_dataset(out, dataset.out)
+
+
+# --- damaged or lost files -----------------------------------------------------------------------
+def test_a_truncated_shard_is_redone_on_a_plain_rerun(dataset, done, capsys):
+    tar = done / "shards" / "train-000002.tar"
+    tar.write_bytes(tar.read_bytes()[:1000])
+    assert run(dataset, done) == 0
+    out = capsys.readouterr().out
+    assert "redone: train-000002 (shards/train-000002.tar has 1000 bytes" in out
+    assert read_manifest(done)["summary"]["shards_written"] == 1
+    assert_same_dataset(done, dataset.out)
+
+
+def test_a_deleted_shard_or_part_is_redone(dataset, done):
+    (done / "shards" / "train-000001.tar").unlink()
+    (done / "parts" / "train-000003.parquet").unlink()
+    assert run(dataset, done) == 0
+    summary = read_manifest(done)["summary"]
+    assert summary["redone"] == {"train-000001": "shards/train-000001.tar is missing",
+                                 "train-000003": "parts/train-000003.parquet is missing"}
+    assert summary["shards_written"] == 2
+    assert_same_dataset(done, dataset.out)
+
+
+def test_a_changed_byte_is_found_by_verify_and_redone_by_run_verify(dataset, done, capsys):
+    tar = done / "shards" / "train-000000.tar"
+    data = bytearray(tar.read_bytes())
+    data[700] ^= 0xFF  # same size: only the hash tells
+    tar.write_bytes(bytes(data))
+    assert main(["verify", str(done)]) == 1
+    assert "train-000000: shards/train-000000.tar sha256 differs" in capsys.readouterr().out
+    assert run(dataset, done) == 0  # sizes only: the change goes unnoticed ...
+    assert read_manifest(done)["summary"]["shards_written"] == 0
+    assert run(dataset, done, "--verify") == 0  # ... until hashes are compared
+    assert read_manifest(done)["summary"]["redone"] == {"train-000000": "shards/train-000000.tar sha256 differs "
+                                                                        "from the committed one"}
+    capsys.readouterr()
+    assert main(["verify", str(done)]) == 0
+    assert capsys.readouterr().out.startswith(f"ok: {done}: 4 shards")
+    assert_same_dataset(done, dataset.out)
+
+
+def test_verify_finds_a_shard_whose_members_disagree_with_its_part(dataset, done, capsys):
+    import tarfile
+
+    tar_path = done / "shards" / "train-000003.tar"
+    record = next(s for s in read_manifest(done)["shards"] if s["name"] == "train-000003")
+    with tarfile.open(tar_path) as tar:  # a tar of fewer samples, recorded as if it were committed so
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()][4:]
+    with tarfile.open(tar_path, "w") as tar:
+        for m, data in members:
+            tar.addfile(m, __import__("io").BytesIO(data))
+    manifest = json.loads((done / MANIFEST).read_text())
+    for s in manifest["shards"]:
+        if s["name"] == "train-000003":
+            s["bytes"] = tar_path.stat().st_size
+            s["sha256"] = hashlib.sha256(tar_path.read_bytes()).hexdigest()
+    (done / MANIFEST).write_text(json.dumps(manifest))
+    assert record["samples"] >= 1
+    assert main(["verify", str(done)]) == 1
+    assert f"shards/train-000003.tar: holds {record['samples'] - 1} samples" in capsys.readouterr().out
+
+
+def test_a_lost_manifest_is_refused_then_repaired_without_regenerating(dataset, done, capsys):
+    (done / MANIFEST).unlink()
+    (done / "index.parquet").unlink()
+    listing = tree(done)
+    assert run(dataset, done) == 2
+    assert "no manifest.json" in one_error_line(capsys) and tree(done) == listing
+    assert main(["repair", str(dataset.job), "--out", str(done)]) == 0
+    assert "adopted 4 shard(s)" in capsys.readouterr().out
+    assert run(dataset, done) == 0
+    assert read_manifest(done)["summary"]["shards_written"] == 0
+    assert_same_dataset(done, dataset.out)
+
+
+def test_repair_refuses_shards_of_another_job(dataset, done, capsys):
+    (done / MANIFEST).unlink()
+    listing = tree(done)
+    assert main(["repair", str(dataset.job), "--out", str(done), "--set", "seed=4"]) == 2
+    assert "do not agree with this job" in one_error_line(capsys)
+    assert tree(done) == listing
+
+
+def test_a_killed_run_without_its_manifest_rewrite_is_repaired_from_the_journal(dataset, tmp_path):
+    """A kill can leave commits only in the journal; losing the manifest then loses nothing committed."""
+    out = tmp_path / "killed"
+    env = dict(os.environ, SYNTHGEN_FAILPOINT="after-commit:2",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", str(dataset.job), "--no-ray", "--out",
+                           str(out)], env=env, capture_output=True, timeout=600)
+    assert proc.returncode == -signal.SIGKILL
+    assert len(json.loads((out / MANIFEST).read_text())["shards"]) == 0  # the commits are in the journal
+    (out / MANIFEST).unlink()
+    assert main(["repair", str(dataset.job), "--out", str(out)]) == 0
+    assert len(read_manifest(out)["shards"]) == 2
+    assert run(dataset, out) == 0
+    assert read_manifest(out)["summary"]["shards_written"] == 2
+    assert_same_dataset(out, dataset.out)
+
+
+# --- files that are not ours ---------------------------------------------------------------------
+def test_overwrite_refuses_a_folder_whose_manifest_is_not_ours(dataset, tmp_path, capsys):
+    web = tmp_path / "webapp"
+    for rel, text in {MANIFEST: '{"name": "my web app"}', "annotations.json": "{}", "shards/precious.tar": "x",
+                      "parts/keep.parquet": "y", "draft.tmp": "z"}.items():
+        (web / rel).parent.mkdir(parents=True, exist_ok=True)
+        (web / rel).write_text(text)
+    listing = tree(web)
+    for extra in ((), ("--overwrite",)):
+        assert run(dataset, web, *extra) == 2
+        err = one_error_line(capsys)
+        assert "not a synthgen manifest" in err and "annotations.json" in err and "--overwrite" not in err
+    assert main(["repair", str(dataset.job), "--out", str(web)]) == 2
+    one_error_line(capsys)
+    assert tree(web) == listing
+
+
+def test_unrelated_files_survive_reruns_and_overwrite_and_are_reported(dataset, done, capsys):
+    mine = {"shards/extra-from-elsewhere.tar": b"user data", "plan.tmp": b"draft", "notes/readme.txt": b"hi",
+            "parts/train-000001.parquet.bak": b"backup"}
+    for rel, data in mine.items():
+        (done / rel).parent.mkdir(parents=True, exist_ok=True)
+        (done / rel).write_bytes(data)
+    assert run(dataset, done) == 0
+    printed = capsys.readouterr().out
+    assert "left alone: 4 file(s)" in printed and "shards/extra-from-elsewhere.tar" in printed
+    assert sorted(read_manifest(done)["summary"]["left_alone"]) == sorted(["notes", "plan.tmp",
+                                                                           "shards/extra-from-elsewhere.tar",
+                                                                           "parts/train-000001.parquet.bak"])
+    assert_same_dataset(done, dataset.out)
+    assert run(dataset, done, "--overwrite", "--set", "seed=5") == 0  # replaces our dataset, not their files
+    assert all((done / rel).read_bytes() == data for rel, data in mine.items())
+    assert read_manifest(done)["job"]["seed"] == 5
+
+
+def test_a_non_empty_folder_without_manifest_is_refused_even_with_overwrite(dataset, tmp_path, capsys):
+    out = tmp_path / "mine"
+    (out / "shards").mkdir(parents=True)
+    (out / "notes.txt").write_text("mine")
+    listing = tree(out)
+    for extra in ((), ("--overwrite",)):
+        assert run(dataset, out, *extra) == 2
+        assert "notes.txt" in one_error_line(capsys)
+    assert tree(out) == listing
+
+
+# --- the filesystem says no ------------------------------------------------------------------------
+@pytest.fixture
+def tmpfs(tmp_path):
+    """A fresh tmpfs mount (root only), unmounted afterwards."""
+    mount = tmp_path / "mnt"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mount)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_read_only_output_dir_stops_with_one_line_and_changes_nothing(dataset, tmpfs, capsys):
+    out = tmpfs / "out"
+    shutil.copytree(dataset.out, out)
+    (out / "shards" / "train-000002.tar").unlink()  # so the run has work to do
+    listing = tree(out)
+    subprocess.run(["mount", "-o", "remount,ro", str(tmpfs)], check=True)
+    assert run(dataset, out) == 2
+    err = one_error_line(capsys)
+    assert "output.dir: read-only file system" in err and "committed shards are kept" in err
+    assert tree(out) == listing
+    fresh = tmpfs / "new"
+    assert run(dataset, fresh) == 2
+    assert "read-only file system" in one_error_line(capsys) and not fresh.exists()
+
+
+def test_a_full_disk_stops_with_one_line_and_a_rerun_completes_the_same_bytes(dataset, tmp_path, monkeypatch,
+                                                                                capsys):
+    out = tmp_path / "full"
+    real_write = DatasetWriter._write_tar
+    calls = []
+
+    def write_tar(path, kept):
+        calls.append(path.name)
+        if len(calls) == 3:
+            path.write_bytes(b"half a shard")  # what a full disk leaves behind
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_write(path, kept)
+
+    monkeypatch.setattr(DatasetWriter, "_write_tar", staticmethod(write_tar))
+    assert run(dataset, out) == 2
+    assert "no space left on device while writing shards/train-000002.tar" in one_error_line(capsys)
+    assert len(read_manifest(out)["shards"]) == 2 and not list(out.rglob("*.tmp"))
+    monkeypatch.undo()
+    assert run(dataset, out) == 0
+    assert read_manifest(out)["summary"]["shards_written"] == 2
+    assert_same_dataset(out, dataset.out)
