@@ -58,12 +58,13 @@ def submit_args(*argv: str):
     return build_parser().parse_args(["submit", *argv, "--address", "http://head:8265"])
 
 
-def test_submit_ships_the_working_dir_and_runs_the_job_inside_it(monkeypatch):
+def test_submit_ships_the_job_and_the_code_and_runs_the_job_inside_them(monkeypatch):
     monkeypatch.chdir(REPO)
     args = submit_args("jobs/coco80-sd15.yaml", "--set", "samples=1000", "--out", "/mnt/shared/run1")
     kwargs = submission(args)
-    assert kwargs["runtime_env"]["working_dir"] == str(REPO)
-    assert ".git/" in kwargs["runtime_env"]["excludes"]
+    files = kwargs["package"].files  # tests/test_submit.py: what a package holds, exactly
+    assert {"jobs/coco80-sd15.yaml", "pyproject.toml", "pipeline/cli.py", "stages/base.py"} <= set(files)
+    assert not [rel for rel in files if rel.startswith(("tests/", "pipeline/models/", ".")) or "/." in rel]
     assert shlex.split(kwargs["entrypoint"]) == [
         "python", "-m", "pipeline.cli", "run", "jobs/coco80-sd15.yaml", "--set", "samples=1000",
         "--out", "/mnt/shared/run1", "--resource-timeout", "900"]
