@@ -1,0 +1,304 @@
+"""`synthgen submit` sends an allowlisted package: the job, the files it names, the project code git tracks.
+
+Unit tests build packages from a working dir full of things that must never travel (``.env``, a
+credentials file, a venv, ``.git/``, untracked secrets, caches); the last test submits to a local Ray
+cluster it starts itself and reads back the folder Ray unpacked on the cluster.
+"""
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, write_job
+from pipeline.cli import main
+from pipeline.package import build_package
+from pipeline.spec import UsageError
+
+CLASSES = ("circle", "square", "triangle", "star")
+TRACKED_CODE = {"pyproject.toml", "pipeline/__init__.py", "pipeline/cli.py", "stages/__init__.py"}
+NEVER = {  # in the working dir, and never in a package
+    ".env": "AWS_SECRET_ACCESS_KEY=abc\n",
+    "credentials.yaml": "token: abc\n",
+    ".venv/pyvenv.cfg": "home = /usr/bin\n",
+    ".venv/lib/python3.11/site-packages/x.py": "",
+    "venv/pyvenv.cfg": "home = /usr/bin\n",
+    "secrets/key.pem": "-----BEGIN PRIVATE KEY-----\n",
+    "synthgen.egg-info/PKG-INFO": "",
+    "notes.tmp": "",
+    "jobs/other.yaml": "name: other\n",  # tracked, but not the job submitted
+    "pipeline/__pycache__/cli.cpython-311.pyc": "",
+    "pipeline/models/bundled/model_index.json": "{}",  # tracked, but the job does not name it
+    "pipeline/.secret.py": "KEY = 1\n",  # tracked (forced), but a dotfile
+    "stages/.cache/x.py": "",
+    "stages/env/pyvenv.cfg": "home = /usr/bin\n",  # a venv, found by its pyvenv.cfg
+    "stages/env/lib/y.py": "",
+    "models/tiny/venv/bin/python": "",
+    "models/tiny/.cache/blob": "x",
+    "models/tiny/unet/weights.tmp": "x",
+    "models/tiny/.DS_Store": "",
+}
+
+
+def write(root: Path, files: dict[str, str]) -> None:
+    for rel, text in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text)
+
+
+def git(root: Path, *args: str) -> None:
+    subprocess.run(["git", "-C", str(root), *args], check=True, capture_output=True, timeout=60)
+
+
+def calibration_file() -> str:
+    return json.dumps({"class_thresholds": {name: 0.3 for name in CLASSES}})
+
+
+@pytest.fixture
+def project(tmp_path, tiny_model) -> Path:
+    """A git checkout: code and jobs tracked, the job's model folder (the tiny model, hard-linked) untracked
+    data, and junk and secrets all over."""
+    root = tmp_path / "proj"
+    shutil.copytree(tiny_model, root / "models" / "tiny", copy_function=os.link)
+    write(root, {"pyproject.toml": "[project]\nname = 'x'\n", "pipeline/__init__.py": "",
+                 "pipeline/cli.py": "# cli\n", "stages/__init__.py": "", "pipeline/scratch.py": "# untracked\n",
+                 "jobs/calib/thresholds.json": calibration_file(), **NEVER})
+    write_job(root / "jobs", "../models/tiny", masks={"threshold": "calibrated", "calibration": "calib/thresholds.json"},
+              output={"dir": "/mnt/cluster/out"})
+    git(root, "init", "-q")
+    git(root, "add", *TRACKED_CODE, "jobs/job.yaml", "jobs/other.yaml", "jobs/calib/thresholds.json",
+        "pipeline/models/bundled/model_index.json")
+    git(root, "add", "-f", "pipeline/.secret.py", "notes.tmp")
+    (root / ".git" / "config.secret").write_text("x")
+    return root
+
+
+@pytest.fixture
+def job_files(tiny_model) -> set[str]:
+    """What the job sends besides the code: the job, its calibration file, its model folder."""
+    model = {"models/tiny/" + p.relative_to(tiny_model).as_posix() for p in Path(tiny_model).rglob("*") if p.is_file()}
+    return {"jobs/job.yaml", "jobs/calib/thresholds.json"} | model
+
+
+def test_git_checkout_sends_tracked_code_and_the_files_the_job_names_only(project, job_files):
+    package = build_package(project, project / "jobs" / "job.yaml")
+    assert set(package.files) == TRACKED_CODE | job_files
+    assert package.untracked == ["pipeline/scratch.py"]  # reported by submit, not sent
+    assert package.size == sum((project / rel).stat().st_size for rel in package.files)
+    assert [name for name, _, _ in package.top_level()] == ["jobs/", "models/", "pipeline/", "pyproject.toml",
+                                                            "stages/"]
+
+
+def test_outside_git_the_allowlist_alone_decides(project, job_files):
+    shutil.rmtree(project / ".git")
+    package = build_package(project, project / "jobs" / "job.yaml")
+    assert set(package.files) == TRACKED_CODE | job_files | {"pipeline/scratch.py"}
+    assert package.untracked == []
+
+
+def test_staging_holds_exactly_the_package(project, tmp_path):
+    package = build_package(project, project / "jobs" / "job.yaml")
+    staged = package.stage(tmp_path / "staged")
+    found = {p.relative_to(staged).as_posix() for p in staged.rglob("*") if p.is_file()}
+    assert found == set(package.files)
+    assert all((staged / rel).read_bytes() == (project / rel).read_bytes() for rel in found)
+
+
+def test_a_local_file_outside_the_working_dir_is_refused(project, tmp_path):
+    outside = tmp_path / "elsewhere"
+    write(outside, {"model/model_index.json": "{}", "thresholds.json": calibration_file()})
+    job = write_job(project / "jobs", "../../elsewhere/model", name="out.yaml", output={"dir": "/mnt/out"})
+    with pytest.raises(UsageError, match=r"out.yaml: model.path: ../../elsewhere/model is .*elsewhere/model, outside "
+                       r"--working-dir .*proj, which the cluster cannot see; move it inside"):
+        build_package(project, job)
+    # a --set path is resolved against the working dir, as `synthgen run` does in the cluster's package
+    with pytest.raises(UsageError, match="masks.calibration: ../elsewhere/thresholds.json is .* outside"):
+        build_package(project, project / "jobs" / "job.yaml", ["masks.calibration=../elsewhere/thresholds.json"])
+    with pytest.raises(UsageError, match="references.path: .*proj/missing does not exist"):
+        build_package(project, project / "jobs" / "job.yaml", ["references={path: missing}"])
+
+
+def test_a_link_out_of_the_working_dir_is_refused(project, tmp_path):
+    (tmp_path / "aws").mkdir()
+    (tmp_path / "aws" / "credentials").write_text("secret")
+    (project / "models" / "tiny" / "unet" / "extra.bin").symlink_to(tmp_path / "aws" / "credentials")
+    with pytest.raises(UsageError, match=r"model.path: .*extra.bin links to .*aws/credentials, outside"):
+        build_package(project, project / "jobs" / "job.yaml")
+
+
+def test_set_paths_absolute_paths_and_hub_ids(project, job_files):
+    job = project / "jobs" / "job.yaml"
+    package = build_package(project, job, ["model.path=models/tiny"])  # relative to the working dir
+    assert set(package.files) == TRACKED_CODE | job_files
+    package = build_package(project, job, ["model.path=/mnt/cluster/models/sd15", "masks.calibration=null"])
+    assert set(package.files) == TRACKED_CODE | {"jobs/job.yaml"}
+    assert package.cluster_paths == {"model.path": "/mnt/cluster/models/sd15"}  # the cluster's own path
+    package = build_package(project, job, ["model.path=org/some-model"])  # a hub id
+    assert "models/tiny/model_index.json" not in package.files and package.cluster_paths == {}
+    with pytest.raises(UsageError, match="model.path: .* is an absolute path inside --working-dir .*write it relative"):
+        build_package(project, job, [f"model.path={project / 'models' / 'tiny'}"])
+    (project / ".secrets.json").write_text(calibration_file())
+    with pytest.raises(UsageError, match="masks.calibration: .*secrets.json is a dotfile"):
+        build_package(project, job, ["masks.calibration=.secrets.json"])
+
+
+def test_dry_run_lists_the_package_and_the_entrypoint_and_sends_nothing(project, job_files, monkeypatch, capsys):
+    import ray.job_submission
+
+    def no_client(*args, **kwargs):
+        raise AssertionError("--dry-run contacted a cluster")
+
+    monkeypatch.setattr(ray.job_submission, "JobSubmissionClient", no_client)
+    monkeypatch.chdir(project)
+    assert main(["submit", "jobs/job.yaml", "--out", "/mnt/cluster/run1", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    listed = [line.split()[-1] for line in out.splitlines() if line.startswith(" ")]
+    assert set(listed) == TRACKED_CODE | job_files
+    assert f"{len(listed)} files" in out and "pipeline/scratch.py" in out.split("warning: not sent")[1]
+    assert ("entrypoint: python -m pipeline.cli run jobs/job.yaml --out /mnt/cluster/run1 --resource-timeout 900"
+            in out)
+    assert ".env" not in out and "credentials" not in out
+
+
+def test_submit_checks_its_arguments_before_anything_else(project, monkeypatch, capsys):
+    monkeypatch.chdir(project)
+    assert main(["submit", "jobs/job.yaml", "--out", "/mnt/x"]) == 2
+    assert "--address is required" in capsys.readouterr().err
+    assert main(["submit", "jobs/job.yaml", "--out", "out", "--dry-run"]) == 2  # inside the working dir
+    assert "pass --out with an absolute path" in capsys.readouterr().err
+
+
+# --- a real submit to a local Ray cluster ---------------------------------------------------------
+def free_ports(n: int) -> list[int]:
+    """n distinct ports free now (all held open together while picking)."""
+    held = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            held.append(s)
+        return [s.getsockname()[1] for s in held]
+    finally:
+        for s in held:
+            s.close()
+
+
+def session_pids(sid: int) -> list[int]:
+    """Live (non-zombie) processes of session ``sid``: everything `ray start` spawned, workers included."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[3]) == sid and fields[0] != "Z":
+                pids.append(int(entry.name))
+    return pids
+
+
+def stop_session(sid: int) -> None:
+    """Stop the processes of our own `ray start` session by PID (never `ray stop`: it stops every Ray here)."""
+    for sig, wait_s in ((signal.SIGTERM, 3.0), (signal.SIGKILL, 5.0)):
+        for pid in session_pids(sid):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + wait_s
+        while session_pids(sid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if not session_pids(sid):
+            return
+
+
+@pytest.fixture
+def ray_cluster():
+    """A local Ray head with its own ports, temp dir, HOME and auth token: (dashboard url, env, temp dir)."""
+    tmp = Path(tempfile.mkdtemp(prefix="sg-ray-", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
+    (tmp / "home").mkdir()
+    names = ["port", "dashboard-port", "node-manager-port", "object-manager-port", "ray-client-server-port",
+             "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port", "runtime-env-agent-port"]
+    ports = free_ports(len(names) + 6)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(HOME=str(tmp / "home"), RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16),
+               RAY_USAGE_STATS_ENABLED="0", PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}")
+    cmd = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--temp-dir", str(tmp / "r"), "--num-cpus", "2",
+           "--include-dashboard", "true", "--dashboard-host", "127.0.0.1", "--disable-usage-stats",
+           "--worker-port-list", ",".join(map(str, ports[len(names):])),
+           *[f"--{name}={port}" for name, port in zip(names, ports)]]
+    start = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True)
+    try:
+        log, _ = start.communicate(timeout=90)
+        assert start.returncode == 0, log[-3000:]
+        yield f"http://127.0.0.1:{ports[1]}", env, tmp / "r"
+    finally:
+        if start.poll() is None:
+            start.kill()
+        stop_session(start.pid)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def job_info(url: str, env: dict, job_id: str) -> dict:
+    request = urllib.request.Request(f"{url}/api/jobs/{job_id}",
+                                     headers={"Authorization": f"Bearer {env['RAY_AUTH_TOKEN']}"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.loads(response.read())
+
+
+def test_a_real_submit_uploads_exactly_the_package(project, job_files, ray_cluster, tmp_path):
+    url, env, ray_temp = ray_cluster
+    # the project's real code (as a tracked checkout) and model, so the job really starts on the cluster
+    def python_files(folder: str, names: list[str]) -> list[str]:
+        return [n for n in names if n in ("__pycache__", "models") or n.startswith(".")
+                or not (n.endswith(".py") or Path(folder, n).is_dir())]
+
+    for name in ("pipeline", "stages"):
+        shutil.rmtree(project / name)
+        shutil.copytree(REPO / name, project / name, ignore=python_files)
+    shutil.copy(REPO / "pyproject.toml", project / "pyproject.toml")
+    write(project, {"pipeline/scratch.py": "# untracked\n", "pipeline/__pycache__/x.pyc": ""})
+    git(project, "add", "pyproject.toml", "pipeline", "stages")
+    git(project, "rm", "-q", "--cached", "pipeline/scratch.py")
+    code = {p.relative_to(project).as_posix() for name in ("pipeline", "stages") for p in (project / name).rglob("*.py")
+            if "__pycache__" not in p.parts} - {"pipeline/scratch.py"}
+    expected = code | job_files | {"pyproject.toml"}
+    not_a_dir = tmp_path / "out-is-a-file"  # the job stops at its first check on the cluster: cheap
+    not_a_dir.write_text("")
+
+    denied = subprocess.run([sys.executable, "-m", "pipeline.cli", "submit", "jobs/job.yaml", "--out", str(not_a_dir),
+                             "--address", url], cwd=project, env={**env, "RAY_AUTH_MODE": "disabled"},
+                            capture_output=True, text=True, timeout=60)
+    assert denied.returncode == 2 and "export RAY_AUTH_MODE=token" in denied.stderr, denied.stderr[-2000:]
+
+    done = subprocess.run([sys.executable, "-m", "pipeline.cli", "submit", "jobs/job.yaml", "--out", str(not_a_dir),
+                           "--address", url], cwd=project, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-2000:]
+    job_id = done.stdout.split()[-1]
+    assert f"sending {len(expected)} files" in done.stderr and "pipeline/scratch.py" in done.stderr
+
+    deadline = time.monotonic() + 60
+    while (info := job_info(url, env, job_id))["status"] not in ("SUCCEEDED", "FAILED", "STOPPED"):
+        assert time.monotonic() < deadline, info
+        time.sleep(0.5)
+    unpacked = [p for p in ray_temp.glob("session_2*/runtime_resources/working_dir_files/_ray_pkg_*") if p.is_dir()]
+    assert len(unpacked) == 1, unpacked
+    arrived = {p.relative_to(unpacked[0]).as_posix() for p in unpacked[0].rglob("*") if p.is_file()}
+    assert arrived == expected
+    assert not [rel for rel in arrived if any(part.startswith(".") for part in rel.split("/"))]
+    # `synthgen run` started in the package: it found the job, the model folder and the calibration file
+    # there, and stopped at the output dir, a file here
+    logs = next(ray_temp.glob(f"session_2*/logs/job-driver-{job_id}.log")).read_text()
+    assert info["status"] == "FAILED" and f"output.dir: {not_a_dir} is a file" in logs, logs[-2000:]
