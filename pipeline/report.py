@@ -33,7 +33,7 @@ def format_summary(summary: dict[str, Any]) -> str:
     rows = [[s["name"], s.get("operator") or "-", s["kind"], s["workers"], f"{s['num_cpus']:g}", f"{s['num_gpus']:g}",
              s["rows"], f"{s['busy_s']:.2f}", s["rows_per_busy_s"]] for s in summary["stages"]]
     out = [_table(["stage", "ray operator", "kind", "workers", "cpus", "gpus", "rows", "busy s", "rows/busy s"], rows,
-                  text_columns=3)]
+                  text_columns=3)] if rows else []
     processed = summary["processed"]
     kept_pct = f" ({100 * summary['kept'] / processed:.1f}%)" if processed else ""
     out.append(f"this run: {processed} samples, {summary['kept']} kept{kept_pct}, {summary['rejected']} rejected"

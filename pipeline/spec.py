@@ -364,7 +364,8 @@ class JobSpec(_Strict):
             missing = [c.name for c in self.classes if c.name not in (self.masks.class_thresholds or {})]
             if missing:
                 raise FieldError("masks.class_thresholds", f"threshold is 'calibrated' but classes {missing} "
-                               "have no threshold")
+                               "have no threshold; fit them with `synthgen eval JOB --calibrate FILE` (masks."
+                               "calibration: FILE) or use masks.threshold: fixed or otsu")
         self._check_variations()
         return self
 

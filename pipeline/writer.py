@@ -309,7 +309,8 @@ class DatasetWriter:
 
     # --- finishing -------------------------------------------------------------------------
     def finish(self, summary: dict[str, Any]) -> None:
-        """Write index.parquet from the committed parts (when it changed) and record the run summary."""
+        """Write index.parquet from the committed parts (when it changed) and record the run summary
+        (``runs`` lists every run; ``summary`` is the last one that generated samples)."""
         if self.buffers:
             raise RuntimeError(f"shards {sorted(self.plan.name(k) for k in self.buffers)} are incomplete")
         try:
@@ -320,7 +321,8 @@ class DatasetWriter:
                 tmp = self.out / (INDEX + ".tmp")
                 pq.write_table(table, tmp)
                 os.replace(tmp, self.out / INDEX)
-            self.manifest["summary"] = summary
+            if summary.get("processed") or self.manifest.get("summary") is None:
+                self.manifest["summary"] = summary  # a no-op rerun keeps the last run that generated
             self.manifest["runs"].append(summary)
             self._save_manifest()
         except OSError as e:

@@ -16,7 +16,7 @@ Rules:
     it into Ray Data ``map_batches`` arguments. ``kind`` is "actor" for stages that keep state
     between batches (a model, a tokenizer, the dedup memory), else "task".
 
-Record columns (DESIGN.md "Record flowing between stages"):
+Record columns (docs/design.md "Record flowing between stages"):
 
   column          dtype / shape             set by
   key             str                       sampling   ``{job}-{index:09d}`` (no '.')

@@ -65,7 +65,7 @@ def test_a_driver_killed_at_any_commit_point_resumes_to_the_same_bytes(dataset, 
     assert len(before["shards"]) == committed and not before["complete"]
     assert run(dataset, out) == 0
     after = read_manifest(out)
-    assert after["summary"]["shards_written"] == 4 - committed  # nothing committed was generated again
+    assert after["runs"][-1]["shards_written"] == 4 - committed  # nothing committed was generated again
     assert not (out / JOURNAL).exists() and not list(out.rglob("*.tmp"))
     assert_same_dataset(out, dataset.out)
 
@@ -77,7 +77,7 @@ def test_a_truncated_shard_is_redone_on_a_plain_rerun(dataset, done, capsys):
     assert run(dataset, done) == 0
     out = capsys.readouterr().out
     assert "redone: train-000002 (shards/train-000002.tar has 1000 bytes" in out
-    assert read_manifest(done)["summary"]["shards_written"] == 1
+    assert read_manifest(done)["runs"][-1]["shards_written"] == 1
     assert_same_dataset(done, dataset.out)
 
 
@@ -85,7 +85,7 @@ def test_a_deleted_shard_or_part_is_redone(dataset, done):
     (done / "shards" / "train-000001.tar").unlink()
     (done / "parts" / "train-000003.parquet").unlink()
     assert run(dataset, done) == 0
-    summary = read_manifest(done)["summary"]
+    summary = read_manifest(done)["runs"][-1]
     assert summary["redone"] == {"train-000001": "shards/train-000001.tar is missing",
                                  "train-000003": "parts/train-000003.parquet is missing"}
     assert summary["shards_written"] == 2
@@ -100,9 +100,9 @@ def test_a_changed_byte_is_found_by_verify_and_redone_by_run_verify(dataset, don
     assert main(["verify", str(done)]) == 1
     assert "train-000000: shards/train-000000.tar sha256 differs" in capsys.readouterr().out
     assert run(dataset, done) == 0  # sizes only: the change goes unnoticed ...
-    assert read_manifest(done)["summary"]["shards_written"] == 0
+    assert read_manifest(done)["runs"][-1]["shards_written"] == 0
     assert run(dataset, done, "--verify") == 0  # ... until hashes are compared
-    assert read_manifest(done)["summary"]["redone"] == {"train-000000": "shards/train-000000.tar sha256 differs "
+    assert read_manifest(done)["runs"][-1]["redone"] == {"train-000000": "shards/train-000000.tar sha256 differs "
                                                                         "from the committed one"}
     capsys.readouterr()
     assert main(["verify", str(done)]) == 0
@@ -140,7 +140,7 @@ def test_a_lost_manifest_is_refused_then_repaired_without_regenerating(dataset, 
     assert main(["repair", str(dataset.job), "--out", str(done)]) == 0
     assert "adopted 4 shard(s)" in capsys.readouterr().out
     assert run(dataset, done) == 0
-    assert read_manifest(done)["summary"]["shards_written"] == 0
+    assert read_manifest(done)["runs"][-1]["shards_written"] == 0
     assert_same_dataset(done, dataset.out)
 
 
@@ -165,7 +165,7 @@ def test_a_killed_run_without_its_manifest_rewrite_is_repaired_from_the_journal(
     assert main(["repair", str(dataset.job), "--out", str(out)]) == 0
     assert len(read_manifest(out)["shards"]) == 2
     assert run(dataset, out) == 0
-    assert read_manifest(out)["summary"]["shards_written"] == 2
+    assert read_manifest(out)["runs"][-1]["shards_written"] == 2
     assert_same_dataset(out, dataset.out)
 
 
@@ -195,7 +195,7 @@ def test_unrelated_files_survive_reruns_and_overwrite_and_are_reported(dataset, 
     assert run(dataset, done) == 0
     printed = capsys.readouterr().out
     assert "left alone: 4 file(s)" in printed and "shards/extra-from-elsewhere.tar" in printed
-    assert sorted(read_manifest(done)["summary"]["left_alone"]) == sorted(["notes", "plan.tmp",
+    assert sorted(read_manifest(done)["runs"][-1]["left_alone"]) == sorted(["notes", "plan.tmp",
                                                                            "shards/extra-from-elsewhere.tar",
                                                                            "parts/train-000001.parquet.bak"])
     assert_same_dataset(done, dataset.out)
@@ -262,5 +262,5 @@ def test_a_full_disk_stops_with_one_line_and_a_rerun_completes_the_same_bytes(da
     assert len(read_manifest(out)["shards"]) == 2 and not list(out.rglob("*.tmp"))
     monkeypatch.undo()
     assert run(dataset, out) == 0
-    assert read_manifest(out)["summary"]["shards_written"] == 2
+    assert read_manifest(out)["runs"][-1]["shards_written"] == 2
     assert_same_dataset(out, dataset.out)

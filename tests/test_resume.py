@@ -180,6 +180,8 @@ def test_rerunning_a_complete_job_does_no_work(dataset, tmp_path):
     summary = run_job(load_spec(dataset.job, out=str(out)), use_ray=False, progress=False)
     assert summary["processed"] == 0 and summary["shards_written"] == 0
     assert summary["stages"] == []
+    manifest = read_manifest(out)
+    assert manifest["runs"][-1] == summary and manifest["summary"] == manifest["runs"][-2]  # the run that generated
     assert {p.name: sha256_file(p) for p in (out / "shards").iterdir()} == shards
     assert_same_dataset(out, dataset.out)
 
