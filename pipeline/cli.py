@@ -21,8 +21,6 @@ from .errors import auth_error, report
 from .preflight import check_model, check_output_dir
 from .spec import SpecError, UsageError, load_spec
 
-EXIT_BAD_INPUT = 2
-
 
 def _job_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("job", help="job file (YAML)")

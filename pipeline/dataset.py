@@ -90,6 +90,18 @@ def read_journal(out: Path) -> list[dict]:
     return records
 
 
+def commit_record(out: Path, plan: Any, k: int, keep: list[bool], reasons: list[str]) -> dict[str, Any]:
+    """Shard k's commit record: where its files are, its indices, kept / rejected counts (``reasons[i]``
+    of each index not kept), and the sizes and sha256 of its tar and part as they are on disk now."""
+    tar, part = Path(out) / plan.tar(k), Path(out) / plan.part(k)
+    rejected = [str(r) for r, kept in zip(reasons, keep) if not kept]
+    return {"name": plan.name(k), "tar": plan.tar(k), "part": plan.part(k), "indices": list(plan.bounds(k)),
+            "samples": sum(map(bool, keep)), "rejected": len(rejected),
+            "rejected_by_reason": {r: rejected.count(r) for r in sorted(set(rejected))},
+            "bytes": tar.stat().st_size, "sha256": sha256_file(tar),
+            "part_bytes": part.stat().st_size, "part_sha256": sha256_file(part)}
+
+
 def counts(shards: list[dict]) -> dict[str, Any]:
     """The manifest's ``counts`` of a list of committed shard records."""
     reasons: Counter = Counter()

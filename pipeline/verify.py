@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
-from .dataset import (INDEX, INDEX_SCHEMA, MANIFEST, OutputError, check_shards, load_manifest, read_journal,
-                      read_manifest, sha256_file)
+from .dataset import (INDEX, INDEX_SCHEMA, MANIFEST, OutputError, check_shards, commit_record, load_manifest,
+                      read_journal, read_manifest)
 from .plan import ShardPlan
 
 
@@ -59,10 +59,10 @@ def verify_dataset(out: Path) -> dict[str, Any]:
     out = Path(out)
     manifest = read_manifest(out)
     shards = manifest["shards"]
-    problems = [f"{name}: {p}" for name, p in check_shards(out, shards, hashes=True).items()]
-    bad = {p.split(":")[0] for p in problems}
+    failed = check_shards(out, shards, hashes=True)
+    problems = [f"{name}: {p}" for name, p in failed.items()]
     for record in shards:
-        if record["name"] not in bad:
+        if record["name"] not in failed:
             problems += shard_problems(out, record)
     if not manifest["complete"]:
         problems.append(f"incomplete: {len(shards)} of {manifest['layout']['num_shards']} shards committed; "
@@ -81,27 +81,19 @@ def verify_dataset(out: Path) -> dict[str, Any]:
 
 def _adopt(out: Path, plan: ShardPlan, k: int, sampling) -> tuple[dict | None, str]:
     """(commit record, '') when shard k's files agree with the job, (None, why) when they do not."""
-    tar, part = out / plan.tar(k), out / plan.part(k)
     start, stop = plan.bounds(k)
     try:
-        table = pq.read_table(part, schema=INDEX_SCHEMA)
+        table = pq.read_table(out / plan.part(k), schema=INDEX_SCHEMA)
     except Exception as e:  # noqa: BLE001
         return None, f"{plan.part(k)} is unreadable ({type(e).__name__})"
     expected = sampling({"index": np.arange(start, stop, dtype=np.int64)})
     for column in ("index", "key", "seed", "prompt"):
         if table.column(column).to_pylist() != np.asarray(expected[column]).tolist():
             return None, f"{plan.part(k)}: its {column} column is not this job's"
-    record = {"name": plan.name(k), "tar": plan.tar(k), "part": plan.part(k), "indices": [start, stop]}
-    problems = shard_problems(out, record)
+    problems = shard_problems(out, {"tar": plan.tar(k), "part": plan.part(k), "indices": [start, stop]})
     if problems:
         return None, problems[0]
-    keep = table.column("keep").to_pylist()
-    rejected = [r for r, kept in zip(table.column("reject_reason").to_pylist(), keep) if not kept]
-    record.update({"samples": sum(keep), "rejected": len(rejected),
-                   "rejected_by_reason": {r: rejected.count(r) for r in sorted(set(rejected))},
-                   "bytes": tar.stat().st_size, "sha256": sha256_file(tar),
-                   "part_bytes": part.stat().st_size, "part_sha256": sha256_file(part)})
-    return record, ""
+    return commit_record(out, plan, k, table.column("keep").to_pylist(), table.column("reject_reason").to_pylist()), ""
 
 
 def repair(spec: Any) -> dict[str, Any]:

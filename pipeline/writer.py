@@ -28,7 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .dataset import (INDEX, INDEX_SCHEMA, JOURNAL, MANIFEST, MEMBERS, TAR_MTIME, TOP_LEVEL, FORMAT, OutputError,
-                      append_commit, check_shards, counts, output_state, sha256_file, write_atomic)
+                      append_commit, check_shards, commit_record, counts, output_state, write_atomic)
 from .plan import ShardPlan
 
 #: record columns the writer needs (everything else can be dropped before the driver)
@@ -249,15 +249,8 @@ class DatasetWriter:
             failpoint("between-renames")
             os.replace(tmp_part, part)
             failpoint("after-rename")
-            start, stop = self.plan.bounds(k)
-            rejected = [str(r["reject_reason"]) for r in records if not bool(r["keep"])]
-            record = {
-                "name": self.plan.name(k), "tar": self.plan.tar(k), "part": self.plan.part(k),
-                "indices": [start, stop], "samples": len(kept), "rejected": len(rejected),
-                "rejected_by_reason": {r: rejected.count(r) for r in sorted(set(rejected))},
-                "bytes": tar.stat().st_size, "sha256": sha256_file(tar),
-                "part_bytes": part.stat().st_size, "part_sha256": sha256_file(part),
-            }
+            record = commit_record(self.out, self.plan, k, [bool(r["keep"]) for r in records],
+                                   [r["reject_reason"] for r in records])
             append_commit(self.out, record)
         except OSError as e:
             for path in (tmp_tar, tmp_part):
