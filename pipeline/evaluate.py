@@ -37,7 +37,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from stages.base import Batch
-from stages.labels import category_ids
+from stages.labels import category_ids, encode_mask, rle_fields
 from stages.masks import IGNORE, refined_maps
 
 from .shapes.oracle import find_objects
@@ -160,10 +160,6 @@ def _box_iou(a: list[float], b: list[float]) -> float:
     return inter / union if union > 0 else 0.0
 
 
-def _encode(mask: np.ndarray) -> dict:
-    return mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
-
-
 def semantic_scores(samples: list[Sample], ids: dict[str, int]) -> dict[str, Any]:
     """Per-class IoU over all pixels of all samples (ignore left out, and counted as background)."""
     n_classes = max(ids.values()) + 1
@@ -213,10 +209,8 @@ def coco_scores(samples: list[Sample], ids: dict[str, int]) -> dict[str, Any]:
         images.append({"id": img_id, "height": h, "width": w})
         for (_, cls), m in zip(s.prompt.objects, s.truth):
             if m.any():
-                rle = _encode(m)
                 gts.append({"id": len(gts) + 1, "image_id": img_id, "category_id": ids[cls], "iscrowd": 0,
-                            "area": float(mask_utils.area(rle)), "bbox": mask_utils.toBbox(rle).tolist(),
-                            "segmentation": {"size": rle["size"], "counts": rle["counts"].decode("ascii")}})
+                            **rle_fields(encode_mask(m))})
         for a in s.annotations:
             dets.append({"image_id": img_id, "category_id": a["category_id"], "bbox": a["bbox"],
                          "segmentation": a["segmentation"], "score": a["score"]})
@@ -252,7 +246,7 @@ def object_scores(samples: list[Sample], ids: dict[str, int]) -> tuple[dict[str,
                 continue
             masks = [mask_utils.decode(a["segmentation"]).astype(bool) for a in preds]
             ious.append(max((_iou(p, m) for p in masks), default=0.0))
-            box = mask_utils.toBbox(_encode(m)).tolist()
+            box = rle_fields(encode_mask(m))["bbox"]
             if not any(_box_iou(a["bbox"], box) >= 0.5 for a in preds):
                 missing += 1
                 ok = False

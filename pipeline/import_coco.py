@@ -29,6 +29,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from stages.base import Batch
 from stages.encode import EncodeStage
+from stages.identity import sha256_file
+from stages.labels import rle_fields
 from stages.references import ANNOTATIONS, CocoImage, ReferenceDataError, load_coco
 
 from .spec import ClassSpec, OutputSpec, UsageError
@@ -62,11 +64,9 @@ def _record(coco, im: CocoImage, index: int, class_ids: dict[str, int]) -> Batch
         name = coco.cats[a["category_id"]]["name"]
         rle = coco.annToRLE(a)
         semantic[mask_utils.decode(rle) > 0] = 1 + names.index(name)
-        counts = rle["counts"]
-        ann = {"category_id": class_ids[name], "bbox": [float(v) for v in mask_utils.toBbox(rle)],
-               "segmentation": {"size": [int(s) for s in rle["size"]],
-                                "counts": counts.decode("ascii") if isinstance(counts, bytes) else counts},
-               "area": int(mask_utils.area(rle)), "score": 1.0, "iscrowd": int(a.get("iscrowd", 0))}
+        fields = rle_fields(rle)
+        ann = {"category_id": class_ids[name], "bbox": fields["bbox"], "segmentation": fields["segmentation"],
+               "area": fields["area"], "score": 1.0, "iscrowd": int(a.get("iscrowd", 0))}
         if a.get("attributes"):
             ann["attributes"] = a["attributes"]
         annotations.append(ann)
@@ -106,7 +106,7 @@ def import_coco(folder: str | Path, out: str | Path, name: str = "real", shard_s
     except ValidationError as e:
         err = e.errors()[0]
         raise UsageError(f"import-coco: {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
-    digest = hashlib.sha256((folder / ANNOTATIONS).read_bytes()).hexdigest()
+    digest = sha256_file(folder / ANNOTATIONS)
     identity = {"source": "real", "model": None, "annotations": str(folder / ANNOTATIONS), "sha256": digest}
     dump = spec.model_dump(mode="json", exclude={"source": True, "output": {"dir"}})
     payload = json.dumps({"import": dump, "annotations": digest}, sort_keys=True)

@@ -43,17 +43,26 @@ def components(region: np.ndarray, min_area: float, max_area: float) -> tuple[li
     return [lab == k for k in keep], count
 
 
+def rle_fields(rle: dict) -> dict:
+    """The JSON fields of a COCO annotation from one pycocotools RLE: ``segmentation`` (counts as str,
+    size as ints), ``bbox`` [x, y, w, h] (floats) and ``area`` (pixels, int). The one place an RLE
+    becomes JSON: labels, ``import-coco``, the shapes world's COCO export and ``synthgen eval``."""
+    counts = rle["counts"]
+    return {"segmentation": {"size": [int(s) for s in rle["size"]],
+                             "counts": counts.decode("ascii") if isinstance(counts, bytes) else counts},
+            "bbox": [float(v) for v in mask_utils.toBbox(rle)], "area": int(mask_utils.area(rle))}
+
+
+def encode_mask(mask: np.ndarray) -> dict:
+    """The pycocotools RLE of one HxW mask (bool or 0/1)."""
+    return mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+
+
 def encode_instances(masks: list[np.ndarray]) -> list[dict]:
-    """COCO RLE (counts as str), bbox [x, y, w, h] and area of each bool mask, via pycocotools."""
+    """:func:`rle_fields` (COCO RLE, bbox, area) of each bool mask."""
     if not masks:
         return []
-    rles = mask_utils.encode(np.asfortranarray(np.stack(masks, axis=-1).astype(np.uint8)))
-    boxes, areas = mask_utils.toBbox(rles), mask_utils.area(rles)
-    out = []
-    for rle, box, area in zip(rles, boxes, areas):
-        seg = {"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode("ascii")}
-        out.append({"segmentation": seg, "bbox": [float(v) for v in box], "area": int(area)})
-    return out
+    return [rle_fields(rle) for rle in mask_utils.encode(np.asfortranarray(np.stack(masks, axis=-1).astype(np.uint8)))]
 
 
 def _r(x: float) -> float:

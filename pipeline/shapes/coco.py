@@ -4,9 +4,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 from PIL import Image
-from pycocotools import mask as mask_utils
+
+from stages.labels import encode_mask, rle_fields
 
 from .world import CLASSES, Scene, render_scene
 
@@ -19,14 +19,14 @@ def scene_annotations(scene: Scene, image_id: int, first_ann_id: int) -> list[di
     """One COCO annotation per visible object (RLE segmentation, bbox and area from pycocotools)."""
     anns = []
     for k, obj in enumerate(scene.objects):
-        rle = mask_utils.encode(np.asfortranarray(obj.mask.astype(np.uint8)))
+        fields = rle_fields(encode_mask(obj.mask))
         anns.append({
             "id": first_ann_id + k,
             "image_id": image_id,
             "category_id": CLASSES.index(obj.cls) + 1,
-            "segmentation": {"size": rle["size"], "counts": rle["counts"].decode("ascii")},
-            "area": float(mask_utils.area(rle)),
-            "bbox": [float(v) for v in mask_utils.toBbox(rle)],
+            "segmentation": fields["segmentation"],
+            "area": float(fields["area"]),
+            "bbox": fields["bbox"],
             "iscrowd": 0,
             "attributes": {"color": obj.color},
         })
