@@ -23,7 +23,7 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (AfterValidator, BaseModel, ConfigDict, Discriminator, Field, PrivateAttr, Tag,
-                      ValidationError, field_validator, model_validator)
+                      ValidationError, field_validator, model_serializer, model_validator)
 
 from stages.identity import public_path
 
@@ -60,6 +60,18 @@ class ModelSpec(_Strict):
                                                              "(float32 on cpu)")
     device: Literal["cpu", "cuda", "auto"] = Field(default="auto", description="auto: cuda when a GPU is "
                                                    "visible, else cpu")
+    family: Literal["auto", "sd", "sdxl", "sd3", "flux"] = Field(
+        default="auto", description="model family (stages/families/): auto: from the folder's model_index.json "
+        "_class_name and its unet/transformer config; sd (1.x/2.x), sdxl, sd3, flux: explicit, must not "
+        "contradict the folder")
+
+    @model_serializer(mode="wrap")
+    def _omit_auto_family(self, handler: Any) -> dict[str, Any]:
+        """``family: auto`` is left out of dumps, so jobs written before the field keep their fingerprint."""
+        data = handler(self)
+        if isinstance(data, dict) and data.get("family") == "auto":
+            data.pop("family")
+        return data
 
 
 def _trimmed(value: str) -> str:

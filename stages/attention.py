@@ -14,11 +14,11 @@ One pipeline call::
     pipe(..., callback_on_step_end=capture.on_step_end)
     maps = capture.finish()   # {"attn_raw": (B,K,h,w), "attn": (B,K,h,w)} float32, latent grid
 
-Resolutions name UNet levels by their grid size at the model's native square latent size
-(``unet.config.sample_size``): [16, 32] for SD 1.x at 512², [16, 8] for the bundled tiny model.
-Other image sizes (non-square included) capture the same levels at their actual shapes, computed
-from the latent shape by ceil-halving. The naming rule lives in ``stages/unet_layout.py`` (config only,
-no torch), which the pre-flight checks share.
+Resolutions name UNet levels as ``stages/unet_layout.py`` rules (config only, no torch; the pre-flight
+checks share it): an integer is the grid's shorter side, a string "1/2**i" a fraction of the latent
+side, both at ``latent_hw`` (the job's latent size; the synthesis stage passes it) or, without one,
+at the UNet's native square latent size (``unet.config.sample_size``). Other image sizes capture
+the resolved levels at their actual shapes, computed from the latent shape by ceil-halving.
 """
 from __future__ import annotations
 
@@ -43,8 +43,8 @@ _NAME = re.compile(r"^(?:down_blocks\.(\d+)|mid_block|up_blocks\.(\d+))"
 class CaptureConfig:
     """What to capture: cross-attention levels, optional self-attention refinement, step window."""
 
-    resolutions: tuple[int, ...] = (16, 32)
-    self_resolution: int | None = None  # used only when refine_power > 0
+    resolutions: tuple[int | str, ...] = (16, 32)  # grid sides (16) or fractions of the latent side ("1/4")
+    self_resolution: int | str | None = None  # used only when refine_power > 0
     refine_power: int = 0  # τ in attn = A^τ · attn_raw; 0 = no refinement, no self-attention
     step_window: tuple[float, float] = (0.0, 1.0)  # fraction of the denoising steps, [start, end)
 
@@ -137,7 +137,7 @@ class CaptureProcessor:
 class AttentionCapture:
     """Installs capture processors on a UNet and turns one pipeline call into per-class maps."""
 
-    def __init__(self, unet, config: CaptureConfig):
+    def __init__(self, unet, config: CaptureConfig, latent_hw: tuple[int, int] | None = None):
         self.unet, self.config = unet, config
         cfg = unet.config
         n_levels = len(cfg.down_block_types)
@@ -149,14 +149,22 @@ class AttentionCapture:
         if found != self.expected:
             raise RuntimeError(f"UNet attention layers {dict(sorted(found.items()))} differ from what its config "
                                f"implies {dict(sorted(self.expected.items()))}: diffusers' layout changed?")
+        self.latent_hw = None if latent_hw is None else tuple(latent_hw)
         native = native_grids(cfg)
         self.native = native
-        self.cross_levels = sorted({capture_level("attn2", r, cfg, self.expected) for r in config.resolutions})
-        self.self_level = (capture_level("attn1", config.self_resolution, cfg, self.expected)
+        names: dict[int, str] = {}
+        for r in config.resolutions:
+            names.setdefault(capture_level("attn2", r, cfg, self.expected, self.latent_hw), str(r))
+        self.cross_levels = sorted(names)
+        self.names = names
+        self.self_level = (capture_level("attn1", config.self_resolution, cfg, self.expected, self.latent_hw)
                            if config.refine_power > 0 else None)
-        if self.self_level is not None and native[self.self_level] ** 2 > MAX_SELF_ATTENTION_TOKENS:
-            raise ValueError(f"self-attention at {native[self.self_level]}² is too large to capture "
-                             f"(at most {MAX_SELF_ATTENTION_TOKENS} tokens); pick a coarser level")
+        if self.self_level is not None:
+            h, w = (level_grid(*self.latent_hw, self.self_level) if self.latent_hw is not None
+                    else 2 * (native[self.self_level],))
+            if h * w > MAX_SELF_ATTENTION_TOKENS:
+                raise ValueError(f"self-attention at {h}×{w} is too large to capture "
+                                 f"(at most {MAX_SELF_ATTENTION_TOKENS} tokens); pick a coarser level")
         captured = {("attn2", level) for level in self.cross_levels}
         if self.self_level is not None:
             captured.add(("attn1", self.self_level))
@@ -170,11 +178,18 @@ class AttentionCapture:
 
     @property
     def layer_counts(self) -> dict[str, dict[str, int]]:
-        """Hooked layers per native resolution, for the record's ``gen`` JSON and the manifest."""
-        counts = {"cross": {str(self.native[lv]): self.expected[("attn2", lv)] for lv in self.cross_levels}}
+        """Hooked layers per level, keyed by the level's name in the config, for the record's ``gen`` JSON."""
+        counts = {"cross": {self.names[lv]: self.expected[("attn2", lv)] for lv in self.cross_levels}}
         if self.self_level is not None:
-            counts["self"] = {str(self.native[self.self_level]): self.expected[("attn1", self.self_level)]}
+            counts["self"] = {str(self.config.self_resolution): self.expected[("attn1", self.self_level)]}
         return counts
+
+    def grids(self, latent_hw: tuple[int, int]) -> dict[str, dict[str, list[int]]]:
+        """The actual [h, w] map grid of each captured level at ``latent_hw``, keyed as ``layer_counts``."""
+        out = {"cross": {self.names[lv]: list(level_grid(*latent_hw, lv)) for lv in self.cross_levels}}
+        if self.self_level is not None:
+            out["self"] = {str(self.config.self_resolution): list(level_grid(*latent_hw, self.self_level))}
+        return out
 
     def remove(self) -> None:
         """Restore the processors the UNet had before."""

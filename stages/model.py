@@ -1,4 +1,5 @@
-"""Load a Stable Diffusion 1.x / 2.x pipeline (local folder or hub id); its identity: stages/identity.py."""
+"""Load a diffusers pipeline (local folder or hub id; SD 1.x/2.x by default, any family's class through
+``pipeline_class``: stages/families/); schedulers by name; the model's identity: stages/identity.py."""
 from __future__ import annotations
 
 from typing import Any
@@ -13,6 +14,7 @@ from diffusers import (
 )
 
 # the model's identity (content digests, name) is torch-free and lives in stages/identity.py; re-exported here
+from .identity import EXPECTED as _EXPECTED
 from .identity import local_folder as _local_folder
 from .identity import model_identity, short_id  # noqa: F401
 
@@ -49,9 +51,10 @@ def scheduler_from_config(name: str, config) -> Any:
 
 
 def load_pipeline(model: str, dtype: str = "float32", device: str = "cpu",
-                  scheduler: str | None = None) -> StableDiffusionPipeline:
-    """A StableDiffusionPipeline from a local folder or hub id (safetensors only, no safety checker)
-    on ``device`` ("cpu", "cuda", "cuda:N" or "auto").
+                  scheduler: str | None = None, pipeline_class: type = StableDiffusionPipeline,
+                  **extra: Any) -> Any:
+    """A ``pipeline_class`` (default StableDiffusionPipeline) from a local folder or hub id (safetensors
+    only; no safety checker where the class has one) on ``device`` ("cpu", "cuda", "cuda:N" or "auto").
 
     ``scheduler`` names an entry of ``SCHEDULERS`` (built from the checkpoint's scheduler config);
     None or "default" keeps the checkpoint's own.
@@ -61,13 +64,14 @@ def load_pipeline(model: str, dtype: str = "float32", device: str = "cpu",
     if name != DEFAULT_SCHEDULER and name not in SCHEDULERS:
         raise ValueError(f"unknown scheduler {name!r}; choose one of {sorted([DEFAULT_SCHEDULER, *SCHEDULERS])}")
     folder = _local_folder(model)
-    kwargs = dict(dtype=torch_dtype, use_safetensors=True, safety_checker=None,
-                  requires_safety_checker=False)
+    kwargs = dict(dtype=torch_dtype, use_safetensors=True, **extra)
+    if pipeline_class is StableDiffusionPipeline:
+        kwargs.update(safety_checker=None, requires_safety_checker=False)
     if folder is not None:
-        pipe = StableDiffusionPipeline.from_pretrained(folder, **kwargs)
+        pipe = pipeline_class.from_pretrained(folder, **kwargs)
     else:
         try:
-            pipe = StableDiffusionPipeline.from_pretrained(model, **kwargs)
+            pipe = pipeline_class.from_pretrained(model, **kwargs)
         except OSError as e:
             raise FileNotFoundError(f"{model!r} is not a local folder and could not be loaded as a hub id "
                                     f"({e}): {_EXPECTED}") from e

@@ -1,10 +1,18 @@
 """Where a Stable Diffusion UNet's attention layers sit, from its config alone.
 
 The rule that names capture levels, shared by the attention capture (``stages/attention.py``, on a
-loaded UNet) and the pre-flight checks (``pipeline/preflight.py``, on ``unet/config.json``):
-level 0 is the latent resolution, level i is i halvings below it, and a capture resolution names
-the level whose grid has that size at the model's native square latent size
-(``config.sample_size``): [16, 32] for SD 1.x at 512², [16, 8] for the bundled tiny model.
+loaded UNet), the UNet families (``stages/families/unet.py``) and the pre-flight checks
+(``pipeline/preflight.py``, on ``unet/config.json``): level 0 is the latent grid, level i is i
+(ceil-)halvings below it. A job names a level in one of two ways, resolved at the job's own latent
+size (image size / the VAE's factor), so one job means the same maps on every UNet model:
+
+* an integer N: the level whose grid's shorter side is N at the job's size ("16": a 16×16 grid of a
+  square image, whatever the model's native size; SD 1.5, SD 2.1-768 and SDXL all have 16 and 32 at
+  512² and 1024² alike where cross-attention exists there);
+* a fraction of the latent side, ``"1"``, ``"1/2"``, ``"1/4"``, ``"1/8"``: level 0, 1, 2, 3.
+
+Without a job size (``latent_hw=None``) integers name grids at the UNet's native square latent size
+(``config.sample_size``), the rule before levels were resolved per job: at the native size both agree.
 
 Must not: import torch or diffusers (pre-flight reads configs without loading any weights).
 """
@@ -96,15 +104,48 @@ def native_grids(config: Any) -> dict[int, int]:
     return {level: level_grid(size, size, level)[0] for level in range(len(config.down_block_types))}
 
 
-def capture_level(kind: str, resolution: int, config: Any, expected: Counter | None = None) -> int:
-    """The level of ``kind`` ("attn1" self-, "attn2" cross-attention) layers that ``resolution`` names:
-    the level whose native grid size is ``resolution`` and that has such layers; ValueError listing the
-    resolutions the UNet has otherwise."""
+def parse_level(value: Any) -> tuple[str, int]:
+    """("abs", N) for an integer grid side, ("rel", i) for ``"1/2**i"`` (``"1"``: i = 0); ValueError otherwise."""
+    if isinstance(value, bool):
+        raise ValueError(f"capture level {value!r} is neither a grid side (16) nor a fraction of the latent side ('1/4')")
+    if isinstance(value, int):
+        if value < 1:
+            raise ValueError(f"capture level {value} must be a positive grid side")
+        return "abs", value
+    text = str(value).strip()
+    if text == "1":
+        return "rel", 0
+    if text.isdigit():
+        return parse_level(int(text))
+    num, _, den = text.partition("/")
+    if num == "1" and den.isdigit() and int(den) >= 1 and int(den) & (int(den) - 1) == 0:
+        return "rel", int(den).bit_length() - 1
+    raise ValueError(f"capture level {value!r} is neither a grid side (e.g. 16) nor a fraction of the latent side "
+                     "('1', '1/2', '1/4', '1/8')")
+
+
+def level_sides(config: Any, latent_hw: tuple[int, int] | None) -> dict[int, int]:
+    """{level: the shorter side of its grid} at ``latent_hw`` (None: the native square ``sample_size``)."""
+    if latent_hw is None:
+        return native_grids(config)
+    return {level: min(level_grid(*latent_hw, level)) for level in range(len(config.down_block_types))}
+
+
+def capture_level(kind: str, resolution: Any, config: Any, expected: Counter | None = None,
+                  latent_hw: tuple[int, int] | None = None) -> int:
+    """The level of ``kind`` ("attn1" self-, "attn2" cross-attention) layers that ``resolution`` names
+    (``parse_level``) at ``latent_hw`` (None: the native size); ValueError listing the grid sides the
+    UNet has there otherwise."""
     expected = expected_layers(config) if expected is None else expected
-    native = native_grids(config)
-    for level, size in native.items():
-        if size == resolution and expected[(kind, level)] > 0:
+    how, value = parse_level(resolution)
+    sides = level_sides(config, latent_hw)
+    for level, side in sides.items():
+        hit = side == value if how == "abs" else level == value
+        if hit and expected[(kind, level)] > 0:
             return level
-    available = {native[level]: n for (k, level), n in sorted(expected.items()) if k == kind}
+    available = {sides[level]: n for (k, level), n in sorted(expected.items()) if k == kind and n}
+    relative = {f"1/{2 ** level}" if level else "1": n for (k, level), n in sorted(expected.items()) if k == kind and n}
+    where = (f"at its native sample_size {config.sample_size}" if latent_hw is None
+             else f"at a {latent_hw[0]}×{latent_hw[1]} latent")
     raise ValueError(f"no {kind} layers at resolution {resolution}; this UNet has {available} "
-                     f"(grid size: layer count, at its native sample_size {config.sample_size})")
+                     f"(grid side: layer count, {where}; as fractions of the latent side: {relative})")

@@ -1,0 +1,244 @@
+"""The model seam: one ``ModelFamily`` subclass per diffusers text-to-image family.
+
+The synthesis stage (stages/synthesis.py) talks only to this interface; pre-flight
+(pipeline/preflight.py) talks only to its torch-free class-level half. A family knows:
+
+Class level, from the model folder's JSON files alone (no torch, no diffusers, no weights):
+  * ``name`` (the ``model.family`` value), ``title`` (for messages), ``pipeline_classes`` (the
+    ``model_index.json`` ``_class_name`` values it accepts), ``denoiser`` ("unet" / "transformer")
+    and ``denoiser_classes`` (that component's ``_class_name``), ``components`` (component → config
+    file, every component the loader needs), ``weighted`` (those whose weights load: safetensors
+    only), ``optional`` (components a folder may list as ``[null, null]``, e.g. SD3's T5);
+  * ``tokenizers``: the tokenizer subfolders whose prompts the model reads. Pre-flight checks every
+    class word and the longest prompt against each of them; ``token_limit`` gives each one's limit
+    (CLIP: ``model_max_length`` = 77; a T5 family returns its ``max_sequence_length``);
+  * ``mismatch(index, denoiser_config)``: why a folder is *not* this family (None when it is), used
+    for an explicit ``model.family`` override that contradicts the folder;
+  * ``capture_plan(folder, masks, height, width)``: the capture levels a job's ``masks`` section
+    names at the job's image size, each with its actual map grid and layer count (``CaptureLevel``);
+    ValueError (one line, what the model has) when it names a level the model lacks.
+
+Instance level (loads the weights; torch and diffusers imported inside the methods):
+  * ``__init__(path, dtype, device, scheduler)`` loads the text-to-image pipeline (``self.pipe``);
+    ``img2img()`` builds the image-to-image pipeline from the same components (same weights);
+  * ``encode(text) -> dict[str, Tensor]``: one prompt's conditioning, every text encoder's output
+    (SD: ``prompt_embeds``; SDXL: ``prompt_embeds`` of both encoders concatenated and
+    ``pooled_prompt_embeds``), as the pipeline's ``__call__`` takes it. ``conditioning(prompts,
+    conds)`` turns a batch into pipeline kwargs: the prompts as text, or, when a row carries a
+    ``cond["embedding"]``, each tensor of ``encode`` interpolated (slerp / lerp per token vector,
+    pooled vectors included) or jittered (seeded noise × each vector's RMS; ``prompt_embeds`` uses
+    the row's seed, the other tensors ``seed + 1``, ``seed + 2``, ... in sorted key order);
+  * ``token_positions(prompt, spans)``: for each tokenizer, the positions of the tokens covering
+    each character span (a multi-token word such as "traffic light" maps to all its tokens);
+    ``capture_token_index(prompt, token_index)`` maps the sampler's positions (in ``tokenizer``,
+    BOS = 0) to positions in the key sequence the capture sees (identity for the UNet families);
+  * ``run(kwargs, generators, steps, guidance_scale, height, width, callback, image=None,
+    strength=None)``: one batch, text-to-image (``image`` None) or img2img, one CPU generator per
+    row, ``callback`` as ``callback_on_step_end``; returns float images (B, H, W, 3) in [0, 1];
+  * ``loop_steps(steps, strength=None)``: step-end callbacks one call makes;
+  * ``attach_capture(masks, height, width)``: installs the attention capture and returns an object
+    with ``begin(token_index, num_classes, num_steps)``, ``on_step_end`` (the callback),
+    ``finish() -> {"attn_raw": (B, K, h, w), "attn": ...}`` float32 maps, min-max normalised per
+    map in float32, and ``info`` (the ``gen`` JSON's ``capture`` entry, stating each captured
+    level's actual map grid).
+
+How an MM-DiT family (SD3, Flux) plugs in: ``denoiser = "transformer"``; ``capture_plan`` returns
+one ``CaptureLevel`` per captured block, named by block index (``kind="joint"``, ``name="block
+12"``, ``grid`` = the latent grid divided by the patch size), never by a resolution; its capture
+processor computes the image-query × text-key block of the joint attention (SD3: image tokens
+first then text; Flux: text tokens first, RoPE applied to q/k as the model applies it), softmax over
+the whole joint key set, keeps the text columns, and still returns the fused SDPA output.
+``capture_token_index`` maps the sampler's CLIP positions to the capture's text sequence: SD3's
+joint text is [CLIP-L/G 77 tokens, T5 tokens], so CLIP positions stay and T5 positions are
+``77 + position``; Flux's text sequence is T5 only, so positions come from the T5 tokenizer over
+the same character spans (``token_positions``), padding ignored.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Sequence
+
+if TYPE_CHECKING:  # torch is imported inside methods: pre-flight imports this module without it
+    import numpy as np
+    import torch
+
+
+class FamilyError(ValueError):
+    """A model folder that no family accepts, or that contradicts ``model.family``: one line."""
+
+
+@dataclass(frozen=True)
+class CaptureLevel:
+    """One captured attention level as a job resolves it on a model at the job's image size."""
+
+    kind: str  # "cross" (UNet attn2), "self" (UNet attn1), "joint" (MM-DiT block)
+    name: str  # as the job names it: "16", "1/4", "block 12"
+    index: int  # the family's own index: UNet level (0 = latent grid) or transformer block
+    grid: tuple[int, int]  # the map's actual (h, w) at the job's size
+    layers: int  # attention layers averaged at this level
+
+
+def read_json(path: Path) -> dict:
+    data = json.loads(Path(path).read_text())
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} holds a JSON {type(data).__name__}, not an object")
+    return data
+
+
+class ModelFamily:
+    """Base class (see the module docstring). Subclasses set the class attributes and implement
+    ``encode``, ``_load``, ``_img2img_class``, ``capture_plan`` and ``attach_capture``."""
+
+    name: ClassVar[str] = ""
+    title: ClassVar[str] = ""
+    pipeline_classes: ClassVar[tuple[str, ...]] = ()
+    denoiser: ClassVar[str] = "unet"
+    denoiser_classes: ClassVar[tuple[str, ...]] = ()
+    components: ClassVar[dict[str, str]] = {}
+    weighted: ClassVar[tuple[str, ...]] = ()
+    optional: ClassVar[tuple[str, ...]] = ()
+    tokenizers: ClassVar[tuple[str, ...]] = ("tokenizer",)
+    vae: ClassVar[str] = "vae"
+
+    # --- class level: configs only, no torch ------------------------------------------------------
+    @classmethod
+    def mismatch(cls, index: dict, denoiser_config: dict | None) -> str | None:
+        """Why a folder (its model_index.json and denoiser config) is not this family; None when it is."""
+        if denoiser_config is None:
+            return f"it has no {cls.denoiser}/config.json"
+        got = denoiser_config.get("_class_name")
+        if cls.denoiser_classes and got not in cls.denoiser_classes:
+            return f"its {cls.denoiser} is a {got}, not a {' / '.join(cls.denoiser_classes)}"
+        return None
+
+    @classmethod
+    def token_limit(cls, tokenizer: str, model_max_length: int) -> int:
+        """The longest prompt (tokens, BOS/EOS included) the pipeline reads through ``tokenizer``."""
+        return model_max_length
+
+    @classmethod
+    def vae_scale_factor(cls, folder: Path) -> int:
+        """diffusers' ``vae_scale_factor``: 2 ** (VAE blocks - 1)."""
+        vae = read_json(Path(folder) / cls.vae / "config.json")
+        return 2 ** (len(vae.get("block_out_channels", [64] * 4)) - 1)
+
+    @classmethod
+    def capture_plan(cls, folder: Path, masks: Any, height: int, width: int) -> list[CaptureLevel]:
+        raise NotImplementedError
+
+    # --- instance level: weights --------------------------------------------------------------------
+    def __init__(self, path: str, dtype: str = "float32", device: str = "cpu", scheduler: str | None = None):
+        self.path, self.dtype_name = path, dtype
+        self.pipe = self._load(path, dtype, device, scheduler)
+        self._img2img = None
+
+    def _load(self, path: str, dtype: str, device: str, scheduler: str | None):
+        raise NotImplementedError
+
+    def _img2img_class(self):
+        raise NotImplementedError
+
+    @property
+    def device(self):
+        return self.pipe.device
+
+    @property
+    def vae_scale(self) -> int:
+        return int(self.pipe.vae_scale_factor)
+
+    def latent_hw(self, height: int, width: int) -> tuple[int, int]:
+        return height // self.vae_scale, width // self.vae_scale
+
+    def img2img(self):
+        """The image-to-image pipeline on the same components (same weights, same capture)."""
+        if self._img2img is None:
+            import inspect
+
+            cls = self._img2img_class()
+            params = inspect.signature(cls.__init__).parameters
+            extra = {"requires_safety_checker": False} if "requires_safety_checker" in params else {}
+            self._img2img = cls(**{k: v for k, v in self.pipe.components.items() if k in params}, **extra)
+            self._img2img.set_progress_bar_config(disable=True)
+        return self._img2img
+
+    def encode(self, text: str) -> dict[str, "torch.Tensor"]:
+        raise NotImplementedError
+
+    def embed(self, cond: dict | None, prompt: str) -> dict[str, "torch.Tensor"]:
+        """One row's conditioning: ``prompt`` encoded, or ``cond``'s interpolation / jitter of every tensor."""
+        import torch
+
+        from .embedding import jitter, slerp
+
+        if cond is None:
+            return self.encode(prompt)
+        if cond["mode"] == "jitter":
+            encoded = self.encode(cond["prompt"])
+            order = sorted(encoded, key=lambda k: (k != "prompt_embeds", k))
+            return {k: jitter(encoded[k], float(cond["sigma"]), int(cond["seed"]) + j) for j, k in enumerate(order)}
+        first, second = (self.encode(p) for p in cond["prompts"])
+        weight = float(cond["weight"])
+        if cond["method"] == "lerp":
+            return {k: torch.lerp(first[k], second[k], weight) for k in first}
+        return {k: slerp(first[k], second[k], weight) for k in first}
+
+    def conditioning(self, prompts: Sequence[str], conds: Sequence[dict]) -> dict[str, Any]:
+        """Pipeline kwargs for a batch: ``prompt`` as text, or embeddings when any row has ``cond["embedding"]``."""
+        import torch
+
+        if not any("embedding" in c for c in conds):
+            return {"prompt": list(prompts)}
+        with torch.no_grad():
+            rows = [self.embed(c.get("embedding"), p) for c, p in zip(conds, prompts)]
+        return {k: torch.cat([r[k] for r in rows]) for k in rows[0]}
+
+    def token_positions(self, prompt: str, spans: Sequence[tuple[int, int]]) -> dict[str, list[list[int]]]:
+        """{tokenizer subfolder: positions (BOS = 0) of the tokens overlapping each character span}."""
+        out = {}
+        for name in self.tokenizers:
+            tok = getattr(self.pipe, name)
+            enc = tok(prompt, return_offsets_mapping=True, truncation=False)
+            groups = []
+            for start, end in spans:
+                hit = [i for i, (a, b) in enumerate(enc.offset_mapping) if b > a and a < end and b > start]
+                if not hit:
+                    raise ValueError(f"no {name} token of {prompt!r} covers characters {start}:{end}")
+                groups.append(hit)
+            out[name] = groups
+        return out
+
+    def capture_token_index(self, prompt: str, token_index: list[list[int]]) -> list[list[int]]:
+        """The sampler's class token positions (``tokenizer``, BOS = 0) in the capture's key sequence."""
+        return token_index
+
+    def loop_steps(self, steps: int, strength: float | None = None) -> int:
+        """Denoising-loop iterations (= step-end callbacks) of one call; img2img counts as diffusers'
+        ``get_timesteps``: the timesteps after skipping the first ``steps - int(steps x strength)``."""
+        import copy
+
+        scheduler = copy.deepcopy(self.pipe.scheduler)
+        scheduler.set_timesteps(steps)
+        if strength is None:
+            return len(scheduler.timesteps)
+        start = max(steps - min(int(steps * strength), steps), 0)
+        return len(scheduler.timesteps[start * scheduler.order:])
+
+    def run(self, kwargs: dict[str, Any], generators: list, steps: int, guidance_scale: float, height: int,
+            width: int, callback: Callable | None = None, image: "np.ndarray | None" = None,
+            strength: float | None = None) -> "np.ndarray":
+        """One pipeline call; float images (B, H, W, 3) in [0, 1] as the pipeline returns them."""
+        call = dict(kwargs, generator=generators)
+        if image is None:
+            pipe = self.pipe
+            call.update(height=height, width=width)
+        else:
+            pipe = self.img2img()
+            call.update(image=image, strength=strength)
+        if callback is not None:
+            call["callback_on_step_end"] = callback
+        return pipe(num_inference_steps=steps, guidance_scale=guidance_scale, output_type="np", **call).images
+
+    def attach_capture(self, masks: Any, height: int, width: int):
+        raise NotImplementedError
