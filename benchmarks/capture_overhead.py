@@ -1,6 +1,6 @@
 """What cross-attention capture costs: the synthesis stage with and without capture, same settings.
 
-    python benchmarks/capture_overhead.py [--job jobs/shapes-demo.yaml] [--batches 6] [--repeats 3]
+    python -m benchmarks.capture_overhead [--job jobs/shapes-demo.yaml] [--batches 6] [--repeats 3]
 
 Each configuration runs in its own subprocess (so its peak resident memory is its own), the
 configurations take turns ``--repeats`` times, and the best time of each is kept (other load on
@@ -23,17 +23,17 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from benchmarks.common import REPO
+
 CONFIGS = ("off", "cross", "cross+self")
 
 
 def child(job: str, config: str, batches: int, overrides: list[str]) -> dict:
     """Run in the subprocess: time ``batches`` batches after one warm-up batch."""
-    sys.path.insert(0, str(REPO))
     import numpy as np
     import torch
 
-    from pipeline.evaluate import shapes_prompts, stage_rows
+    from pipeline.evaluate import prompt_batch, shapes_prompts
     from pipeline.spec import load_spec
     from stages.synthesis import SynthesisStage
 
@@ -45,7 +45,7 @@ def child(job: str, config: str, batches: int, overrides: list[str]) -> dict:
     stage = SynthesisStage(spec, capture=config != "off")
     size = spec.generation.batch_size
     prompts = shapes_prompts(size * (batches + 1))
-    rows = [stage_rows(stage.pipe.tokenizer, prompts[i:i + size], i) for i in range(0, len(prompts), size)]
+    rows = [prompt_batch(stage.pipe.tokenizer, prompts[i:i + size], i) for i in range(0, len(prompts), size)]
     stage(rows[0])  # warm-up
     t0 = time.perf_counter()
     for batch in rows[1:]:
@@ -71,10 +71,10 @@ def main(argv=None) -> None:
     runs: dict[str, list[dict]] = {c: [] for c in CONFIGS}
     for _ in range(args.repeats):
         for config in CONFIGS:
-            cmd = [sys.executable, __file__, "--child", config, "--job", args.job, "--batches", str(args.batches)]
+            cmd = [sys.executable, "-m", "benchmarks.capture_overhead", "--child", config, "--job", args.job, "--batches", str(args.batches)]
             for item in args.overrides:
                 cmd += ["--set", item]
-            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=REPO).stdout
             runs[config].append(json.loads(out.strip().splitlines()[-1]))
     best = {c: min(r["seconds_per_image"] for r in runs[c]) for c in CONFIGS}
     peak = {c: max(r["peak_rss_mb"] for r in runs[c]) for c in CONFIGS}

@@ -8,9 +8,9 @@ and its median-mIoU run stands for it: at this size one initialisation in a few 
 a dead zone (seen: star and triangle at 0.00 on the training set itself). Prints per-class IoU of the
 median runs, every run's mIoU, and mIoU(a) / mIoU(b) (target >= 0.85), and writes a JSON.
 
-    python benchmarks/downstream_seg.py                            # generate K with jobs/shapes-demo.yaml
-    python benchmarks/downstream_seg.py --synthetic out/shapes-demo --k 294
-    python benchmarks/downstream_seg.py --k 40 --steps 10 --test 50 --json /tmp/ds.json   # smoke run
+    python -m benchmarks.downstream_seg                            # generate K with jobs/shapes-demo.yaml
+    python -m benchmarks.downstream_seg --synthetic out/shapes-demo --k 294
+    python -m benchmarks.downstream_seg --k 40 --steps 10 --test 50 --json /tmp/ds.json   # smoke run
 
 Without ``--synthetic`` the job (default ``jobs/shapes-demo.yaml``, ``--set`` overrides allowed) is run
 in-process (``--no-ray``) with ``samples`` = K + 5 % (filters reject a few) into
@@ -48,11 +48,9 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from pipeline.shapes.world import CLASSES, HELD_OUT_SEED, render_scene  # noqa: E402
-from pipeline.spec import UsageError  # noqa: E402
+from benchmarks.common import REPO, generate_cached
+from pipeline.shapes.world import CLASSES, HELD_OUT_SEED, render_scene
+from pipeline.spec import UsageError, load_spec
 
 NUM_CLASSES = 1 + len(CLASSES)  # background + the world's classes
 IGNORE = 255
@@ -147,20 +145,11 @@ def render_real(first_seed: int, n: int, size: int) -> tuple[np.ndarray, np.ndar
 
 def generate(job: str, overrides: Sequence[str], k: int, out_root: Path) -> tuple[Path, float]:
     """Run the job in-process with samples = K + 5 % into out_root/<name>-<fingerprint>; (dir, wall s)."""
-    from pipeline.runner import run_job
-    from pipeline.spec import load_spec
-    from stages.model import model_identity
-
-    samples = k + max(1, math.ceil(0.05 * k))
-    spec = load_spec(job, [*overrides, f"samples={samples}"], out=str(out_root / "pending"))
+    overrides = [*overrides, f"samples={k + max(1, math.ceil(0.05 * k))}"]
+    spec = load_spec(job, overrides, check_files=False)
     check_size(spec.generation.height, spec.generation.width, job)
-    fingerprint = spec.fingerprint(model_identity(spec.model.path))
-    out = out_root / f"{spec.name}-{fingerprint[:12]}"
-    spec = spec.model_copy(update={"output": spec.output.model_copy(update={"dir": str(out)})})
-    print(f"generating {samples} samples of {job} into {out} (in-process; a finished run is reused)")
-    t0 = time.perf_counter()
-    run_job(spec, use_ray=False, progress=True)
-    return out, time.perf_counter() - t0
+    made = generate_cached(job, overrides, out_root)
+    return made.out, made.wall_s
 
 
 # --- model ---------------------------------------------------------------------------------------
@@ -349,7 +338,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=2, help="torch threads for training")
     ap.add_argument("--json", type=Path, default=REPO / "benchmarks" / "results" / "downstream_seg.json")
     args = ap.parse_args(argv)
-    args.command = " ".join(["python benchmarks/downstream_seg.py", *(sys.argv[1:] if argv is None else argv)])
+    args.command = " ".join(["python -m benchmarks.downstream_seg", *(sys.argv[1:] if argv is None else argv)])
     for name in ("k", "test", "steps", "batch_size", "threads", "width"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")

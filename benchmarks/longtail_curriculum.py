@@ -6,7 +6,7 @@
 2. Image-guided variations of the tail references only (``references.select`` with a CSV of the
    tail keys), a ladder of img2img strengths x seeds per level, run in-process through the project's
    runner from ``jobs/shapes-curriculum.yaml`` (``--set`` overrides allowed).
-3. The same classifier (benchmarks/train_classifier.py: 4-block CNN) trained three ways — real only;
+3. The same classifier (``benchmarks.train_classifier``: 4-block CNN) trained three ways — real only;
    real + all variations each epoch, no order; real + the fixed curriculum (one level per stage,
    ascending image guidance, then real only) — and, unless ``--no-adaptive``, DisCL's adaptive
    curriculum as a fourth row; each over ``--seeds``. Every mode uses the same loss: class weights
@@ -18,8 +18,8 @@
 Prints overall and tail-class accuracy on the balanced test set (mean ± std over seeds) and the
 paired differences vs real only, and writes JSON (machine, settings, wall times, per-seed numbers).
 
-    python benchmarks/longtail_curriculum.py                        # the default (~30 min on 2 cores)
-    python benchmarks/longtail_curriculum.py --head-count 60 --tail-count 4 --test-per-class 20 \\
+    python -m benchmarks.longtail_curriculum                        # the default (~30 min on 2 cores)
+    python -m benchmarks.longtail_curriculum --head-count 60 --tail-count 4 --test-per-class 20 \\
         --seeds-per-level 1 --seeds 0 --epochs 6 --no-adaptive --json /tmp/lt.json         # smoke run
 
 Data is cached under ``--cache`` (default out/longtail-curriculum): real sets in folders keyed by
@@ -45,17 +45,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "benchmarks"))
-
-from pipeline.import_coco import import_coco  # noqa: E402
-from pipeline.shapes.coco import categories, scene_annotations  # noqa: E402
-from pipeline.shapes.world import CLASSES, HELD_OUT_SEED, render_scene  # noqa: E402
-from pipeline.spec import UsageError, load_spec  # noqa: E402
-from pipeline.dataset import INDEX, OutputError, read_manifest  # noqa: E402
-from stages.references import reference_key  # noqa: E402
-from train_classifier import BALANCES, train  # noqa: E402
+from benchmarks.common import REPO, finished, generate_cached
+from benchmarks.train_classifier import BALANCES, train
+from pipeline.dataset import read_manifest
+from pipeline.import_coco import import_coco
+from pipeline.shapes.coco import categories, scene_annotations
+from pipeline.shapes.world import CLASSES, HELD_OUT_SEED, render_scene
+from pipeline.spec import UsageError, load_spec
+from stages.references import reference_key
 
 TRAIN_SEED = HELD_OUT_SEED + 5_000_000
 TEST_SEED = HELD_OUT_SEED + 6_000_000
@@ -97,14 +94,6 @@ def render_single_objects(folder: Path, counts: dict[str, int], first_seed: int,
     return images
 
 
-def finished(out: Path) -> bool:
-    """Whether ``out`` is a complete synthgen output dir (every shard committed, index written)."""
-    try:
-        return bool(read_manifest(out).get("complete")) and (out / INDEX).is_file()
-    except OutputError:  # no (readable) manifest yet
-        return False
-
-
 def real_set(cache: Path, name: str, counts: dict[str, int], first_seed: int, size: int) -> dict:
     """Render + import a real set into ``cache/<name>-<settings key>/{coco,wds}`` (reused when finished)."""
     settings = {"counts": counts, "first_seed": first_seed, "size": size, "n_objects": 1, "order": "shuffled"}
@@ -139,28 +128,19 @@ def write_tail_keys(path: Path, images: list[dict], tail: Sequence[str]) -> list
 # --- variations ------------------------------------------------------------------------------------
 def generate_variations(job: str, overrides: Sequence[str], coco: Path, keys_csv: Path, refs: int,
                         strengths: Sequence[float], seeds_per_level: int, threads: int, cache: Path) -> dict:
-    """Run the variation job in-process into ``cache/<name>-<fingerprint>`` (a finished run is reused)."""
-    from pipeline.runner import run_job
-    from stages.model import model_identity
-
+    """Run the variation job in-process into ``cache/<name>-<fingerprint>`` (a finished run is reused):
+    ``refs`` tail references x ``strengths`` x ``seeds_per_level`` seeds."""
     batch = load_spec(job, overrides, check_files=False).generation.batch_size
     per_level = refs * seeds_per_level
     shard_size = batch * -(-per_level // batch)  # about one shard per level, a multiple of the batch size
-    spec = load_spec(job, [*overrides, f"references.path={coco}", f"references.select.path={keys_csv}",
-                           f"references.strengths={list(strengths)}", f"references.seeds_per_level={seeds_per_level}",
-                           f"samples={per_level * len(strengths)}", f"output.shard_size={shard_size}",
-                           f"resources.synthesis.num_cpus={threads}"], out=str(cache / "pending"))
-    out = cache / f"{spec.name}-{spec.fingerprint(model_identity(spec.model.path))[:12]}"
-    spec = spec.model_copy(update={"output": spec.output.model_copy(update={"dir": str(out)})})
-    reused = finished(out)
-    if not reused:
-        print(f"generating {spec.samples} variations ({refs} tail references x {len(strengths)} strengths x "
-              f"{seeds_per_level} seeds) -> {out}", flush=True)
-        run_job(spec, use_ray=False, progress=True)
-    manifest = read_manifest(out)
-    return {"dir": out, "reused": reused, "samples": spec.samples, "counts": manifest["counts"],
-            "summary": manifest["summary"], "steps": spec.generation.steps,
-            "guidance_scale": spec.generation.guidance_scale}
+    made = generate_cached(job, [*overrides, f"references.path={coco}", f"references.select.path={keys_csv}",
+                                 f"references.strengths={list(strengths)}",
+                                 f"references.seeds_per_level={seeds_per_level}", f"samples={per_level * len(strengths)}",
+                                 f"output.shard_size={shard_size}", f"resources.synthesis.num_cpus={threads}"], cache)
+    manifest = read_manifest(made.out)
+    return {"dir": made.out, "reused": made.reused, "samples": made.spec.samples, "counts": manifest["counts"],
+            "summary": manifest["summary"], "steps": made.spec.generation.steps,
+            "guidance_scale": made.spec.generation.guidance_scale}
 
 
 # --- results ---------------------------------------------------------------------------------------
@@ -238,7 +218,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--cache", type=Path, default=REPO / "out" / "longtail-curriculum")
     ap.add_argument("--json", type=Path, default=REPO / "benchmarks" / "results" / "longtail_curriculum.json")
     args = ap.parse_args(argv)
-    args.command = " ".join(["python benchmarks/longtail_curriculum.py", *(sys.argv[1:] if argv is None else argv)])
+    args.command = " ".join(["python -m benchmarks.longtail_curriculum", *(sys.argv[1:] if argv is None else argv)])
     if set(args.head) & set(args.tail):
         ap.error(f"--head and --tail share {sorted(set(args.head) & set(args.tail))}; a class is head or tail")
     for name in ("head_count", "tail_count", "test_per_class", "seeds_per_level", "epochs", "epochs_per_level",

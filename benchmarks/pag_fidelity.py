@@ -1,8 +1,8 @@
 """Prompt fidelity of a model under perturbed-attention guidance (PAG, Ahn et al. 2024), beside plain
 classifier-free guidance on the same prompts and noise seeds.
 
-    python benchmarks/pag_fidelity.py [--model pipeline/models/shapes-tiny-sd] [--n 400] [--first-seed 1200000]
-                                      [--pag up@1.0 up@1.5 ...] [--json pag_fidelity.json]
+    python -m benchmarks.pag_fidelity [--model pipeline/models/shapes-tiny-sd] [--n 400] [--first-seed 1200000]
+                                     [--pag up@1.0 up@1.5 ...] [--json pag_fidelity.json]
 
 Each ``--pag LAYERS@SCALE`` is one run of diffusers' ``StableDiffusionPAGPipeline`` with
 ``pag_applied_layers=LAYERS`` ('+' joins several, e.g. ``up_blocks.1+mid``) and ``pag_scale=SCALE``.
@@ -13,20 +13,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "benchmarks"))
-from shapes_model_card import object_hits  # noqa: E402
-
-from pipeline.evaluate import shapes_prompts  # noqa: E402
-from pipeline.shapes.tiny_sd import BUNDLED_MODEL  # noqa: E402
+from benchmarks.shapes_model_card import object_hits
+from pipeline.evaluate import shapes_prompts
+from pipeline.shapes.tiny_sd import BUNDLED_MODEL
 
 
 def generate(pipe, prompts, batch: int, steps: int, guidance: float, **extra) -> list[np.ndarray]:

@@ -1,6 +1,6 @@
 """Driver cost of planning very large jobs, and the time of a no-op rerun of the demo.
 
-    python benchmarks/plan_scale.py --json benchmarks/results/plan_scale.json
+    python -m benchmarks.plan_scale --json benchmarks/results/plan_scale.json
 
 Planning: the demo job with ``samples`` set to 10^7 and 10^9, in a fresh process each: validate the
 spec, check the (empty) output dir, write its manifest, compute the pending shards and the number of
@@ -24,7 +24,8 @@ import time
 from datetime import date
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from benchmarks.common import REPO
+
 DEMO = REPO / "jobs" / "shapes-demo.yaml"
 
 PLAN = """

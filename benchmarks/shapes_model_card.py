@@ -1,6 +1,6 @@
 """Numbers for the bundled tiny model's card (issue "Shapes world and the bundled tiny model").
 
-    python benchmarks/shapes_model_card.py [--model pipeline/models/shapes-tiny-sd] [--n 200] [--json out.json]
+    python -m benchmarks.shapes_model_card [--model pipeline/models/shapes-tiny-sd] [--n 200] [--json out.json]
                                            [--images-per-prompt K]
 
 Measures, on this machine:
@@ -22,22 +22,18 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-from PIL import Image  # noqa: E402
-
-from pipeline.evaluate import shapes_prompts, stage_rows  # noqa: E402
-from pipeline.shapes.oracle import find_objects  # noqa: E402
-from pipeline.shapes.tiny_sd import BUNDLED_MODEL  # noqa: E402
-from pipeline.shapes.world import HELD_OUT_SEED, render_scene  # noqa: E402
-from stages.model import DEFAULT_SCHEDULER, SCHEDULERS  # noqa: E402
+from benchmarks.common import REPO
+from pipeline.evaluate import prompt_batch, shapes_prompts
+from pipeline.shapes.oracle import find_objects
+from pipeline.shapes.tiny_sd import BUNDLED_MODEL
+from pipeline.shapes.world import HELD_OUT_SEED, render_scene
 
 
 def iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -147,7 +143,7 @@ def fidelity_and_attention(stage, prompts, batch: int) -> dict:
     per_obj, single, double, triple, attn_ious, per_class = [], [], [], [], [], {}
     for start in range(0, len(prompts), batch):
         chunk = prompts[start:start + batch]
-        out = stage(stage_rows(stage.pipe.tokenizer, chunk, start))
+        out = stage(prompt_batch(stage.pipe.tokenizer, chunk, start))
         for p, image, amap in zip(chunk, out["image"], out["attn_raw"]):
             objs = p.objects
             found, hits = object_hits(image, p)
@@ -181,9 +177,9 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--guidance", type=float, default=5.0)
     ap.add_argument("--batch", type=int, default=10)
-    ap.add_argument("--scheduler", default=DEFAULT_SCHEDULER,
-                    help=f"for the fidelity and attention numbers: {DEFAULT_SCHEDULER} (the folder's) or one of "
-                         f"{', '.join(SCHEDULERS)}")
+    ap.add_argument("--scheduler", default="default",
+                    help="for the fidelity and attention numbers: a job file's generation.scheduler "
+                         "(default: the folder's own)")
     ap.add_argument("--json", default="shapes_model_card.json")
     ap.add_argument("--oracle-scenes", type=int, default=300)
     ap.add_argument("--images-per-prompt", type=int, default=1,

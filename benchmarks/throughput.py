@@ -7,9 +7,9 @@ per synthesis actor. Prints images/second of each and their ratio (target >= 0.8
 settings) and writes a JSON. The in-process runner is one process running the stages one batch at
 a time with the spec's per-stage threads, so with a multi-actor pool it uses less of the machine.
 
-    python benchmarks/throughput.py                        # demo job (300 samples), local Ray
-    python benchmarks/throughput.py --samples 100 --no-ray # also time the in-process runner
-    python benchmarks/throughput.py --set generation.steps=10 --json out.json
+    python -m benchmarks.throughput                        # demo job (300 samples), local Ray
+    python -m benchmarks.throughput --samples 100 --no-ray # also time the in-process runner
+    python -m benchmarks.throughput --set generation.steps=10 --json out.json
 
 The bare baseline is timed after model load and one warm-up batch (its best case), once before
 and once after the pipeline runs; the ratios use the mean of the two (machine speed drifts). The pipeline
@@ -34,13 +34,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from pipeline.runner import run_job  # noqa: E402
-from pipeline.spec import load_spec  # noqa: E402
-from stages.model import load_pipeline  # noqa: E402
-from stages.sampling import SamplingStage, stable_seed  # noqa: E402
+from benchmarks.common import REPO
+from pipeline.runner import run_job
+from pipeline.spec import load_spec
+from stages.model import load_pipeline
+from stages.sampling import SamplingStage, stable_seed
 
 
 def bare(spec, n: int, threads: int) -> dict:
@@ -96,7 +94,7 @@ def full(spec_args: tuple, use_ray: bool) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--job", default=str(ROOT / "jobs" / "shapes-demo.yaml"))
+    ap.add_argument("--job", default=str(REPO / "jobs" / "shapes-demo.yaml"))
     ap.add_argument("--samples", type=int, help="default: the job's (300 for the demo)")
     ap.add_argument("--shard-size", type=int, help="default: the job's")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra job overrides")

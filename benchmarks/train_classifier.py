@@ -16,7 +16,7 @@ weight (1 for real samples; --no-weights: 1 for all) times a class weight from e
 counts, ``count ** -p`` scaled to a mean of 1 over the epoch (--balance: none p = 0, sqrt p = 0.5,
 inverse p = 1), so every mode balances its classes by the same rule.
 
-    python benchmarks/train_classifier.py --real out/lt-real --synthetic out/lt-variations \\
+    python -m benchmarks.train_classifier --real out/lt-real --synthetic out/lt-variations \\
         --test out/shapes-test --mode curriculum --seed 0 --epochs 20 --json result.json
 
 Importable: ``train(real_dir, test_dir, synthetic_dir=..., mode=..., seed=...) -> dict``.
@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -34,10 +33,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from pipeline.loader import AdaptiveSchedule, CurriculumDataset, FixedSchedule, collate  # noqa: E402
+from pipeline.loader import AdaptiveSchedule, CurriculumDataset, FixedSchedule, collate
 
 MODES = ("real-only", "mixed", "curriculum")
 SCHEDULES = ("fixed", "adaptive")

@@ -87,8 +87,10 @@ def raw_spec(spec: JobSpec) -> JobSpec:
     return spec.model_copy(update={"masks": masks})
 
 
-def stage_rows(tokenizer, prompts: list[Prompt], start: int) -> Batch:
-    """The sampling stage's columns for ``prompts`` (exact class token positions)."""
+def prompt_batch(tokenizer, prompts: list[Prompt], start: int) -> Batch:
+    """The sampling stage's columns (index, prompt, seed, token_index, class_names) for given prompts,
+    rows ``start ..``: what the synthesis stage takes to draw exactly these captions from these seeds
+    (``synthgen eval``; the benchmarks use it to feed the synthesis stage held-out prompts)."""
     from stages.sampling import class_token_positions
 
     token_index = []
@@ -122,7 +124,7 @@ class Generator:
         self.raw = [MaskStage(raw), LabelStage(raw)]
 
     def __call__(self, prompts: list[Prompt], start: int) -> tuple[Batch, Batch]:
-        batch = stage_rows(self.synthesis.pipe.tokenizer, prompts, start)
+        batch = prompt_batch(self.synthesis.pipe.tokenizer, prompts, start)
         batch = self.synthesis(batch)
         refined = batch
         for stage in self.refined:
@@ -343,7 +345,7 @@ def calibrate(spec: JobSpec, n: int, progress: bool = True) -> dict[str, Any]:
     size = spec.generation.batch_size
     for start in tqdm(range(0, len(prompts), size), desc="calibrate", unit="batch", disable=not progress):
         chunk = prompts[start:start + size]
-        out = synthesis(stage_rows(synthesis.pipe.tokenizer, chunk, start))
+        out = synthesis(prompt_batch(synthesis.pipe.tokenizer, chunk, start))
         for p, image, maps in zip(chunk, out["image"], out[column]):
             truths = find_objects(image, [c for c, _ in p.objects])
             norm = refined_maps(maps, image, len(p.objects), spec.masks)

@@ -1,11 +1,9 @@
-"""benchmarks/downstream_seg.py: reading a synthgen output into global class ids, the IoU metric,
+"""benchmarks.downstream_seg: reading a synthgen output into global class ids, the IoU metric,
 and a short training run that must lower the loss (the full benchmark is not run here)."""
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
-import sys
 import tarfile
 
 import numpy as np
@@ -13,14 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
+from benchmarks import downstream_seg as ds
 from pipeline.shapes.world import CLASSES
-
-from conftest import REPO
-
-_spec = importlib.util.spec_from_file_location("downstream_seg", REPO / "benchmarks" / "downstream_seg.py")
-ds = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = ds  # dataclasses look their module up while the file executes
-_spec.loader.exec_module(ds)
 
 
 def test_to_global_maps_by_the_samples_class_names():

@@ -1,16 +1,11 @@
-"""benchmarks/shapes_model_card.py: the decoder-ceiling measure reads what the VAE gives back."""
+"""benchmarks.shapes_model_card: the decoder-ceiling measure reads what the VAE gives back."""
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
-_spec = importlib.util.spec_from_file_location("shapes_model_card", REPO / "benchmarks" / "shapes_model_card.py")
-card = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(card)
+from benchmarks import shapes_model_card as card
 
 
 class _FakeVAE:

@@ -1,0 +1,46 @@
+"""What the benchmarks share: the repository root and "generate a job once into a cache dir named by
+its fingerprint" (a rerun of the same job, overrides and model reuses the finished output)."""
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.dataset import INDEX, OutputError, read_manifest
+from pipeline.spec import JobSpec, load_spec
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def finished(out: Path) -> bool:
+    """Whether ``out`` is a complete synthgen output dir (every shard committed, index written)."""
+    try:
+        return bool(read_manifest(out).get("complete")) and (out / INDEX).is_file()
+    except OutputError:  # no (readable) manifest yet
+        return False
+
+
+@dataclass
+class Generated:
+    out: Path  # cache_root / "<job name>-<first 12 hex digits of the job's fingerprint>"
+    spec: JobSpec  # the job as run (output.dir = out)
+    reused: bool  # the dir was already complete: nothing was generated
+    wall_s: float  # seconds this call spent (0 when reused)
+
+
+def generate_cached(job: str | Path, overrides: Sequence[str], cache_root: Path, progress: bool = True) -> Generated:
+    """Run ``job`` (with ``overrides``) in-process into ``cache_root/<name>-<fingerprint[:12]>``, unless that
+    dir is already complete. The fingerprint is the job's own (``JobSpec.fingerprint``): every field
+    that changes the samples, and the model by content."""
+    from pipeline.runner import run_job
+
+    spec = load_spec(job, list(overrides), out=str(cache_root / "pending"))
+    out = cache_root / f"{spec.name}-{spec.fingerprint(spec.model_identity())[:12]}"
+    spec = spec.model_copy(update={"output": spec.output.model_copy(update={"dir": str(out)})})
+    if finished(out):
+        return Generated(out, spec, True, 0.0)
+    print(f"generating {spec.samples} samples of {job} into {out} (in-process; a finished run is reused)", flush=True)
+    t0 = time.perf_counter()
+    run_job(spec, use_ray=False, progress=progress)
+    return Generated(out, spec, False, time.perf_counter() - t0)
