@@ -17,6 +17,8 @@ from .base import CaptureLevel, FamilyError, ModelFamily  # noqa: F401
 FAMILIES: dict[str, str] = {
     "sd": "stages.families.sd:SDFamily",
     "sdxl": "stages.families.sdxl:SDXLFamily",
+    "sd3": "stages.families.sd3:SD3Family",
+    "flux": "stages.families.flux:FluxFamily",
 }
 AUTO = "auto"
 

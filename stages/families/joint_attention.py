@@ -46,10 +46,10 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
+from .mmdit import MAX_AFFINITY_TOKENS, default_blocks, middle_blocks  # noqa: F401  (torch-free half)
+
 #: image-query × joint-key probabilities are computed this many bytes (fp32) at a time, a chunk of heads each
 CHUNK_BYTES = 256 * 2**20
-#: the image-image affinity for refinement is N×N per image: refuse grids above 64×64 tokens (64 MB per image)
-MAX_AFFINITY_TOKENS = 64 * 64
 
 SD3_CLASSES = ("SD3Transformer2DModel",)
 FLUX_CLASSES = ("FluxTransformer2DModel",)
@@ -72,26 +72,6 @@ def block_names(transformer) -> list[str]:
     if layout_of(transformer) == "flux":
         names += [f"single_transformer_blocks.{j}.attn.processor" for j in range(cfg.num_single_layers)]
     return names
-
-
-def middle_blocks(count: int, share: float) -> tuple[int, ...]:
-    """``max(1, round(count·share))`` consecutive block indices centred on the middle of ``count`` blocks."""
-    n = max(1, min(count, round(count * share)))
-    start = (count - n) // 2
-    return tuple(range(start, start + n))
-
-
-def default_blocks(layout: str, num_layers: int, num_single_layers: int = 0) -> tuple[int, ...]:
-    """Per-family default capture blocks: the middle ones (the literature finds them ground best).
-
-    SD3 / SD3.5: the middle quarter of ``transformer_blocks`` (24 blocks → 9..14; 38 → 14..23).
-    Flux: the middle sixth of all 19 + 38 blocks (→ 23..32, single-stream blocks 4..13).
-    """
-    if layout == "sd3":
-        return middle_blocks(num_layers, 0.25)
-    if layout == "flux":
-        return middle_blocks(num_layers + num_single_layers, 1 / 6)
-    raise ValueError(f"unknown MM-DiT layout {layout!r}")
 
 
 def token_grid(transformer, latent_hw: tuple[int, int]) -> tuple[int, int]:
