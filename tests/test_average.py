@@ -1,4 +1,4 @@
-"""Weight averaging of two runs (pipeline/shapes/average.py): the arithmetic, what is kept, what is refused."""
+"""Weight averaging of two runs (benchmarks/training/average.py): the arithmetic, what is kept, what is refused."""
 from __future__ import annotations
 
 import shutil
@@ -8,7 +8,7 @@ import torch
 from diffusers import UNet2DConditionModel
 from transformers import CLIPTextModel
 
-from pipeline.shapes import average
+from benchmarks.training import average
 from pipeline.shapes.tiny_sd import build_random
 from pipeline.dataset import sha256_file
 

@@ -8,7 +8,7 @@ import torch
 from diffusers import UNet2DConditionModel
 from transformers import CLIPTokenizer
 
-from pipeline.shapes import grounding, train
+from benchmarks.training import grounding, train
 from pipeline.shapes.world import render_scene
 
 

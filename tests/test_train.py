@@ -1,4 +1,5 @@
-"""The training script's data and decoder phases (the UNet phase is covered in test_grounding.py)."""
+"""The training script's data and decoder phases (benchmarks.training.train; the UNet phase is covered in
+test_grounding.py)."""
 from __future__ import annotations
 
 import numpy as np
@@ -6,7 +7,7 @@ import pytest
 import torch
 from diffusers import AutoencoderKL
 
-from pipeline.shapes import train
+from benchmarks.training import train
 
 
 def test_render_dataset_is_the_same_with_any_number_of_workers(tmp_path):

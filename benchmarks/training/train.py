@@ -1,6 +1,6 @@
 """Train the bundled tiny Stable-Diffusion-layout model on the shapes world.
 
-    python -m pipeline.shapes.train --work /tmp/tiny-sd-train --out pipeline/models/shapes-tiny-sd
+    python -m benchmarks.training.train --work /tmp/tiny-sd-train --out pipeline/models/shapes-tiny-sd
 
 Phases (each resumable from ``--work``; rerunning the same command continues where it stopped):
   1. render the training scenes (seeds 0..N-1; evaluation uses seeds >= HELD_OUT_SEED)
@@ -12,7 +12,7 @@ Seeded: the same command on the same CPU machine gives the same weights (CUDA ke
 
 ``--init-from FOLDER`` starts phase 4 from an exported SD folder (its VAE, latent scale, tokenizer,
 UNet and text encoder) instead of phases 2-3 and random weights: how the bundled model was
-fine-tuned. ``--grounding W`` adds TokenCompose's token loss (pipeline/shapes/grounding.py) on the
+fine-tuned. ``--grounding W`` adds TokenCompose's token loss (benchmarks/training/grounding.py) on the
 colour and class tokens of every object, weight W; ``--min-snr G`` weights the denoising loss by
 min(SNR, G) / (SNR + 1) (Min-SNR, Hang et al. 2023), which spends more of it on the noisy steps
 where shapes are decided. ``--decoder-steps N`` first fine-tunes the VAE's decoder alone (encoder
@@ -37,10 +37,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pipeline.shapes import tiny_sd
+from pipeline.shapes.oracle import MIN_SATURATION
+from pipeline.shapes.world import CLASSES, COLORS, caption_for, render_scene
+
 from . import grounding as grounding_loss
-from . import tiny_sd
-from .oracle import MIN_SATURATION
-from .world import CLASSES, COLORS, caption_for, render_scene
 
 MAX_OBJECTS = 3
 LATENT_SCALE = 4  # the VAE's downsampling: object masks are pooled to the latent grid

@@ -1,6 +1,6 @@
 """Average the weights of two exported runs of one model (a two-ingredient "model soup").
 
-    python -m pipeline.shapes.average A B --weight 0.5 --out OUT
+    python -m benchmarks.training.average A B --weight 0.5 --out OUT
 
 OUT is an SD folder whose UNet and text encoder are ``(1 - weight) * A + weight * B``, tensor by tensor;
 its VAE and tokenizer are A's. Averaging only makes sense for runs that share a latent space and a
@@ -21,7 +21,7 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from .tiny_sd import drop_source_paths, replace_folder
+from pipeline.shapes.tiny_sd import drop_source_paths, replace_folder
 
 PARTS = ("unet", "text_encoder", "vae", "tokenizer")
 
@@ -108,7 +108,7 @@ def average(a: str | Path, b: str | Path, weight: float, out: str | Path) -> Pat
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m pipeline.shapes.average", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.training.average", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("a", type=Path, help="an exported SD folder")
     ap.add_argument("b", type=Path, help="another run of the same model (e.g. a fine-tune of A)")
