@@ -94,9 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
     preview.add_argument("-n", type=int, default=16, help="samples to draw")
     preview.set_defaults(func=cmd_preview)
 
-    export = sub.add_parser("export-coco", help="write one COCO annotations.json for the whole dataset")
+    export = sub.add_parser("export-coco", help="write one COCO annotations.json for the whole dataset (with "
+                            "--images: and the images, in a folder COCO tools load directly)")
     export.add_argument("out")
-    export.add_argument("-o", "--output", help="target file (default OUT/annotations.json)")
+    export.add_argument("-o", "--output", help="target file (default OUT/annotations.json, with --images "
+                        "DIR/annotations.json)")
+    export.add_argument("--images", metavar="DIR", help="also write every kept sample's image into DIR as its COCO "
+                        "file_name (DIR: new, empty or an earlier export's)")
     export.set_defaults(func=cmd_export_coco)
 
     evaluate = sub.add_parser("eval", help="label quality on held-out shapes-world prompts, against the oracle")
@@ -247,9 +251,10 @@ def cmd_preview(args: argparse.Namespace) -> int:
 
 
 def cmd_export_coco(args: argparse.Namespace) -> int:
-    from .report import export_coco
+    from .export_coco import export_coco
 
-    print(export_coco(Path(args.out), Path(args.output) if args.output else None))
+    print(export_coco(Path(args.out), Path(args.output) if args.output else None,
+                      Path(args.images) if args.images else None))
     return 0
 
 

@@ -44,15 +44,127 @@ TOP_LEVEL = (MANIFEST, JOURNAL, INDEX, ANNOTATIONS)
 TAR_MTIME = 946684800  # 2000-01-01: fixed member mtime, so equal content gives an equal sha256
 #: record column -> tar member extension (``{key}.{ext}``); empty bytes mean "not produced"
 MEMBERS = {"jpg": "jpg", "seg_png": "seg.png", "json": "json", "cls": "cls"}
+#: index.parquet / parts schema version (schema metadata ``synthgen.index``). Version 1 (outputs of the
+#: same FORMAT written before it) held ``scores`` and ``curriculum`` as JSON strings and had no
+#: ``instances``: :func:`read_index` converts such a file on read, so every reader sees INDEX_SCHEMA.
+INDEX_VERSION = "2"
+#: Structs have a fixed field set. ``other`` holds the record's keys a struct does not list (a JSON
+#: object, null when there are none): a stage that adds a key loses nothing until it is typed here.
+PER_CLASS = pa.struct([
+    ("name", pa.string()), ("category_id", pa.int64()), ("peak", pa.float64()), ("contrast", pa.float64()),
+    ("area_fraction", pa.float64()), ("n_components", pa.int64()), ("n_instances", pa.int64()),
+    ("n_prompted", pa.int64()), ("other", pa.string())])
+#: the record's ``scores`` (labels and filters stages); null when it has none (import-coco's real images)
+SCORES = pa.struct([
+    ("min_contrast", pa.float64()), ("ignore_fraction", pa.float64()), ("n_instances", pa.int64()),
+    ("n_prompted", pa.int64()), ("phash", pa.string()), ("per_class", pa.list_(PER_CLASS)), ("other", pa.string())])
+#: the record's ``curriculum`` (sampling's variations, import-coco's real images); null when empty (text-to-image)
+CURRICULUM = pa.struct([
+    ("source", pa.string()), ("level", pa.int64()), ("strength", pa.float64()), ("image_guidance", pa.float64()),
+    ("difficulty", pa.float64()), ("group_id", pa.string()), ("other", pa.string())])
+#: annotated instances per class, by category id: every class the prompt names (count 0 when none was
+#: found) and every class with an annotation; null when the record holds no annotations
+INSTANCES = pa.list_(pa.struct([("name", pa.string()), ("category_id", pa.int64()), ("count", pa.int64())]))
 INDEX_SCHEMA = pa.schema([
     ("key", pa.string()), ("index", pa.int64()), ("shard", pa.string()), ("seed", pa.int64()),
     ("prompt", pa.string()), ("classes", pa.list_(pa.string())), ("keep", pa.bool_()),
-    ("reject_reason", pa.string()), ("scores", pa.string()), ("curriculum", pa.string()),
-])
+    ("reject_reason", pa.string()), ("scores", SCORES), ("curriculum", CURRICULUM), ("instances", INSTANCES),
+], metadata={"synthgen.index": INDEX_VERSION})
 
 
 class OutputError(UsageError):
     """The output directory cannot be used (one-line message)."""
+
+
+# --- index rows -------------------------------------------------------------------------------
+def category_names(job: dict) -> dict[int, str]:
+    """COCO category id -> class name of a manifest's ``job`` (id = 1 + position in its classes)."""
+    return {i + 1: c["name"] if isinstance(c, dict) else str(c) for i, c in enumerate(job.get("classes") or [])}
+
+
+def _parsed(value: Any) -> Any:
+    """A record column's JSON text (str or bytes) parsed; None for an empty string."""
+    text = value.decode() if isinstance(value, bytes) else str(value)
+    return json.loads(text) if text else None
+
+
+def typed(value: Any, type_: pa.DataType, where: str = "value") -> Any:
+    """Parsed JSON shaped for ``type_`` (None stays None): a struct takes the keys it lists, the rest go
+    to its ``other`` field as a JSON object; pyarrow then checks the scalar types."""
+    if value is None:
+        return None
+    if pa.types.is_struct(type_):
+        if not isinstance(value, dict):
+            raise ValueError(f"{where}: expected a JSON object, got {value!r}")
+        fields = {type_.field(i).name: type_.field(i).type for i in range(type_.num_fields)}
+        out = {n: typed(value.get(n), t, f"{where}.{n}") for n, t in fields.items() if n != "other"}
+        if "other" in fields:
+            rest = {k: v for k, v in value.items() if k not in out}
+            out["other"] = json.dumps(rest, sort_keys=True, separators=(",", ":")) if rest else None
+        return out
+    if pa.types.is_list(type_):
+        return [typed(v, type_.value_type, f"{where}[]") for v in value]
+    return value
+
+
+def instance_counts(class_names: list[str], annotations: list[dict] | None,
+                    categories: dict[int, str]) -> list[dict] | None:
+    """INSTANCES of a record: annotations per category id, prompted classes included with count 0."""
+    if annotations is None:
+        return None
+    ids = {name: cid for cid, name in categories.items()}
+    found = Counter(int(a["category_id"]) for a in annotations)
+    cids = sorted(set(found) | {ids[n] for n in class_names if n in ids})
+    return [{"name": categories.get(c), "category_id": c, "count": found.get(c, 0)} for c in cids]
+
+
+def index_row(rec: dict, shard: str, categories: dict[int, str]) -> dict:
+    """One INDEX_SCHEMA row of a record as the writer holds it (JSON text columns, numpy scalars, the
+    ``json`` member's bytes: instance counts come from its annotations, or an ``annotations`` column)."""
+    classes = _parsed(rec["class_names"]) or []
+    if "annotations" in rec:
+        annotations = _parsed(rec["annotations"])
+    else:
+        member = _parsed(rec["json"]) if "json" in rec and len(rec["json"]) else None
+        annotations = member.get("annotations") if isinstance(member, dict) else None
+    return {"key": str(rec["key"]), "index": int(rec["index"]), "shard": shard, "seed": int(rec["seed"]),
+            "prompt": str(rec["prompt"]), "classes": classes, "keep": bool(rec["keep"]),
+            "reject_reason": str(rec["reject_reason"]),
+            "scores": typed(_parsed(rec["scores"]) or None, SCORES, "scores"),
+            "curriculum": typed(_parsed(rec["curriculum"]) or None, CURRICULUM, "curriculum"),
+            "instances": instance_counts(classes, annotations, categories)}
+
+
+def index_table(rows: list[dict]) -> pa.Table:
+    """INDEX_SCHEMA table of :func:`index_row` rows."""
+    return pa.Table.from_pylist(rows, schema=INDEX_SCHEMA)
+
+
+def read_index(source: Any, columns: list[str] | None = None) -> pa.Table:
+    """An index.parquet or part (path or file) as INDEX_SCHEMA, only ``columns`` if given. A version-1
+    file (``scores`` / ``curriculum`` as JSON strings) is converted; its ``instances`` are null (version 1
+    did not record them; the shards' records hold the annotations)."""
+    import pyarrow.parquet as pq
+
+    names = list(columns or INDEX_SCHEMA.names)
+    found = pq.read_schema(source).names
+    missing = [c for c in names if c not in found and c != "instances"]
+    if missing:
+        raise OutputError(f"{source}: not a synthgen index, columns {missing} are missing")
+    table = pq.read_table(source, columns=[c for c in names if c in found])
+    arrays = []
+    for name in names:
+        target = INDEX_SCHEMA.field(name).type
+        if name not in found:
+            arrays.append(pa.nulls(table.num_rows, target))
+            continue
+        column = table.column(name)
+        if pa.types.is_struct(target) and pa.types.is_string(column.type):  # version 1: JSON text
+            column = pa.array([typed(_parsed(v) or None, target, name) if v else None for v in column.to_pylist()],
+                              target)
+        arrays.append(column.cast(target))
+    return pa.Table.from_arrays(arrays, schema=pa.schema([INDEX_SCHEMA.field(n) for n in names],
+                                                         metadata=INDEX_SCHEMA.metadata))
 
 
 def write_atomic(path: Path, data: bytes) -> None:

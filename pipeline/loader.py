@@ -48,13 +48,12 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 import webdataset as wds
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
-from .dataset import INDEX, OutputError, read_manifest
+from .dataset import INDEX, OutputError, read_index, read_manifest
 
 Level = int | float | str | None
 #: index.parquet columns the loader plans with
@@ -206,10 +205,7 @@ def _read_index(out: Path) -> pa.Table:
     if not path.is_file():
         raise OutputError(f"{out}: no {INDEX}; the run has not finished (rerun `synthgen run` on its job "
                           "to complete it) or the directory is not a finished synthgen output")
-    missing = [c for c in INDEX_COLUMNS if c not in pq.read_schema(path).names]
-    if missing:
-        raise OutputError(f"{path}: not a synthgen index, columns {missing} are missing")
-    return pq.read_table(path, columns=INDEX_COLUMNS)
+    return read_index(path, INDEX_COLUMNS)
 
 
 def _manifest_classes(out: Path) -> list[str]:
@@ -287,14 +283,14 @@ class CurriculumDataset(IterableDataset):
         rows: list[tuple[str, int, bool, Level, int]] = []
         for out, table in zip(paths, tables):
             shard_ids: dict[str, int] = {}
-            for key, shard, keep, names, text in zip(*(table.column(c).to_pylist() for c in INDEX_COLUMNS)):
+            for key, shard, keep, names, cur in zip(*(table.column(c).to_pylist() for c in INDEX_COLUMNS)):
                 if not keep:
                     continue
                 unknown = [n for n in names if n not in self._label]
                 if unknown or not names:
                     raise OutputError(f"{out}: sample {key} has classes {names}, not all in the loader's classes "
                                       f"{list(self.classes)}; pass classes=[...] listing them")
-                cur = json.loads(text) if text else {}
+                cur = cur or {}  # text-to-image samples have none
                 real = sample_source(cur) == "real"
                 level = None if real else cur.get("level")
                 if level is not None:

@@ -1,4 +1,5 @@
-"""Reading an output directory back: summary table, inspect, preview contact sheet, COCO export."""
+"""Reading an output directory back: summary table, inspect, preview contact sheet (the COCO export is
+:mod:`pipeline.export_coco`)."""
 from __future__ import annotations
 
 import io
@@ -11,7 +12,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .dataset import INDEX, OutputError, read_manifest, write_atomic
+from .dataset import INDEX, OutputError, category_names as _job_categories, read_index, read_manifest, write_atomic
 
 #: overlay colours for mask values 1, 2, ... (class_names order of the sample)
 PALETTE = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
@@ -65,8 +66,6 @@ def iter_samples(out: Path, manifest: dict | None = None) -> Iterator[dict[str, 
 
 def inspect_text(out: Path, n: int = 3) -> str:
     """Manifest overview, the last run's summary table and ``n`` sample records."""
-    import pyarrow.parquet as pq
-
     out = Path(out)
     m = read_manifest(out)
     job, counts = m["job"], m["counts"]
@@ -81,10 +80,8 @@ def inspect_text(out: Path, n: int = 3) -> str:
     if m.get("summary"):
         lines += ["", "last run:", format_summary(m["summary"])]
     if (out / INDEX).is_file() and n > 0:
-        index = pq.read_table(out / INDEX).slice(0, n).to_pylist()
-        lines += ["", f"first {len(index)} of index.parquet:"]
-        lines += [f"  {r['key']}  keep={r['keep']} {r['reject_reason']!s:>12}  {r['classes']}  {r['prompt']!r}"
-                  for r in index]
+        rows = read_index(out / INDEX).slice(0, n).to_pylist()
+        lines += ["", f"first {len(rows)} of index.parquet:", *map(_index_line, rows)]
     for sample in islice(iter_samples(out, m), n):
         rec = json.loads(sample["json"])
         anns = [(a["category_id"], [round(v, 1) for v in a["bbox"]], a["area"]) for a in rec.get("annotations") or []]
@@ -95,9 +92,20 @@ def inspect_text(out: Path, n: int = 3) -> str:
     return "\n".join(lines)
 
 
+def _index_line(row: dict) -> str:
+    """One index row: key, verdict, instances found per class (or the classes), scores and curriculum level."""
+    found = ", ".join(f"{i['name']} x{i['count']}" for i in row["instances"]) if row["instances"] is not None \
+        else ", ".join(row["classes"])
+    scores, cur = row["scores"] or {}, row["curriculum"] or {}
+    extra = "".join(f"  {name} {value}" for name, value in (("min_contrast", scores.get("min_contrast")),
+                                                             ("level", cur.get("level")),
+                                                             ("source", cur.get("source"))) if value is not None)
+    return f"  {row['key']}  keep={row['keep']} {row['reject_reason']!s:>12}  [{found}]{extra}  {row['prompt']!r}"
+
+
 def category_names(manifest: dict) -> dict[int, str]:
     """COCO category id -> class name (id = 1 + position in the job's classes)."""
-    return {i + 1: c["name"] for i, c in enumerate(manifest["job"]["classes"])}
+    return _job_categories(manifest["job"])
 
 
 def overlay(sample: dict[str, Any], scale: int, categories: dict[int, str]) -> Image.Image:
@@ -148,24 +156,3 @@ def preview(out: Path, path: Path, n: int = 16, columns: int = 4) -> Path:
     sheet.save(buf, format="PNG")
     write_atomic(Path(path), buf.getvalue())
     return Path(path)
-
-
-def export_coco(out: Path, path: Path | None = None) -> Path:
-    """One COCO ``annotations.json`` for every kept sample of the dataset (image id = sample index + 1)."""
-    out = Path(out)
-    m = read_manifest(out)
-    images, annotations = [], []
-    for sample in iter_samples(out, m):
-        rec = json.loads(sample["json"])
-        shard = Path(sample["__url__"]).name
-        image_id = rec["index"] + 1  # COCO ids start at 1 (0 reads as "missing" in some tools)
-        images.append({"id": image_id, "file_name": f"{sample['__key__']}.jpg", "width": rec["width"],
-                       "height": rec["height"], "shard": shard, "index": rec["index"], "prompt": rec["prompt"]})
-        for ann in rec.get("annotations") or []:
-            annotations.append({**ann, "id": len(annotations) + 1, "image_id": image_id})
-    categories = [{"id": i, "name": name, "supercategory": "object"} for i, name in category_names(m).items()]
-    coco = {"info": {"description": f"synthgen job {m['job']['name']}", "version": m["fingerprint"][:12]},
-            "images": images, "annotations": annotations, "categories": categories}
-    target = Path(path) if path else out / "annotations.json"
-    write_atomic(target, json.dumps(coco, separators=(",", ":")).encode())
-    return target

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
-from .dataset import (INDEX, INDEX_SCHEMA, MANIFEST, OutputError, check_shards, commit_record, load_manifest,
+from .dataset import (INDEX, MANIFEST, OutputError, check_shards, commit_record, load_manifest, read_index,
                       read_journal, read_manifest)
 from .plan import ShardPlan
 
@@ -37,7 +37,7 @@ def tar_keys(path: Path) -> list[str]:
 def shard_problems(out: Path, record: dict) -> list[str]:
     """What is wrong with one committed shard beyond its size and hash: part rows vs indices, tar vs part."""
     try:
-        part = pq.read_table(out / record["part"], schema=INDEX_SCHEMA)
+        part = read_index(out / record["part"])
     except Exception as e:  # noqa: BLE001 - any unreadable part is a finding, not a crash
         return [f"{record['part']}: unreadable ({type(e).__name__})"]
     start, stop = record["indices"]
@@ -83,7 +83,7 @@ def _adopt(out: Path, plan: ShardPlan, k: int, sampling) -> tuple[dict | None, s
     """(commit record, '') when shard k's files agree with the job, (None, why) when they do not."""
     start, stop = plan.bounds(k)
     try:
-        table = pq.read_table(out / plan.part(k), schema=INDEX_SCHEMA)
+        table = read_index(out / plan.part(k))
     except Exception as e:  # noqa: BLE001
         return None, f"{plan.part(k)} is unreadable ({type(e).__name__})"
     expected = sampling({"index": np.arange(start, stop, dtype=np.int64)})

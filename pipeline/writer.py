@@ -28,7 +28,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .dataset import (INDEX, INDEX_SCHEMA, JOURNAL, MANIFEST, MEMBERS, TAR_MTIME, TOP_LEVEL, FORMAT, OutputError,
-                      append_commit, check_shards, commit_record, counts, output_state, write_atomic)
+                      append_commit, category_names, check_shards, commit_record, counts, index_row, index_table,
+                      output_state, read_index, write_atomic)
 from .plan import ShardPlan
 
 #: record columns the writer needs (everything else can be dropped before the driver)
@@ -273,17 +274,9 @@ class DatasetWriter:
             f.flush()
             os.fsync(f.fileno())
 
-    @staticmethod
-    def _write_part(path: Path, records: list[dict], shard: str) -> None:
-        table = pa.table({
-            "key": [str(r["key"]) for r in records], "index": [int(r["index"]) for r in records],
-            "shard": [shard] * len(records), "seed": [int(r["seed"]) for r in records],
-            "prompt": [str(r["prompt"]) for r in records],
-            "classes": [json.loads(str(r["class_names"])) for r in records],
-            "keep": [bool(r["keep"]) for r in records],
-            "reject_reason": [str(r["reject_reason"]) for r in records],
-            "scores": [str(r["scores"]) for r in records], "curriculum": [str(r["curriculum"]) for r in records],
-        }, schema=INDEX_SCHEMA)
+    def _write_part(self, path: Path, records: list[dict], shard: str) -> None:
+        categories = category_names(self.manifest.get("job") or {})
+        table = index_table([index_row(r, shard, categories) for r in records])
         with open(path, "wb") as f:
             pq.write_table(table, f)
             f.flush()
@@ -308,8 +301,7 @@ class DatasetWriter:
             raise RuntimeError(f"shards {sorted(self.plan.name(k) for k in self.buffers)} are incomplete")
         try:
             if self.written or self.redo or not (self.out / INDEX).is_file():
-                parts = [pq.read_table(self.out / self.committed[k]["part"], schema=INDEX_SCHEMA)
-                         for k in sorted(self.committed)]
+                parts = [read_index(self.out / self.committed[k]["part"]) for k in sorted(self.committed)]
                 table = pa.concat_tables(parts) if parts else INDEX_SCHEMA.empty_table()
                 tmp = self.out / (INDEX + ".tmp")
                 pq.write_table(table, tmp)

@@ -80,11 +80,12 @@ def test_strength_ladder_records_levels_strengths_and_groups(ladder, coco):
     keys = sorted(truth)
     assert len(rows) == 18
     for row in rows:
-        cur = json.loads(row["curriculum"])
+        cur = row["curriculum"]  # a typed struct: every field of the record's curriculum, nothing left over
         level, rest = divmod(row["index"], 6)  # consecutive indices share a level; 3 refs x 2 seeds each
         strength = sorted(LADDER, reverse=True)[level]  # level 0 = least image guidance
         assert cur == {"level": level, "strength": strength, "image_guidance": round(1 - strength, 6),
-                       "group_id": keys[rest // 2], "source": "synthetic", "difficulty": round(1 - strength, 6)}
+                       "group_id": keys[rest // 2], "source": "synthetic", "difficulty": round(1 - strength, 6),
+                       "other": None}
         cls, colour = truth[cur["group_id"]]
         assert row["classes"] == [cls] and row["prompt"] == f"a {colour} {cls}"  # inherited from the reference
     records = shard_records(ladder)
