@@ -21,6 +21,7 @@ Must not: import Ray, torch or stage code.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections import Counter
@@ -88,6 +89,11 @@ def _parsed(value: Any) -> Any:
     return json.loads(text) if text else None
 
 
+@functools.lru_cache(maxsize=None)
+def _struct_fields(type_: pa.DataType) -> dict[str, pa.DataType]:
+    return {type_.field(i).name: type_.field(i).type for i in range(type_.num_fields)}
+
+
 def typed(value: Any, type_: pa.DataType, where: str = "value") -> Any:
     """Parsed JSON shaped for ``type_`` (None stays None): a struct takes the keys it lists, the rest go
     to its ``other`` field as a JSON object; pyarrow then checks the scalar types."""
@@ -96,7 +102,7 @@ def typed(value: Any, type_: pa.DataType, where: str = "value") -> Any:
     if pa.types.is_struct(type_):
         if not isinstance(value, dict):
             raise ValueError(f"{where}: expected a JSON object, got {value!r}")
-        fields = {type_.field(i).name: type_.field(i).type for i in range(type_.num_fields)}
+        fields = _struct_fields(type_)
         out = {n: typed(value.get(n), t, f"{where}.{n}") for n, t in fields.items() if n != "other"}
         if "other" in fields:
             rest = {k: v for k, v in value.items() if k not in out}
