@@ -18,6 +18,7 @@ from typing import NoReturn
 
 from . import quiet
 from .errors import auth_error, report
+from .plan import ShardPlan
 from .preflight import check_model, check_output_dir
 from .spec import SpecError, UsageError, load_spec
 
@@ -103,9 +104,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "file_name (DIR: new, empty or an earlier export's)")
     export.set_defaults(func=cmd_export_coco)
 
-    evaluate = sub.add_parser("eval", help="label quality on held-out shapes-world prompts, against the oracle")
+    evaluate = sub.add_parser("eval", help="label quality against a source of ground truth (the shapes-world oracle, "
+                              "or a COCO folder of annotated images through img2img)")
     _job_args(evaluate)
-    evaluate.add_argument("-n", type=int, default=200, help="held-out prompts (default 200)")
+    evaluate.add_argument("-n", type=int, default=200, help="held-out prompts or images (default 200)")
+    evaluate.add_argument("--truth", metavar="SOURCE",
+                          help="oracle (shapes-world jobs: the default) or coco:DIR (a COCO folder: each annotated "
+                          "image is varied by img2img at --strength and keeps its annotations as the truth)")
+    evaluate.add_argument("--strength", type=float, default=0.3,
+                          help="img2img strength of --truth coco:DIR variations (default 0.3)")
     evaluate.add_argument("--json", default="eval.json", help="where to write the numbers (default eval.json)")
     evaluate.add_argument("--calibrate", metavar="FILE",
                           help="instead: fit per-class mask thresholds on calibration prompts and write them "
@@ -203,7 +210,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
     spec = load_spec(args.job, args.overrides, args.out)  # every pre-flight check of `run` (pipeline/preflight.py)
     check_output_dir(spec, str(Path(args.job)))  # `run` leaves this to the writer, which also compares fingerprints
     synth = spec.resources.synthesis
-    print(f"ok: job {spec.name!r}: {spec.samples} samples of {len(spec.classes)} classes in {spec.num_shards} "
+    shards = ShardPlan.from_spec(spec).num_shards
+    print(f"ok: job {spec.name!r}: {spec.samples} samples of {len(spec.classes)} classes in {shards} "
           f"shards of {spec.output.shard_size} -> {spec.output.dir}; model {spec.model.path} "
           f"({spec.model.device}, {spec.model.dtype}); synthesis {synth.actors} actor(s) x {synth.num_gpus:g} GPU")
     return 0
@@ -212,7 +220,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     from .verify import verify_dataset
 
-    result = verify_dataset(Path(args.out))
+    result = verify_dataset(args.out)  # a path or a URI (s3://...): never Path() it
     for problem in result["problems"]:
         print(f"{args.out}: {problem}")
     if result["problems"]:
@@ -239,14 +247,14 @@ def cmd_repair(args: argparse.Namespace) -> int:
 def cmd_inspect(args: argparse.Namespace) -> int:
     from .report import inspect_text
 
-    print(inspect_text(Path(args.out), args.n))
+    print(inspect_text(args.out, args.n))
     return 0
 
 
 def cmd_preview(args: argparse.Namespace) -> int:
     from .report import preview
 
-    print(preview(Path(args.out), Path(args.output), args.n))
+    print(preview(args.out, Path(args.output), args.n))
     return 0
 
 
@@ -264,8 +272,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise UsageError(f"-n {args.n}: need at least 1 prompt")
     from . import evaluate
 
+    truth = evaluate.truth_source(args.truth, spec, args.strength)
     if args.calibrate:
-        result = evaluate.calibrate(spec, args.n)
+        result = evaluate.calibrate(spec, args.n, truth=truth)
         evaluate.write_json(Path(args.calibrate), result)
         print(json.dumps(result["class_thresholds"]))
         weak = {c: iou for c, iou in result["calibration_iou"].items() if iou < evaluate.WEAK_CLASS_IOU}
@@ -274,7 +283,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                   "poor at any threshold: filter those samples or check the model", file=sys.stderr)
         print(f"wrote {args.calibrate}; use it with masks: {{threshold: calibrated, calibration: {args.calibrate}}}")
         return 0
-    result = evaluate.evaluate(spec, args.n)
+    result = evaluate.evaluate(spec, args.n, truth=truth)
     evaluate.write_json(Path(args.json), result)
     print(evaluate.format_report(result))
     print(f"wrote {args.json}")

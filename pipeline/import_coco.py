@@ -33,14 +33,15 @@ from stages.identity import sha256_file
 from stages.labels import rle_fields
 from stages.references import ANNOTATIONS, CocoImage, ReferenceDataError, load_coco
 
+from .plan import ShardPlan
 from .spec import ClassSpec, OutputSpec, UsageError
-from .writer import DatasetWriter
+from .writer import DatasetWriter, Origin
 
 REAL_CURRICULUM = {"source": "real", "level": None, "strength": 0.0, "image_guidance": 1.0, "difficulty": 1.0}
 
 
 class RealDataset(BaseModel):
-    """What the manifest's ``job`` records for an import (and what the writer and encoder read)."""
+    """The import's settings: what the manifest's ``job`` records (and the encode stage reads)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     name: str = Field(pattern=r"^[A-Za-z0-9_-]+$")
@@ -111,7 +112,8 @@ def import_coco(folder: str | Path, out: str | Path, name: str = "real", shard_s
     dump = spec.model_dump(mode="json", exclude={"source": True, "output": {"dir"}})
     payload = json.dumps({"import": dump, "annotations": digest}, sort_keys=True)
     fingerprint = hashlib.sha256(payload.encode()).hexdigest()
-    writer = DatasetWriter(spec, fingerprint, identity, overwrite)
+    plan = ShardPlan(split, shard_size, len(images))
+    writer = DatasetWriter(out, plan, Origin(fingerprint, identity, spec.model_dump(mode="json")), overwrite)
     encode = EncodeStage(spec)
     class_ids = {c.name: i + 1 for i, c in enumerate(spec.classes)}
     started, t0 = datetime.now(timezone.utc), time.perf_counter()

@@ -12,7 +12,8 @@ from tqdm import tqdm
 
 from stages.base import Batch, Stage
 
-from .graph import TIME_PREFIX, check_chain, default_stages, init_ray, operators, run_in_process, run_ray
+from .graph import TIME_PREFIX, init_ray, run_in_process, run_ray
+from .jobplan import JobPlan
 from .spec import JobSpec
 from .writer import COLUMNS, DatasetWriter
 
@@ -20,8 +21,8 @@ from .writer import COLUMNS, DatasetWriter
 class RunStats:
     """Per-stage rows and busy seconds, and kept/rejected counts, accumulated over record batches."""
 
-    def __init__(self, spec: JobSpec, stages: Sequence[type[Stage]]):
-        self.spec = spec
+    def __init__(self, plan: JobPlan, stages: Sequence[type[Stage]]):
+        self.plan = plan
         self.stages = list(stages)
         self.rows = Counter()
         self.busy = Counter()
@@ -43,7 +44,7 @@ class RunStats:
 
     def summary(self, runner: str, started: datetime, wall_s: float, writer: DatasetWriter) -> dict[str, Any]:
         stages = []
-        op_of = {cls: op for op in operators(self.spec, self.stages) for cls in op.stages}
+        op_of = {cls: op for op in (self.plan.operators if self.stages else ()) for cls in op.stages}
         for cls in self.stages:
             op = op_of[cls]
             busy = self.busy[cls.name]
@@ -67,13 +68,14 @@ class RunStats:
         }
 
 
-def prepare(spec: JobSpec, overwrite: bool = False, verify: bool = False, adopt: bool = False) -> DatasetWriter:
+def prepare(job: JobSpec | JobPlan, overwrite: bool = False, verify: bool = False,
+            adopt: bool = False) -> DatasetWriter:
     """The writer for the job's output dir, checked against the job (raises OutputError); writes nothing.
 
     ``verify`` also compares every committed shard's sha256 (sizes are always compared); ``adopt``
     starts a fresh manifest in a directory without one (``synthgen repair``)."""
-    identity = spec.model_identity()
-    return DatasetWriter(spec, spec.fingerprint(identity), identity, overwrite, verify, adopt)
+    plan = job if isinstance(job, JobPlan) else JobPlan(job)
+    return DatasetWriter(plan.spec.output.dir, plan.shards, plan.origin, overwrite, verify, adopt)
 
 
 def run_job(spec: JobSpec, *, overwrite: bool = False, verify: bool = False, use_ray: bool = True,
@@ -86,20 +88,20 @@ def run_job(spec: JobSpec, *, overwrite: bool = False, verify: bool = False, use
     cluster does not fit the job. A job with nothing to generate imports no stage (no torch) and
     starts no Ray: its summary lists no stages.
     """
-    writer = prepare(spec, overwrite, verify)
+    plan = JobPlan(spec, stages=stages)
+    writer = prepare(plan, overwrite, verify)
     work = len(writer.pending_shards()) > 0
-    stages = list(stages or (default_stages() if work else ()))
-    check_chain(stages)
+    stages = plan.stages if work else ()  # a run with nothing to do imports no stage
     # checks come before open(), which writes
-    owns_ray = work and use_ray and init_ray(spec, stages, address, resource_wait_s, verbose)
+    owns_ray = work and use_ray and init_ray(plan, address, resource_wait_s, verbose)
     try:
         pending = writer.open()
-        stats = RunStats(spec, stages)
+        stats = RunStats(plan, stages)
         started, t0 = datetime.now(timezone.utc), time.perf_counter()
         if use_ray:
-            records = run_ray(spec, pending, stages, COLUMNS, verbose=verbose)
+            records = run_ray(plan, pending, COLUMNS, verbose=verbose)
         else:
-            records = run_in_process(spec, pending, stages)
+            records = run_in_process(plan, pending)
         total = writer.plan.count(pending)
         with tqdm(total=total, unit="img", disable=not progress, desc=spec.name, dynamic_ncols=True) as bar:
             for batch in records:

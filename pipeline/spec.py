@@ -23,15 +23,16 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (AfterValidator, BaseModel, ConfigDict, Discriminator, Field, PrivateAttr, Tag,
-                      ValidationError, field_validator, model_serializer, model_validator)
+                      ValidationError, create_model, field_validator, model_serializer, model_validator)
 
+from stages import registry
 from stages.identity import public_path
 
 PositiveInt = Annotated[int, Field(ge=1)]
 #: path fields: resolved to absolute local paths to be used; recorded as given (``JobSpec.public_dump``)
 PATH_FIELDS = ("model.path", "output.dir", "masks.calibration", "references.path", "references.select.path")
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
-STAGES = ("sampling", "synthesis", "masks", "labels", "filters", "encode")
+STAGES = registry.stage_names()
 
 
 class UsageError(Exception):
@@ -185,11 +186,19 @@ class GenerationSpec(_Strict):
         return v
 
 
+#: a capture level: a grid side at the job's image size (16: a 16×16 map of a square image, the shorter
+#: side otherwise) or a fraction of the latent side ("1", "1/2", "1/4", ...): stages/unet_layout.py
+Level = Annotated[PositiveInt, Tag("level:side")] | Annotated[
+    str, Field(pattern=r"^1(/(2|4|8|16|32|64))?$"), Tag("level:fraction")]
+Level = Annotated[Level, Discriminator(lambda v: "level:fraction" if isinstance(v, str) else "level:side")]
+
+
 class MasksSpec(_Strict):
-    capture_resolutions: list[PositiveInt] = Field(default=[16, 32], min_length=1, description="UNet "
-                                                   "attention grids captured (16: 16×16)")
-    self_attention_resolution: PositiveInt | None = Field(default=None, description="self-attention grid "
-                                                          "for refine_power")
+    capture_resolutions: list[Level] = Field(default=[16, 32], min_length=1, description="attention levels "
+                                             "captured, at the job's size: grid sides (16: 16×16) or "
+                                             "fractions of the latent side ('1/4')")
+    self_attention_resolution: Level | None = Field(default=None, description="self-attention level for "
+                                                    "refine_power (as capture_resolutions)")
     refine_power: int = Field(default=0, ge=0, description="τ: maps refined as A^τ · maps (A: self-"
                               "attention); 0: off")
     step_window: tuple[Fraction, Fraction] = Field(default=(0.0, 1.0), description="[start, end): the "
@@ -224,12 +233,6 @@ class MasksSpec(_Strict):
             raise ValueError(f"ignore_threshold ({self.ignore_threshold}) must not exceed "
                              f"fg_threshold ({self.fg_threshold})")
         return self
-
-
-class LabelsSpec(_Strict):
-    semantic: bool = Field(default=True, description="semantic mask (not read yet: always produced)")
-    instances: bool = Field(default=True, description="COCO instances, RLE (not read yet: always produced)")
-    boxes: bool = Field(default=True, description="boxes (not read yet: always produced)")
 
 
 class FiltersSpec(_Strict):
@@ -305,16 +308,16 @@ class StageResources(_Strict):
     actors: PositiveInt = Field(default=1, description="actor pool size (model stages) or concurrent tasks")
 
 
-class ResourcesSpec(_Strict):
-    sampling: StageResources = StageResources()
-    synthesis: StageResources = StageResources()
-    masks: StageResources = StageResources()
-    labels: StageResources = StageResources()
-    filters: StageResources = StageResources()
-    encode: StageResources = StageResources()
-
+class _Resources(_Strict):
     def for_stage(self, name: str) -> StageResources:
         return getattr(self, name)
+
+
+#: ``resources``: one entry per registered stage (stages/registry.py), in pipeline order
+ResourcesSpec = create_model(
+    "ResourcesSpec", __base__=_Resources,
+    **{e.name: (StageResources, Field(default=StageResources(**e.defaults), description=f"the {e.name} stage"))
+       for e in registry.STAGES})
 
 
 class JobSpec(_Strict):
@@ -327,7 +330,6 @@ class JobSpec(_Strict):
     samples: Samples = Field(description="how many: a total, or {per_class: N} for N × the classes")
     generation: GenerationSpec = GenerationSpec()
     masks: MasksSpec = MasksSpec()
-    labels: LabelsSpec = LabelsSpec()
     filters: FiltersSpec = FiltersSpec()
     output: OutputSpec
     resources: ResourcesSpec = Field(default=ResourcesSpec(), description="per stage; consecutive CPU "
@@ -336,6 +338,14 @@ class JobSpec(_Strict):
                                               "images; null: text-to-image")
     #: PATH_FIELDS as the user gave them (job file or command line), before resolving; set by load_spec
     _given: dict[str, str] = PrivateAttr(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _removed(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "labels" in data:
+            raise FieldError("labels", "this section was removed: every dataset has semantic masks, COCO instances "
+                             "and boxes; delete it from the job file")
+        return data
 
     @field_validator("classes")
     @classmethod
@@ -366,9 +376,10 @@ class JobSpec(_Strict):
                            "is cpu; set num_gpus: 0 or device: cuda")
         if self.model.device == "cpu" and self.model.dtype != "float32":
             raise FieldError("model.dtype", f"{self.model.dtype} on device cpu is slow or unsupported; use float32")
-        for name in STAGES:
-            if name != "synthesis" and self.resources.for_stage(name).num_gpus > 0:
-                raise FieldError(f"resources.{name}.num_gpus", "only the synthesis stage uses a GPU; set it to 0")
+        for entry in registry.STAGES:
+            if not entry.gpu and self.resources.for_stage(entry.name).num_gpus > 0:
+                gpu = ", ".join(e.name for e in registry.STAGES if e.gpu)
+                raise FieldError(f"resources.{entry.name}.num_gpus", f"only the {gpu} stage uses a GPU; set it to 0")
         if self.filters.dedup_threshold is not None and self.resources.filters.actors != 1:
             raise FieldError("resources.filters.actors", "near-duplicate removal (filters.dedup_threshold) "
                              "compares each image with those kept before it, in index order: use 1 actor")
@@ -396,8 +407,9 @@ class JobSpec(_Strict):
                              "prompts.max_classes_per_image")
 
     @property
-    def num_shards(self) -> int:
-        return -(-self.samples // self.output.shard_size)
+    def shard_size(self) -> int:
+        """Samples per shard (stages see it in their run context: a shard's samples reach one worker in order)."""
+        return self.output.shard_size
 
     def given(self, field: str) -> str | None:
         """A path field (``PATH_FIELDS``, dotted) as the user gave it; the resolved value when the spec
@@ -447,6 +459,8 @@ class JobSpec(_Strict):
             exclude["prompts"] = {"embedding"}
         exclude["references"] = True if self.references is None else {"path": True, "select": {"path"}}
         spec = self.model_dump(mode="json", exclude=exclude)
+        # the removed labels section (always all true) stays in the payload: datasets keep their fingerprints
+        spec["labels"] = {"semantic": True, "instances": True, "boxes": True}
         if model_identity.get("source") == "local":
             model = {"name": self.model_name, "id": model_identity["id"]}
         else:
@@ -581,11 +595,18 @@ def _resolve_paths(data: dict, base: Path) -> None:
     if isinstance(model, dict) and isinstance(model.get("path"), str) and looks_local(model["path"], base):
         model["path"] = str((base / Path(model["path"]).expanduser()).resolve())
     output = data.get("output")
-    if isinstance(output, dict) and isinstance(output.get("dir"), str):
-        output["dir"] = str((base / Path(output["dir"]).expanduser()).resolve())
+    if isinstance(output, dict) and isinstance(output.get("dir"), str) and not _is_uri(output["dir"]):
+        output["dir"] = str((base / Path(output["dir"]).expanduser()).resolve())  # s3://... stays a URI
     masks = data.get("masks")
     if isinstance(masks, dict) and isinstance(masks.get("calibration"), str):
         masks["calibration"] = str((base / Path(masks["calibration"]).expanduser()).resolve())
+
+
+def _is_uri(text: str) -> bool:
+    """``scheme://...`` other than ``file://`` (pipeline/storage.py opens it; it is no local path)."""
+    from .storage import is_uri
+
+    return is_uri(text)
 
 
 #: file paths inside ``references`` (resolved like output.dir: job file's folder, or cwd for --set)
@@ -641,7 +662,12 @@ def check_paths(spec: JobSpec, source: str) -> None:
 
     check_model(spec, source)
     out = Path(spec.output.dir)
-    if out.exists() and not out.is_dir():
+    if _is_uri(spec.output.dir):
+        from .storage import redact, uri_problem
+
+        if uri_problem(spec.output.dir):  # credentials or options in the job file: refused, never recorded
+            raise SpecError(f"{source}: output.dir: {redact(spec.output.dir)}: {uri_problem(spec.output.dir)}")
+    elif out.exists() and not out.is_dir():
         raise SpecError(f"{source}: output.dir: {out} is a file, not a directory; choose another output.dir")
     if spec.references is not None:
         check_references(spec, source)

@@ -18,6 +18,8 @@ import json
 import os
 import platform
 import signal
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -25,12 +27,12 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from .dataset import (INDEX, INDEX_SCHEMA, JOURNAL, MANIFEST, MEMBERS, TAR_MTIME, TOP_LEVEL, FORMAT, OutputError,
                       append_commit, category_names, check_shards, commit_record, counts, index_row, index_table,
                       output_state, read_index, write_atomic)
 from .plan import ShardPlan
+from .storage import RemotePath, digest, describe, location, parquet_bytes, publish, staging, write_file, write_parquet
 
 #: record columns the writer needs (everything else can be dropped before the driver)
 COLUMNS = ("key", "index", "seed", "prompt", "class_names", "scores", "curriculum", "keep", "reject_reason",
@@ -41,6 +43,27 @@ VERSIONS = ("synthgen", "torch", "diffusers", "transformers", "ray", "webdataset
 _STORAGE_ERRNOS = {errno.EACCES: "permission denied", errno.EPERM: "permission denied",
                    errno.EROFS: "read-only file system", errno.ENOSPC: "no space left on device",
                    errno.EDQUOT: "disk quota exceeded"}
+
+
+#: on an object store the manifest absorbs the journal every this many commits (each commit rewrites the
+#: journal object whole: O(commits since the last fold))
+JOURNAL_FOLD = 64
+
+
+def tar_bytes(kept: list[dict]) -> bytes:
+    """A shard's tar: one ``{key}.{ext}`` member per produced column of each record, fixed mtime (so
+    equal content gives equal bytes)."""
+    import io
+
+    import webdataset as wds  # imports torch: only a run that writes pays for it
+
+    buf = io.BytesIO()
+    with wds.TarWriter(buf, encoder=False, mtime=TAR_MTIME) as sink:
+        for r in kept:
+            sample = {"__key__": str(r["key"])}
+            sample.update({ext: bytes(r[col]) for col, ext in MEMBERS.items() if col in r and len(r[col])})
+            sink.write(sample)
+    return buf.getvalue()  # the writer leaves a stream it was given open
 
 
 def package_versions() -> dict[str, str | None]:
@@ -66,28 +89,42 @@ def failpoint(name: str) -> None:
 
 def storage_error(out: Path, e: OSError, doing: str) -> OutputError:
     """A one-line OutputError for a write that failed on the output filesystem."""
-    what = _STORAGE_ERRNOS.get(e.errno, e.strerror or type(e).__name__)
+    what = _STORAGE_ERRNOS.get(e.errno, e.strerror or describe(e))  # object stores: no errno, a long AWS text
     return OutputError(f"output.dir: {what} while {doing} in {out}; committed shards are kept: fix the directory "
                        "(permissions, free space) and rerun the same command to resume")
+
+
+@dataclass(frozen=True)
+class Origin:
+    """What made a dataset, as its manifest records it: the fingerprint a resume must match, the
+    ``model`` entry, the ``job`` entry, and (for generated data) the torch threads of every stage that
+    runs on the CPU, which a resume must keep (called only when resuming: it may import torch)."""
+
+    fingerprint: str
+    model: dict
+    job: dict
+    cpu_threads: Callable[[], Mapping[str, int]] = field(default=dict)
 
 
 class DatasetWriter:
     """Owns one output directory: checks it, resumes it, and commits shards as their samples arrive.
 
-    Constructing it checks the directory against the job (ownership, fingerprint, committed shards)
-    and raises OutputError before anything is written; ``open()`` then cleans it and writes the manifest.
+    ``out`` is the output dir, ``plan`` the shard plan, ``origin`` what the manifest records about the
+    job. Constructing it checks the directory against the job (ownership, fingerprint, committed
+    shards) and raises OutputError before anything is written; ``open()`` then cleans it and writes
+    the manifest.
     """
 
-    def __init__(self, spec: Any, fingerprint: str, model_identity: dict, overwrite: bool = False,
+    def __init__(self, out: str | Path, plan: ShardPlan, origin: Origin, overwrite: bool = False,
                  verify: bool = False, adopt: bool = False):
-        self.spec = spec
+        self.origin = origin
         self.adopt = adopt
-        self.out = Path(spec.output.dir)
-        self.plan = ShardPlan.from_spec(spec)
-        self.fingerprint = fingerprint
+        self.out = location(out)  # a local Path, or a RemotePath for s3://... (pipeline/storage.py)
+        self.plan = plan
+        self.fingerprint = origin.fingerprint
         self.overwrite = overwrite
         self.replaced: dict | None = None  # our manifest (another spec's) that --overwrite replaces
-        self.manifest = self._check(model_identity)
+        self.manifest = self._check(origin.model)
         committed = {self.plan.shard_of(s["indices"][0]): s for s in self.manifest["shards"]}
         #: committed shards that failed verification: {name: problem}; they are generated again
         self.redo = check_shards(self.out, list(committed.values()), hashes=verify)
@@ -104,7 +141,7 @@ class DatasetWriter:
         fresh = {
             "format": FORMAT, "fingerprint": self.fingerprint,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "job": self._job_dump(), "model": model_identity, "versions": package_versions(),
+            "job": self.origin.job, "model": model_identity, "versions": package_versions(),
             "layout": {"split": self.plan.split, "shard_size": self.plan.shard_size, "samples": self.plan.total,
                        "num_shards": self.plan.num_shards, "members": list(MEMBERS.values())},
             "shards": [], "counts": counts([]), "complete": False, "summary": None, "runs": [],
@@ -124,39 +161,22 @@ class DatasetWriter:
         self.replaced = old
         return fresh
 
-    def _job_dump(self) -> dict:
-        """The spec as the manifest records it: paths as the user gave them (import-coco's real
-        datasets have no such paths)."""
-        public = getattr(self.spec, "public_dump", None)
-        return public() if public else self.spec.model_dump(mode="json")
-
     def _check_threads(self, old: dict) -> None:
         """On CPU a stage's torch threads (``int(num_cpus)``) change float results, so a resume
-        with other thread counts would mix bytes; resources are otherwise free to change. Every
-        stage but a synthesis stage on a GPU runs on the CPU (``device: auto`` resolves here)."""
-        model = getattr(self.spec, "model", None)  # import-coco's real datasets have no model
-        if model is None:
-            return
+        with other thread counts would mix bytes; resources are otherwise free to change."""
+        threads = self.origin.cpu_threads()
         started = (old.get("job") or {}).get("resources") or {}
         for stage, res in started.items():
-            if stage == "synthesis" and self._synthesis_on_gpu(model.device):
+            if stage not in threads:
                 continue
             before = max(1, int(res.get("num_cpus", 1)))
-            now = max(1, int(self.spec.resources.for_stage(stage).num_cpus))
+            now = threads[stage]
             if before != now:
                 raise OutputError(
                     f"resources.{stage}.num_cpus: {self.out} was started with {before} torch thread(s) for "
                     f"{stage} on CPU (num_cpus {res.get('num_cpus'):g}) and this run would use {now}; results "
                     f"depend on the thread count, so resume with num_cpus {res.get('num_cpus'):g} (actors may "
                     "change) or use --overwrite")
-
-    @staticmethod
-    def _synthesis_on_gpu(device: str) -> bool:
-        if device == "auto":
-            import torch
-
-            return torch.cuda.is_available()
-        return device.startswith("cuda")
 
     def open(self) -> list[int]:
         """Clean the directory (only files synthgen named), write the manifest; returns the pending shards."""
@@ -240,19 +260,20 @@ class DatasetWriter:
 
     def _commit(self, k: int, records: list[dict]) -> None:
         tar, part = self.out / self.plan.tar(k), self.out / self.plan.part(k)
-        tmp_tar, tmp_part = tar.with_name(tar.name + ".tmp"), part.with_name(part.name + ".tmp")
+        tmp_tar, tmp_part = staging(tar), staging(part)  # NAME.tmp; an object store: the name itself
         kept = [r for r in records if bool(r["keep"])]
         try:
-            self._write_tar(tmp_tar, kept)
-            self._write_part(tmp_part, records, tar.name)
+            written = {"tar": self._write_tar(tmp_tar, kept), "part": self._write_part(tmp_part, records, tar.name)}
             failpoint("before-rename")
-            os.replace(tmp_tar, tar)
+            publish(tmp_tar, tar)
             failpoint("between-renames")
-            os.replace(tmp_part, part)
+            publish(tmp_part, part)
             failpoint("after-rename")
             record = commit_record(self.out, self.plan, k, [bool(r["keep"]) for r in records],
-                                   [r["reject_reason"] for r in records])
+                                   [r["reject_reason"] for r in records], {n: d for n, d in written.items() if d})
             append_commit(self.out, record)
+            if isinstance(self.out, RemotePath) and (self.written + 1) % JOURNAL_FOLD == 0:
+                self._save_manifest()  # the journal object is rewritten whole on each commit: keep it short
         except OSError as e:
             for path in (tmp_tar, tmp_part):
                 path.unlink(missing_ok=True)
@@ -262,25 +283,18 @@ class DatasetWriter:
         failpoint("after-commit")
 
     @staticmethod
-    def _write_tar(path: Path, kept: list[dict]) -> None:
-        import webdataset as wds  # imports torch: only a run that writes pays for it
+    def _write_tar(path: Path | RemotePath, kept: list[dict]) -> dict:
+        """Write the shard's tar (its kept samples, in index order); returns its size and sha256."""
+        data = tar_bytes(kept)
+        write_file(path, data)
+        return digest(data)
 
-        with open(path, "wb") as f:
-            with wds.TarWriter(f, encoder=False, mtime=TAR_MTIME) as sink:
-                for r in kept:
-                    sample = {"__key__": str(r["key"])}
-                    sample.update({ext: bytes(r[col]) for col, ext in MEMBERS.items() if col in r and len(r[col])})
-                    sink.write(sample)
-            f.flush()
-            os.fsync(f.fileno())
-
-    def _write_part(self, path: Path, records: list[dict], shard: str) -> None:
+    def _write_part(self, path: Path | RemotePath, records: list[dict], shard: str) -> dict:
         categories = category_names(self.manifest.get("job") or {})
         table = index_table([index_row(r, shard, categories) for r in records])
-        with open(path, "wb") as f:
-            pq.write_table(table, f)
-            f.flush()
-            os.fsync(f.fileno())
+        data = parquet_bytes(table)
+        write_file(path, data)
+        return digest(data)
 
     def counts(self) -> dict[str, Any]:
         return counts(list(self.committed.values()))
@@ -303,9 +317,7 @@ class DatasetWriter:
             if self.written or self.redo or not (self.out / INDEX).is_file():
                 parts = [read_index(self.out / self.committed[k]["part"]) for k in sorted(self.committed)]
                 table = pa.concat_tables(parts) if parts else INDEX_SCHEMA.empty_table()
-                tmp = self.out / (INDEX + ".tmp")
-                pq.write_table(table, tmp)
-                os.replace(tmp, self.out / INDEX)
+                write_parquet(table, self.out / INDEX)
             if summary.get("processed") or self.manifest.get("summary") is None:
                 self.manifest["summary"] = summary  # a no-op rerun keeps the last run that generated
             self.manifest["runs"].append(summary)

@@ -1,9 +1,24 @@
 """The stage contract shared by every module in ``stages/``.
 
-A stage is a class constructed once per worker with the validated job spec (``Stage(spec)``:
-heavy state such as models is loaded in ``__init__``) and called on batches::
+A stage is a class constructed once per worker (``Stage(spec)``: heavy state such as models is
+loaded in ``__init__``) and called on batches::
 
     out = stage(batch)   # batch: dict[str, np.ndarray], one row per sample
+
+It is registered by one line in ``stages/registry.py`` and declares the job sections it
+``reads``; ``Stage.__init__`` keeps only those (plus the run context, :data:`CONTEXT`) in
+``self.spec``, so what a stage depends on is written in one place and nothing else reaches it.
+Validation lives in the config models (``pipeline/spec.py``): stages do not re-check it. A
+minimal stage (the tests' ``tests/example_stage.py``)::
+
+    class Darkness(Stage):
+        name, kind = "darkness", "task"
+        inputs, outputs = ("image", "keep", "reject_reason"), ("keep", "reject_reason")
+
+        def __call__(self, batch):
+            dark = batch["image"].mean(axis=(1, 2, 3)) < 10
+            return passthrough(batch, keep=batch["keep"] & ~dark,
+                               reject_reason=np.where(dark & batch["keep"], "dark", batch["reject_reason"]))
 
 Rules:
   * Input arrays are read-only (Ray Data hands zero-copy views): never modify them in place.
@@ -39,11 +54,21 @@ Record columns (docs/design.md "Record flowing between stages"):
 """
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Any, ClassVar
 
 import numpy as np
 
 Batch = dict[str, np.ndarray]
+
+#: what every stage may read besides the sections it declares: the job's name and seed, its number
+#: of samples, the shard size (a shard's samples reach one worker in order) and the model's name
+CONTEXT = ("name", "seed", "samples", "shard_size", "model_name")
+
+
+def stage_view(spec: Any, sections: tuple[str, ...]) -> SimpleNamespace:
+    """The part of a job spec a stage sees: ``sections`` and :data:`CONTEXT` (those ``spec`` has)."""
+    return SimpleNamespace(**{name: getattr(spec, name) for name in (*CONTEXT, *sections) if hasattr(spec, name)})
 
 
 class Stage:
@@ -54,11 +79,13 @@ class Stage:
     #: False for a stage that needs a worker pool of its own (the model stage); the Ray graph
     #: runs each run of consecutive fusable stages as one operator, in one worker
     fusable: ClassVar[bool] = True
+    #: the job sections (``JobSpec`` fields) this stage reads; ``self.spec`` holds only these and CONTEXT
+    reads: ClassVar[tuple[str, ...]] = ()
     inputs: ClassVar[tuple[str, ...]] = ()
     outputs: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, spec: Any):
-        self.spec = spec
+        self.spec = stage_view(spec, self.reads)
 
     def __call__(self, batch: Batch) -> Batch:  # pragma: no cover - interface
         raise NotImplementedError

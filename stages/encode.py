@@ -42,13 +42,12 @@ class EncodeStage(Stage):
     kind = "task"
     inputs = ("key", "index", "seed", "prompt", "image", "semantic_mask", "keep", "reject_reason") + JSON_COLUMNS
     outputs = ("jpg", "seg_png", "json", "cls")
+    reads = ("classes", "output")  # output.jpeg_quality
 
     def __init__(self, spec: Any):
         super().__init__(spec)
-        self.quality = int(spec.output.jpeg_quality)
-        if not 1 <= self.quality <= 100:
-            raise ValueError(f"output.jpeg_quality: {self.quality} is not in 1..100")
-        self.ids = category_ids(spec)
+        self.quality = int(self.spec.output.jpeg_quality)
+        self.ids = category_ids(self.spec)
 
     def record(self, batch: Batch, row: int) -> dict:
         """The JSON record of one row."""

@@ -65,6 +65,7 @@ class FilterStage(Stage):
 
     name = "filters"
     kind = "actor"  # holds the current shard's kept hashes between batches
+    reads = ("filters",)
     inputs = ("index", "image", "scores")
     outputs = ("keep", "reject_reason", "scores")
 
@@ -78,7 +79,7 @@ class FilterStage(Stage):
         dedup = f.dedup_threshold is not None and f.dedup_threshold >= 0
         keep, reasons, scores = [], [], []
         for index, image, scores_json in zip(batch["index"], batch["image"], batch["scores"]):
-            shard = int(index) // self.spec.output.shard_size
+            shard = int(index) // self.spec.shard_size
             if shard != self.shard:
                 self.shard, self.kept_hashes = shard, []
             sc = json.loads(str(scores_json))

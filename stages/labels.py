@@ -74,17 +74,14 @@ class LabelStage(Stage):
 
     name = "labels"
     kind = "task"
+    reads = ("classes", "masks", "filters")  # masks.use_raw; filters: the instance size bounds
     inputs = ("image", "class_names", "attn", "attn_raw", "semantic_mask")
     outputs = ("annotations", "scores")
 
     def __init__(self, spec: Any):
         super().__init__(spec)
-        f = spec.filters
-        if not 0.0 <= f.min_area_fraction <= f.max_area_fraction <= 1.0:
-            raise ValueError("filters: need 0 <= min_area_fraction <= max_area_fraction <= 1, got "
-                             f"{f.min_area_fraction} / {f.max_area_fraction}")
-        self.ids = category_ids(spec)
-        self.column = "attn_raw" if spec.masks.use_raw else "attn"
+        self.ids = category_ids(self.spec)
+        self.column = "attn_raw" if self.spec.masks.use_raw else "attn"
 
     def __call__(self, batch: Batch) -> Batch:
         annotations, scores = [], []

@@ -32,7 +32,6 @@ from PIL import Image
 
 from .base import Batch, Stage, passthrough
 
-THRESHOLD_MODES = ("fixed", "otsu", "calibrated")
 IGNORE = 255
 SUPERPIXEL_MAX_SIDE = 256  # Felzenszwalb runs on at most 256 px a side (a 512² image: ~0.3 s, not ~1.5 s)
 
@@ -127,21 +126,13 @@ class MaskStage(Stage):
 
     name = "masks"
     kind = "task"
+    reads = ("masks",)
     inputs = ("image", "class_names", "attn", "attn_raw")
     outputs = ("semantic_mask",)
 
     def __init__(self, spec: Any):
         super().__init__(spec)
-        m = spec.masks
-        if m.threshold not in THRESHOLD_MODES:
-            raise ValueError(f"masks.threshold: {m.threshold!r} is not one of {THRESHOLD_MODES}")
-        if not 0.0 <= m.ignore_threshold <= m.fg_threshold <= 1.0:
-            raise ValueError("masks: need 0 <= ignore_threshold <= fg_threshold <= 1, got "
-                             f"{m.ignore_threshold} / {m.fg_threshold}")
-        if m.threshold == "calibrated":
-            missing = [c.name for c in spec.classes if c.name not in (m.class_thresholds or {})]
-            if missing:
-                raise ValueError(f"masks.class_thresholds: no calibrated threshold for {missing}")
+        m = self.spec.masks
         self.column = "attn_raw" if m.use_raw else "attn"
         self.band = float(m.ignore_threshold / m.fg_threshold) if m.fg_threshold > 0 else 1.0
 

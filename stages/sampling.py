@@ -53,24 +53,18 @@ class SamplingStage(Stage):
 
     name = "sampling"
     kind = "task"  # no state between batches (the tokenizer is loaded once per worker process)
+    reads = ("model", "classes", "prompts", "references")
     inputs = ("index",)
     outputs = ("key", "seed", "prompt", "class_names", "token_index", "cond", "curriculum")
 
     def __init__(self, spec: Any):
         super().__init__(spec)
-        if "." in spec.name:
-            raise ValueError(f"job name {spec.name!r} must not contain '.' (it prefixes WebDataset keys)")
+        spec = self.spec
         self.classes = list(spec.classes)
         prompts = spec.prompts
         self.templates = list(prompts.templates)
-        bad = [t for t in self.templates if t.count(OBJECTS) != 1]
-        if not self.templates or bad:
-            raise ValueError(f"prompt templates must each contain {OBJECTS} exactly once, got {bad or 'none'}")
         self.min_classes = prompts.min_classes_per_image
-        self.max_classes = min(prompts.max_classes_per_image, len(self.classes))
-        if not 1 <= self.min_classes <= self.max_classes:
-            raise ValueError(f"classes per image must satisfy 1 <= min ({self.min_classes}) <= max "
-                             f"({prompts.max_classes_per_image}, capped at {len(self.classes)} classes)")
+        self.max_classes = prompts.max_classes_per_image
         self.tokenizer = CLIPTokenizer.from_pretrained(spec.model.path, subfolder="tokenizer")
         self.embedding = getattr(prompts, "embedding", None)
         self.references: list[Reference] = []

@@ -14,7 +14,7 @@ from ray.autoscaler._private.util import fillout_defaults, validate_config
 
 from conftest import REPO
 from pipeline.cli import build_parser, submission
-from pipeline.graph import default_stages, required_resources
+from pipeline.jobplan import JobPlan
 from pipeline.spec import SpecError, load_spec
 
 SCHEMA = json.loads((Path(ray.__file__).parent / "autoscaler" / "ray-schema.json").read_text())
@@ -48,7 +48,7 @@ def test_cpu_head_and_autoscaling_gpu_workers_fit_the_coco80_job(cluster):
     gpu_group = next(t for t in workers if t["resources"].get("GPU", 0) > 0)
     assert gpu_group["min_workers"] == 0 < gpu_group["max_workers"] <= cluster["max_workers"]
     spec = load_spec(REPO / "jobs" / "coco80-sd15.yaml", check_files=False)
-    need = required_resources(spec, default_stages())
+    need = JobPlan(spec).required
     full = {res: sum(t["max_workers"] * t["resources"].get(res, 0) for t in workers) for res in ("CPU", "GPU")}
     assert need["GPU"] == spec.resources.synthesis.actors == full["GPU"]  # one synthesis actor per GPU
     assert need["CPU"] <= full["CPU"]

@@ -65,7 +65,7 @@ def ray_session():
 
 def run_failing(monkeypatch, capsys, tmp_path, model: str, stages: list) -> tuple[int, re.Match, str]:
     """``synthgen run`` of a 2-sample job through the shared local Ray with the given stage chain."""
-    monkeypatch.setattr("pipeline.runner.default_stages", lambda: stages)
+    monkeypatch.setattr("stages.registry.load_stages", lambda entries=None: stages)
     job = write_job(tmp_path, model, samples=2, output={"dir": str(tmp_path / "out"), "shard_size": 2})
     code = main(["run", str(job)])
     err = capsys.readouterr().err

@@ -15,7 +15,7 @@ def make_spec(min_contrast=0.3, dedup_threshold=4, max_extra_instances=None):
     return SimpleNamespace(filters=SimpleNamespace(min_area_fraction=0.005, max_area_fraction=0.95,
                                                    min_contrast=min_contrast, dedup_threshold=dedup_threshold,
                                                    max_extra_instances=max_extra_instances),
-                           output=SimpleNamespace(shard_size=4))
+                           shard_size=4)
 
 
 def cls_score(name, n_components=1, n_instances=1, contrast=0.6):

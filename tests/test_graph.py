@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 from conftest import REPO
-from pipeline.graph import default_stages, operators, required_resources
+from pipeline.jobplan import JobPlan
 from pipeline.spec import load_spec
 
 
 def ops_of(job: str, *overrides: str, tmp_path) -> list[tuple[str, str, int]]:
     spec = load_spec(REPO / "jobs" / job, list(overrides), out=str(tmp_path / "out"))
-    return [(op.name, op.kind, op.actors) for op in operators(spec, default_stages())]
+    return [(op.name, op.kind, op.actors) for op in JobPlan(spec).operators]
 
 
 def test_demo_cpu_stages_share_one_worker_and_the_model_stage_stands_alone(tmp_path):
@@ -36,4 +36,4 @@ def test_gpu_job_keeps_its_parallel_cpu_stages_apart_from_the_stateful_filter(tm
 def test_reservations_count_each_actor_pool_once(tmp_path):
     spec = load_spec(REPO / "jobs" / "shapes-demo.yaml", [], out=str(tmp_path / "out"))
     # synthesis 2 x 1 CPU + the fused CPU actor 0.25 + room for one task (Ray's read tasks take 1 CPU)
-    assert required_resources(spec, default_stages()) == {"CPU": 3.25, "GPU": 0.0}
+    assert JobPlan(spec).required == {"CPU": 3.25, "GPU": 0.0}

@@ -21,7 +21,9 @@ from torch.utils.data import DataLoader
 from pipeline.loader import AdaptiveSchedule, CurriculumDataset, FixedSchedule, collate, score_weight
 from pipeline.shapes.world import render_scene
 from pipeline.spec import validate_spec
-from pipeline.writer import DatasetWriter, OutputError
+from pipeline.jobplan import JobPlan
+from pipeline.runner import prepare
+from pipeline.writer import OutputError
 from stages.encode import EncodeStage
 
 REPO = Path(__file__).resolve().parents[1]
@@ -56,7 +58,7 @@ def write_dir(out: Path, name: str, classes: list[str], samples: list[dict], sto
         "reject_reason": np.array(["" if s.get("keep", True) else "low_contrast" for s in samples]),
     }
     batch = EncodeStage(spec)(batch)
-    writer = DatasetWriter(spec, spec.fingerprint({"source": "hub"}), {"source": "hub"})
+    writer = prepare(JobPlan(spec, identity={"source": "hub"}))
     writer.open()
     writer.add(batch)
     writer.finish({})

@@ -17,7 +17,8 @@ import pytest
 
 from conftest import REPO, TINY_JOB, assert_same_dataset
 from pipeline.cli import main
-from pipeline.runner import run_job
+from pipeline.jobplan import JobPlan
+from pipeline.runner import prepare, run_job
 from pipeline.spec import load_spec, validate_spec
 from pipeline.dataset import MANIFEST, OutputError, read_manifest, sha256_file
 from pipeline.writer import DatasetWriter
@@ -29,7 +30,7 @@ def make_writer(out: Path, samples: int = 10, overwrite: bool = False, **changes
     data = dict(TINY_JOB, model={"path": "org/m"}, samples=samples, output={"dir": str(out), "shard_size": 4})
     data.update(changes)
     spec = validate_spec(data)
-    return DatasetWriter(spec, spec.fingerprint(IDENTITY), IDENTITY, overwrite=overwrite)
+    return prepare(JobPlan(spec, identity=IDENTITY), overwrite=overwrite)
 
 
 def records(indices, rejected=()) -> dict[str, np.ndarray]:

@@ -13,6 +13,7 @@ from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteS
 from transformers import CLIPTokenizer
 
 from pipeline.shapes.world import CLASSES, COLORS
+from pipeline.spec import SpecError, validate_spec
 from stages.model import SCHEDULERS, load_pipeline, model_identity
 from stages.sampling import SamplingStage, stable_seed
 from stages.synthesis import SynthesisStage
@@ -154,12 +155,15 @@ def test_sampling_rejects_bad_input(tiny_model):
                      min_classes=3)
     with pytest.raises(ValueError, match="over the tokenizer's limit of 24"):
         SamplingStage(long)({"index": np.arange(1, dtype=np.int64)})
-    with pytest.raises(ValueError, match="exactly once"):
-        SamplingStage(make_spec(tiny_model, templates=["a photo"]))
-    with pytest.raises(ValueError, match="must not contain '.'"):
-        SamplingStage(make_spec(tiny_model, name="job.v2"))
-    with pytest.raises(ValueError, match="classes per image"):
-        SamplingStage(make_spec(tiny_model, min_classes=4, max_classes=3))
+    # the rest is the job file's validation, once, in pipeline/spec.py (not re-checked by the stage)
+    for changes, message in [({"prompts": {"templates": ["a photo"]}}, "exactly once"),
+                             ({"name": "job.v2"}, "should match pattern"),
+                             ({"prompts": {"min_classes_per_image": 4, "max_classes_per_image": 3}},
+                              "is larger than max_classes_per_image")]:
+        job = {"name": "job", "model": {"path": tiny_model}, "classes": CLASSES, "samples": 4,
+               "output": {"dir": "out"}} | changes
+        with pytest.raises(SpecError, match=message):
+            validate_spec(job)
 
 
 # --- synthesis -------------------------------------------------------------------------------
