@@ -31,9 +31,10 @@ from typing import Any
 
 import pyarrow as pa
 
-from stages.identity import sha256_file
+from stages.identity import sha256_file  # noqa: F401 - re-exported (tests, verify)
 
-from .spec import UsageError
+from . import storage
+from .storage import OutputError, RemotePath, location
 
 FORMAT = "synthgen-dataset/1"
 MANIFEST = "manifest.json"
@@ -71,10 +72,6 @@ INDEX_SCHEMA = pa.schema([
     ("prompt", pa.string()), ("classes", pa.list_(pa.string())), ("keep", pa.bool_()),
     ("reject_reason", pa.string()), ("scores", SCORES), ("curriculum", CURRICULUM), ("instances", INSTANCES),
 ], metadata={"synthgen.index": INDEX_VERSION})
-
-
-class OutputError(UsageError):
-    """The output directory cannot be used (one-line message)."""
 
 
 # --- index rows -------------------------------------------------------------------------------
@@ -152,6 +149,9 @@ def read_index(source: Any, columns: list[str] | None = None) -> pa.Table:
     did not record them; the shards' records hold the annotations)."""
     import pyarrow.parquet as pq
 
+    if isinstance(source, RemotePath):  # an object: ranged reads through its filesystem
+        with source.open("rb") as f:
+            return read_index(f, columns)
     names = list(columns or INDEX_SCHEMA.names)
     found = pq.read_schema(source).names
     missing = [c for c in names if c not in found and c != "instances"]
@@ -173,30 +173,22 @@ def read_index(source: Any, columns: list[str] | None = None) -> pa.Table:
                                                          metadata=INDEX_SCHEMA.metadata))
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via ``path.tmp`` + fsync + os.replace."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def write_atomic(path: Path | RemotePath, data: bytes) -> None:
+    """Write ``data`` to ``path`` all at once: ``path.tmp`` + fsync + os.replace; on an object store one PUT."""
+    storage.write_atomic(location(path), data)
 
 
 # --- commit journal ---------------------------------------------------------------------------
 def append_commit(out: Path, record: dict) -> None:
     """Append one shard's commit record as a line of the journal (fsync'd: the commit point)."""
     line = (json.dumps(record, separators=(",", ":")) + "\n").encode()
-    with open(Path(out) / JOURNAL, "ab") as f:
-        f.write(line)
-        f.flush()
-        os.fsync(f.fileno())
+    storage.append_durable(location(out) / JOURNAL, line)
 
 
 def read_journal(out: Path) -> list[dict]:
     """The whole commit records of the journal; a line cut short by a kill is not a commit."""
     try:
-        data = (Path(out) / JOURNAL).read_bytes()
+        data = (location(out) / JOURNAL).read_bytes()
     except FileNotFoundError:
         return []
     records = []
@@ -208,16 +200,20 @@ def read_journal(out: Path) -> list[dict]:
     return records
 
 
-def commit_record(out: Path, plan: Any, k: int, keep: list[bool], reasons: list[str]) -> dict[str, Any]:
+def commit_record(out: Path | RemotePath, plan: Any, k: int, keep: list[bool], reasons: list[str],
+                  written: dict[str, dict] | None = None) -> dict[str, Any]:
     """Shard k's commit record: where its files are, its indices, kept / rejected counts (``reasons[i]``
     of each index not kept), and the sizes and sha256 of its tar and part as they are on disk now."""
-    tar, part = Path(out) / plan.tar(k), Path(out) / plan.part(k)
+    tar, part = location(out) / plan.tar(k), location(out) / plan.part(k)
+    written = written or {}  # {"tar": storage.digest(bytes), "part": ...} of files just written: not read back
+    tar_d = written.get("tar") or {"bytes": tar.stat().st_size, "sha256": storage.sha256(tar)}
+    part_d = written.get("part") or {"bytes": part.stat().st_size, "sha256": storage.sha256(part)}
     rejected = [str(r) for r, kept in zip(reasons, keep) if not kept]
     return {"name": plan.name(k), "tar": plan.tar(k), "part": plan.part(k), "indices": list(plan.bounds(k)),
             "samples": sum(map(bool, keep)), "rejected": len(rejected),
             "rejected_by_reason": {r: rejected.count(r) for r in sorted(set(rejected))},
-            "bytes": tar.stat().st_size, "sha256": sha256_file(tar),
-            "part_bytes": part.stat().st_size, "part_sha256": sha256_file(part)}
+            "bytes": tar_d["bytes"], "sha256": tar_d["sha256"],
+            "part_bytes": part_d["bytes"], "part_sha256": part_d["sha256"]}
 
 
 def counts(shards: list[dict]) -> dict[str, Any]:
@@ -246,7 +242,7 @@ def merge_commits(manifest: dict, records: list[dict]) -> dict:
 def load_manifest(out: Path) -> dict | None:
     """The manifest of a directory that is ours, None when there is none; OutputError when the
     directory holds a ``manifest.json`` that synthgen did not write."""
-    path = Path(out) / MANIFEST
+    path = location(out) / MANIFEST
     try:
         manifest = json.loads(path.read_text())
     except FileNotFoundError:
@@ -266,14 +262,26 @@ def _listing(names: list[str], limit: int = 4) -> str:
     return ", ".join(names[:limit]) + more
 
 
-def output_state(out: Path) -> tuple[dict | None, bool]:
+def output_state(out: Path | RemotePath | str) -> tuple[dict | None, bool]:
     """Whether an output dir may be written: (its manifest with the journal merged in, or None; whether
     it is an orphan: a synthgen output that lost its manifest, for ``synthgen repair``).
 
     (None, False) for an absent or empty dir. Raises OutputError (naming what the dir holds) for a
-    file, a ``manifest.json`` synthgen did not write, or a non-empty dir with no synthgen files.
+    file, a ``manifest.json`` synthgen did not write, or a non-empty dir with no synthgen files; on an
+    object store also for an endpoint that does not answer, refused credentials or a missing bucket.
     """
-    out = Path(out)
+    out = location(out)
+    if isinstance(out, RemotePath):
+        storage.check_reachable(out)
+        try:
+            return _output_state(out)
+        except OSError as e:
+            raise OutputError(f"output.dir: {out}: cannot read it ({storage.describe(e)}); check the credentials "
+                              "and the prefix's permissions") from None
+    return _output_state(out)
+
+
+def _output_state(out: Path | RemotePath) -> tuple[dict | None, bool]:
     if out.exists() and not out.is_dir():
         raise OutputError(f"output.dir: {out} is a file, not a directory; choose another output dir")
     entries = sorted(p.name for p in out.iterdir()) if out.exists() else []
@@ -306,7 +314,7 @@ def check_shard(out: Path, record: dict, hashes: bool) -> str:
     part sizes / hashes are checked on what they have.
     """
     for kind in ("tar", "part"):
-        path = Path(out) / record[kind]
+        path = location(out) / record[kind]
         size = record.get("bytes" if kind == "tar" else "part_bytes")
         digest = record.get("sha256" if kind == "tar" else "part_sha256")
         try:
@@ -315,7 +323,7 @@ def check_shard(out: Path, record: dict, hashes: bool) -> str:
             return f"{record[kind]} is missing"
         if size is not None and actual != size:
             return f"{record[kind]} has {actual} bytes, {size} committed"
-        if hashes and digest is not None and sha256_file(path) != digest:
+        if hashes and digest is not None and storage.sha256(path) != digest:
             return f"{record[kind]} sha256 differs from the committed one"
     return ""
 

@@ -54,6 +54,7 @@ from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
 from .dataset import INDEX, OutputError, read_index, read_manifest
+from .storage import RemotePath, location, url_stage
 
 Level = int | float | str | None
 #: index.parquet columns the loader plans with
@@ -244,7 +245,8 @@ class CurriculumDataset(IterableDataset):
                  shuffle_buffer: int = 1000, seed: int = 0, rank: int | None = None,
                  world_size: int | None = None):
         super().__init__()
-        paths = [Path(dirs)] if isinstance(dirs, (str, Path)) else [Path(d) for d in dirs]
+        # local paths or URIs (s3://bucket/prefix: index and shards are read through its filesystem)
+        paths = [location(dirs)] if isinstance(dirs, (str, Path, RemotePath)) else [location(d) for d in dirs]
         if not paths:
             raise ValueError("CurriculumDataset: no output directories given")
         if real_fraction is not None and not 0.0 < real_fraction < 1.0:
@@ -303,7 +305,7 @@ class CurriculumDataset(IterableDataset):
                                           f"{key} but {guidance[level]} elsewhere")
                 if shard not in shard_ids:
                     path = out / "shards" / shard
-                    if not path.is_file():
+                    if not isinstance(path, RemotePath) and not path.is_file():  # objects: one HEAD each
                         raise OutputError(f"{out}/{INDEX}: shard {shard} of sample {key} is missing ({path})")
                     shard_ids[shard] = len(self.urls)
                     self.urls.append(str(path))
@@ -386,7 +388,7 @@ class CurriculumDataset(IterableDataset):
             return iter(())
         stages: list[Any] = [
             wds.SimpleShardList(list(plan)),
-            wds.tarfile_to_samples(select_files=self._wanted_member),
+            url_stage(select_files=self._wanted_member),  # opens each shard through its filesystem
             lambda src: self._select(src, plan),
         ]
         if self.shuffle:

@@ -55,18 +55,19 @@ def format_summary(summary: dict[str, Any]) -> str:
 
 
 def iter_samples(out: Path, manifest: dict | None = None) -> Iterator[dict[str, Any]]:
-    """Raw samples (``__key__`` plus member bytes) of every committed shard, in index order."""
-    import webdataset as wds  # imports torch: not for the commands that only print
+    """Raw samples (``__key__``, ``__url__`` plus member bytes) of every committed shard, in index order;
+    ``out`` is a path or a URI (s3://...: shards are streamed through its filesystem)."""
+    from .storage import location, tar_samples
 
     manifest = manifest or read_manifest(out)
-    urls = [str(Path(out) / s["tar"]) for s in manifest["shards"]]
-    if urls:
-        yield from wds.WebDataset(urls, shardshuffle=False, empty_check=False)
+    yield from tar_samples([location(out) / s["tar"] for s in manifest["shards"]])
 
 
 def inspect_text(out: Path, n: int = 3) -> str:
     """Manifest overview, the last run's summary table and ``n`` sample records."""
-    out = Path(out)
+    from .storage import location
+
+    out = location(out)
     m = read_manifest(out)
     job, counts = m["job"], m["counts"]
     model = job.get("model") or {}  # an import-coco dataset has no model
@@ -140,8 +141,8 @@ def overlay(sample: dict[str, Any], scale: int, categories: dict[int, str]) -> I
 
 def preview(out: Path, path: Path, n: int = 16, columns: int = 4) -> Path:
     """A contact sheet (PNG) of the first ``n`` kept samples, each as image | mask and box overlay."""
-    manifest = read_manifest(Path(out))
-    samples = list(islice(iter_samples(Path(out), manifest), n))
+    manifest = read_manifest(out)
+    samples = list(islice(iter_samples(out, manifest), n))
     if not samples:
         raise OutputError(f"{out}: no samples in committed shards to preview")
     first = Image.open(io.BytesIO(samples[0]["jpg"]))

@@ -48,6 +48,13 @@ def is_uri(text: Any) -> bool:
     return bool(m) and m.group(1).lower() != "file"
 
 
+def redact(uri: str) -> str:
+    """``uri`` fit for a message: any ``user:secret@`` and query replaced by ``***``."""
+    parts = urlsplit(uri)
+    netloc = ("***@" + parts.netloc.rsplit("@", 1)[1]) if "@" in parts.netloc else parts.netloc
+    return f"{parts.scheme}://{netloc}{parts.path}" + ("?***" if parts.query else "")
+
+
 def uri_problem(uri: str) -> str:
     """'' when ``uri`` may be used as a dataset location, else why not (credentials or options in it)."""
     parts = urlsplit(uri)
@@ -55,8 +62,9 @@ def uri_problem(uri: str) -> str:
         return ("it carries credentials (user:secret@); give them through the environment or the filesystem's "
                 "config (AWS_ACCESS_KEY_ID / ~/.aws, GOOGLE_APPLICATION_CREDENTIALS, ...)")
     if parts.query or parts.fragment:
-        secret = any(k.split("=", 1)[0].lower() in _SECRET_KEYS for k in parts.query.split("&"))
-        return (("it carries credentials" if secret else f"it carries options ({parts.query or parts.fragment})")
+        names = sorted({k.split("=", 1)[0] for k in parts.query.split("&") if k})
+        secret = any(k.lower() in _SECRET_KEYS for k in names)
+        return (("it carries credentials" if secret else f"it carries options ({', '.join(names)})")
                 + "; give them through the environment (AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL, AWS_REGION, "
                 "~/.aws/config) so the job file and the manifest never hold them")
     if not parts.netloc:
@@ -67,6 +75,9 @@ def uri_problem(uri: str) -> str:
 # --- filesystems ---------------------------------------------------------------------------------
 _FILESYSTEMS: dict[str, tuple[Any, Any]] = {}
 _LOCK = threading.Lock()
+#: environment that selects the endpoint / account a filesystem talks to (its cache key, never recorded)
+_ENV_KEYS = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_PROFILE",
+             "AWS_ACCESS_KEY_ID", "GOOGLE_APPLICATION_CREDENTIALS", "STORAGE_EMULATOR_HOST")
 
 
 def _filesystem(uri: str) -> tuple[Any, str]:
@@ -76,8 +87,9 @@ def _filesystem(uri: str) -> tuple[Any, str]:
     parts = urlsplit(uri)
     scheme = parts.scheme.lower()
     root = f"{scheme}://{parts.netloc}"
+    key = "|".join([root, *(os.environ.get(name, "") for name in _ENV_KEYS)])  # another endpoint: another fs
     with _LOCK:
-        entry = _FILESYSTEMS.get(root)
+        entry = _FILESYSTEMS.get(key)
         if entry is None:
             try:
                 entry = (pafs.FileSystem.from_uri(root)[0], None)
@@ -85,7 +97,7 @@ def _filesystem(uri: str) -> tuple[Any, str]:
                 if "Unrecognized filesystem type" not in str(e):
                     raise OutputError(f"{uri}: cannot open its filesystem ({_first_line(e)})") from None
                 entry = _fsspec(uri, scheme)
-            _FILESYSTEMS[root] = entry
+            _FILESYSTEMS[key] = entry
     fs, impl = entry
     if impl is not None:  # fsspec's own path form (memory://b/x -> /b/x)
         return fs, impl._strip_protocol(uri).rstrip("/")
@@ -124,7 +136,7 @@ def location(where: str | os.PathLike | RemotePath) -> Path | RemotePath:
         return Path(text)
     problem = uri_problem(text)
     if problem:
-        raise OutputError(f"{text}: {problem}")
+        raise OutputError(f"{redact(text)}: {problem}")
     fs, path = _filesystem(text)
     import pyarrow.fs as pafs
 
@@ -175,6 +187,9 @@ class RemotePath:
 
     def __hash__(self) -> int:
         return hash((self.scheme, self.path))
+
+    def __lt__(self, other: RemotePath) -> bool:
+        return (self.scheme, self.path) < (other.scheme, other.path)
 
     @property
     def name(self) -> str:

@@ -16,18 +16,28 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow.parquet as pq
 
-from .dataset import (INDEX, MANIFEST, OutputError, check_shards, commit_record, load_manifest, read_index,
-                      read_journal, read_manifest)
+from .dataset import (
+    INDEX,
+    MANIFEST,
+    OutputError,
+    check_shards,
+    commit_record,
+    load_manifest,
+    read_index,
+    read_journal,
+    read_manifest,
+)
 from .plan import ShardPlan
+from .storage import RemotePath, location, read_parquet
 
 
-def tar_keys(path: Path) -> list[str]:
-    """Sample keys of a shard, in member order (one per key; members ``key.ext``)."""
+def tar_keys(path: Path | RemotePath) -> list[str]:
+    """Sample keys of a shard, in member order (one per key; members ``key.ext``); read as a stream (one
+    pass, also over an object store)."""
     keys: list[str] = []
-    with tarfile.open(path) as tar:
-        for name in tar.getnames():
+    with location(path).open("rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
+        for name in (member.name for member in tar):
             key = name.split(".", 1)[0]
             if not keys or keys[-1] != key:
                 keys.append(key)
@@ -55,8 +65,9 @@ def shard_problems(out: Path, record: dict) -> list[str]:
 
 
 def verify_dataset(out: Path) -> dict[str, Any]:
-    """{"problems": [...], "shards", "samples", "complete"} for an output dir; raises OutputError if not ours."""
-    out = Path(out)
+    """{"problems": [...], "shards", "samples", "complete"} for an output dir (a path or a URI); raises
+    OutputError if not ours."""
+    out = location(out)
     manifest = read_manifest(out)
     shards = manifest["shards"]
     failed = check_shards(out, shards, hashes=True)
@@ -70,7 +81,7 @@ def verify_dataset(out: Path) -> dict[str, Any]:
     elif not (out / INDEX).is_file():
         problems.append(f"{INDEX} is missing; rerun `synthgen run` on its job to rebuild it")
     else:
-        index = pq.read_table(out / INDEX, columns=["key", "index"])
+        index = read_parquet(out / INDEX, columns=["key", "index"])
         if index.num_rows != manifest["counts"]["indices"] or \
                 not np.array_equal(index.column("index").to_numpy(), np.arange(index.num_rows)):
             problems.append(f"{INDEX}: {index.num_rows} rows do not match the {manifest['counts']['indices']} "
@@ -105,7 +116,7 @@ def repair(spec: Any) -> dict[str, Any]:
 
     from .runner import prepare
 
-    out = Path(spec.output.dir)
+    out = location(spec.output.dir)
     if not out.is_dir():
         raise OutputError(f"output.dir: {out} does not exist; nothing to repair")
     if load_manifest(out) is not None:

@@ -37,6 +37,8 @@ _memory: dict[str, tuple[int, int, str]] = {}  # resolved path -> (size, mtime_n
 def public_path(given: str) -> str:
     """A path as a dataset records it: relative ones (and hub ids) as written, normalised
     ('./models/x/' -> 'models/x'); absolute or '~' ones as their last component ('/data/sd15' -> 'sd15')."""
+    if "://" in given:  # a URI (s3://bucket/prefix): as written; one with credentials is refused before this
+        return given
     text = given.replace(os.sep, "/")
     if text.startswith("~") or os.path.isabs(given):
         return PurePosixPath(os.path.normpath(os.path.expanduser(given)).replace(os.sep, "/")).name or text
