@@ -1,23 +1,35 @@
-"""``synthgen eval``: how good the labels are, measured on the shapes world against the oracle.
+"""``synthgen eval``: how good the labels are, measured against a source of ground truth.
 
-N held-out shapes-world captions (seeds never used to train the bundled model) go through the
-job's own synthesis, mask, label and filter stages, in process. The oracle
-(:mod:`pipeline.shapes.oracle`) recovers each prompted object's true pixels from the generated
-image by its colour; the prompted class is its category. Against that ground truth:
+A :class:`Truth` says what to generate and what the right labels are. Two are built in
+(``--truth``):
+
+* ``oracle`` (the default for shapes-world jobs): N held-out shapes-world captions (seeds never
+  used to train the bundled model) drawn text-to-image; the oracle (:mod:`pipeline.shapes.oracle`)
+  recovers each prompted object's true pixels from the generated image by its colour, and the
+  prompted class is its category.
+* ``coco:DIR`` (any job, e.g. a real model's): a COCO folder of real images with annotations
+  (``import-coco``'s and ``references.path``'s layout). Each of N annotated images is the start of
+  one image-guided variation at strength ``s`` (img2img, as ``references`` jobs make them); the
+  prompt names the image's largest annotation's class, and that class's annotations, fitted to the
+  generated size as the reference image is, are the ground truth (a low strength keeps the layout).
+  Objects of classes the prompt does not name are not scored.
+
+The job's own synthesis, mask, label and filter stages run in process. Against the truth:
 
 * **semantic mIoU** per class and mean over the object classes (background reported apart), for
   the *raw* cross-attention (min-max normalised, threshold 0.5, no refinement, no ignore band)
   and for the job's *refined* masks. Pixels a mask marks ignore (255) are left out of the
   refined score (training ignores them too); ``miou_ignore_as_background`` counts them as wrong;
-* **instance mask IoU**: per prompted object, the best IoU of a predicted instance of its class;
+* **instance mask IoU**: per true object, the best IoU of a predicted instance of its class;
 * **boxes**: COCO AP and AP50 with ``pycocotools.cocoeval.COCOeval`` (bbox, and segm);
-* **missing objects**: prompted objects with no predicted box of their class at IoU >= 0.5
+* **missing objects**: true objects with no predicted box of their class at IoU >= 0.5
   (including objects the model did not draw at all);
 * **filters**: the same numbers on the kept samples only, the share of kept samples whose every
   object is found (precision) and the share of such good samples that were kept (recall).
 
 ``--calibrate F`` instead searches, per class, the foreground threshold on the refined maps that
-maximises that class's IoU on a separate calibration seed range, and writes it to ``F`` for
+maximises that class's IoU on separate calibration cases (the oracle: another seed range; a COCO
+folder: its last N images, where evaluation takes its first N), and writes it to ``F`` for
 ``masks.calibration`` (thresholds then travel in the job spec and the output manifest).
 """
 from __future__ import annotations
@@ -41,8 +53,9 @@ from stages.labels import category_ids, encode_mask, rle_fields
 from stages.masks import IGNORE, refined_maps
 
 from .shapes.oracle import find_objects
+from .shapes.world import CLASSES as SHAPES_CLASSES
 from .shapes.world import HELD_OUT_SEED, render_scene
-from .spec import JobSpec, SpecError
+from .spec import JobSpec, ReferencesSpec, SpecError
 
 #: evaluation captions come from scenes HELD_OUT_SEED + i; calibration uses a disjoint range
 CALIBRATION_SEED = HELD_OUT_SEED + 2_000_000
@@ -52,9 +65,13 @@ WEAK_CLASS_IOU = 0.3  # calibration warns about classes whose best IoU stays bel
 
 @dataclass
 class Prompt:
+    """One evaluation case: the oracle's caption (seed, text, (colour, class) per object in prompt
+    order), or a COCO image (seed: its variation's index, text: its key, (annotation id, class) per
+    true object)."""
+
     seed: int
     text: str
-    objects: list[tuple[str, str]]  # (colour, class) in prompt order
+    objects: list[tuple[str, str]]
 
 
 def shapes_prompts(n: int, first_seed: int = HELD_OUT_SEED) -> list[Prompt]:
@@ -72,7 +89,7 @@ def check_spec(spec: JobSpec, prompts: list[Prompt]) -> None:
     used = {cls for p in prompts for _, cls in p.objects}
     if used - known:
         raise SpecError(f"eval: the job's classes lack {sorted(used - known)}; evaluate a shapes-world job "
-                        "(e.g. jobs/shapes-demo.yaml)")
+                        "(e.g. jobs/shapes-demo.yaml) or give --truth coco:DIR (annotated images of its classes)")
     most = max(len(p.objects) for p in prompts)
     if spec.prompts.max_classes_per_image < most:
         raise SpecError(f"eval: prompts.max_classes_per_image is {spec.prompts.max_classes_per_image} but the "
@@ -108,31 +125,166 @@ def prompt_batch(tokenizer, prompts: list[Prompt], start: int) -> Batch:
             "class_names": np.array([json.dumps([cls for _, cls in p.objects]) for p in prompts])}
 
 
-class Generator:
-    """The job's stages in process: synthesis once, then masks/labels/filters for refined and raw."""
+class Truth:
+    """A source of ground truth for ``synthgen eval`` / ``--calibrate``: which cases to generate, the
+    synthesis stage's input rows for them, and the true mask of each case's objects."""
 
-    def __init__(self, spec: JobSpec):
+    name = "truth"
+
+    def job(self, spec: JobSpec, n: int, calibration: bool) -> tuple[JobSpec, list[Prompt]]:
+        """(the spec to run, ``n`` cases); SpecError (exit 2) when this truth does not fit the job."""
+        raise NotImplementedError
+
+    def inputs(self, synthesis: Any, prompts: list[Prompt], start: int) -> Batch:
+        """The synthesis stage's input rows for ``prompts`` (rows ``start ..``)."""
+        raise NotImplementedError
+
+    def masks(self, prompt: Prompt, image: np.ndarray) -> list[np.ndarray]:
+        """Per object of ``prompt``, its true bool mask at the image's size (empty: not drawn)."""
+        raise NotImplementedError
+
+    def describe(self, prompts: list[Prompt]) -> dict[str, Any]:
+        """What the result JSON records about the cases."""
+        return {"truth": self.name, "n": len(prompts), "objects": sum(len(p.objects) for p in prompts)}
+
+
+class OracleTruth(Truth):
+    """Held-out shapes-world captions, text-to-image; the oracle finds each object by its colour."""
+
+    name = "oracle"
+
+    def job(self, spec: JobSpec, n: int, calibration: bool) -> tuple[JobSpec, list[Prompt]]:
+        self.first_seed = CALIBRATION_SEED if calibration else HELD_OUT_SEED
+        prompts = shapes_prompts(n, self.first_seed)
+        check_spec(spec, prompts)
+        return spec, prompts
+
+    def inputs(self, synthesis: Any, prompts: list[Prompt], start: int) -> Batch:
+        return prompt_batch(synthesis.pipe.tokenizer, prompts, start)
+
+    def masks(self, prompt: Prompt, image: np.ndarray) -> list[np.ndarray]:
+        return [f.mask for f in find_objects(image, [c for c, _ in prompt.objects])]
+
+    def describe(self, prompts: list[Prompt]) -> dict[str, Any]:
+        return {**super().describe(prompts), "first_seed": self.first_seed}
+
+
+def fit_mask(mask: np.ndarray, height: int, width: int) -> np.ndarray:
+    """A bool mask centre-cropped to the aspect ratio and resized (nearest) to height x width: the
+    geometry ``stages.references.ReferenceImages`` gives a reference image."""
+    from PIL import Image, ImageOps
+
+    fitted = ImageOps.fit(Image.fromarray(mask.astype(np.uint8) * 255), (width, height),
+                          method=Image.Resampling.NEAREST)
+    return np.asarray(fitted) > 127
+
+
+class CocoTruth(Truth):
+    """A COCO folder of annotated real images: each is one img2img variation at ``strength``; its
+    largest annotation's class is prompted and that class's annotations are the truth."""
+
+    def __init__(self, folder: str | Path, strength: float = 0.3):
+        self.folder = Path(folder).resolve()
+        self.strength = float(strength)
+        self.name = f"coco:{folder}"
+        self.sampling = None
+
+    def job(self, spec: JobSpec, n: int, calibration: bool) -> tuple[JobSpec, list[Prompt]]:
+        from stages.references import ANNOTATIONS, ReferenceDataError, load_coco
+
+        if not (self.folder / ANNOTATIONS).is_file():
+            raise SpecError(f"--truth coco:{self.folder}: no {ANNOTATIONS}; give a COCO folder (images + "
+                            f"{ANNOTATIONS}), e.g. from `python -m pipeline.shapes render --n 40 --out DIR`")
+        if not 0.0 < self.strength <= 1.0:
+            raise SpecError(f"--strength {self.strength}: the img2img strength must be in (0, 1]")
+        try:
+            coco, images = load_coco(self.folder, field=f"--truth coco:{self.folder}")
+        except ReferenceDataError as e:
+            raise SpecError(str(e)) from None
+        name = {c["id"]: c["name"] for c in coco.cats.values()}
+        known = {c.name for c in spec.classes}
+        outside = sorted({name[im.annotations[0]["category_id"]] for im in images} - known)
+        if outside:
+            raise SpecError(f"--truth coco:{self.folder}: its images' main classes {outside} are not in the job's "
+                            "classes; add them to classes or use a folder of the job's classes")
+        if len(images) < n:
+            raise SpecError(f"-n {n}: --truth coco:{self.folder} has {len(images)} annotated images; use -n "
+                            f"{len(images)} or fewer")
+        if int(spec.generation.steps * self.strength) < 1:
+            raise SpecError(f"--strength {self.strength}: int(generation.steps x strength) must be >= 1 "
+                            f"(steps {spec.generation.steps})")
+        refs = ReferencesSpec(path=str(self.folder), strengths=[self.strength], seeds_per_level=1)
+        run = spec.model_copy(update={"references": refs, "samples": len(images)})
+        first = len(images) - n if calibration else 0  # calibration: the last n images; evaluation: the first n
+        prompts = []
+        for index in range(first, first + n):
+            im = images[index]
+            top = name[im.annotations[0]["category_id"]]
+            prompts.append(Prompt(index, im.key, [(str(a["id"]), top) for a in im.annotations
+                                                  if name[a["category_id"]] == top]))
+        self.coco, self.images = coco, images
+        self.cases = {p.seed: p for p in prompts}
+        self.run = run
+        return run, prompts
+
+    def inputs(self, synthesis: Any, prompts: list[Prompt], start: int) -> Batch:
+        from stages.sampling import SamplingStage
+
+        if self.sampling is None:
+            self.sampling = SamplingStage(self.run)
+        batch = self.sampling({"index": np.array([p.seed for p in prompts], dtype=np.int64)})
+        for p, names in zip(prompts, batch["class_names"]):
+            if json.loads(str(names)) != [p.objects[0][1]]:  # the sampling stage prompts the largest annotation's class
+                raise RuntimeError(f"{p.text}: prompted {names}, expected [{p.objects[0][1]!r}]")
+        return batch
+
+    def masks(self, prompt: Prompt, image: np.ndarray) -> list[np.ndarray]:
+        anns = {str(a["id"]): a for a in self.images[prompt.seed].annotations}
+        h, w = image.shape[:2]
+        return [fit_mask(self.coco.annToMask(anns[tag]) > 0, h, w) for tag, _ in prompt.objects]
+
+    def describe(self, prompts: list[Prompt]) -> dict[str, Any]:
+        return {**super().describe(prompts), "strength": self.strength,
+                "images": [p.text for p in prompts[:3]] + (["..."] if len(prompts) > 3 else [])}
+
+
+def truth_source(text: str | None, spec: JobSpec, strength: float = 0.3) -> Truth:
+    """The truth ``--truth`` names (None: the oracle for a shapes-world job); SpecError when none fits."""
+    if text is None:
+        if not {c.name for c in spec.classes} <= set(SHAPES_CLASSES):
+            raise SpecError(f"eval: job {spec.name!r} is not a shapes-world job, so the oracle cannot be its truth; "
+                            "give --truth coco:DIR (a COCO folder of annotated images of its classes)")
+        return OracleTruth()
+    if text == "oracle":
+        return OracleTruth()
+    kind, _, folder = text.partition(":")
+    if kind == "coco" and folder:
+        return CocoTruth(folder, strength)
+    raise SpecError(f"--truth {text!r}: expected 'oracle' or 'coco:DIR' (a COCO folder of annotated images)")
+
+
+class Generator:
+    """The job's stages in process: synthesis once, then masks/labels/filters for refined and raw
+    (chained by :class:`pipeline.graph.Chain`, as the in-process runner chains them)."""
+
+    def __init__(self, spec: JobSpec, truth: Truth):
         from stages.filters import FilterStage
         from stages.labels import LabelStage
         from stages.masks import MaskStage
         from stages.synthesis import SynthesisStage
 
-        self.spec = spec
+        from .graph import Chain
+        from .jobplan import JobPlan
+
+        self.spec, self.truth = spec, truth
         self.synthesis = SynthesisStage(spec)
-        self.refined = [MaskStage(spec), LabelStage(spec), FilterStage(spec)]
-        raw = raw_spec(spec)
-        self.raw = [MaskStage(raw), LabelStage(raw)]
+        plan = JobPlan(spec)
+        self.refined = Chain([MaskStage, LabelStage, FilterStage], plan)
+        self.raw = Chain([MaskStage, LabelStage], JobPlan(raw_spec(spec), identity=plan.identity))
 
     def __call__(self, prompts: list[Prompt], start: int) -> tuple[Batch, Batch]:
-        batch = prompt_batch(self.synthesis.pipe.tokenizer, prompts, start)
-        batch = self.synthesis(batch)
-        refined = batch
-        for stage in self.refined:
-            refined = stage(refined)
-        raw = batch
-        for stage in self.raw:
-            raw = stage(raw)
-        return refined, raw
+        batch = self.synthesis(self.truth.inputs(self.synthesis, prompts, start))
+        return self.refined(batch), self.raw(batch)
 
 
 @dataclass
@@ -275,31 +427,31 @@ def _samples(prompts: list[Prompt], out: Batch, truths: list[list[np.ndarray]]) 
                    str(reasons[i])) for i, (p, t) in enumerate(zip(prompts, truths))]
 
 
-def generate(spec: JobSpec, prompts: list[Prompt], progress: bool = True):
-    """Run the stages over ``prompts``: (refined samples, raw samples, refined batches, seconds)."""
+def generate(spec: JobSpec, prompts: list[Prompt], truth: Truth, progress: bool = True):
+    """Run the stages over ``prompts`` (``spec`` and ``prompts`` from ``truth.job``): (refined samples,
+    raw samples, refined batches, seconds)."""
     from tqdm import tqdm
 
-    gen = Generator(spec)
+    gen = Generator(spec, truth)
     refined, raw, batches = [], [], []
     size = spec.generation.batch_size
     t0 = time.perf_counter()
     for start in tqdm(range(0, len(prompts), size), desc="eval", unit="batch", disable=not progress):
         chunk = prompts[start:start + size]
         out, out_raw = gen(chunk, start)
-        truths = [[f.mask for f in find_objects(image, [c for c, _ in p.objects])]
-                  for p, image in zip(chunk, out["image"])]
+        truths = [truth.masks(p, image) for p, image in zip(chunk, out["image"])]
         refined += _samples(chunk, out, truths)
         raw += _samples(chunk, out_raw, truths)
         batches.append(out)
     return refined, raw, batches, time.perf_counter() - t0
 
 
-def evaluate(spec: JobSpec, n: int, progress: bool = True) -> dict[str, Any]:
-    """All label-quality numbers for ``n`` held-out prompts (see the module docstring)."""
-    prompts = shapes_prompts(n)
-    check_spec(spec, prompts)
+def evaluate(spec: JobSpec, n: int, progress: bool = True, truth: Truth | None = None) -> dict[str, Any]:
+    """All label-quality numbers for ``n`` cases of ``truth`` (default: the oracle; see the module docstring)."""
+    truth = truth or OracleTruth()
+    spec, prompts = truth.job(spec, n, calibration=False)
     ids = category_ids(spec)
-    refined, raw, _, seconds = generate(spec, prompts, progress)
+    refined, raw, _, seconds = generate(spec, prompts, truth, progress)
     raw_scores, _ = score(raw, ids)
     refined_scores, complete = score(refined, ids)
     kept = [s for s in refined if s.keep]
@@ -314,7 +466,7 @@ def evaluate(spec: JobSpec, n: int, progress: bool = True) -> dict[str, Any]:
     m = spec.masks
     return {
         "model": spec.model.path,
-        "prompts": {"n": n, "first_seed": HELD_OUT_SEED, "objects": sum(len(p.objects) for p in prompts)},
+        "prompts": truth.describe(prompts),
         "settings": {"generation": spec.generation.model_dump(mode="json"), "masks": m.model_dump(mode="json"),
                      "filters": spec.filters.model_dump(mode="json")},
         "machine": {"platform": platform.platform(), "processor": platform.machine()},
@@ -329,10 +481,11 @@ def evaluate(spec: JobSpec, n: int, progress: bool = True) -> dict[str, Any]:
     }
 
 
-def calibrate(spec: JobSpec, n: int, progress: bool = True) -> dict[str, Any]:
-    """Per-class foreground thresholds on the refined maps that maximise each class's IoU."""
-    prompts = shapes_prompts(n, CALIBRATION_SEED)
-    check_spec(spec, prompts)
+def calibrate(spec: JobSpec, n: int, progress: bool = True, truth: Truth | None = None) -> dict[str, Any]:
+    """Per-class foreground thresholds on the refined maps that maximise each class's IoU over ``n``
+    calibration cases of ``truth`` (default: the oracle)."""
+    truth = truth or OracleTruth()
+    spec, prompts = truth.job(spec, n, calibration=True)
     from stages.synthesis import SynthesisStage
 
     synthesis = SynthesisStage(spec)
@@ -345,25 +498,31 @@ def calibrate(spec: JobSpec, n: int, progress: bool = True) -> dict[str, Any]:
     size = spec.generation.batch_size
     for start in tqdm(range(0, len(prompts), size), desc="calibrate", unit="batch", disable=not progress):
         chunk = prompts[start:start + size]
-        out = synthesis(prompt_batch(synthesis.pipe.tokenizer, chunk, start))
-        for p, image, maps in zip(chunk, out["image"], out[column]):
-            truths = find_objects(image, [c for c, _ in p.objects])
-            norm = refined_maps(maps, image, len(p.objects), spec.masks)
-            for (_, cls), t, cmap in zip(p.objects, truths, norm):
-                if not t.mask.any():
+        out = synthesis(truth.inputs(synthesis, chunk, start))
+        for p, image, maps, prompted in zip(chunk, out["image"], out[column], out["class_names"]):
+            classes = json.loads(str(prompted))  # one map per prompted class
+            truths = truth.masks(p, image)
+            norm = refined_maps(maps, image, len(classes), spec.masks)
+            for cls, cmap in zip(classes, norm):
+                t = np.zeros(image.shape[:2], bool)
+                for (_, c), m in zip(p.objects, truths):
+                    if c == cls:
+                        t |= m
+                if not t.any():
                     continue
                 pred = cmap[None] >= CALIBRATION_GRID[:, None, None]
-                inter[cls] += (pred & t.mask[None]).sum(axis=(1, 2))
-                union[cls] += (pred | t.mask[None]).sum(axis=(1, 2))
+                inter[cls] += (pred & t[None]).sum(axis=(1, 2))
+                union[cls] += (pred | t[None]).sum(axis=(1, 2))
     thresholds, ious = {}, {}
     for cls in names:
         if not union[cls].any():
-            raise SpecError(f"calibrate: class {cls!r} never appeared in {n} calibration prompts; use a larger -n")
+            raise SpecError(f"calibrate: class {cls!r} never appeared in {n} calibration cases of {truth.name}; "
+                            "use a larger -n (a COCO folder: one with images of every class)")
         iou = inter[cls] / np.maximum(union[cls], 1)
         best = int(np.argmax(iou))
         thresholds[cls], ious[cls] = float(CALIBRATION_GRID[best]), round(float(iou[best]), 4)
     return {"class_thresholds": thresholds, "calibration_iou": ious, "model": spec.model.path,
-            "prompts": {"n": n, "first_seed": CALIBRATION_SEED}, "map": column,
+            "prompts": truth.describe(prompts), "map": column,
             "masks": spec.masks.model_dump(mode="json", exclude={"class_thresholds", "calibration"})}
 
 
@@ -389,7 +548,7 @@ def format_report(result: dict[str, Any]) -> str:
                  f"(kept samples with every object found) {f['precision']:.3f}, recall {f['recall']:.3f}")
     lines.append("per-class refined IoU: " + ", ".join(f"{k} {v if v is None else round(v, 3)}" for k, v in
                                                         result["refined"]["semantic"]["per_class"].items()))
-    lines.append(f"{result['prompts']['n']} held-out prompts in {result['seconds']:.0f} s")
+    lines.append(f"{result['prompts']['n']} cases of {result['prompts']['truth']} in {result['seconds']:.0f} s")
     return "\n".join(lines)
 
 

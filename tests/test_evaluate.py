@@ -127,7 +127,8 @@ def test_eval_and_calibrate_run_the_job_stages(tmp_path, tiny_model, capsys):
     assert set(thresholds) == set(ious) == set(CLASSES)
     assert all(t in ev.CALIBRATION_GRID for t in thresholds.values()), thresholds  # the searched thresholds
     assert all(0.0 <= v <= 1.0 for v in ious.values()) and max(ious.values()) > 0.0, ious
-    assert calibration["prompts"] == {"n": 8, "first_seed": ev.CALIBRATION_SEED}
+    objects = sum(len(p.objects) for p in ev.shapes_prompts(8, ev.CALIBRATION_SEED))
+    assert calibration["prompts"] == {"truth": "oracle", "n": 8, "objects": objects, "first_seed": ev.CALIBRATION_SEED}
     spec = load_spec(job, [f"model.path={tiny_model}", "masks.threshold=calibrated", f"masks.calibration={calib}"])
     assert spec.masks.class_thresholds == thresholds
 
