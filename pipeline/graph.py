@@ -299,3 +299,104 @@ def run_ray(plan: JobPlan, pending: Sequence[int], writer_columns: Sequence[str]
     except Exception as e:  # a dead worker names only its Ray operator: say which of ours that is
         setattr(e, errors.OPERATORS, {_udf_name(op): op.name for op in plan.operators})
         raise
+
+
+# --- worker-side writer ---------------------------------------------------------------------------
+#: shards being written at once (each holds its blocks in the object store until written)
+WRITES_IN_FLIGHT = 8
+
+
+def _write_shard(out: str, shards: ShardPlan, k: int, categories: dict[int, str], ranges: list[tuple[int, int]],
+                 stage_names: tuple[str, ...], *blocks) -> dict:
+    """Ray task: shard k's records (row ranges of the blocks, in order) written to the output filesystem
+    under staging names; returns the commit record and the shard's run statistics (no sample bytes)."""
+    from ray.data.block import BlockAccessor
+
+    from .writer import batch_records, stage_shard
+
+    records: list[dict] = []
+    kept = 0
+    reasons: dict[str, int] = {}
+    busy = dict.fromkeys(stage_names, 0.0)
+    rows = dict.fromkeys(stage_names, 0)
+    for block, (lo, hi) in zip(blocks, ranges):
+        batch = BlockAccessor.for_block(BlockAccessor.for_block(block).slice(lo, hi)).to_batch_format("numpy")
+        records += batch_records(batch)
+        for name in stage_names:
+            column = TIME_PREFIX + name
+            if column in batch:
+                rows[name] += hi - lo
+                busy[name] += float(np.sum(batch[column]))
+    for r in records:
+        if bool(r["keep"]):
+            kept += 1
+        else:
+            reasons[str(r["reject_reason"])] = reasons.get(str(r["reject_reason"]), 0) + 1
+    record = stage_shard(out, shards, k, records, categories)
+    return {"k": k, "record": record,
+            "stats": {"processed": len(records), "kept": kept, "reasons": reasons, "rows": rows, "busy": busy}}
+
+
+def run_ray_shards(plan: JobPlan, pending: Sequence[int], out: str, categories: dict[int, str],
+                   writer_columns: Sequence[str], verbose: bool = False) -> Iterator[dict]:
+    """Like :func:`run_ray`, but the shards are written where their samples are: the driver follows the
+    output blocks by reference only (Ray Data keeps index order), cuts them into shards by row count and
+    hands each complete shard's block references to a writer task (locality-aware: it runs where most
+    of the blocks are, and reads them there). Yields ``{"k", "record", "stats"}`` per written shard, in
+    completion order; the driver commits each record (``DatasetWriter.commit_staged``)."""
+    if not len(pending):
+        return
+    import ray
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = verbose
+    ctx.print_on_execution_start = verbose
+    ctx.memory_usage_poll_interval_s = None
+    ctx.raise_original_map_exception = True
+    logging.getLogger("ray.data").setLevel(logging.INFO if verbose else logging.WARNING)
+    ds = build_dataset(plan, pending, writer_columns)
+    write = ray.remote(num_cpus=0, max_retries=0)(_write_shard)
+    names = tuple(cls.name for cls in plan.stages)
+    shards = iter(np.asarray(pending, dtype=np.int64).tolist())
+    k = next(shards)
+    need = plan.shards.bounds(k)[1] - plan.shards.bounds(k)[0]
+    refs: list = []
+    ranges: list[tuple[int, int]] = []
+    in_flight: list = []
+
+    def finished(block: bool):
+        ready, rest = ray.wait(in_flight, num_returns=1 if block else len(in_flight), timeout=None if block else 0)
+        in_flight[:] = rest
+        return ray.get(ready)
+
+    try:
+        with quiet.ray_data_console(verbose):
+            for bundle in ds.iter_internal_ref_bundles():
+                for entry, piece in zip(bundle.blocks, bundle.slices):
+                    start = piece.start_offset if piece is not None else 0
+                    stop = piece.end_offset if piece is not None else entry.metadata.num_rows
+                    while start < stop:
+                        take = min(stop - start, need)
+                        refs.append(entry.ref)
+                        ranges.append((start, start + take))
+                        start, need = start + take, need - take
+                        if need == 0:
+                            in_flight.append(write.remote(out, plan.shards, k, categories, ranges, names, *refs))
+                            refs, ranges = [], []
+                            k = next(shards, None)
+                            need = 0 if k is None else plan.shards.bounds(k)[1] - plan.shards.bounds(k)[0]
+                while len(in_flight) > WRITES_IN_FLIGHT:
+                    yield from finished(block=True)
+                if in_flight:
+                    yield from finished(block=False)
+            while in_flight:
+                yield from finished(block=True)
+        if refs or k is not None:
+            raise RuntimeError(f"the pipeline ended before shard {plan.shards.name(k)} was complete")
+    except Exception as e:
+        cause = getattr(e, "cause", None)  # a writer task's own error (RayTaskError wraps it)
+        if isinstance(cause, OSError):
+            raise cause from None
+        setattr(e, errors.OPERATORS, {_udf_name(op): op.name for op in plan.operators})
+        raise

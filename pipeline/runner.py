@@ -1,6 +1,7 @@
 """Run a job: check the output dir and the cluster, stream records into the writer, summarise."""
 from __future__ import annotations
 
+import pickle
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -12,10 +13,11 @@ from tqdm import tqdm
 
 from stages.base import Batch, Stage
 
-from .graph import TIME_PREFIX, init_ray, run_in_process, run_ray
+from .graph import TIME_PREFIX, init_ray, run_in_process, run_ray, run_ray_shards
 from .jobplan import JobPlan
 from .spec import JobSpec
-from .writer import COLUMNS, DatasetWriter
+from .storage import RemotePath
+from .writer import COLUMNS, DatasetWriter, storage_error
 
 
 class RunStats:
@@ -41,6 +43,15 @@ class RunStats:
             if column in batch:
                 self.rows[cls.name] += n
                 self.busy[cls.name] += float(np.sum(batch[column]))
+
+    def add_shard(self, stats: dict) -> None:
+        """A shard a worker wrote: its counts and per-stage busy seconds (no records reach the driver)."""
+        self.processed += stats["processed"]
+        self.kept += stats["kept"]
+        self.reasons.update(stats["reasons"])
+        for name, rows in stats["rows"].items():
+            self.rows[name] += rows
+            self.busy[name] += stats["busy"][name]
 
     def summary(self, runner: str, started: datetime, wall_s: float, writer: DatasetWriter) -> dict[str, Any]:
         stages = []
@@ -78,15 +89,40 @@ def prepare(job: JobSpec | JobPlan, overwrite: bool = False, verify: bool = Fals
     return DatasetWriter(plan.spec.output.dir, plan.shards, plan.origin, overwrite, verify, adopt)
 
 
+def payload_bytes(batch: Batch) -> int:
+    """Bytes of a record batch's values (sample bytes, strings, numbers): what the driver receives."""
+    total = 0
+    for value in batch.values():
+        arr = np.asarray(value)
+        total += sum(len(x) if isinstance(x, (bytes, str)) else 8 for x in arr.ravel()) if arr.dtype == object \
+            else arr.nbytes
+    return total
+
+
+def workers_write(mode: str, writer: DatasetWriter) -> bool:
+    """Whether the Ray runner writes shards on the workers (``mode`` "workers"), in the driver ("driver"),
+    or ("auto") on the workers when every node sees the output: an object-store / remote URI, or a
+    one-node cluster (a local path on a multi-node cluster may be one node's disk: the driver writes)."""
+    if mode in ("workers", "driver"):
+        return mode == "workers"
+    if isinstance(writer.out, RemotePath):
+        return True
+    import ray
+
+    return sum(1 for node in ray.nodes() if node.get("Alive")) == 1
+
+
 def run_job(spec: JobSpec, *, overwrite: bool = False, verify: bool = False, use_ray: bool = True,
             address: str | None = None,
             resource_wait_s: float = 0.0, verbose: bool = False, progress: bool = True,
-            stages: Sequence[type[Stage]] | None = None) -> dict[str, Any]:
+            stages: Sequence[type[Stage]] | None = None, writer_mode: str = "auto") -> dict[str, Any]:
     """Generate every sample of the job that is not yet committed in its output dir; returns the summary.
 
     Raises OutputError / ResourceError (before anything is written) when the output dir or the
     cluster does not fit the job. A job with nothing to generate imports no stage (no torch) and
-    starts no Ray: its summary lists no stages.
+    starts no Ray: its summary lists no stages. ``writer_mode`` (Ray runner): where shards are written,
+    "workers", "driver" or "auto" (:func:`workers_write`); the summary says which (``writer``) and how many
+    bytes of records or commit records the driver received (``driver_bytes``).
     """
     plan = JobPlan(spec, stages=stages)
     writer = prepare(plan, overwrite, verify)
@@ -99,20 +135,40 @@ def run_job(spec: JobSpec, *, overwrite: bool = False, verify: bool = False, use
         stats = RunStats(plan, stages)
         started, t0 = datetime.now(timezone.utc), time.perf_counter()
         if use_ray:
-            records = run_ray(plan, pending, COLUMNS, verbose=verbose)
+            records = run_ray(plan, pending, COLUMNS, verbose=verbose)  # lazy: not started when workers write
         else:
             records = run_in_process(plan, pending)
+        on_workers = use_ray and len(pending) > 0 and workers_write(writer_mode, writer)
+        received = 0
         total = writer.plan.count(pending)
         with tqdm(total=total, unit="img", disable=not progress, desc=spec.name, dynamic_ncols=True) as bar:
+            if on_workers:  # the driver receives commit records only and journals them
+                try:
+                    for result in run_ray_shards(plan, pending, writer.shared_location, writer.categories, COLUMNS,
+                                                 verbose=verbose):
+                        if stats.first_batch_s is None:
+                            stats.first_batch_s = time.perf_counter() - t0
+                        received += len(pickle.dumps(result))
+                        stats.add_shard(result["stats"])
+                        writer.commit_staged(result["k"], result["record"])
+                        bar.update(result["stats"]["processed"])
+                        bar.set_postfix(kept=f"{100 * stats.kept / max(stats.processed, 1):.0f}%",
+                                        shards=f"{len(writer.committed)}/{writer.plan.num_shards}")
+                except OSError as e:
+                    raise storage_error(writer.out, e, "writing shards on the workers") from None
+                records = ()
             for batch in records:
                 if stats.first_batch_s is None:
                     stats.first_batch_s = time.perf_counter() - t0
+                received += payload_bytes(batch)
                 stats.add(batch)
                 writer.add(batch)
                 bar.update(len(batch["index"]))
                 bar.set_postfix(kept=f"{100 * stats.kept / max(stats.processed, 1):.0f}%",
                                 shards=f"{len(writer.committed)}/{writer.plan.num_shards}")
         summary = stats.summary("ray" if use_ray else "in-process", started, time.perf_counter() - t0, writer)
+        summary["writer"] = "workers" if on_workers else "driver"
+        summary["driver_bytes"] = received
         writer.finish(summary)
         return summary
     finally:

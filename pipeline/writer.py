@@ -66,6 +66,38 @@ def tar_bytes(kept: list[dict]) -> bytes:
     return buf.getvalue()  # the writer leaves a stream it was given open
 
 
+def batch_records(batch: dict[str, np.ndarray]) -> list[dict]:
+    """The rows of a record batch as dicts of the writer's columns."""
+    columns = [c for c in COLUMNS if c in batch]
+    return [{c: batch[c][row] for c in columns} for row in range(len(batch["index"]))]
+
+
+def stage_shard(out: str | Path | RemotePath, shards: ShardPlan, k: int, records: list[dict],
+                categories: dict[int, str]) -> dict:
+    """Write shard k's tar and index part under their staging names (``NAME.tmp``; on an object store the
+    final names) and return its commit record (names, counts, sizes, sha256: a few hundred bytes).
+
+    This is the worker side of a commit: it runs where the samples are (a Ray task on the node that holds
+    them) and writes straight to the output filesystem; the driver then publishes and journals the record
+    (:meth:`DatasetWriter.commit_staged`), the one point of truth. Same bytes as the driver-side writer."""
+    out = location(out)
+    tar, part = out / shards.tar(k), out / shards.part(k)
+    start, stop = shards.bounds(k)
+    if [int(r["index"]) for r in records] != list(range(start, stop)):
+        raise RuntimeError(f"shard {shards.name(k)}: records are not its indices [{start}, {stop}) in order")
+    tar_data = tar_bytes([r for r in records if bool(r["keep"])])
+    part_data = parquet_bytes(index_table([index_row(r, tar.name, categories) for r in records]))
+    try:
+        write_file(staging(tar), tar_data)
+        write_file(staging(part), part_data)
+    except OSError:
+        for path in (staging(tar), staging(part)):
+            path.unlink(missing_ok=True)
+        raise
+    return commit_record(out, shards, k, [bool(r["keep"]) for r in records], [r["reject_reason"] for r in records],
+                         {"tar": digest(tar_data), "part": digest(part_data)})
+
+
 def package_versions() -> dict[str, str | None]:
     out: dict[str, str | None] = {"python": platform.python_version()}
     for name in VERSIONS:
@@ -264,19 +296,49 @@ class DatasetWriter:
         kept = [r for r in records if bool(r["keep"])]
         try:
             written = {"tar": self._write_tar(tmp_tar, kept), "part": self._write_part(tmp_part, records, tar.name)}
+        except OSError as e:
+            for path in (tmp_tar, tmp_part):
+                path.unlink(missing_ok=True)
+            raise storage_error(self.out, e, f"writing {self.plan.tar(k)}") from None
+        self._publish(k, lambda: commit_record(self.out, self.plan, k, [bool(r["keep"]) for r in records],
+                                               [r["reject_reason"] for r in records],
+                                               {n: d for n, d in written.items() if d}))
+
+    @property
+    def categories(self) -> dict[int, str]:
+        """COCO category id -> class name, as the index parts record them (for :func:`stage_shard`)."""
+        return category_names(self.manifest.get("job") or {})
+
+    @property
+    def shared_location(self) -> str:
+        """The output dir as workers open it: its URI (no secrets: a URI with them is refused) or path."""
+        return str(self.out)
+
+    def commit_staged(self, k: int, record: dict) -> None:
+        """Commit shard k whose files a worker wrote under their staging names (:func:`stage_shard`)."""
+        if k in self.committed or k in self.buffers or record.get("name") != self.plan.name(k):
+            raise RuntimeError(f"shard {self.plan.name(k)} is not pending or its record is another shard's")
+        self._publish(k, lambda: record)
+
+    def _publish(self, k: int, record_of: Callable[[], dict]) -> None:
+        """Rename shard k's staged tar and part into place (nothing to do on an object store) and append its
+        commit record to the journal: the commit point."""
+        tar, part = self.out / self.plan.tar(k), self.out / self.plan.part(k)
+        tmp_tar, tmp_part = staging(tar), staging(part)
+        try:
             failpoint("before-rename")
             publish(tmp_tar, tar)
             failpoint("between-renames")
             publish(tmp_part, part)
             failpoint("after-rename")
-            record = commit_record(self.out, self.plan, k, [bool(r["keep"]) for r in records],
-                                   [r["reject_reason"] for r in records], {n: d for n, d in written.items() if d})
+            record = record_of()
             append_commit(self.out, record)
             if isinstance(self.out, RemotePath) and (self.written + 1) % JOURNAL_FOLD == 0:
                 self._save_manifest()  # the journal object is rewritten whole on each commit: keep it short
         except OSError as e:
             for path in (tmp_tar, tmp_part):
-                path.unlink(missing_ok=True)
+                if path != tar and path != part:
+                    path.unlink(missing_ok=True)
             raise storage_error(self.out, e, f"writing {self.plan.tar(k)}") from None
         self.committed[k] = record
         self.written += 1
