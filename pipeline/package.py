@@ -31,14 +31,12 @@ from typing import Any, Sequence
 
 import yaml
 
-from .spec import REFERENCE_PATHS, UsageError, looks_local, parse_override
+from .spec import PATH_FIELDS, UsageError, given_paths, looks_local, parse_override
 
 #: project code, relative to the working dir
 CODE = ("pyproject.toml", "pipeline", "stages")
 #: bundled model folders: sent only when the job names one
 BUNDLED_MODELS = PurePosixPath("pipeline/models")
-#: job fields that name local files or folders
-FILE_FIELDS = (["model", "path"], ["masks", "calibration"], *REFERENCE_PATHS)
 #: folder names never sent (besides every name starting with a dot)
 SKIP_DIRS = frozenset({"__pycache__", "venv", "site-packages", "node_modules"})
 
@@ -114,28 +112,12 @@ def files(n: int) -> str:
     return f"{n} file" if n == 1 else f"{n} files"
 
 
-def _lookup(data: Any, keys: Sequence[str]) -> Any:
-    for key in keys:
-        data = data.get(key) if isinstance(data, dict) else None
-    return data
-
-
 def named_paths(job: Path, overrides: Sequence[str], workdir: Path) -> dict[str, tuple[str, Path]]:
-    """The file fields the job sets: dotted field -> (value as written, folder a relative value is
-    resolved against). A ``--set`` of the field (or of a section holding it) replaces the job file's."""
-    data = yaml.safe_load(job.read_text())
-    found = {".".join(keys): (value, job.parent) for keys in FILE_FIELDS
-             if isinstance(value := _lookup(data, keys), str)}
-    for item in overrides:
-        keys, value = parse_override(item)
-        for field_keys in FILE_FIELDS:
-            if field_keys[:len(keys)] == keys:
-                name, value_here = ".".join(field_keys), _lookup(value, field_keys[len(keys):])
-                if isinstance(value_here, str):
-                    found[name] = (value_here, workdir)
-                else:
-                    found.pop(name, None)
-    return found
+    """The input files the job names: dotted field -> (value as written, folder a relative value is
+    resolved against: the job file's, or the working dir for a ``--set``). The output dir is not sent."""
+    found = given_paths(yaml.safe_load(job.read_text()), [parse_override(item) for item in overrides],
+                        job.parent, workdir)
+    return {field: found[field] for field in PATH_FIELDS if field in found and field != "output.dir"}
 
 
 def _rel(path: Path, workdir: Path) -> PurePosixPath | None:

@@ -579,14 +579,21 @@ def _lookup(data: Any, field: str) -> Any:
     return data
 
 
-def _given_override(given: dict[str, str], key: str, value: Any) -> None:
-    """Record the path fields an override ``key=value`` sets, as typed (relative to the working directory)."""
-    for field in PATH_FIELDS:
-        if field == key or field.startswith(key + "."):
-            given.pop(field, None)
-            inner = value if field == key else _lookup(value, field[len(key) + 1:])
-            if isinstance(inner, str):
-                given[field] = inner
+def given_paths(data: Any, overrides: Sequence[tuple[list[str], Any]], job_dir: Path,
+                override_dir: Path) -> dict[str, tuple[str, Path]]:
+    """The path fields (``PATH_FIELDS``) a job sets, as written: dotted field -> (value, the folder a
+    relative value is resolved against: ``job_dir`` for the job file's, ``override_dir`` for a value
+    set by an override ``(keys, value)`` of the field or of a section holding it)."""
+    found = {field: (value, job_dir) for field in PATH_FIELDS if isinstance(value := _lookup(data, field), str)}
+    for keys, value in overrides:
+        key = ".".join(keys)
+        for field in PATH_FIELDS:
+            if field == key or field.startswith(key + "."):
+                found.pop(field, None)
+                inner = value if field == key else _lookup(value, field[len(key) + 1:])
+                if isinstance(inner, str):
+                    found[field] = (inner, override_dir)
+    return found
 
 
 def _resolve_paths(data: dict, base: Path) -> None:
@@ -691,14 +698,14 @@ def load_spec(path: str | Path, overrides: Sequence[str] = (), out: str | None =
         raise SpecError(f"{source}: malformed YAML: {_yaml_problem(e)}") from None
     if not isinstance(data, dict):
         raise SpecError(f"{source}: the job file must be a YAML mapping (key: value), got {type(data).__name__}")
-    given = {field: value for field in PATH_FIELDS if isinstance(value := _lookup(data, field), str)}
-    _resolve_paths(data, path.resolve().parent)
-    _resolve_reference_paths(data, path.resolve().parent)
     cli = [parse_override(item) + (item,) for item in overrides]
     if out is not None:
         cli.append((["output", "dir"], out, f"--out {out}"))
+    given = {field: value for field, (value, _) in
+             given_paths(data, [(keys, value) for keys, value, _ in cli], path.parent, Path.cwd()).items()}
+    _resolve_paths(data, path.resolve().parent)
+    _resolve_reference_paths(data, path.resolve().parent)
     for keys, value, item in cli:
-        _given_override(given, ".".join(keys), value)
         if keys in (["model", "path"], ["output", "dir"], ["masks", "calibration"]) and isinstance(value, str):
             holder = {keys[0]: {keys[1]: value}}
             _resolve_paths(holder, Path.cwd())

@@ -120,6 +120,8 @@ CASES = [
          job={"masks": {"refine_power": 2}}),
     Case("masks: calibrated, no thresholds", "masks.class_thresholds: threshold is 'calibrated'",
          job={"masks": {"threshold": "calibrated"}}),
+    Case("labels: removed section", "labels: this section was removed",
+         job={"labels": {"semantic": True, "instances": True, "boxes": True}}),
     Case("masks: calibration file missing", "masks.calibration: cannot read class_thresholds",
          job={"masks": {"calibration": "nope.json"}}),
     Case("references: folder missing", "references.path: ", job={"references": {"path": "no-refs", "strengths": [0.5]},

@@ -21,6 +21,7 @@ from PIL import Image
 
 from conftest import REPO, TINY_JOB, assert_same_dataset, write_job
 from pipeline.dataset import MANIFEST, OutputError, read_manifest
+from pipeline.plan import ShardPlan
 from pipeline.runner import prepare, run_job
 from pipeline.shapes.coco import render_coco
 from pipeline.shapes.world import CLASSES, COLORS
@@ -220,7 +221,7 @@ def killed_mid_run(job: Path, out: Path, tmp: Path, tries: int = 3) -> list[str]
 
 def test_ray_in_process_and_killed_ray_runs_write_the_same_bytes(demo_job, tmp_path):
     spec = load_spec(demo_job, out=str(tmp_path / "in-process"))
-    assert spec.filters.dedup_threshold == 2 and spec.resources.synthesis.actors == 2 and spec.num_shards == 3
+    assert spec.filters.dedup_threshold == 2 and spec.resources.synthesis.actors == 2 and ShardPlan.from_spec(spec).num_shards == 3
     run_job(spec, use_ray=False, progress=False)
 
     ray_out = tmp_path / "ray"

@@ -11,6 +11,7 @@ from pydantic import ValidationError
 
 from conftest import REPO, TINY_JOB, write_job
 from pipeline.cli import main
+from pipeline.plan import ShardPlan
 from pipeline.spec import JobSpec, SpecError, load_spec, validate_spec
 
 
@@ -21,7 +22,7 @@ def test_demo_job_loads_with_the_bundled_model_path():
     assert [c.name for c in spec.classes] == ["circle", "square", "triangle", "star", "ring", "cross"]
     assert all(len(c.attributes) == 6 for c in spec.classes)
     assert (spec.generation.height, spec.generation.width) == (64, 64)
-    assert spec.samples == 300 and spec.output.shard_size == 100 and spec.num_shards == 3
+    assert spec.samples == 300 and spec.output.shard_size == 100 and ShardPlan.from_spec(spec).num_shards == 3
     assert spec.model.device == "cpu" and spec.resources.synthesis.num_gpus == 0
 
 
@@ -31,7 +32,7 @@ def test_coco80_job_is_a_consistent_gpu_job():
     assert len(spec.classes) == 80 and len({c.name for c in spec.classes}) == 80
     assert {"person", "traffic light", "toothbrush"} <= {c.name for c in spec.classes}
     assert (spec.generation.height, spec.generation.width) == (512, 512)
-    assert spec.samples == 1_000_000 and spec.num_shards == 1000
+    assert spec.samples == 1_000_000 and ShardPlan.from_spec(spec).num_shards == 1000
     assert (spec.model.device, spec.model.dtype) == ("cuda", "float16")
     synth = spec.resources.synthesis
     assert synth.num_gpus == 1 and synth.actors >= 1
