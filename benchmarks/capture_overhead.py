@@ -21,9 +21,8 @@ import resource
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-from benchmarks.common import REPO
+from benchmarks.common import REPO, write_result
 
 CONFIGS = ("off", "cross", "cross+self")
 
@@ -89,9 +88,7 @@ def main(argv=None) -> None:
     for c in CONFIGS:
         over = "" if c == "off" else f"{100 * result['overhead'][c]:+.1f}%"
         print(f"{c:<12}{best[c]:>8.3f}{over:>10}{peak[c]:>13.0f}")
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.json}")
+    write_result(args.json, result)
 
 
 if __name__ == "__main__":

@@ -2,15 +2,34 @@
 its fingerprint" (a rerun of the same job, overrides and model reuses the finished output)."""
 from __future__ import annotations
 
+import json
+import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.dataset import INDEX, OutputError, read_manifest
-from pipeline.spec import JobSpec, load_spec
+from pipeline.spec import JobSpec, UsageError, load_spec
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def write_result(path: str | Path, result: dict, indent: int = 2) -> None:
+    """Write a benchmark's result JSON (folders made as needed) and say where."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=indent) + "\n")
+    print(f"wrote {path}")
+
+
+def checked(run: Callable, *args):
+    """``run(*args)``, or None after printing a UsageError as one line (the caller exits 2)."""
+    try:
+        return run(*args)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return None
 
 
 def finished(out: Path) -> bool:

@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from benchmarks.common import REPO, generate_cached
+from benchmarks.common import REPO, checked, generate_cached, write_result
 from pipeline.shapes.world import CLASSES, HELD_OUT_SEED, render_scene
 from pipeline.spec import UsageError, load_spec
 
@@ -412,15 +412,11 @@ def run(args: argparse.Namespace) -> dict:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        report = run(args)
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
+    report = checked(run, args)
+    if report is None:
         return 2
     print_table(report)
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.json}")
+    write_result(args.json, report)
     return 0
 
 

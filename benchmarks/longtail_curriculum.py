@@ -45,13 +45,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from benchmarks.common import REPO, finished, generate_cached
+from benchmarks.common import REPO, checked, finished, generate_cached, write_result
 from benchmarks.train_classifier import BALANCES, train
 from pipeline.dataset import read_manifest
 from pipeline.import_coco import import_coco
 from pipeline.shapes.coco import categories, scene_annotations
 from pipeline.shapes.world import CLASSES, HELD_OUT_SEED, render_scene
-from pipeline.spec import UsageError, load_spec
+from pipeline.spec import load_spec
 from stages.references import reference_key
 
 TRAIN_SEED = HELD_OUT_SEED + 5_000_000
@@ -312,16 +312,12 @@ def run(args: argparse.Namespace) -> dict:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        report = run(args)
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
+    report = checked(run, args)
+    if report is None:
         return 2
     print_table(report["summary"], args.tail)
     print(f"total wall time {report['wall_s']['total']} s")
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(report, indent=1) + "\n")
-    print(f"wrote {args.json}")
+    write_result(args.json, report, indent=1)
     return 0
 
 

@@ -14,11 +14,11 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
+from benchmarks.common import write_result
 from benchmarks.shapes_model_card import object_hits
 from pipeline.evaluate import shapes_prompts
 from pipeline.shapes.tiny_sd import BUNDLED_MODEL
@@ -82,8 +82,7 @@ def main(argv=None) -> None:
                "seconds_per_image": round((time.time() - t0) / len(prompts), 3)}
         print(json.dumps(row), flush=True)
         results.append(row)
-    Path(args.json).write_text(json.dumps({**settings, "runs": results}, indent=2))
-    print(f"wrote {args.json}")
+    write_result(args.json, {**settings, "runs": results})
 
 
 if __name__ == "__main__":

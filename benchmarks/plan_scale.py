@@ -24,7 +24,7 @@ import time
 from datetime import date
 from pathlib import Path
 
-from benchmarks.common import REPO
+from benchmarks.common import REPO, write_result
 
 DEMO = REPO / "jobs" / "shapes-demo.yaml"
 
@@ -86,8 +86,7 @@ def main() -> None:
     r = result["noop_rerun"]
     print(f"no-op rerun of the demo: {r['median_s']} s (median of {r['runs_s']})")
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
-        print(f"wrote {args.json}")
+        write_result(args.json, result, indent=1)
 
 
 if __name__ == "__main__":

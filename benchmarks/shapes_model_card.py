@@ -23,13 +23,12 @@ import argparse
 import json
 import platform
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-from benchmarks.common import REPO
+from benchmarks.common import REPO, write_result
 from pipeline.evaluate import prompt_batch, shapes_prompts
 from pipeline.shapes.oracle import find_objects
 from pipeline.shapes.tiny_sd import BUNDLED_MODEL
@@ -211,8 +210,7 @@ def main(argv=None) -> None:
                           **fidelity_and_attention(stage, repeated(shapes_prompts(args.n, args.first_seed),
                                                                    args.images_per_prompt), args.batch)}
     print(json.dumps(result, indent=2))
-    Path(args.json).write_text(json.dumps(result, indent=2))
-    print(f"wrote {args.json}")
+    write_result(args.json, result)
 
 
 if __name__ == "__main__":

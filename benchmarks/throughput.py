@@ -29,12 +29,11 @@ import platform
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from benchmarks.common import REPO
+from benchmarks.common import REPO, write_result
 from pipeline.runner import run_job
 from pipeline.spec import load_spec
 from stages.model import load_pipeline
@@ -167,9 +166,8 @@ def main(argv=None) -> int:
             print(f"{key:<12}{r['wall_s']:>10.2f}{r['images_per_s']:>10.3f}{r['ratio']:>8.3f}   "
                   f"({r['startup_s']}, {r['first_batch_s']}; {r['summary_wall_s']}, {r['summary_images_per_s']}, "
                   f"{r['summary_ratio']}; {r['synthesis_rows_per_busy_s']})")
-    Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))
-    print(f"wrote {args.json}")
+    write_result(args.json, report)
     return 0
 
 

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from benchmarks.common import write_result
 from pipeline.loader import AdaptiveSchedule, CurriculumDataset, FixedSchedule, collate
 
 MODES = ("real-only", "mixed", "curriculum")
@@ -185,7 +186,7 @@ def train(real_dir: str | Path, test_dir: str | Path, synthetic_dir: str | Path 
               "levels_per_epoch": [h["levels"] for h in history], "history": history,
               **evaluate(model, test, batch_size, tail), "wall_s": round(time.perf_counter() - t0, 1)}
     if json_path is not None:
-        Path(json_path).write_text(json.dumps(result, indent=1) + "\n")
+        write_result(json_path, result, indent=1)
     return result
 
 
