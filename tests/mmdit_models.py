@@ -2,8 +2,8 @@
 
 ``build_sd3(dir)`` and ``build_flux(dir)`` write a complete ``save_pretrained(safe_serialization=True)``
 folder (``model_index.json`` naming ``StableDiffusion3Pipeline`` / ``FluxPipeline``) with the real
-component classes at tiny widths: the real CLIP BPE vocabulary (``clip_tokenizer``: the 49408-token
-vocabulary that ships inside the ``open_clip_torch`` wheel) and a T5-format SentencePiece-Unigram tokenizer
+component classes at tiny widths: CLIP BPE tokenizers from tests/family_models.py's ``clip_tokenizer`` (the real
+49408-token vocabulary of the ``open_clip_torch`` wheel when installed) and a T5-format SentencePiece-Unigram tokenizer
 trained offline on a few hundred captions (``build_t5_tokenizer``, the ``tokenizers`` library, no
 sentencepiece needed). Nothing is downloaded. SD3's last block is ``context_pre_only``; the builder gives
 it SD3.5's dual-attention block and RMS q/k norms so one tiny model covers both; Flux gets double- and
@@ -68,19 +68,13 @@ def build_t5_tokenizer(out_dir: str | Path, vocab_size: int = 600):
 
 
 def clip_tokenizer(out_dir: str | Path):
-    """The real CLIP BPE tokenizer (open_clip's ``bpe_simple_vocab_16e6.txt.gz``), saved to ``out_dir``."""
+    """The CLIP BPE tokenizer of tests/family_models.py (the real vocabulary from the open_clip wheel when it is
+    installed, else the bundled shapes model's), saved to ``out_dir``."""
     try:
-        from tests.family_models import build_clip_tokenizer
-    except ImportError:  # TEMPORARY until tests/family_models.py lands: the shapes world's CLIP-format BPE
-        from transformers import CLIPTokenizer
-
-        from pipeline.shapes.tiny_sd import build_tokenizer
-
-        build_tokenizer(out_dir)
-        tokenizer = CLIPTokenizer.from_pretrained(out_dir, model_max_length=77)
-        tokenizer.save_pretrained(out_dir)
-        return tokenizer
-    return build_clip_tokenizer(out_dir)
+        from family_models import clip_tokenizer as build
+    except ImportError:  # imported as tests.mmdit_models (repository root on sys.path)
+        from tests.family_models import clip_tokenizer as build
+    return build(Path(out_dir))
 
 
 def _vae(latent_channels: int, flux: bool):
