@@ -261,7 +261,7 @@ def cmd_preview(args: argparse.Namespace) -> int:
 def cmd_export_coco(args: argparse.Namespace) -> int:
     from .export_coco import export_coco
 
-    print(export_coco(Path(args.out), Path(args.output) if args.output else None,
+    print(export_coco(args.out, Path(args.output) if args.output else None,  # OUT may be a URI
                       Path(args.images) if args.images else None))
     return 0
 

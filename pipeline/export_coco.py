@@ -17,10 +17,10 @@ The record is written first, listing what the export may write, so a killed expo
 from __future__ import annotations
 
 import json
-import tarfile
 from pathlib import Path
 
-from .dataset import OutputError, category_names, read_manifest, write_atomic
+from .dataset import OutputError, category_names, read_index, read_manifest, write_atomic
+from .storage import location
 
 MARKER = "synthgen-export.json"
 EXPORT_FORMAT = "synthgen-coco-export/1"
@@ -51,12 +51,13 @@ def _owned(folder: Path) -> set[str] | None:
     return set(files)
 
 
-def _image_names(out: Path, manifest: dict) -> list[str]:
-    """``{key}.jpg`` of every kept sample, from the committed shards' member names (headers only)."""
+def _image_names(out, manifest: dict) -> list[str]:
+    """``{key}.jpg`` of every kept sample, from the committed shards' index parts (small, committed with
+    their shards: also for a run that has not finished)."""
     names = []
     for shard in manifest["shards"]:
-        with tarfile.open(out / shard["tar"]) as tar:
-            names += [n for n in tar.getnames() if n.endswith(".jpg")]
+        part = read_index(out / shard["part"], ["key", "keep"])
+        names += [f"{key}.jpg" for key, keep in zip(*(part.column(c).to_pylist() for c in ("key", "keep"))) if keep]
     return names
 
 
@@ -65,12 +66,13 @@ def _write_record(folder: Path, fingerprint: str, files: set[str], complete: boo
     write_atomic(folder / MARKER, (json.dumps(record, indent=1) + "\n").encode())
 
 
-def export_coco(out: Path, path: Path | None = None, images: Path | None = None) -> Path:
+def export_coco(out: str | Path, path: Path | None = None, images: Path | None = None) -> Path:
     """Write the COCO file of every kept sample (image id = sample index + 1); with ``images``, the
-    images into that folder too (see the module docstring). Returns the annotations file's path."""
-    from .report import iter_samples  # webdataset (and torch) only for the commands that read shards
+    images into that folder too (see the module docstring). ``out`` is a path or a URI; ``path`` and
+    ``images`` are local. Returns the annotations file's path."""
+    from .report import iter_samples
 
-    out = Path(out)
+    out = location(out)
     m = read_manifest(out)
     folder = Path(images) if images is not None else None
     if folder is not None:

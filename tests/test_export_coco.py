@@ -103,3 +103,23 @@ def test_a_tampered_export_record_deletes_nothing_outside(dataset, tmp_path, cap
     (ours / "synthgen-export.json").write_text(json.dumps(dict(record, files=[*record["files"], bad])))
     assert main(["export-coco", str(dataset.out), "--images", str(ours)]) == 2
     assert "not plain names" in capsys.readouterr().err and outside.read_bytes() == b"keep me"
+
+
+def test_export_reads_a_dataset_on_s3(dataset, tmp_path):
+    """OUT as a URI (moto's S3 server on 127.0.0.1, started and stopped by tests/test_storage_s3.moto_s3):
+    the export folder equals the one exported from the local copy, byte for byte."""
+    pytest.importorskip("moto.server")
+    import boto3
+
+    from test_storage_s3 import BUCKET, moto_s3
+
+    local = tmp_path / "local"
+    assert main(["export-coco", str(dataset.out), "--images", str(local)]) == 0
+    with moto_s3(tmp_path / "aws"):
+        client = boto3.client("s3")
+        for p in sorted(dataset.out.rglob("*")):
+            if p.is_file():
+                client.put_object(Bucket=BUCKET, Key=f"ds/{p.relative_to(dataset.out).as_posix()}", Body=p.read_bytes())
+        assert main(["export-coco", f"s3://{BUCKET}/ds", "--images", str(tmp_path / "remote")]) == 0
+    files = lambda d: {p.name: p.read_bytes() for p in d.iterdir()}  # noqa: E731
+    assert files(tmp_path / "remote") == files(local) and len(files(local)) > 2
