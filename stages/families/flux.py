@@ -1,5 +1,6 @@
 """Flux (dev / schnell): CLIP-L for the pooled vector only (``pooled_prompt_embeds``) and T5 for the
-token sequence (``prompt_embeds``, 512 tokens: the pipeline's default); a ``FluxTransformer2DModel``
+token sequence (``prompt_embeds``: 512 tokens on dev, the pipeline's default; 256 on schnell, whose guidance-free
+transformer was distilled with 256, as diffusers' schnell examples set); a ``FluxTransformer2DModel``
 (MM-DiT: text tokens first, RoPE on q/k, double-stream then single-stream blocks); flow-matching Euler
 with the resolution-dependent shift; no classifier-free guidance by default: dev takes the guidance
 scale as an embedding (``guidance_embeds``), schnell ignores it. ``FluxPipeline`` and
@@ -28,6 +29,12 @@ class FluxFamily(MMDiTFamily):
     pipeline_class_name = "FluxPipeline"
     img2img_class_name = "FluxImg2ImgPipeline"
 
+    def _load(self, path: str, dtype: str, device: str, scheduler: str | None):
+        pipe = super()._load(path, dtype, device, scheduler)
+        if not pipe.transformer.config.guidance_embeds:  # schnell
+            self.max_sequence_length = 256
+        return pipe
+
     @classmethod
     def patch(cls, config: dict) -> int:
         return 2  # the pipeline packs 2×2 latent pixels into one token (the transformer's patch_size is 1)
@@ -40,7 +47,8 @@ class FluxFamily(MMDiTFamily):
         return self.max_sequence_length
 
     def encode(self, text: str) -> dict[str, Any]:
-        """{"prompt_embeds": (1, 512, D_T5), "pooled_prompt_embeds": (1, D_CLIP)}, as the pipeline encodes them."""
+        """{"prompt_embeds": (1, 512 or 256, D_T5), "pooled_prompt_embeds": (1, D_CLIP)}, as the pipeline encodes
+        them."""
         embeds, pooled, _ = self.pipe.encode_prompt(prompt=text, prompt_2=None, device=self.device,
                                                     num_images_per_prompt=1,
                                                     max_sequence_length=self.max_sequence_length)
