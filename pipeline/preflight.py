@@ -7,14 +7,16 @@ that to the writer, which checks ownership and fingerprint in full before Ray st
 
 Checks of a local model folder, from its JSON files, its tokenizer vocabulary and directory listings:
 
-* ``model_index.json`` is readable and its ``_class_name`` names a supported family (``FAMILIES``);
+* ``model_index.json`` is readable and names a supported family (stages/families/: ``_class_name``
+  checked against the denoiser's config; ``model.family`` may name it and must not contradict it);
 * the family's components are listed and present, and each one with weights holds plain
   ``*.safetensors`` (the loader reads nothing else);
-* the tokenizer loads from ``<model>/tokenizer``; every class name, synonym and attribute is at
-  least one token and no unknown one; the longest prompt the sampler can build (:func:`longest_prompts`)
-  fits the tokenizer's ``model_max_length``;
-* ``masks.capture_resolutions`` / ``self_attention_resolution`` name attention levels the UNet has,
-  by the capture's own rule (``stages/unet_layout.py``), and self-attention fits at the job's size.
+* every tokenizer of the family loads (``tokenizer``; SDXL also ``tokenizer_2``); in each, every class
+  name, synonym and attribute is at least one token and no unknown one, and the longest prompt the
+  sampler can build (:func:`longest_prompts`) fits the family's limit for it (CLIP: 77);
+* ``masks.capture_resolutions`` / ``self_attention_resolution`` name attention levels the model has
+  at the job's image size, by the family's own rule (``capture_plan``; UNets: ``stages/unet_layout.py``),
+  and self-attention fits.
 
 A hub id is not checked here: its files are remote, only the workers download them, and the loader
 reports what is wrong there. Every failure is a SpecError, one line: ``<job file>: <field>: <reason
@@ -32,33 +34,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from stages.unet_layout import MAX_SELF_ATTENTION_TOKENS, capture_level, expected_layers, level_grid, unet_config
+from stages.families import FamilyError, resolve_family
+from stages.families.base import ModelFamily
 
 from .spec import JobSpec, SpecError, UsageError
 
 OBJECTS = "{objects}"  # the sampler's placeholder (stages/sampling.py)
 
-
-@dataclass(frozen=True)
-class Family:
-    """What pre-flight needs to know of a model family: the components it loads, which of them hold
-    weights, and their config files. A new family (SDXL, SD3, Flux) is one more entry of FAMILIES."""
-
-    name: str
-    configs: dict[str, str]  # component -> its config file (every component the loader needs)
-    weighted: tuple[str, ...]  # components whose weights the loader reads (safetensors only)
-    tokenizer: str = "tokenizer"
-    unet: str = "unet"
-    vae: str = "vae"
-
-
-SD = Family("Stable Diffusion 1.x/2.x",
-            configs={"unet": "config.json", "vae": "config.json", "text_encoder": "config.json",
-                     "tokenizer": "tokenizer_config.json", "scheduler": "scheduler_config.json"},
-            weighted=("unet", "vae", "text_encoder"))
-
-#: model_index.json ``_class_name`` -> family (safety_checker / feature_extractor are never loaded)
-FAMILIES: dict[str, Family] = {"StableDiffusionPipeline": SD}
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth", ".msgpack", ".h5", ".onnx")
 CONVERT = ("convert the folder with diffusers: DiffusionPipeline.from_pretrained(folder).save_pretrained(new_folder, "
@@ -102,27 +84,33 @@ def check_model(spec: JobSpec, source: str) -> None:
     if not (folder / "model_index.json").is_file():
         raise SpecError(f"{source}: model.path: {folder} has no model_index.json; expected a diffusers Stable "
                         "Diffusion folder (save_pretrained layout)")
-    family = check_layout(folder, source)
-    tokenizer = load_tokenizer(folder / family.tokenizer, source)
-    check_words(spec, tokenizer, source)
-    check_prompt_length(spec, tokenizer, source)
+    family = check_layout(folder, source, getattr(spec.model, "family", "auto"))
+    for name in family.tokenizers:
+        tokenizer = load_tokenizer(folder / name, source)
+        limit = family.token_limit(name, tokenizer.model_max_length)
+        if limit != tokenizer.model_max_length:
+            tokenizer = Tokenizer(tokenizer.encode, tokenizer.unk_token, tokenizer.unk_token_id, limit)
+        check_words(spec, tokenizer, source, name)
+        check_prompt_length(spec, tokenizer, source, name)
     check_capture(spec, folder, family, source)
 
 
-def check_layout(folder: Path, source: str) -> Family:
+def check_layout(folder: Path, source: str, override: str = "auto") -> type[ModelFamily]:
     """model_index.json names a supported family whose components are all there, weights as safetensors."""
     index_path = folder / "model_index.json"
     index = _read_json(index_path, source)
-    name = index.get("_class_name")
-    family = FAMILIES.get(name) if isinstance(name, str) else None
-    if family is None:
-        raise SpecError(f"{source}: model.path: {index_path} has _class_name {name!r}; supported: "
-                        f"{', '.join(sorted(FAMILIES))} ({' / '.join(sorted({f.name for f in FAMILIES.values()}))})")
-    for component, config in family.configs.items():
+    try:
+        family = resolve_family(folder, override, index)
+    except FamilyError as e:
+        field = "model.family" if override != "auto" else "model.path"
+        raise SpecError(f"{source}: {field}: {index_path}: {e}") from None
+    for component, config in family.components.items():
         entry = index.get(component)
+        if component in family.optional and entry in ([None, None], None):
+            continue
         if not (isinstance(entry, list) and len(entry) == 2 and all(isinstance(e, str) for e in entry)):
             raise SpecError(f"{source}: model.path: {index_path} lists no {component} (got {entry!r}); a "
-                            f"{family.name} folder needs {', '.join(family.configs)}")
+                            f"{family.title} folder needs {', '.join(family.components)}")
         where = folder / component
         if not where.is_dir():
             raise SpecError(f"{source}: model.path: component {component}: folder {where} is missing")
@@ -234,18 +222,22 @@ def class_words(spec: JobSpec) -> Iterator[tuple[str, str]]:
             yield f"classes[{i}].attributes[{j}]", word
 
 
-def check_words(spec: JobSpec, tokenizer: Tokenizer, source: str) -> None:
+def _which(name: str) -> str:
+    return "tokenizer" if name == "tokenizer" else f"tokenizer ({name})"
+
+
+def check_words(spec: JobSpec, tokenizer: Tokenizer, source: str, name: str = "tokenizer") -> None:
     """Every class word is at least one token and none is the unknown token (the masks follow the tokens)."""
     unk = tokenizer.unk_token_id
     for field, word in class_words(spec):
         ids = tokenizer.ids(word)
         if not ids:
-            raise SpecError(f"{source}: {field}: {_short(word)} becomes no token at all (the tokenizer drops its "
+            raise SpecError(f"{source}: {field}: {_short(word)} becomes no token at all (the {_which(name)} drops its "
                             "characters), so no attention map can follow it; use a visible word")
         if unk is not None and unk in ids:
             chars = sorted({c for c in word if unk in tokenizer.ids(c)})
             shown = f" ({', '.join(map(repr, chars))})" if chars else ""
-            raise SpecError(f"{source}: {field}: {_short(word)} has characters the model's tokenizer does not "
+            raise SpecError(f"{source}: {field}: {_short(word)} has characters the model's {_which(name)} does not "
                             f"know{shown}: they become {tokenizer.unk_token!r} tokens, so the prompt loses them and "
                             "a mask would follow no word; write it with characters the tokenizer knows")
 
@@ -299,12 +291,12 @@ def longest_prompts(spec: JobSpec, tokenizer: Tokenizer) -> tuple[list[Slot], in
     return slots, count
 
 
-def check_prompt_length(spec: JobSpec, tokenizer: Tokenizer, source: str) -> None:
+def check_prompt_length(spec: JobSpec, tokenizer: Tokenizer, source: str, name: str = "tokenizer") -> None:
     """The longest prompt fits the tokenizer; the error names the template, the class or the class count."""
     limit = tokenizer.model_max_length
     templates = list(spec.prompts.templates)
     slots, count = longest_prompts(spec, tokenizer)
-    over = f"over the tokenizer's limit of {limit} (model_max_length in {Path(spec.model.path).name}/tokenizer)"
+    over = f"over the {_which(name)}'s limit of {limit} (model_max_length in {Path(spec.model.path).name}/{name})"
     shortest = min(slots, key=lambda s: s.tokens)
     for t, template in enumerate(templates):
         n, _, prompt = _fill(tokenizer, [template], [shortest])
@@ -327,35 +319,22 @@ def check_prompt_length(spec: JobSpec, tokenizer: Tokenizer, source: str) -> Non
                             "lower max_classes_per_image or shorten the templates or class words")
 
 
-def check_capture(spec: JobSpec, folder: Path, family: Family, source: str) -> None:
-    """The capture resolutions name attention levels of this UNet; self-attention fits at the job's size."""
-    unet_path = folder / family.unet / "config.json"
-    config = unet_config(_read_json(unet_path, source))
-    try:
-        expected = expected_layers(config)
-    except ValueError as e:
-        raise SpecError(f"{source}: model.path: {unet_path}: {e}; synthgen captures attention of Stable Diffusion "
-                        "1.x/2.x UNets") from None
-    masks = spec.masks
-    for r in masks.capture_resolutions:
-        try:
-            capture_level("attn2", r, config, expected)
-        except ValueError as e:
-            raise SpecError(f"{source}: masks.capture_resolutions: {e}") from None
-    if masks.refine_power == 0:  # self-attention is captured only for refinement
-        return
-    try:
-        level = capture_level("attn1", masks.self_attention_resolution, config, expected)
-    except ValueError as e:
-        raise SpecError(f"{source}: masks.self_attention_resolution: {e}") from None
-    vae = _read_json(folder / family.vae / "config.json", source)
-    scale = 2 ** (len(vae.get("block_out_channels", [64])) - 1)  # diffusers' vae_scale_factor
+def check_capture(spec: JobSpec, folder: Path, family: type[ModelFamily], source: str) -> None:
+    """The capture levels name attention levels of this model at the job's size (the family's ``capture_plan``,
+    from configs only); self-attention fits."""
     gen = spec.generation
-    h, w = level_grid(gen.height // scale, gen.width // scale, level)
-    if h * w > MAX_SELF_ATTENTION_TOKENS:
-        raise SpecError(f"{source}: masks.self_attention_resolution: {masks.self_attention_resolution} is a {h}×{w} "
-                        f"grid at generation {gen.height}×{gen.width} ({h * w} tokens), too large to capture (at "
-                        f"most {MAX_SELF_ATTENTION_TOKENS}); pick a coarser level or smaller images")
+    try:
+        family.capture_plan(folder, spec.masks, gen.height, gen.width)
+    except (OSError, json.JSONDecodeError) as e:
+        raise SpecError(f"{source}: model.path: {folder}: cannot read the {family.denoiser} / vae config "
+                        f"({type(e).__name__}: {e}); restore it from the model's source") from None
+    except ValueError as e:
+        message = str(e)
+        field, _, reason = message.partition(": ")
+        if field in ("capture_resolutions", "self_attention_resolution", "capture_blocks"):
+            raise SpecError(f"{source}: masks.{field}: {reason}") from None
+        raise SpecError(f"{source}: model.path: {folder / family.denoiser / 'config.json'}: {message}; synthgen "
+                        f"captures attention of {family.title} models with this layout") from None
 
 
 def check_output_dir(spec: JobSpec, source: str) -> None:

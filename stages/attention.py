@@ -92,6 +92,27 @@ def _max_normalise(x: torch.Tensor) -> torch.Tensor:
     return x / x.amax(dim=(-2, -1), keepdim=True).clamp_min(1e-12)
 
 
+#: a map whose range (max - min) is below this fraction of its max is min-max stretched to [0, 1] in float32
+#: before it travels as float16: fp16 keeps 11 bits relative to the max, so every map keeps at least 8 bits
+#: (256 steps) of its own range, and a low-contrast map cannot collapse to one or two fp16 values
+NARROW_RANGE = 1 / 8
+
+
+def fp16_safe(x: torch.Tensor) -> torch.Tensor:
+    """``x`` (..., h, w) float32 with every narrow map (range < NARROW_RANGE x max) min-max stretched to [0, 1].
+
+    The mask stage min-max normalises each map anyway (stages/masks.py), so a stretched map gives the same
+    mask while its float16 copy keeps its shape; maps with a wide range pass bit for bit (all maps of the
+    bundled model's jobs), flat and all-zero (padding) maps too."""
+    lo = x.amin(dim=(-2, -1), keepdim=True)
+    hi = x.amax(dim=(-2, -1), keepdim=True)
+    span = hi - lo
+    narrow = (span < NARROW_RANGE * hi) & (span > 0)
+    if not bool(narrow.any()):
+        return x
+    return torch.where(narrow, (x - lo) / span.clamp_min(torch.finfo(torch.float32).tiny), x)
+
+
 class CaptureProcessor:
     """``AttnProcessor2_0``'s computation (SDPA output) plus an fp32 probability capture."""
 
@@ -270,7 +291,9 @@ class AttentionCapture:
 
         Per level: mean over layers·heads·steps, class = mean of its tokens, upsample to the latent
         grid, clamp ≥ 0, divide by the max; then average the levels. Refinement propagates the
-        raw maps τ times with the mean self-attention matrix (Dataset Diffusion's A^τ·c).
+        raw maps τ times with the mean self-attention matrix (Dataset Diffusion's A^τ·c). All in
+        float32; a map with a narrow range is then stretched to [0, 1] (``fp16_safe``), so the
+        float16 copy the synthesis stage hands on keeps its contrast.
         """
         run, self._run = self._run, None
         if run is None:
@@ -298,7 +321,7 @@ class AttentionCapture:
             for _ in range(self.config.refine_power):
                 maps = torch.bmm(affinity, maps)
             refined = _resize(maps.transpose(1, 2).reshape(batch, -1, *grid), latent_hw).clamp_min(0)
-        return {"attn_raw": raw, "attn": refined}
+        return {"attn_raw": fp16_safe(raw), "attn": fp16_safe(refined)}
 
     def _captured_counts(self) -> dict[tuple[str, int], int]:
         keys = [("attn2", level) for level in self.cross_levels]

@@ -9,11 +9,13 @@ model and class-word cases are pipeline/preflight.py's.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -77,7 +79,33 @@ def job_text(drop: str) -> str:
     return yaml.safe_dump(job, sort_keys=False)
 
 
+@functools.lru_cache(maxsize=None)
+def built(name: str) -> Path:
+    """A random-weight model of tests/family_models.py, built once per session into a temp folder."""
+    from family_models import BUILDERS
+
+    return BUILDERS[name](Path(tempfile.mkdtemp(prefix=f"sg-bad-{name}-")) / name)
+
+
+def family_model(name: str, *edits: Setup) -> Setup:
+    """The copy of the tiny model replaced by a family model (``built``), then ``edits`` applied."""
+    def setup(root: Path) -> None:
+        shutil.rmtree(root)
+        shutil.copytree(built(name), root)
+        for edit in edits:
+            edit(root)
+    return setup
+
+
+def copy_dir(src: Path, rel: str) -> Setup:
+    def setup(root: Path) -> None:
+        shutil.rmtree(root / rel)
+        shutil.copytree(src, root / rel)
+    return setup
+
+
 UNET_WEIGHTS = "unet/diffusion_pytorch_model.safetensors"
+FAMILY_JOB = {"masks": {"capture_resolutions": ["1/2", "1/4"]}}  # levels every family model has at 64²
 LONG = "x" * 300
 Q9 = "q" * 9  # 9 tokens in the bundled vocabulary (one per letter)
 LONG_TEMPLATE = "{objects} on " + " and ".join(["noise", "stripes", "gradient"] * 4)
@@ -154,9 +182,37 @@ CASES = [
     Case("model: no model_index.json", "model.path: ", model=remove("model_index.json")),
     Case("model: model_index.json broken", ("model.path: ", "model_index.json is not readable JSON"),
          model=write("model_index.json", "{not json")),
-    Case("model: unknown _class_name", ("model.path: ", "_class_name 'StableDiffusionXLPipeline'; supported: "
-                                        "StableDiffusionPipeline"),
+    Case("model: unknown _class_name", ("model.path: ", "_class_name 'KandinskyV22Pipeline', which synthgen does not "
+                                        "support; supported: StableDiffusionPipeline (sd)",
+                                        "StableDiffusionXLPipeline (sdxl)"),
+         model=edit_json("model_index.json", _class_name="KandinskyV22Pipeline")),
+    # model families (stages/families/; random-weight models of tests/family_models.py)
+    Case("family: override contradicts the folder", ("model.family: ", "model.family is 'sdxl' but the folder's "
+                                                     "model_index.json names 'StableDiffusionPipeline'"),
+         job={"model": {"family": "sdxl"}}),
+    Case("family: sd override on an SDXL folder", ("model.family: ", "names 'StableDiffusionXLPipeline', a sdxl"),
+         job={"model": {"family": "sd"}, **FAMILY_JOB}, model=family_model("sdxl")),
+    Case("family: SDXL class on an SD UNet", ("model.path: ", "names 'StableDiffusionXLPipeline' (Stable Diffusion XL) "
+                                              "but its unet has addition_embed_type None"),
          model=edit_json("model_index.json", _class_name="StableDiffusionXLPipeline")),
+    Case("sdxl: no cross-attention at the latent grid", ("masks.capture_resolutions: no attn2 layers at resolution 8; "
+                                                         "this UNet has {4: 3, 2: 8}", "at a 8×8 latent"),
+         job={"masks": {"capture_resolutions": [8]}}, model=family_model("sdxl")),
+    Case("sd2: level the model lacks", ("masks.capture_resolutions: no attn2 layers at resolution 1/16",
+                                        "{'1': 3, '1/2': 3, '1/4': 3, '1/8': 1}"),
+         job={"masks": {"capture_resolutions": ["1/16"]}}, model=family_model("sd2")),
+    Case("sdxl: prompt over tokenizer_2's limit", ("prompts.max_classes_per_image: 2 classes per image make prompts",
+                                                   "over the tokenizer (tokenizer_2)'s limit of 8",
+                                                   "model_max_length in model/tokenizer_2"),
+         job=FAMILY_JOB, model=family_model("sdxl", edit_json("tokenizer_2/tokenizer_config.json", model_max_length=8))),
+    Case("sdxl: class word unknown to tokenizer_2", ("classes[0].name: '猫' has characters the model's tokenizer",
+                                                     "does not know"),
+         job={"classes": ["猫", "square"], **FAMILY_JOB},
+         model=family_model("sdxl", copy_dir(REPO / "pipeline/models/shapes-tiny-sd/tokenizer", "tokenizer_2"))),
+    Case("sdxl: text_encoder_2 as .bin only", ("model.path: component text_encoder_2 has only pytorch_model.bin; "
+                                               "safetensors are required"),
+         job=FAMILY_JOB, model=family_model("sdxl", rename("text_encoder_2/model.safetensors",
+                                                           "text_encoder_2/pytorch_model.bin"))),
     Case("model: unet as .bin only", ("model.path: component unet has only diffusion_pytorch_model.bin; "
                                       "safetensors are required", "safe_serialization=True"),
          model=rename(UNET_WEIGHTS, "unet/diffusion_pytorch_model.bin")),
@@ -177,10 +233,10 @@ CASES = [
          "{16: 3, 8: 3, 4: 1}", job={"masks": {"capture_resolutions": [16, 32]}}),
     Case("masks: no self-attention at 64", "masks.self_attention_resolution: no attn1 layers at resolution 64",
          job={"masks": {"refine_power": 1, "self_attention_resolution": 64}}),
-    Case("masks: self-attention too large", ("masks.self_attention_resolution: 16 is a 128×128 grid at generation "
-                                            "512×512", "too large"),
-         job={"masks": {"refine_power": 1, "self_attention_resolution": 16},
-              "generation": {"height": 512, "width": 512}}),
+    Case("masks: self-attention too large", ("masks.self_attention_resolution: 64 is a 64×64 grid at generation "
+                                            "256×256", "too large"),
+         job={"masks": {"capture_resolutions": [64], "refine_power": 1, "self_attention_resolution": 64},
+              "generation": {"height": 256, "width": 256}}),
     # command line and output dirs
     Case("cli: --set without =", "--set generation.steps: expected key.sub=value", args=("--set", "generation.steps")),
     Case("cli: --set bad YAML", "--set generation.steps=[1: value is not valid YAML",
@@ -273,7 +329,10 @@ def test_bad_input_is_one_line_exit_2_before_ray_and_writes_nothing(case, tmp_pa
 
 
 BOTH = ["class: 300-character name", "class: blank name", "class: unknown word 猫", "model: unet as .bin only",
-        "model: unknown _class_name", "masks: no level at 32", "cli: --set bad YAML", "output: foreign non-empty dir"]
+        "model: unknown _class_name", "masks: no level at 32", "cli: --set bad YAML", "output: foreign non-empty dir",
+        "family: override contradicts the folder", "sdxl: no cross-attention at the latent grid",
+        "sdxl: prompt over tokenizer_2's limit", "sdxl: class word unknown to tokenizer_2",
+        "sdxl: text_encoder_2 as .bin only"]
 
 
 @pytest.mark.parametrize("case_id", BOTH)

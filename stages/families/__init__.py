@@ -47,9 +47,14 @@ def _denoiser_config(folder: Path, family: type[ModelFamily]) -> dict | None:
     path = folder / family.denoiser / "config.json"
     try:
         data = json.loads(path.read_text())
-    except (OSError, ValueError):
+    except FileNotFoundError:
         return None
-    return data if isinstance(data, dict) else None
+    except (OSError, ValueError) as e:
+        raise FamilyError(f"{path} is not readable JSON ({type(e).__name__}); restore it from the model's source") \
+            from None
+    if not isinstance(data, dict):
+        raise FamilyError(f"{path} holds a JSON {type(data).__name__}, not an object; restore it from the model's source")
+    return data
 
 
 def resolve_family(folder: str | Path, override: str = AUTO, index: dict | None = None) -> type[ModelFamily]:
