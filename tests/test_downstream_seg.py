@@ -81,7 +81,7 @@ def test_iou_report_on_known_arrays():
     assert ds.iou_report(ds.confusion(np.where(half == 255, 0, half), target))["per_class"]["star"] == 0.5
 
 
-def test_training_on_a_tiny_batch_lowers_the_loss_and_gives_a_valid_miou():
+def test_training_on_a_tiny_batch_lowers_the_loss_and_is_scored_per_pixel():
     images, masks = ds.render_real(ds.REAL_TRAIN_SEED, 4, 32)
     masks = masks.copy()
     masks[:, :2] = 255
@@ -89,8 +89,20 @@ def test_training_on_a_tiny_batch_lowers_the_loss_and_gives_a_valid_miou():
     model, stats = ds.train(images, masks, ds.TrainSettings(steps=20, batch_size=4, width=4))
     assert np.isfinite(stats["first_loss"]) and np.isfinite(stats["final_loss"])
     assert stats["final_loss"] < 0.95 * stats["first_loss"], stats
-    report = ds.evaluate(model, *ds.render_real(ds.TEST_SEED, 3, 32))
-    assert 0.0 <= report["miou"] <= 1.0 and 0.0 <= report["background"] <= 1.0
+    test_x, test_y = ds.render_real(ds.TEST_SEED, 3, 32)
+    report = ds.evaluate(model, test_x, test_y)
+    pred = ds.predict(model, test_x)
+    assert pred.shape == test_y.shape and pred.dtype == np.uint8
+    expected = {}
+    for k, name in enumerate(("background", *CLASSES)):  # IoU by hand from the model's own predictions
+        t, p = test_y == k, pred == k
+        union = int((t | p).sum())
+        expected[name] = None if union == 0 else round(int((t & p).sum()) / union, 4)
+    assert report["background"] == expected.pop("background")
+    assert report["per_class"] == expected
+    present = [v for v in expected.values() if v is not None]
+    assert report["miou"] == pytest.approx(np.mean(present), abs=1e-4)
+    assert report["pixel_accuracy"] == pytest.approx((pred == test_y).mean(), abs=1e-4)
     assert ds.masked_ce(torch.zeros(1, ds.NUM_CLASSES, 4, 4), torch.full((1, 4, 4), 255)).item() == 0.0
 
 
