@@ -43,14 +43,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 from benchmarks.common import REPO, checked, finished, generate_cached, write_result
 from benchmarks.train_classifier import BALANCES, train
 from pipeline.dataset import read_manifest
 from pipeline.import_coco import import_coco
-from pipeline.shapes.coco import categories, scene_annotations
-from pipeline.shapes.world import CLASSES, HELD_OUT_SEED, render_scene
+from pipeline.shapes.coco import render_coco
+from pipeline.shapes.world import CLASSES, HELD_OUT_SEED
 from pipeline.spec import load_spec
 from stages.references import reference_key
 
@@ -74,24 +73,11 @@ def render_single_objects(folder: Path, counts: dict[str, int], first_seed: int,
     Scene i has seed first_seed + i and its class from a seeded shuffle of the class list, so files
     (and the shards import-coco writes in key order) are not sorted by class. Returns the image entries.
     """
-    (folder / "images").mkdir(parents=True, exist_ok=True)
     labels = [cls for cls, n in counts.items() for _ in range(n)]
     order = np.random.default_rng(first_seed).permutation(len(labels))
-    images, anns = [], []
-    for i, j in enumerate(order):
-        seed, cls = first_seed + i, labels[j]
-        scene = render_scene(seed, size, classes=[cls])
-        name = f"images/{seed:08d}.png"
-        Image.fromarray(scene.image).save(folder / name)
-        images.append({"id": i + 1, "file_name": name, "width": size, "height": size, "seed": seed,
-                       "caption": scene.caption, "background": scene.background, "class": cls})
-        anns += scene_annotations(scene, i + 1, len(anns) + 1)
-    coco = {"info": {"description": "synthgen shapes world, single objects", "version": "1"},
-            "images": images, "annotations": anns, "categories": categories()}
-    tmp = folder / "annotations.json.tmp"
-    tmp.write_text(json.dumps(coco))
-    os.replace(tmp, folder / "annotations.json")
-    return images
+    path = render_coco(folder, len(labels), size, first_seed, classes=[labels[j] for j in order],
+                       description="synthgen shapes world, single objects")
+    return json.loads(path.read_text())["images"]
 
 
 def real_set(cache: Path, name: str, counts: dict[str, int], first_seed: int, size: int) -> dict:

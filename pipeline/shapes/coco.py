@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import os
+from collections.abc import Sequence
 from pathlib import Path
 
 from PIL import Image
@@ -33,21 +35,27 @@ def scene_annotations(scene: Scene, image_id: int, first_ann_id: int) -> list[di
     return anns
 
 
-def render_coco(out_dir: str | Path, n: int, size: int = 64, first_seed: int = 0) -> Path:
-    """Render scenes ``first_seed .. first_seed+n-1`` to ``out_dir/images`` + ``annotations.json``."""
+def render_coco(out_dir: str | Path, n: int, size: int = 64, first_seed: int = 0,
+                classes: Sequence[str] | None = None, description: str = "synthgen shapes world") -> Path:
+    """Render scenes ``first_seed .. first_seed+n-1`` to ``out_dir/images`` + ``annotations.json`` (written
+    last, atomically: a folder with it is complete). ``classes``: scene i shows one object of ``classes[i]``
+    (its image entry records it as ``class``)."""
     out_dir = Path(out_dir)
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
     images, anns = [], []
     for i in range(n):
         seed = first_seed + i
-        scene = render_scene(seed, size)
+        scene = render_scene(seed, size, classes=None if classes is None else [classes[i]])
         name = f"images/{seed:08d}.png"
         Image.fromarray(scene.image).save(out_dir / name)
         images.append({"id": i + 1, "file_name": name, "width": size, "height": size,
-                       "seed": seed, "caption": scene.caption, "background": scene.background})
+                       "seed": seed, "caption": scene.caption, "background": scene.background,
+                       **({} if classes is None else {"class": classes[i]})})
         anns += scene_annotations(scene, i + 1, len(anns) + 1)
-    coco = {"info": {"description": "synthgen shapes world", "version": "1"},
+    coco = {"info": {"description": description, "version": "1"},
             "images": images, "annotations": anns, "categories": categories()}
     path = out_dir / "annotations.json"
-    path.write_text(json.dumps(coco))
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(coco))
+    os.replace(tmp, path)
     return path
