@@ -61,6 +61,18 @@ def _image_names(out, manifest: dict) -> list[str]:
     return names
 
 
+def _present(path: Path) -> bool:
+    """A file, folder or link (dangling too) at ``path``."""
+    return path.is_symlink() or path.exists()
+
+
+def _put(path: Path, data: bytes) -> None:
+    """Write one of our files; a link under its name is replaced, never written through."""
+    if path.is_symlink():
+        path.unlink()
+    path.write_bytes(data)
+
+
 def _write_record(folder: Path, fingerprint: str, files: set[str], complete: bool) -> None:
     record = {"format": EXPORT_FORMAT, "dataset": fingerprint, "complete": complete, "files": sorted(files)}
     write_atomic(folder / MARKER, (json.dumps(record, indent=1) + "\n").encode())
@@ -84,7 +96,7 @@ def export_coco(out: str | Path, path: Path | None = None, images: Path | None =
                               "another annotations file name")
         ours = {target.name, f"{target.name}.tmp", *names} if target.parent.resolve() == folder.resolve() \
             else set(names)
-        taken = sorted(n for n in ours if (folder / n).exists() and n not in (previous or set()))
+        taken = sorted(n for n in ours if _present(folder / n) and n not in (previous or set()))
         if taken:
             raise OutputError(f"export-coco --images: {folder / taken[0]} exists and no synthgen export wrote it "
                               f"({len(taken)} such file(s)); move it or choose another directory, nothing was written")
@@ -103,7 +115,10 @@ def export_coco(out: str | Path, path: Path | None = None, images: Path | None =
         for ann in rec.get("annotations") or []:
             annotations.append({**ann, "id": len(annotations) + 1, "image_id": image_id})
         if folder is not None:
-            (folder / file_name).write_bytes(sample["jpg"])
+            if file_name not in ours:
+                raise OutputError(f"{sample['__url__']}: holds {sample['__key__']}, which its index part does not "
+                                  f"keep; the dataset is damaged (`synthgen verify {out}`)")
+            _put(folder / file_name, sample["jpg"])
     categories = [{"id": i, "name": name, "supercategory": "object"} for i, name in category_names(m["job"]).items()]
     coco = {"info": {"description": f"synthgen job {m['job']['name']}", "version": m["fingerprint"][:12]},
             "images": coco_images, "annotations": annotations, "categories": categories}

@@ -91,6 +91,11 @@ def test_export_never_writes_into_a_users_folder(dataset, tmp_path, capsys):
     assert main(["export-coco", str(dataset.out), "--images", str(ours)]) == 2
     assert "exists and no synthgen export wrote it" in capsys.readouterr().err
     assert (ours / victim).read_bytes() == b"user data" and not (ours / "annotations.json").exists()
+    (ours / victim).unlink()
+    (ours / victim).symlink_to(tmp_path / "elsewhere.jpg")  # a dangling link of the user's: never written through
+    assert main(["export-coco", str(dataset.out), "--images", str(ours)]) == 2
+    assert "exists and no synthgen export wrote it" in capsys.readouterr().err
+    assert not (tmp_path / "elsewhere.jpg").exists() and (ours / victim).is_symlink()
 
 
 @pytest.mark.parametrize("bad", ["../escape.jpg", "/etc/passwd"])
