@@ -136,3 +136,31 @@ def test_synthesis_maps_have_the_recorded_grid_and_multi_token_words_map_to_all_
     expected = ([list(c) + [77 + p for p in t] for c, t in zip(positions["tokenizer"], t5)] if family == "sd3"
                 else t5)
     assert captured == expected
+
+
+def test_sd3_without_t5_captures_the_clip_tokens(tmp_path):
+    """SD3 with ``text_encoder_3`` / ``tokenizer_3`` saved as None: the pipeline feeds zeros for T5, the capture keeps
+    the CLIP positions only (the joint text still has 77 + 256 tokens), the maps have the token grid."""
+    import torch
+
+    from stages.families import resolve_family
+
+    folder = build_sd3(tmp_path / "sd3-no-t5", t5=False)
+    index = json.loads((folder / "model_index.json").read_text())
+    assert index["text_encoder_3"] == [None, None] and index["tokenizer_3"] == [None, None]
+    family = resolve_family(folder)(str(folder))
+    assert family.name == "sd3" and family.pipe.text_encoder_3 is None
+    prompt = "a photo of a fire hydrant"
+    span = (prompt.index("fire"), len(prompt))
+    positions = family.token_positions(prompt, [span])
+    assert set(positions) == {"tokenizer", "tokenizer_2"}
+    assert family.capture_token_index(prompt, positions["tokenizer"]) == positions["tokenizer"]
+    masks = load_spec(mm_job(tmp_path, folder, "sd3"), check_files=False).masks
+    capture = family.attach_capture(masks, HEIGHT, WIDTH)
+    assert capture.info["text_tokens"] == 77 + 256 and capture.info["map_grid"] == [HEIGHT // 16, WIDTH // 16]
+    capture.begin([positions["tokenizer"]], 2, family.loop_steps(2))
+    images = family.run(family.conditioning([prompt], [{}]), [torch.Generator().manual_seed(0)], 2, 4.0, HEIGHT,
+                        WIDTH, capture.on_step_end)
+    maps = capture.finish()["attn"]
+    assert images.shape == (1, HEIGHT, WIDTH, 3) and maps.shape == (1, 2, HEIGHT // 16, WIDTH // 16)
+    assert float(maps[0, 0].max()) == pytest.approx(1.0) and float(maps[0, 1].abs().max()) == 0.0

@@ -135,6 +135,17 @@ class MMDiTFamily(ModelFamily):
     def _img2img_class(self):
         return self._pipeline_classes()[1]
 
+    def _load_kwargs(self, path: str) -> dict[str, Any]:
+        """Components a local folder lists as ``[null, null]`` (``optional``) are passed as None, as diffusers
+        wants them (``from_pretrained`` refuses a folder that merely omits them)."""
+        from ..identity import local_folder
+
+        folder = local_folder(path)
+        if folder is None or not self.optional:
+            return {}
+        index = read_json(Path(folder) / "model_index.json")
+        return {name: None for name in self.optional if index.get(name, [None, None])[0] is None}
+
     def _load(self, path: str, dtype: str, device: str, scheduler: str | None):
         from ..model import load_pipeline
 
@@ -142,7 +153,8 @@ class MMDiTFamily(ModelFamily):
         if name not in self.schedulers:
             raise ValueError(f"generation.scheduler {name!r} is not a flow-matching scheduler; {self.title} takes "
                              f"{' or '.join(repr(s) for s in self.schedulers)} (flow-matching Euler)")
-        pipe = load_pipeline(path, dtype, device, None, pipeline_class=self._pipeline_classes()[0])
+        pipe = load_pipeline(path, dtype, device, None, pipeline_class=self._pipeline_classes()[0],
+                             **self._load_kwargs(path))
         if name == "euler":
             from diffusers import FlowMatchEulerDiscreteScheduler
 
