@@ -48,7 +48,8 @@ TAR_MTIME = 946684800  # 2000-01-01: fixed member mtime, so equal content gives 
 MEMBERS = {"jpg": "jpg", "seg_png": "seg.png", "json": "json", "cls": "cls"}
 #: index.parquet / parts schema version (schema metadata ``synthgen.index``). Version 1 (outputs of the
 #: same FORMAT written before it) held ``scores`` and ``curriculum`` as JSON strings and had no
-#: ``instances``: :func:`read_index` converts such a file on read, so every reader sees INDEX_SCHEMA.
+#: ``instances``: :func:`read_index` converts such a file on read, so every reader sees INDEX_SCHEMA, and
+#: rerunning the job rewrites index.parquet typed (committed parts stay as they are; instances null).
 INDEX_VERSION = "2"
 #: Structs have a fixed field set. ``other`` holds the record's keys a struct does not list (a JSON
 #: object, null when there are none): a stage that adds a key loses nothing until it is typed here.
@@ -141,6 +142,16 @@ def index_row(rec: dict, shard: str, categories: dict[int, str]) -> dict:
 def index_table(rows: list[dict]) -> pa.Table:
     """INDEX_SCHEMA table of :func:`index_row` rows."""
     return pa.Table.from_pylist(rows, schema=INDEX_SCHEMA)
+
+
+def index_version(source: Any) -> str:
+    """The INDEX_VERSION an index.parquet or part was written with ("1": before the typed columns)."""
+    import pyarrow.parquet as pq
+
+    if isinstance(source, RemotePath):
+        with source.open("rb") as f:
+            return index_version(f)
+    return (pq.read_schema(source).metadata or {}).get(b"synthgen.index", b"1").decode()
 
 
 def read_index(source: Any, columns: list[str] | None = None) -> pa.Table:

@@ -28,9 +28,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from .dataset import (INDEX, INDEX_SCHEMA, JOURNAL, MANIFEST, MEMBERS, TAR_MTIME, TOP_LEVEL, FORMAT, OutputError,
-                      append_commit, category_names, check_shards, commit_record, counts, index_row, index_table,
-                      output_state, read_index, write_atomic)
+from .dataset import (INDEX, INDEX_SCHEMA, INDEX_VERSION, JOURNAL, MANIFEST, MEMBERS, TAR_MTIME, TOP_LEVEL, FORMAT,
+                      OutputError, append_commit, category_names, check_shards, commit_record, counts, index_row,
+                      index_table, index_version, output_state, read_index, write_atomic)
 from .plan import ShardPlan
 from .storage import RemotePath, digest, describe, location, parquet_bytes, publish, staging, write_file, write_parquet
 
@@ -376,7 +376,8 @@ class DatasetWriter:
         if self.buffers:
             raise RuntimeError(f"shards {sorted(self.plan.name(k) for k in self.buffers)} are incomplete")
         try:
-            if self.written or self.redo or not (self.out / INDEX).is_file():
+            if self.written or self.redo or not (self.out / INDEX).is_file() or \
+                    index_version(self.out / INDEX) != INDEX_VERSION:  # a version-1 index is rewritten typed
                 parts = [read_index(self.out / self.committed[k]["part"]) for k in sorted(self.committed)]
                 table = pa.concat_tables(parts) if parts else INDEX_SCHEMA.empty_table()
                 write_parquet(table, self.out / INDEX)

@@ -4,6 +4,7 @@ columns) still read; keys the schema does not list are kept in ``other``."""
 from __future__ import annotations
 
 import json
+import shutil
 import tarfile
 from pathlib import Path
 
@@ -13,7 +14,8 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.dataset import CURRICULUM, INDEX_SCHEMA, SCORES, index_row, read_index, read_manifest
+from pipeline.dataset import (CURRICULUM, INDEX_SCHEMA, INDEX_VERSION, SCORES, index_row, index_version, read_index,
+                              read_manifest)
 from pipeline.loader import CurriculumDataset
 from test_loader import SYN, syn_level, write_dir
 
@@ -114,12 +116,9 @@ def test_curriculum_level_filter_and_version_1_index(tmp_path):
 
     # a version-1 index (scores / curriculum as JSON text, no instances) reads as the typed schema
     typed = read_index(path)
-    legacy = typed.drop_columns(["instances"]).set_column(
-        8, "scores", pa.array([json.dumps(untyped(v)) if v else "{}" for v in typed.column("scores").to_pylist()]))
-    legacy = legacy.set_column(9, "curriculum", pa.array(
-        [json.dumps(untyped(v)) if v else "{}" for v in typed.column("curriculum").to_pylist()]))
     before = CurriculumDataset(out, seed=1)
-    pq.write_table(legacy, path)
+    version_1(path)
+    assert index_version(path) == "1" and pq.read_schema(path).field("scores").type == pa.string()
     converted = read_index(path)
     assert converted.schema.equals(INDEX_SCHEMA) and converted.column("instances").null_count == len(SYN)
     assert converted.drop_columns(["instances"]).equals(typed.drop_columns(["instances"]))
@@ -146,3 +145,41 @@ def test_keys_the_schema_does_not_list_are_kept_in_other():
     bad = index_row({**rec, "curriculum": json.dumps({"level": "two"})}, "s", {})
     with pytest.raises((pa.ArrowInvalid, pa.ArrowTypeError)):  # a value of another type fails, never drops
         pa.Table.from_pylist([bad], schema=INDEX_SCHEMA)
+
+
+def version_1(path: Path) -> None:
+    """Rewrite an index file as version 1 wrote it: scores / curriculum as JSON text, no instances."""
+    table = read_index(path)
+    text = [pa.array([json.dumps(untyped(v)) if v else "{}" for v in table.column(c).to_pylist()])
+            for c in ("scores", "curriculum")]
+    old = table.drop_columns(["instances"]).set_column(8, "scores", text[0]).set_column(9, "curriculum", text[1])
+    pq.write_table(old.replace_schema_metadata(None), path)
+
+
+def test_a_rerun_of_a_version_1_dataset_rewrites_its_index_typed(dataset, tmp_path):
+    """A dataset written before the typed columns (parts and index as JSON text, committed as such): a
+    rerun generates nothing, keeps every shard and part, and rewrites index.parquet with typed columns."""
+    from conftest import member_hashes
+    from pipeline.cli import main
+    from stages.identity import sha256_file
+
+    out = tmp_path / "old"
+    shutil.copytree(dataset.out, out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    for shard in manifest["shards"]:
+        version_1(out / shard["part"])
+        shard.update(part_bytes=(out / shard["part"]).stat().st_size, part_sha256=sha256_file(out / shard["part"]))
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+    version_1(out / "index.parquet")
+    assert index_version(out / "index.parquet") == "1"
+    parts = {s["part"]: (out / s["part"]).read_bytes() for s in manifest["shards"]}
+
+    assert main(["run", str(dataset.job), "--no-ray", "--out", str(out)]) == 0
+    after = json.loads((out / "manifest.json").read_text())
+    assert after["runs"][-1]["shards_written"] == 0 and after["shards"] == manifest["shards"]
+    assert member_hashes(out) == member_hashes(dataset.out)  # shard bytes untouched
+    assert {p: (out / p).read_bytes() for p in parts} == parts
+    assert index_version(out / "index.parquet") == INDEX_VERSION
+    typed_now, original = pq.read_table(out / "index.parquet"), pq.read_table(dataset.out / "index.parquet")
+    assert typed_now.schema.equals(INDEX_SCHEMA) and typed_now.column("instances").null_count == typed_now.num_rows
+    assert typed_now.drop_columns(["instances"]).equals(original.drop_columns(["instances"]))
