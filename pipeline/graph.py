@@ -337,6 +337,26 @@ def _write_shard(out: str, shards: ShardPlan, k: int, categories: dict[int, str]
             "stats": {"processed": len(records), "kept": kept, "reasons": reasons, "rows": rows, "busy": busy}}
 
 
+def _where(refs: list) -> object:
+    """Run a shard's writer on the node that holds most of its blocks' bytes (soft: elsewhere if that node
+    is gone); "DEFAULT" when the locations are unknown. (Ray's locality-aware leasing does not move a
+    zero-CPU task off the driver's node.)"""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    try:
+        locations = ray.experimental.get_object_locations(refs)
+    except Exception:  # noqa: BLE001 - an optimisation only
+        return "DEFAULT"
+    held: dict[str, int] = {}
+    for info in locations.values():
+        for node in info.get("node_ids") or ():
+            held[node] = held.get(node, 0) + int(info.get("object_size") or 0)
+    if not held:
+        return "DEFAULT"
+    return NodeAffinitySchedulingStrategy(node_id=max(sorted(held), key=held.get), soft=True)
+
+
 def run_ray_shards(plan: JobPlan, pending: Sequence[int], out: str, categories: dict[int, str],
                    writer_columns: Sequence[str], verbose: bool = False) -> Iterator[dict]:
     """Like :func:`run_ray`, but the shards are written where their samples are: the driver follows the
@@ -382,7 +402,8 @@ def run_ray_shards(plan: JobPlan, pending: Sequence[int], out: str, categories: 
                         ranges.append((start, start + take))
                         start, need = start + take, need - take
                         if need == 0:
-                            in_flight.append(write.remote(out, plan.shards, k, categories, ranges, names, *refs))
+                            in_flight.append(write.options(scheduling_strategy=_where(refs)).remote(
+                                out, plan.shards, k, categories, ranges, names, *refs))
                             refs, ranges = [], []
                             k = next(shards, None)
                             need = 0 if k is None else plan.shards.bounds(k)[1] - plan.shards.bounds(k)[0]
