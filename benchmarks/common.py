@@ -50,12 +50,13 @@ class Generated:
 
 def generate_cached(job: str | Path, overrides: Sequence[str], cache_root: Path, progress: bool = True) -> Generated:
     """Run ``job`` (with ``overrides``) in-process into ``cache_root/<name>-<fingerprint[:12]>``, unless that
-    dir is already complete. The fingerprint is the job's own (``JobSpec.fingerprint``): every field
+    dir is already complete. The fingerprint is the job's own (``JobPlan.fingerprint``): every field
     that changes the samples, and the model by content."""
+    from pipeline.jobplan import JobPlan
     from pipeline.runner import run_job
 
     spec = load_spec(job, list(overrides), out=str(cache_root / "pending"))
-    out = cache_root / f"{spec.name}-{spec.fingerprint(spec.model_identity())[:12]}"
+    out = cache_root / f"{spec.name}-{JobPlan(spec).fingerprint[:12]}"
     spec = spec.model_copy(update={"output": spec.output.model_copy(update={"dir": str(out)})})
     if finished(out):
         return Generated(out, spec, True, 0.0)
