@@ -292,8 +292,7 @@ class AttentionCapture:
         Per level: mean over layers·heads·steps, class = mean of its tokens, upsample to the latent
         grid, clamp ≥ 0, divide by the max; then average the levels. Refinement propagates the
         raw maps τ times with the mean self-attention matrix (Dataset Diffusion's A^τ·c). All in
-        float32; a map with a narrow range is then stretched to [0, 1] (``fp16_safe``), so the
-        float16 copy the synthesis stage hands on keeps its contrast.
+        float32; the synthesis stage stretches narrow maps (``fp16_safe``) before its float16 cast.
         """
         run, self._run = self._run, None
         if run is None:
@@ -321,7 +320,7 @@ class AttentionCapture:
             for _ in range(self.config.refine_power):
                 maps = torch.bmm(affinity, maps)
             refined = _resize(maps.transpose(1, 2).reshape(batch, -1, *grid), latent_hw).clamp_min(0)
-        return {"attn_raw": fp16_safe(raw), "attn": fp16_safe(refined)}
+        return {"attn_raw": raw, "attn": refined}
 
     def _captured_counts(self) -> dict[tuple[str, int], int]:
         keys = [("attn2", level) for level in self.cross_levels]

@@ -20,8 +20,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from .attention import fp16_safe
 from .base import Batch, Stage, passthrough
-from .families import AUTO, family_class, resolve_family
+from .families import AUTO, FamilyError, all_families, family_class, resolve_family, supported_classes
 from .families.base import ModelFamily
 from .families.embedding import jitter, slerp  # noqa: F401  (re-exported: tests, benchmarks)
 from .identity import local_folder, model_identity, public_path, short_id
@@ -40,13 +41,22 @@ def img2img_loop_steps(scheduler: Any, steps: int, strength: float) -> int:
 
 
 def model_family(model: Any) -> type[ModelFamily]:
-    """The family of a job's ``model`` section: resolved from a local folder, or ``model.family`` (sd when
-    auto) for a hub id (whose files only the workers download)."""
+    """The family of a job's ``model`` section: resolved from a local folder; for a hub id (whose files only
+    the workers download) ``model.family``, or with ``auto`` by the hub's ``model_index.json`` ``_class_name``."""
     override = getattr(model, "family", AUTO) or AUTO
     folder = local_folder(model.path)
     if folder is not None:
         return resolve_family(folder, override)
-    return family_class("sd" if override == AUTO else override)
+    if override != AUTO:
+        return family_class(override)
+    from diffusers import DiffusionPipeline
+
+    name = DiffusionPipeline.load_config(model.path).get("_class_name")
+    found = next((f for f in all_families() if name in f.pipeline_classes), None)
+    if found is None:
+        raise FamilyError(f"hub model {model.path!r} is a {name!r}, which synthgen does not support; supported: "
+                          f"{supported_classes()}")
+    return found
 
 
 class SynthesisStage(Stage):
@@ -134,7 +144,8 @@ class SynthesisStage(Stage):
         new = {"image": images, "gen": np.full(len(rows), gen_json)}
         if self.capture is not None:
             maps = self.capture.finish()
-            new.update({k: v.to(torch.float16).cpu().numpy() for k, v in maps.items()})
+            # float32 maps, narrow ones stretched to [0, 1] before the float16 hand-over (stages/attention.py)
+            new.update({k: fp16_safe(v.float()).to(torch.float16).cpu().numpy() for k, v in maps.items()})
         return new
 
     def __call__(self, batch: Batch) -> Batch:

@@ -82,6 +82,7 @@ def ray_session():
     temp = tempfile.mkdtemp(prefix="sg-fam-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
     ray.init(num_cpus=3, include_dashboard=False, logging_level="WARNING", log_to_driver=False, _temp_dir=temp,
              runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})  # workers import pipeline/ and stages/ from here
+    # (from any working directory: Ray's workers start in the driver's, and pytest may run from tests/)
     yield ray
     ray.shutdown()
     shutil.rmtree(temp, ignore_errors=True)
@@ -248,3 +249,42 @@ def test_sdxl_capture_is_explicit_softmax_and_leaves_the_layer_output_unchanged(
     expected = torch.stack([probs[0][:, [2, 3]].T, probs[1][:, [4, 0]].T])  # image 1's unused slot reads position 0
     torch.testing.assert_close(summed, expected, rtol=0, atol=1e-5)
     solo.remove()
+
+
+def test_a_low_contrast_map_survives_the_float16_hand_over():
+    """Maps travel as float16 (the ``attn`` columns); one whose range is a sliver of its max used to collapse to
+    one fp16 value (the mask stage then saw a flat map: no object). fp16_safe stretches it in float32 first."""
+    from stages.attention import fp16_safe
+    from stages.masks import class_maps
+
+    yy, xx = torch.meshgrid(torch.arange(16.0), torch.arange(16.0), indexing="ij")
+    blob = torch.exp(-((yy - 4) ** 2 + (xx - 11) ** 2) / 8)
+    low = 1 - 1e-4 + 1e-4 * blob  # range 1e-4 of its max: below fp16's resolution near 1
+    wide = 0.2 + 0.8 * blob
+    maps = torch.stack([low, wide, torch.zeros(16, 16)])[None]  # (1, K=3, 16, 16), the last one padding
+    assert low.half().unique().numel() == 1  # the old hand-over: one value left
+    safe = fp16_safe(maps)
+    assert torch.equal(safe[0, 1:], maps[0, 1:])  # wide and padding maps pass bit for bit
+    _, norm = class_maps(safe.half().numpy()[0], 3, (64, 64))
+    peak = np.unravel_index(norm[0].argmax(), norm[0].shape)
+    assert norm[0].max() == 1.0 and (abs(peak[0] - 4 * 4 - 1.5) <= 4 and abs(peak[1] - 11 * 4 - 1.5) <= 4)
+    _, before = class_maps(maps.half().numpy()[0], 3, (64, 64))
+    assert before[0].max() == 0.0  # what the collapse did: an all-zero map
+    assert np.corrcoef(norm[0].ravel(), before[1].ravel())[0, 1] > 0.99  # same shape as the wide copy of the blob
+
+
+def test_the_sdxl_job_is_valid_and_its_levels_resolve_on_sdxl_at_1024(tmp_path):
+    job = load_spec(REPO / "jobs" / "coco80-sdxl.yaml", check_files=False)
+    assert job.model.family == "sdxl" and (job.generation.height, job.generation.width) == (1024, 1024)
+    folder = tmp_path / "sdxl-configs"  # SDXL base 1.0's UNet and VAE configs (the layout keys)
+    for sub, data in (("unet", {"_class_name": "UNet2DConditionModel", "sample_size": 128,
+                                "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+                                "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+                                "mid_block_type": "UNetMidBlock2DCrossAttn", "layers_per_block": 2,
+                                "transformer_layers_per_block": [1, 2, 10], "addition_embed_type": "text_time"}),
+                      ("vae", {"block_out_channels": [128, 256, 512, 512]})):
+        (folder / sub).mkdir(parents=True)
+        (folder / sub / "config.json").write_text(json.dumps(data))
+    plan = family_class("sdxl").capture_plan(folder, job.masks, 1024, 1024)
+    assert [(lv.kind, lv.grid, lv.layers) for lv in plan] == [("cross", (64, 64), 10), ("cross", (32, 32), 60),
+                                                              ("self", (32, 32), 60)]
