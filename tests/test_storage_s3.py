@@ -22,8 +22,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO
+
 from pipeline.cli import main
 from pipeline.dataset import read_manifest
 
