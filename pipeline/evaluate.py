@@ -384,6 +384,61 @@ def coco_scores(samples: list[Sample], ids: dict[str, int]) -> dict[str, Any]:
     return out
 
 
+def _segm_ap(images: list[dict], gts: list[dict], dets: list[dict], cats: list[dict]) -> dict[str, float]:
+    """Mask AP@[.5:.95] and AP50 of ``dets`` against ``gts`` (pycocotools COCOeval, segm)."""
+    if not gts:
+        return {"AP": None, "AP50": None}
+    if not dets:
+        return {"AP": 0.0, "AP50": 0.0}
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO()
+        gt.dataset = {"images": images, "annotations": gts, "categories": cats}
+        gt.createIndex()
+        ev = COCOeval(gt, gt.loadRes(dets), "segm")
+        ev.evaluate(), ev.accumulate(), ev.summarize()
+    return {"AP": round(float(ev.stats[0]), 4), "AP50": round(float(ev.stats[1]), 4)}
+
+
+def instance_scores(samples: list[Sample], ids: dict[str, int]) -> dict[str, Any]:
+    """Instances of one class, each on its own: instance mask AP / AP50 (COCOeval segm, one ground truth per
+    true object) over all classes and per class, and count accuracy: per (image, class) with two or more
+    true objects (the model drew the prompted count: the truth holds that many), whether the labels found
+    exactly that many instances of the class."""
+    images, gts, dets = [], [], []
+    counts: dict[str, list[bool]] = {}
+    for img_id, s in enumerate(samples, start=1):
+        h, w = s.semantic.shape
+        images.append({"id": img_id, "height": h, "width": w})
+        truth: dict[str, int] = {}
+        for (_, cls), m in zip(s.prompt.objects, s.truth):
+            if m.any():
+                truth[cls] = truth.get(cls, 0) + 1
+                gts.append({"id": len(gts) + 1, "image_id": img_id, "category_id": ids[cls], "iscrowd": 0,
+                            **rle_fields(encode_mask(m))})
+        for a in s.annotations:
+            dets.append({"image_id": img_id, "category_id": a["category_id"], "bbox": a["bbox"],
+                         "segmentation": a["segmentation"], "score": a["score"]})
+        for cls, k in truth.items():
+            if k >= 2:
+                found = sum(a["category_id"] == ids[cls] for a in s.annotations)
+                counts.setdefault(cls, []).append(found == k)
+    cats = [{"id": i, "name": n} for n, i in ids.items()]
+    per_class = {}
+    for name, cid in ids.items():
+        g = [a for a in gts if a["category_id"] == cid]
+        if not g:
+            continue
+        per_class[name] = {"objects": len(g), **_segm_ap(images, g, [d for d in dets if d["category_id"] == cid],
+                                                          cats)}
+        if name in counts:
+            per_class[name].update(count_cases=len(counts[name]),
+                                   count_accuracy=round(float(np.mean(counts[name])), 4))
+    every = [c for v in counts.values() for c in v]
+    return {"objects": len(gts), "detections": len(dets), **_segm_ap(images, gts, dets, cats),
+            "count_cases": len(every), "count_accuracy": round(float(np.mean(every)), 4) if every else None,
+            "per_class": per_class}
+
+
 def object_scores(samples: list[Sample], ids: dict[str, int]) -> tuple[dict[str, Any], list[bool]]:
     """Instance mask IoU and missing-object rate; also whether each sample has all objects found."""
     ious, missing, not_drawn, complete = [], 0, 0, []
@@ -417,7 +472,7 @@ def object_scores(samples: list[Sample], ids: dict[str, int]) -> tuple[dict[str,
 def score(samples: list[Sample], ids: dict[str, int]) -> tuple[dict[str, Any], list[bool]]:
     objects, complete = object_scores(samples, ids)
     return {"samples": len(samples), "semantic": semantic_scores(samples, ids), **objects,
-            **coco_scores(samples, ids)}, complete
+            **coco_scores(samples, ids), "instances": instance_scores(samples, ids)}, complete
 
 
 def _samples(prompts: list[Prompt], out: Batch, truths: list[list[np.ndarray]]) -> list[Sample]:
@@ -548,6 +603,12 @@ def format_report(result: dict[str, Any]) -> str:
                  f"(kept samples with every object found) {f['precision']:.3f}, recall {f['recall']:.3f}")
     lines.append("per-class refined IoU: " + ", ".join(f"{k} {v if v is None else round(v, 3)}" for k, v in
                                                         result["refined"]["semantic"]["per_class"].items()))
+    inst = result["refined"].get("instances") or {}
+    if inst.get("count_cases"):
+        lines.append(f"instances (refined): mask AP50 {inst['AP50']:.3f}, AP {inst['AP']:.3f}; count accuracy "
+                     f"{inst['count_accuracy']:.3f} on {inst['count_cases']} (image, class) pairs with 2+ objects; "
+                     + ", ".join(f"{k} AP50 {v['AP50']:.2f} count {v.get('count_accuracy', float('nan')):.2f}"
+                                 for k, v in inst["per_class"].items() if v.get("AP50") is not None))
     lines.append(f"{result['prompts']['n']} cases of {result['prompts']['truth']} in {result['seconds']:.0f} s")
     return "\n".join(lines)
 

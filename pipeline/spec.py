@@ -136,6 +136,10 @@ class PromptSpec(_Strict):
                                   description="each holds {objects} once; one is drawn per sample")
     min_classes_per_image: PositiveInt = Field(default=1, description="fewest classes a prompt names")
     max_classes_per_image: PositiveInt = Field(default=1, description="most classes a prompt names")
+    max_instances_per_class: PositiveInt = Field(default=1, description="most instances of one class a prompt "
+                                                 "asks for ('two red circles'): text prompts draw 1..this per "
+                                                 "class, image-guided variations name the reference's count of its "
+                                                 "class (up to this); 1: every class named once ('a circle')")
     embedding: EmbeddingSpec | None = Field(default=None, description="conditioning in text-embedding "
                                             "space; null: the prompt as written")
 
@@ -243,6 +247,9 @@ class FiltersSpec(_Strict):
     max_extra_instances: Annotated[int, Field(ge=0)] | None = Field(
         default=None, description="reject a sample when a class has more than (times prompted + this) "
         "instances; null = off")
+    max_missing_instances: Annotated[int, Field(ge=0)] | None = Field(
+        default=None, description="reject a sample when a class has fewer than (times prompted - this) "
+        "instances (reason 'fewer:<class>'); null = off")
     dedup_threshold: Annotated[int, Field(ge=0)] | None = Field(
         default=None, description="phash Hamming distance to a kept image that marks a duplicate; null = off")
 
@@ -457,6 +464,10 @@ class JobSpec(_Strict):
         exclude: dict[str, Any] = {"output": {"dir"}, "resources": True, "model": {"path"}, "masks": {"calibration"}}
         if self.prompts.embedding is None:  # new, unset sections leave older jobs' fingerprints as they were
             exclude["prompts"] = {"embedding"}
+        if self.prompts.max_instances_per_class == 1:  # new fields at their defaults: fingerprints as before
+            exclude["prompts"] = {*exclude.get("prompts", ()), "max_instances_per_class"}
+        if self.filters.max_missing_instances is None:
+            exclude["filters"] = {*exclude.get("filters", ()), "max_missing_instances"}
         exclude["references"] = True if self.references is None else {"path": True, "select": {"path"}}
         spec = self.model_dump(mode="json", exclude=exclude)
         # the removed labels section (always all true) stays in the payload: datasets keep their fingerprints

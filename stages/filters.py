@@ -7,6 +7,9 @@ Checks, in order; the first that fails names the reason (stable strings, grouped
   ``count:<class>``    a class has more than ``n_prompted + spec.filters.max_extra_instances``
                        instances (the object came out in pieces, or drawn more than once; off when
                        ``max_extra_instances`` is null, as for prompts whose objects may repeat)
+  ``fewer:<class>``    a class has fewer than ``n_prompted - spec.filters.max_missing_instances`` instances
+                       (an object the prompt asked for is missing, or two were labelled as one; off when
+                       ``max_missing_instances`` is null)
   ``low_contrast``     a class's inside/outside attention contrast < ``spec.filters.min_contrast``
   ``duplicate``        the image's perceptual hash is within ``spec.filters.dedup_threshold`` bits
                        (Hamming) of a kept image earlier in the same shard (index order)
@@ -42,7 +45,8 @@ def hamming(h: np.uint64, others: np.ndarray) -> np.ndarray:
     return np.bitwise_count(np.bitwise_xor(others, h))
 
 
-def verdict(scores: dict, min_contrast: float, max_extra_instances: int | None = None) -> str:
+def verdict(scores: dict, min_contrast: float, max_extra_instances: int | None = None,
+            max_missing_instances: int | None = None) -> str:
     """The reason a sample fails the mask checks, or "" (dedup is checked by the stage)."""
     classes = scores["per_class"]
     for c in classes:
@@ -55,6 +59,10 @@ def verdict(scores: dict, min_contrast: float, max_extra_instances: int | None =
         for c in classes:
             if c["n_instances"] > c.get("n_prompted", 1) + max_extra_instances:
                 return f"count:{c['name']}"
+    if max_missing_instances is not None:
+        for c in classes:
+            if c["n_instances"] < c.get("n_prompted", 1) - max_missing_instances:
+                return f"fewer:{c['name']}"
     if any(c["contrast"] < min_contrast for c in classes):
         return "low_contrast"
     return ""
@@ -85,7 +93,7 @@ class FilterStage(Stage):
             sc = json.loads(str(scores_json))
             h = phash(image)
             sc["phash"] = f"{int(h):016x}"
-            reason = verdict(sc, f.min_contrast, f.max_extra_instances)
+            reason = verdict(sc, f.min_contrast, f.max_extra_instances, getattr(f, "max_missing_instances", None))
             if not reason and dedup:
                 if self.kept_hashes and hamming(h, np.array(self.kept_hashes)).min() <= f.dedup_threshold:
                     reason = "duplicate"

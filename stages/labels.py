@@ -9,6 +9,15 @@ Attention statistics use the same maps as the mask stage (``masks.class_maps`` o
 ``attn_raw``): ``peak`` values are on the model's attention scale, means and contrasts on the
 per-class min-max normalised scale ([0, 1]). "Outside" a class means the pixels that are neither
 that class nor ignore.
+
+Several instances of one class: when the prompt asks for ``k > 1`` instances of a class (``cond["counts"]``,
+written by the sampling stage with ``prompts.max_instances_per_class > 1``), that class's components are
+split into objects (:func:`split_instances`): first by the image's own colour segments (two touching
+objects of different colours), then by the distance transform's peaks (two touching objects of one colour
+meet at a neck: a watershed from the peaks cuts there, and pieces whose shared border is nearly as thick as
+their centres are merged back: a cross's arms or a ring are one object). A class prompted once keeps the
+plain components (the labels of single-instance data are exactly as before). ``per_class`` records
+``n_prompted`` (the prompt's count) and ``n_instances`` (the objects found).
 """
 from __future__ import annotations
 
@@ -43,6 +52,108 @@ def components(region: np.ndarray, min_area: float, max_area: float) -> tuple[li
     return [lab == k for k in keep], count
 
 
+SPLIT_MERGE = 0.9  # pieces whose border thickness is >= this fraction of the thinner centre are one object
+SPLIT_MERGE_EXTRA = 0.65  # ... and >= this while there are more pieces than the prompt asked for
+SPLIT_MERGE_PIXELS = 1.5  # ... or when the border is at most this many pixels thinner (thin shapes: rings)
+COLOR_SPLIT_MIN = 0.12  # a colour segment seeds its own object when it covers this fraction of the component
+COLOR_SPLIT_DISTANCE = 60.0  # ... and its mean colour is this far (RGB) from the other seeds'
+
+
+def _color_pieces(comp: np.ndarray, segments: np.ndarray, image: np.ndarray) -> np.ndarray:
+    """int HxW: the component split into the image segments that cover enough of it with distinct colours
+    (1..n; 0 outside). One piece when the component is one colour."""
+    area = comp.sum()
+    labels, counts = np.unique(segments[comp], return_counts=True)
+    big = [(lab, c) for lab, c in zip(labels, counts) if c >= COLOR_SPLIT_MIN * area]
+    seeds: list[tuple[int, np.ndarray]] = []
+    for lab, _ in sorted(big, key=lambda x: -x[1]):
+        colour = image[comp & (segments == lab)].reshape(-1, 3).astype(np.float32).mean(0)
+        if all(np.linalg.norm(colour - other) >= COLOR_SPLIT_DISTANCE for _, other in seeds):
+            seeds.append((int(lab), colour))
+    out = np.zeros(comp.shape, np.int32)
+    if len(seeds) < 2:
+        out[comp] = 1
+        return out
+    # every component pixel joins the seed colour nearest to its own colour (anti-aliased edges included)
+    palette = np.stack([c for _, c in seeds])
+    px = image[comp].reshape(-1, 3).astype(np.float32)
+    out[comp] = 1 + np.linalg.norm(px[:, None] - palette[None], axis=-1).argmin(1)
+    return out
+
+
+def _shape_pieces(piece: np.ndarray, expected: int) -> list[np.ndarray]:
+    """A one-colour piece split at its necks: watershed of the distance transform from its peaks, then
+    neighbours merged while their shared border is nearly as thick as their centres."""
+    from skimage.feature import peak_local_max
+    from skimage.segmentation import watershed
+
+    holes, n_holes = ndimage.label(ndimage.binary_fill_holes(piece) & ~piece)
+    if n_holes >= 2:  # objects with a hole (rings): one object per hole, each pixel to the nearest hole
+        sizes = np.bincount(holes.ravel())[1:]
+        big = [k + 1 for k, a in enumerate(sizes) if a >= max(4, 0.02 * piece.sum())]
+        if len(big) >= 2:
+            seeds = np.where(np.isin(holes, big), holes, 0)
+            _, (iy, ix) = ndimage.distance_transform_edt(seeds == 0, return_indices=True)
+            owner = np.where(piece, seeds[iy, ix], 0)
+            return [owner == k for k in big]
+    dist = ndimage.distance_transform_edt(np.pad(piece, 1))[1:-1, 1:-1]
+    if dist.max() < 2:
+        return [piece]
+    peaks = peak_local_max(dist, min_distance=max(2, int(dist.max() * 0.6)), threshold_abs=0.4 * dist.max(),
+                           labels=piece.astype(np.int32), exclude_border=False)
+    if len(peaks) < 2:
+        return [piece]
+    markers = np.zeros(piece.shape, np.int32)
+    markers[tuple(peaks.T)] = np.arange(1, len(peaks) + 1)
+    lab = watershed(-dist, markers, mask=piece)
+    while True:
+        ids = [k for k in np.unique(lab) if k]
+        if len(ids) < 2:
+            break
+        peak = {k: dist[lab == k].max() for k in ids}
+        best, pair = -1.0, None
+        for a in ids:  # borders: a pixel of a with a 4-neighbour in b
+            grown = ndimage.binary_dilation(lab == a) & (lab > a)
+            for b in np.unique(lab[grown]):
+                border = ((lab == a) & ndimage.binary_dilation(lab == b)) | (grown & (lab == b))
+                centre = min(peak[a], peak[b])
+                ratio = dist[border].max() / max(centre, 1e-6)
+                if centre - dist[border].max() <= SPLIT_MERGE_PIXELS:
+                    ratio = max(ratio, SPLIT_MERGE)
+                if ratio > best:
+                    best, pair = ratio, (a, int(b))
+        if pair is None or not (best >= SPLIT_MERGE or (best >= SPLIT_MERGE_EXTRA and len(ids) > expected)):
+            break
+        lab[lab == pair[1]] = pair[0]
+    return [lab == k for k in np.unique(lab) if k]
+
+
+def split_instances(region: np.ndarray, image: np.ndarray, expected: int, min_area: float, max_area: float,
+                    segments: np.ndarray | None = None) -> tuple[list[np.ndarray], int]:
+    """(object masks within the area bounds, number of components) of one class's pixels when the prompt asks
+    for ``expected`` objects: each component split by colour (``segments``: the image's Felzenszwalb
+    segments) and at its necks (see the module docstring)."""
+    lab, count = ndimage.label(region)
+    if count == 0:
+        return [], 0
+    if segments is None:
+        from skimage.segmentation import felzenszwalb
+
+        segments = felzenszwalb(image, scale=10.0, sigma=0.5, min_size=max(1, int(0.005 * region.size)))
+    found = []
+    for k in range(1, count + 1):
+        comp = lab == k
+        if comp.sum() < min_area:
+            continue
+        colours = _color_pieces(comp, segments, image)
+        for c in range(1, colours.max() + 1):
+            piece = colours == c
+            piece_lab, n_piece = ndimage.label(piece)  # a colour can be cut in two by another
+            for j in range(1, n_piece + 1):
+                found += _shape_pieces(piece_lab == j, expected)
+    return [m for m in found if min_area <= m.sum() <= max_area], count
+
+
 def rle_fields(rle: dict) -> dict:
     """The JSON fields of a COCO annotation from one pycocotools RLE: ``segmentation`` (counts as str,
     size as ints), ``bbox`` [x, y, w, h] (floats) and ``area`` (pixels, int). The one place an RLE
@@ -75,7 +186,7 @@ class LabelStage(Stage):
     name = "labels"
     kind = "task"
     reads = ("classes", "masks", "filters")  # masks.use_raw; filters: the instance size bounds
-    inputs = ("image", "class_names", "attn", "attn_raw", "semantic_mask")
+    inputs = ("image", "class_names", "attn", "attn_raw", "semantic_mask")  # and ``cond`` when present (counts)
     outputs = ("annotations", "scores")
 
     def __init__(self, spec: Any):
@@ -85,16 +196,19 @@ class LabelStage(Stage):
 
     def __call__(self, batch: Batch) -> Batch:
         annotations, scores = [], []
+        conds = batch.get("cond")
         for row, names_json in enumerate(batch["class_names"]):
+            cond = json.loads(str(conds[row])) if conds is not None and str(conds[row]) else {}
             anns, sc = self.label_row(json.loads(str(names_json)), batch[self.column][row],
-                                      batch["semantic_mask"][row])
+                                      batch["semantic_mask"][row], batch["image"][row], cond.get("counts"))
             annotations.append(json.dumps(anns, separators=(",", ":")))
             scores.append(json.dumps(sc, separators=(",", ":")))
         return passthrough(batch, annotations=np.array(annotations, dtype=str),
                            scores=np.array(scores, dtype=str))
 
-    def label_row(self, names: list[str], attn: np.ndarray, sem: np.ndarray) -> tuple[list[dict], dict]:
-        """Annotations and scores of one image."""
+    def label_row(self, names: list[str], attn: np.ndarray, sem: np.ndarray, image: np.ndarray | None = None,
+                  counts: list[int] | None = None) -> tuple[list[dict], dict]:
+        """Annotations and scores of one image; ``counts``: instances the prompt asks for per class (None: 1)."""
         unknown = [n for n in names if n not in self.ids]
         if unknown:
             raise ValueError(f"class_names {unknown} are not in the job's classes")
@@ -103,12 +217,23 @@ class LabelStage(Stage):
         f = self.spec.filters
         ignore = sem == IGNORE
         anns, per_class = [], []
+        segments = None
         for i, name in enumerate(names):
             region = sem == i + 1
             outside = ~region & ~ignore
             mean_in = norm[i][region].mean() if region.any() else 0.0
             mean_out = norm[i][outside].mean() if outside.any() else 0.0
-            found, n_comp = components(region, f.min_area_fraction * pixels, f.max_area_fraction * pixels)
+            prompted = int(counts[i]) if counts else names.count(name)
+            if prompted > 1 and image is not None:
+                if segments is None:
+                    from skimage.segmentation import felzenszwalb
+
+                    segments = felzenszwalb(image, scale=self.spec.masks.superpixel_scale, sigma=0.5,
+                                            min_size=max(1, int(self.spec.masks.superpixel_min_area * pixels)))
+                found, n_comp = split_instances(region, image, prompted, f.min_area_fraction * pixels,
+                                                f.max_area_fraction * pixels, segments)
+            else:
+                found, n_comp = components(region, f.min_area_fraction * pixels, f.max_area_fraction * pixels)
             for inst, enc in zip(found, encode_instances(found)):
                 inst_mean = _r(norm[i][inst].mean())
                 anns.append({"category_id": self.ids[name], **enc, "iscrowd": 0, "score": inst_mean,
@@ -117,12 +242,12 @@ class LabelStage(Stage):
             per_class.append({"name": name, "category_id": self.ids[name], "peak": _r(raw[i].max()),
                               "contrast": _r(mean_in - mean_out), "area_fraction": _r(region.sum() / pixels),
                               "n_components": n_comp, "n_instances": len(found),
-                              "n_prompted": names.count(name)})
+                              "n_prompted": prompted})
         scores = {
             "per_class": per_class,
             "ignore_fraction": _r(ignore.sum() / pixels),
             "min_contrast": min((c["contrast"] for c in per_class), default=0.0),
             "n_instances": len(anns),
-            "n_prompted": len(names),
+            "n_prompted": sum(c["n_prompted"] for c in per_class),
         }
         return anns, scores

@@ -16,6 +16,24 @@ if TYPE_CHECKING:  # stages.references imports webdataset, which imports torch (
 
 OBJECTS = "{objects}"
 EMBEDDING_STREAM = 1  # numpy seed-sequence word that separates embedding draws from prompt draws
+COUNT_STREAM = 2  # ... and instance counts (prompts.max_instances_per_class > 1)
+NUMBER_WORDS = ("a", "a", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
+
+
+def plural(word: str) -> str:
+    """English plural of a class word: circle -> circles, cross -> crosses, city -> cities."""
+    if word.endswith(("s", "x", "z", "ch", "sh")):
+        return word + "es"
+    if len(word) > 1 and word.endswith("y") and word[-2] not in "aeiou":
+        return word[:-1] + "ies"
+    return word + "s"
+
+
+def count_words(count: int, word: str) -> tuple[str, str]:
+    """(article or number, class word in number): (a, circle), (two, circles)."""
+    if count <= 1:
+        return "a", word
+    return (NUMBER_WORDS[count] if count < len(NUMBER_WORDS) else str(count)), plural(word)
 
 
 def stable_seed(job_seed: int, index: int) -> int:
@@ -67,6 +85,8 @@ class SamplingStage(Stage):
         self.max_classes = prompts.max_classes_per_image
         self.tokenizer = CLIPTokenizer.from_pretrained(spec.model.path, subfolder="tokenizer")
         self.embedding = getattr(prompts, "embedding", None)
+        self.max_instances = int(getattr(prompts, "max_instances_per_class", 1) or 1)
+        self.reference_counts: dict[str, int] = {}
         self.references: list[Reference] = []
         refs = getattr(spec, "references", None)
         if refs is not None:
@@ -76,14 +96,25 @@ class SamplingStage(Stage):
             self.strengths = sorted(refs.strengths, reverse=True)  # level 0: least image guidance
             self.seeds_per_level = refs.seeds_per_level
             total = len(self.references) * len(self.strengths) * self.seeds_per_level
+            if self.max_instances > 1:
+                self.reference_counts = _reference_counts(refs, self.references)
             if spec.samples != total:
                 raise ValueError(f"samples is {spec.samples} but the references give {total} variations")
+
+    def counts(self, seed: int, n: int) -> list[int]:
+        """Instances asked for per class of a text prompt (its own random stream; all 1 unless
+        ``prompts.max_instances_per_class > 1``)."""
+        if self.max_instances <= 1:
+            return [1] * n
+        rng = np.random.default_rng([seed, COUNT_STREAM])
+        return [int(c) for c in rng.integers(1, self.max_instances + 1, size=n)]
 
     def _compose(self, seed: int) -> tuple[str, list[Any], list[tuple[int, int]]]:
         """(prompt, classes in prompt order, character span of each class word) for one sample seed."""
         rng = np.random.default_rng(seed)
         count = int(rng.integers(self.min_classes, self.max_classes + 1))
         chosen = [self.classes[i] for i in rng.choice(len(self.classes), size=count, replace=False)]
+        counts = self.counts(seed, len(chosen))
         template = self.templates[int(rng.integers(len(self.templates)))]
         prefix, suffix = template.split(OBJECTS)
         text, spans, used = prefix, [], set()
@@ -95,10 +126,10 @@ class SamplingStage(Stage):
                 fresh = [a for a in attributes if a not in used] or attributes
                 attribute = str(rng.choice(fresh))
                 used.add(attribute)
-                text += f"a {attribute} "
+                text += f"{count_words(counts[i], '')[0]} {attribute} "
             else:
-                text += "a "
-            word = str(rng.choice([cls.name, *cls.synonyms]))
+                text += f"{count_words(counts[i], '')[0]} "
+            word = count_words(counts[i], str(rng.choice([cls.name, *cls.synonyms])))[1]
             spans.append((len(text), len(text) + len(word)))
             text += word
         return text + suffix, chosen, spans
@@ -123,9 +154,15 @@ class SamplingStage(Stage):
         cls = next(c for c in self.classes if c.name == ref.class_name)
         prefix, suffix = self.templates[int(rng.integers(len(self.templates)))].split(OBJECTS)
         attribute = next((a for a in ref.attributes if a in (getattr(cls, "attributes", None) or [])), None)
-        text = prefix + (f"a {attribute} " if attribute else "a ")
-        word = str(rng.choice([cls.name, *cls.synonyms]))
+        article, _ = count_words(self.reference_count(ref), "")
+        text = prefix + (f"{article} {attribute} " if attribute else f"{article} ")
+        word = count_words(self.reference_count(ref), str(rng.choice([cls.name, *cls.synonyms])))[1]
         return text + word + suffix, [cls], [(len(text), len(text) + len(word))]
+
+    def reference_count(self, ref: Reference) -> int:
+        """Instances a variation of ``ref`` asks for: its annotations of its class, up to
+        ``prompts.max_instances_per_class`` (1 when that is 1)."""
+        return min(self.reference_counts.get(ref.key, 1), self.max_instances)
 
     def embedding_cond(self, seed: int, prompt: str, classes: list[Any], spans: list[tuple[int, int]]) -> dict:
         """The ``cond["embedding"]`` of a sample (its own random stream, so prompts stay as without it)."""
@@ -152,8 +189,12 @@ class SamplingStage(Stage):
             cond["reference"] = {"key": ref.key, "strength": strength}
             curriculum = {"level": level, "strength": strength, "image_guidance": guidance, "group_id": ref.key,
                           "source": "synthetic", "difficulty": guidance}
+            counts = [self.reference_count(ref)]
         else:
             prompt, classes, spans = self._compose(seed)
+            counts = self.counts(seed, len(classes))
+        if any(c > 1 for c in counts):  # the label stage reads how many instances each class should have
+            cond["counts"] = counts
         if self.embedding is not None:
             cond["embedding"] = self.embedding_cond(seed, prompt, classes, spans)
         positions = class_token_positions(self.tokenizer, prompt, spans)
@@ -176,3 +217,19 @@ class SamplingStage(Stage):
             cond=np.array([r[3] for r in rows], dtype=str),
             curriculum=np.array([r[4] for r in rows], dtype=str),
         )
+
+
+def _reference_counts(cfg: Any, refs: list[Reference]) -> dict[str, int]:
+    """{reference key: its annotations of its own class} for a COCO-folder ``references.path`` (an output
+    folder's references count 1)."""
+    from pathlib import Path
+
+    from .references import ANNOTATIONS, load_coco
+
+    if not (Path(cfg.path) / ANNOTATIONS).is_file():
+        return {}
+    coco, images = load_coco(Path(cfg.path), field="references.path")
+    names = {c["id"]: c["name"] for c in coco.cats.values()}
+    by_key = {im.key: im for im in images}
+    return {r.key: sum(names[a["category_id"]] == r.class_name for a in by_key[r.key].annotations)
+            for r in refs if r.key in by_key}

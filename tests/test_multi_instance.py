@@ -1,0 +1,148 @@
+"""Several instances of one class: multi-instance shapes-world scenes, the label stage's instance split
+(touching same-class objects), the count filters, count prompts and instance mask AP."""
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from pycocotools import mask as mask_utils
+from scipy import ndimage
+
+from pipeline.evaluate import Prompt, Sample, instance_scores
+from pipeline.shapes.world import CLASSES, count_caption, render_multi_scene, render_scene
+from stages.filters import verdict
+from stages.labels import LabelStage, category_ids, encode_mask, rle_fields
+
+SIZE = 64
+
+
+def spec(**filters):
+    return SimpleNamespace(
+        classes=[SimpleNamespace(name=c) for c in CLASSES],
+        masks=SimpleNamespace(use_raw=False, superpixel_scale=10.0, superpixel_min_area=0.005),
+        filters=SimpleNamespace(min_area_fraction=0.005, max_area_fraction=0.95, min_contrast=0.1,
+                                max_extra_instances=None, max_missing_instances=None, dedup_threshold=None,
+                                **filters))
+
+
+def union(scene, cls):
+    out = np.zeros((SIZE, SIZE), bool)
+    for o in scene.objects:
+        if o.cls == cls:
+            out |= o.mask
+    return out
+
+
+def touching_scenes(cls, same_color, n):
+    """The first ``n`` scenes (from seed 0) with 2-3 instances of ``cls`` all in one connected blob."""
+    out = []
+    for seed in range(400):
+        k = 2 + seed % 2
+        scene = render_multi_scene(seed, SIZE, groups=[(cls, k)], same_color=same_color, touch=1.0)
+        if ndimage.label(union(scene, cls))[1] == 1:
+            out.append(scene)
+            if len(out) == n:
+                return out
+    raise AssertionError(f"fewer than {n} touching scenes of {cls}")
+
+
+def test_multi_instance_scenes_and_captions():
+    scene = render_multi_scene(5, SIZE, groups=[("circle", 2), ("star", 1)], same_color=True)
+    assert [o.cls for o in scene.objects] == ["circle", "circle", "star"]
+    a, b, star = scene.objects
+    assert a.color == b.color != star.color
+    assert count_caption(scene.objects) == f"two {a.color} circles and a {star.color} star"
+    mixed = render_multi_scene(5, SIZE, groups=[("cross", 3)], same_color=False)
+    colors = [o.color for o in mixed.objects]
+    assert len(set(colors)) == 3
+    assert count_caption(mixed.objects) == f"three crosses, {colors[0]}, {colors[1]} and {colors[2]}"
+    for o in scene.objects + mixed.objects:  # exact, disjoint visible masks, each mostly visible
+        assert o.mask.sum() > 0
+    assert not (a.mask & b.mask).any()
+    # the existing world is untouched by the new stream
+    assert render_scene(5).caption == render_scene(5).caption and render_scene(5, SIZE).objects[0].cls in CLASSES
+
+
+def _label(scene, cls, stage, counts):
+    sem = np.where(union(scene, cls), 1, 0).astype(np.uint8)
+    attn = np.zeros((1, 16, 16), np.float32)
+    return stage.label_row([cls], attn, sem, scene.image, counts)
+
+
+@pytest.mark.parametrize("cls, same_color", [("circle", True), ("square", False), ("triangle", False),
+                                             ("star", False)])
+def test_touching_objects_of_one_class_are_split(cls, same_color):
+    stage = LabelStage(spec())
+    for scene in touching_scenes(cls, same_color, 3):
+        truth = [o.mask for o in scene.objects]
+        anns, scores = _label(scene, cls, stage, [len(truth)])
+        masks = [mask_utils.decode(a["segmentation"]).astype(bool) for a in anns]
+        assert scores["per_class"][0]["n_components"] == 1  # connected components alone: one object
+        assert scores["per_class"][0]["n_prompted"] == len(truth)
+        assert scores["per_class"][0]["n_instances"] == len(masks) == len(truth), scene.seed
+        for t in truth:  # each true object has its own instance
+            best = max((m & t).sum() / (m | t).sum() for m in masks)
+            assert best >= 0.75, (scene.seed, best)
+
+
+def test_a_class_prompted_once_keeps_its_components():
+    """Single-instance labels are the plain components, exactly as before (no split without a count)."""
+    scene = touching_scenes("circle", True, 1)[0]
+    stage = LabelStage(spec())
+    anns, scores = _label(scene, "circle", stage, None)
+    assert len(anns) == 1 and scores["per_class"][0]["n_prompted"] == 1
+    assert np.array_equal(mask_utils.decode(anns[0]["segmentation"]).astype(bool), union(scene, "circle"))
+
+
+def test_stage_reads_counts_from_cond():
+    scene = touching_scenes("circle", True, 1)[0]
+    k = len(scene.objects)
+    stage = LabelStage(spec())
+    batch = {"class_names": np.array([json.dumps(["circle"])] * 2), "image": np.stack([scene.image] * 2),
+             "attn": np.zeros((2, 1, 16, 16), np.float16), "attn_raw": np.zeros((2, 1, 16, 16), np.float16),
+             "semantic_mask": np.stack([union(scene, "circle").astype(np.uint8)] * 2),
+             "cond": np.array([json.dumps({"counts": [k]}), ""])}
+    out = stage(batch)
+    split, plain = (json.loads(s) for s in out["scores"])
+    assert split["per_class"][0]["n_instances"] == split["n_prompted"] == k
+    assert plain["per_class"][0]["n_instances"] == plain["n_prompted"] == 1
+
+
+def _scores(n_instances, n_prompted, name="circle"):
+    return {"name": name, "n_components": max(n_instances, 1), "n_instances": n_instances,
+            "n_prompted": n_prompted, "contrast": 0.5}
+
+
+def test_count_filters_both_sides():
+    three = {"per_class": [_scores(2, 3)]}
+    assert verdict(three, 0.1) == ""  # off by default
+    assert verdict(three, 0.1, max_missing_instances=0) == "fewer:circle"
+    assert verdict(three, 0.1, max_missing_instances=1) == ""
+    assert verdict({"per_class": [_scores(4, 3)]}, 0.1, max_extra_instances=0, max_missing_instances=0) == \
+        "count:circle"
+    assert verdict({"per_class": [_scores(3, 3)]}, 0.1, max_extra_instances=0, max_missing_instances=0) == ""
+
+
+def _sample(truths, preds, cls="circle"):
+    ids = category_ids(spec())
+    anns = [{"category_id": ids[cls], **rle_fields(encode_mask(m)), "score": s} for m, s in preds]
+    return Sample(Prompt(0, "t", [(str(i), cls) for i in range(len(truths))]), truths,
+                  np.zeros((SIZE, SIZE), np.uint8), anns)
+
+
+def test_instance_ap_and_count_accuracy_on_hand_made_cases():
+    ids = category_ids(spec())
+    scene = render_multi_scene(1, SIZE, groups=[("circle", 2)], same_color=True, touch=0.0)
+    a, b = (o.mask for o in scene.objects)
+    perfect = instance_scores([_sample([a, b], [(a, 0.9), (b, 0.8)])], ids)
+    assert perfect["AP"] == perfect["AP50"] == 1.0 and perfect["count_accuracy"] == 1.0
+    assert perfect["per_class"]["circle"]["count_cases"] == 1
+    # one of two objects missed: recall 0.5 at precision 1 -> 51 of COCO's 101 recall points
+    missed = instance_scores([_sample([a, b], [(a, 0.9)])], ids)
+    assert missed["AP50"] == missed["AP"] == round(51 / 101, 4)
+    assert missed["count_accuracy"] == 0.0
+    # a merged pair (one mask over both) matches neither object at IoU >= 0.5 when they are alike in size
+    merged = instance_scores([_sample([a, b], [(a | b, 0.9)])], ids)
+    assert merged["AP50"] < 0.51 and merged["count_accuracy"] == 0.0
