@@ -146,3 +146,49 @@ def test_instance_ap_and_count_accuracy_on_hand_made_cases():
     # a merged pair (one mask over both) matches neither object at IoU >= 0.5 when they are alike in size
     merged = instance_scores([_sample([a, b], [(a | b, 0.9)])], ids)
     assert merged["AP50"] < 0.51 and merged["count_accuracy"] == 0.0
+
+
+def test_count_prompts_text_and_references(tiny_model, tmp_path):
+    from conftest import write_job
+
+    from pipeline.shapes.coco import render_multi_coco
+    from pipeline.shapes.world import COLORS
+    from pipeline.spec import load_spec
+    from stages.sampling import SamplingStage
+
+    world = [{"name": c, "attributes": list(COLORS)} for c in CLASSES]
+    prompts = {"templates": ["{objects} on noise"], "max_classes_per_image": 2}
+    plain = SamplingStage(load_spec(write_job(tmp_path / "a", tiny_model, classes=world, prompts=prompts)))
+    counted = SamplingStage(load_spec(write_job(tmp_path / "b", tiny_model, classes=world,
+                                                prompts={**prompts, "max_instances_per_class": 3})))
+    index = {"index": np.arange(12)}
+    a, b = plain(index), counted(index)
+    assert all(c == "" for c in a["cond"])
+    multi = 0
+    for i in range(12):
+        cond = json.loads(b["cond"][i]) if b["cond"][i] else {}
+        counts = cond.get("counts", [1] * len(json.loads(b["class_names"][i])))
+        assert counts == counted.counts(int(b["seed"][i]), len(counts))
+        if max(counts) == 1:  # same draws as the plain job: the counts have their own random stream
+            assert b["prompt"][i] == a["prompt"][i] and not cond
+            continue
+        multi += 1
+        words = b["prompt"][i].split()
+        for name, k in zip(json.loads(b["class_names"][i]), counts):
+            if k > 1:
+                assert ("two", "three")[k - 2] in words and any(w.startswith(name) and w != name for w in words)
+    assert multi >= 3
+    # image-guided variations of multi-instance references name each reference's count
+    refs = tmp_path / "refs"
+    render_multi_coco(refs, 3, first_seed=7)
+    data = json.loads((refs / "annotations.json").read_text())
+    job = write_job(tmp_path / "c", tiny_model, classes=world, samples=3,
+                    prompts={"templates": ["{objects}"], "max_instances_per_class": 4},
+                    references={"path": str(refs), "strengths": [0.3], "seeds_per_level": 1})
+    rows = SamplingStage(load_spec(job))({"index": np.arange(3)})
+    by_key = {f"{im['seed']:08d}": im for im in data["images"]}
+    for prompt, cond in zip(rows["prompt"], rows["cond"]):
+        key = json.loads(cond)["reference"]["key"]
+        want = by_key[key]["count"]
+        assert json.loads(cond)["counts"] == [want]
+        assert prompt.split()[0] == ("two", "three", "four")[want - 2]
