@@ -344,6 +344,6 @@ def check_output_dir(spec: JobSpec, source: str) -> None:
     from .dataset import output_state
 
     try:
-        output_state(Path(spec.output.dir))
+        output_state(spec.output.dir)  # a path or a URI (pipeline/storage.py): never Path() it
     except UsageError as e:
         raise SpecError(f"{source}: {e}") from None
