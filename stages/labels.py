@@ -128,12 +128,67 @@ def _shape_pieces(piece: np.ndarray, expected: int) -> list[np.ndarray]:
     return [lab == k for k in np.unique(lab) if k]
 
 
+TRIM_MAX_DISTANCE = 45.0  # RGB distance from the surrounding background above which a pixel is always object
+SPLIT_MIN_SHARE = 0.25  # a piece under this fraction of its class's largest piece is a speck, not an object
+SPLIT_AREA_EVIDENCE = 1.6  # a piece this many times the median area of its class's other pieces holds two
+
+
+def _split_in_two(piece: np.ndarray) -> list[np.ndarray]:
+    """A piece cut in two: watershed of the distance transform from its two strongest separated peaks, or
+    (one peak) 2-means of its pixel coordinates (a cut across its long axis)."""
+    from skimage.feature import peak_local_max
+    from skimage.segmentation import watershed
+
+    dist = ndimage.distance_transform_edt(np.pad(piece, 1))[1:-1, 1:-1]
+    peaks = peak_local_max(dist, min_distance=max(2, int(dist.max() * 0.6)), num_peaks=2,
+                           labels=piece.astype(np.int32), exclude_border=False)
+    if len(peaks) == 2:
+        markers = np.zeros(piece.shape, np.int32)
+        markers[tuple(peaks.T)] = [1, 2]
+        lab = watershed(-dist, markers, mask=piece)
+    else:
+        ys, xs = np.nonzero(piece)
+        pts = np.stack([ys, xs], 1).astype(np.float32)
+        centre, axis = pts.mean(0), np.linalg.svd(pts - pts.mean(0), full_matrices=False)[2][0]
+        side = (pts - centre) @ axis > 0
+        lab = np.zeros(piece.shape, np.int32)
+        lab[ys, xs] = 1 + side
+    parts = [lab == k for k in (1, 2)]
+    return parts if all(p.any() for p in parts) else [piece]
+
+
+def trim_to_objects(region: np.ndarray, background: np.ndarray, image: np.ndarray) -> np.ndarray:
+    """The pixels of ``region`` whose colour stands out from the background just around it (the nearest of
+    up to 300 colours of a 1-4 px ring of ``background`` pixels; Otsu's cut of those distances, at most
+    :data:`TRIM_MAX_DISTANCE`): attention
+    spills onto the background between objects and fills the necks that separate them."""
+    from .masks import otsu_threshold
+
+    ring = ndimage.binary_dilation(region, iterations=4) & ~ndimage.binary_dilation(region) & background
+    if not region.any() or ring.sum() < 10:
+        return region
+    px = image.astype(np.float32)
+    bg = px[ring]
+    if len(bg) > 300:
+        bg = bg[np.linspace(0, len(bg) - 1, 300).astype(int)]
+    d = np.sqrt(((px[region][:, None, :] - bg[None]) ** 2).sum(-1)).min(1)
+    top = max(float(d.max()), 1e-6)
+    keep = np.zeros_like(region)
+    keep[region] = d > min(otsu_threshold(d / top) * top, TRIM_MAX_DISTANCE)  # never cut between two objects
+    return ndimage.binary_opening(keep)
+
+
 def split_instances(region: np.ndarray, image: np.ndarray, expected: int, min_area: float, max_area: float,
-                    segments: np.ndarray | None = None) -> tuple[list[np.ndarray], int]:
+                    segments: np.ndarray | None = None, background: np.ndarray | None = None
+                    ) -> tuple[list[np.ndarray], int]:
     """(object masks within the area bounds, number of components) of one class's pixels when the prompt asks
-    for ``expected`` objects: each component split by colour (``segments``: the image's Felzenszwalb
-    segments) and at its necks (see the module docstring)."""
-    lab, count = ndimage.label(region)
+    for ``expected`` objects: trimmed to the pixels that stand out from ``background`` (when given), each
+    component split by colour (``segments``: the image's Felzenszwalb segments) and at its necks (see the
+    module docstring); ``number of components`` counts the untrimmed region's."""
+    count = ndimage.label(region)[1]
+    if background is not None:
+        region = trim_to_objects(region, background, image)
+    lab, n_lab = ndimage.label(region)
     if count == 0:
         return [], 0
     if segments is None:
@@ -141,7 +196,7 @@ def split_instances(region: np.ndarray, image: np.ndarray, expected: int, min_ar
 
         segments = felzenszwalb(image, scale=10.0, sigma=0.5, min_size=max(1, int(0.005 * region.size)))
     found = []
-    for k in range(1, count + 1):
+    for k in range(1, n_lab + 1):
         comp = lab == k
         if comp.sum() < min_area:
             continue
@@ -151,6 +206,21 @@ def split_instances(region: np.ndarray, image: np.ndarray, expected: int, min_ar
             piece_lab, n_piece = ndimage.label(piece)  # a colour can be cut in two by another
             for j in range(1, n_piece + 1):
                 found += _shape_pieces(piece_lab == j, expected)
+    found = [m for m in found if m.sum() >= min_area]
+    if len(found) > 1:  # specks beside the objects (attention spilled onto the background) are no object
+        largest = max(int(m.sum()) for m in found)
+        found = [m for m in found if m.sum() >= SPLIT_MIN_SHARE * largest]
+    # fewer objects than prompted: a piece clearly larger than the others holds more than one
+    while 0 < len(found) < expected:
+        areas = [int(m.sum()) for m in found]
+        big = int(np.argmax(areas))
+        others = areas[:big] + areas[big + 1:]
+        if not others or areas[big] < SPLIT_AREA_EVIDENCE * float(np.median(others)):
+            break
+        parts = _split_in_two(found[big])
+        if len(parts) < 2 or min(p.sum() for p in parts) < min_area:
+            break
+        found = found[:big] + parts + found[big + 1:]
     return [m for m in found if min_area <= m.sum() <= max_area], count
 
 
@@ -231,7 +301,7 @@ class LabelStage(Stage):
                     segments = felzenszwalb(image, scale=self.spec.masks.superpixel_scale, sigma=0.5,
                                             min_size=max(1, int(self.spec.masks.superpixel_min_area * pixels)))
                 found, n_comp = split_instances(region, image, prompted, f.min_area_fraction * pixels,
-                                                f.max_area_fraction * pixels, segments)
+                                                f.max_area_fraction * pixels, segments, background=sem == 0)
             else:
                 found, n_comp = components(region, f.min_area_fraction * pixels, f.max_area_fraction * pixels)
             for inst, enc in zip(found, encode_instances(found)):

@@ -63,10 +63,10 @@ def render_coco(out_dir: str | Path, n: int, size: int = 64, first_seed: int = 0
 
 
 def render_multi_coco(out_dir: str | Path, n: int, size: int = 64, first_seed: int = 0, extra_class: bool = False,
-                      same_color: bool | None = None, touch: float = 0.5,
+                      same_color: bool | None = None, touch: float = 0.5, max_count: int = 4,
                       description: str = "synthgen shapes world, several instances of a class") -> Path:
-    """Like :func:`render_coco` for :func:`~pipeline.shapes.world.render_multi_scene` scenes: scene i shows 2-4
-    instances of one class (drawn from its seed), plus one other class when ``extra_class``. Each image entry
+    """Like :func:`render_coco` for :func:`~pipeline.shapes.world.render_multi_scene` scenes: scene i shows
+    2-``max_count`` instances of one class (drawn from its seed), plus one other class when ``extra_class``. Each image entry
     records the caption (it says the count: 'three red circles'), ``class`` (the repeated class) and
     ``count``; one annotation per instance, touching ones separate."""
     out_dir = Path(out_dir)
@@ -76,7 +76,7 @@ def render_multi_coco(out_dir: str | Path, n: int, size: int = 64, first_seed: i
         seed = first_seed + i
         rng = np.random.default_rng([seed, 0xC0C0])
         main = str(rng.choice(CLASSES))
-        groups = [(main, int(rng.integers(2, 5)))]
+        groups = [(main, int(rng.integers(2, max_count + 1)))]
         if extra_class:
             groups.append((str(rng.choice([c for c in CLASSES if c != main])), 1))
         scene = render_multi_scene(seed, size, groups=groups, same_color=same_color, touch=touch)
