@@ -192,3 +192,13 @@ def test_count_prompts_text_and_references(tiny_model, tmp_path):
         want = by_key[key]["count"]
         assert json.loads(cond)["counts"] == [want]
         assert prompt.split()[0] == ("two", "three", "four")[want - 2]
+
+
+def test_oracle_finds_the_instances_of_a_rendered_scene():
+    from pipeline.shapes.oracle import find_instances
+
+    scene = touching_scenes("circle", True, 1)[0]
+    found = find_instances(scene.image, [o.color for o in scene.objects], len(scene.objects))
+    assert len(found) == len(scene.objects)
+    for o in scene.objects:
+        assert max((m & o.mask).sum() / (m | o.mask).sum() for m in found) >= 0.75

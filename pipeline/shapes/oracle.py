@@ -146,3 +146,17 @@ def find_objects(image: np.ndarray, colors) -> list[OracleObject]:
         out.append(OracleObject(color=color, mask=mask, cls=cls, class_iou=iou, area=area))
     return out
 
+
+
+def find_instances(image: np.ndarray, colors, expected: int) -> list[np.ndarray]:
+    """The separate objects drawn in the prompted ``colors`` (several instances of one class): each colour's
+    pixels, specks dropped, split into objects as the label stage splits a class prompted ``expected``
+    times (different colours apart, one colour at its necks: :func:`stages.labels.split_instances`)."""
+    from stages.labels import split_instances
+
+    labels = color_labels(image)
+    mask = np.zeros(labels.shape, bool)
+    for color in dict.fromkeys(colors):
+        mask |= _clean(labels == _NAMES.index(color))
+    found, _ = split_instances(mask, image, expected, MIN_AREA_FRACTION * mask.size, mask.size)
+    return found
