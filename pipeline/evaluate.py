@@ -22,6 +22,10 @@ The job's own synthesis, mask, label and filter stages run in process. Against t
   refined score (training ignores them too); ``miou_ignore_as_background`` counts them as wrong;
 * **instance mask IoU**: per true object, the best IoU of a predicted instance of its class;
 * **boxes**: COCO AP and AP50 with ``pycocotools.cocoeval.COCOeval`` (bbox, and segm);
+* **instances** (several of one class): instance mask AP / AP50 (COCOeval segm, one ground truth per true
+  object) over all classes and per class, and count accuracy: per (image, class) with two or more true
+  objects, whether the labels found exactly that many (``instance_scores``; a job with
+  ``prompts.max_instances_per_class > 1`` prompts the count and the label stage splits the class);
 * **missing objects**: true objects with no predicted box of their class at IoU >= 0.5
   (including objects the model did not draw at all);
 * **filters**: the same numbers on the kept samples only, the share of kept samples whose every
