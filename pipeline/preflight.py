@@ -85,7 +85,14 @@ def check_model(spec: JobSpec, source: str) -> None:
         raise SpecError(f"{source}: model.path: {folder} has no model_index.json; expected a diffusers Stable "
                         "Diffusion folder (save_pretrained layout)")
     family = check_layout(folder, source, getattr(spec.model, "family", "auto"))
+    index = _read_json(folder / "model_index.json", source)
+    schedulers = getattr(family, "schedulers", None)
+    if schedulers is not None and spec.generation.scheduler not in schedulers:
+        raise SpecError(f"{source}: generation.scheduler: {spec.generation.scheduler!r} does not fit a {family.title} "
+                        f"model; use {' or '.join(repr(s) for s in schedulers)}")
     for name in family.tokenizers:
+        if name in family.optional and index.get(name) in ([None, None], None):
+            continue  # an optional tokenizer the folder leaves out (SD3 without T5)
         tokenizer = load_tokenizer(folder / name, source)
         limit = family.token_limit(name, tokenizer.model_max_length)
         if limit != tokenizer.model_max_length:

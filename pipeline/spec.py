@@ -203,6 +203,9 @@ class MasksSpec(_Strict):
                                              "fractions of the latent side ('1/4')")
     self_attention_resolution: Level | None = Field(default=None, description="self-attention level for "
                                                     "refine_power (as capture_resolutions)")
+    capture_blocks: list[Annotated[int, Field(ge=0)]] | None = Field(
+        default=None, description="sd3 / flux: transformer blocks captured, by index (flux: double-stream "
+        "blocks first, then single-stream); null: the family's middle blocks. UNet families use capture_resolutions")
     refine_power: int = Field(default=0, ge=0, description="τ: maps refined as A^τ · maps (A: self-"
                               "attention); 0: off")
     step_window: tuple[Fraction, Fraction] = Field(default=(0.0, 1.0), description="[start, end): the "
@@ -466,6 +469,8 @@ class JobSpec(_Strict):
             exclude["prompts"] = {"embedding"}
         if self.prompts.max_instances_per_class == 1:  # new fields at their defaults: fingerprints as before
             exclude["prompts"] = {*exclude.get("prompts", ()), "max_instances_per_class"}
+        if self.masks.capture_blocks is None:
+            exclude["masks"] = {*exclude["masks"], "capture_blocks"}
         if self.filters.max_missing_instances is None:
             exclude["filters"] = {*exclude.get("filters", ()), "max_missing_instances"}
         exclude["references"] = True if self.references is None else {"path": True, "select": {"path"}}

@@ -19,7 +19,7 @@ from mmdit_models import build_flux, build_sd3
 from pipeline.cli import main
 from pipeline.dataset import read_manifest
 from pipeline.runner import run_job
-from pipeline.spec import load_spec
+from pipeline.spec import SpecError, load_spec
 from stages import identity
 from test_determinism import CliRun
 
@@ -155,9 +155,16 @@ def test_sd3_without_t5_captures_the_clip_tokens(tmp_path):
     positions = family.token_positions(prompt, [span])
     assert set(positions) == {"tokenizer", "tokenizer_2"}
     assert family.capture_token_index(prompt, positions["tokenizer"]) == positions["tokenizer"]
-    masks = load_spec(mm_job(tmp_path, folder, "sd3"), check_files=False).masks
+    job = mm_job(tmp_path, folder, "sd3")
+    masks = load_spec(job).masks  # the pre-flight checks pass on a folder without T5
     capture = family.attach_capture(masks, HEIGHT, WIDTH)
     assert capture.info["text_tokens"] == 77 + 256 and capture.info["map_grid"] == [HEIGHT // 16, WIDTH // 16]
+    # the family's schedulers are checked before any weights load; capture blocks by index, in range
+    with pytest.raises(SpecError, match=r"generation.scheduler: 'ddim' does not fit a .* model; use 'default' or 'euler'"):
+        load_spec(job, ["generation.scheduler=ddim"])
+    assert load_spec(job, ["masks.capture_blocks=[0, 1]"]).masks.capture_blocks == [0, 1]
+    with pytest.raises(SpecError, match=r"masks.capture_blocks: \[99\] out of range"):
+        load_spec(job, ["masks.capture_blocks=[99]"])
     capture.begin([positions["tokenizer"]], 2, family.loop_steps(2))
     images = family.run(family.conditioning([prompt], [{}]), [torch.Generator().manual_seed(0)], 2, 4.0, HEIGHT,
                         WIDTH, capture.on_step_end)
