@@ -6,13 +6,10 @@ text encoders, prediction type, projections, micro-conditioning) and tiny widths
 folder. Nothing is downloaded.
 
 Tokenizers: :func:`clip_tokenizer` builds a transformers ``CLIPTokenizer`` from the real CLIP BPE
-vocabulary that ships inside the ``open_clip_torch`` wheel (``open_clip/bpe_simple_vocab_16e6.txt.gz``,
-found through ``importlib.metadata`` without importing open_clip, which needs torchvision). The
-wheel cannot be a test dependency here: installing it pulls torchvision, whose PyPI build does not
-import beside the CPU torch (``operator torchvision::nms does not exist``), and transformers then
-fails on it. Install it without dependencies (``pip install --no-deps open_clip_torch``) to get the
-real vocabulary; without it the builders use the bundled shapes model's CLIP BPE vocabulary (one
-token per letter), so multi-token words are still several tokens. ``CLIP_VOCAB`` says which.
+vocabulary, ``bpe_simple_vocab_16e6.txt.gz``, read (never imported) from the installed
+``openai-clip`` package, a test dependency that ships the file and needs only ftfy, regex and tqdm
+(``open_clip_torch`` ships it too, but pulls torchvision, whose PyPI build does not import beside the
+CPU torch), or from ``open_clip_torch`` when that is installed.
 
 Shared with the SD3 / Flux builders (they reuse :func:`clip_tokenizer` and :func:`tiny_vae`).
 """
@@ -27,7 +24,6 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-BUNDLED_TOKENIZER = REPO / "pipeline" / "models" / "shapes-tiny-sd" / "tokenizer"
 TEXT_WIDTH = 32  # hidden size of every tiny CLIP text encoder
 
 
@@ -44,26 +40,28 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, map(chr, cs)))
 
 
-def open_clip_vocab() -> Path | None:
-    """The real CLIP BPE merges file inside an installed ``open_clip_torch`` (not imported), or None."""
-    try:
-        files = importlib.metadata.files("open_clip_torch") or []
-    except importlib.metadata.PackageNotFoundError:
-        return None
-    for f in files:
-        if f.name == "bpe_simple_vocab_16e6.txt.gz":
-            path = Path(f.locate())
-            return path if path.is_file() else None
-    return None
+#: installed distributions that ship CLIP's BPE merges file
+VOCAB_PACKAGES = ("openai-clip", "open_clip_torch")
 
 
-CLIP_VOCAB = "open_clip" if open_clip_vocab() is not None else "bundled"
+def clip_vocab() -> Path:
+    """The real CLIP BPE merges file of an installed package (not imported)."""
+    for package in VOCAB_PACKAGES:
+        try:
+            files = importlib.metadata.files(package) or []
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        for f in files:
+            if f.name == "bpe_simple_vocab_16e6.txt.gz" and Path(f.locate()).is_file():
+                return Path(f.locate())
+    raise FileNotFoundError("no installed package ships CLIP's bpe_simple_vocab_16e6.txt.gz; install the test "
+                            "extra (pip install -c .ci/constraints-cpu.txt -e '.[test]': openai-clip)")
 
 
 @lru_cache(maxsize=None)
 def _clip_files() -> tuple[str, str]:
     """(vocab.json text, merges.txt text) of the real CLIP BPE, as open_clip's SimpleTokenizer builds them."""
-    lines = gzip.open(open_clip_vocab()).read().decode("utf-8").split("\n")
+    lines = gzip.open(clip_vocab()).read().decode("utf-8").split("\n")
     merges = [tuple(m.split()) for m in lines[1:49152 - 256 - 2 + 1]]
     vocab = list(_bytes_to_unicode().values())
     vocab = vocab + [v + "</w>" for v in vocab] + ["".join(m) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
@@ -72,20 +70,14 @@ def _clip_files() -> tuple[str, str]:
 
 
 def clip_tokenizer(folder: Path, pad_token: str = "<|endoftext|>", model_max_length: int = 77):
-    """A CLIPTokenizer saved to ``folder`` (the real CLIP vocabulary when available, see the module docstring)."""
+    """A CLIPTokenizer with the real CLIP vocabulary, saved to ``folder``."""
     from transformers import CLIPTokenizer
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     src = folder / "_src"
     src.mkdir(exist_ok=True)
-    if CLIP_VOCAB == "open_clip":
-        vocab, merges = _clip_files()
-    else:
-        data = json.loads((BUNDLED_TOKENIZER / "tokenizer.json").read_text())
-        vocab = json.dumps(data["model"]["vocab"])
-        merges = "#version: 0.2\n" + "\n".join(m if isinstance(m, str) else " ".join(m)
-                                               for m in data["model"]["merges"]) + "\n"
+    vocab, merges = _clip_files()
     (src / "vocab.json").write_text(vocab)
     (src / "merges.txt").write_text(merges)
     tok = CLIPTokenizer(str(src / "vocab.json"), str(src / "merges.txt"), bos_token="<|startoftext|>",
