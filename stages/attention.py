@@ -113,6 +113,29 @@ def fp16_safe(x: torch.Tensor) -> torch.Tensor:
     return torch.where(narrow, (x - lo) / span.clamp_min(torch.finfo(torch.float32).tiny), x)
 
 
+def token_weights(token_index: Sequence[Sequence[Sequence[int]]], num_classes: int,
+                  length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(positions (B, S) long, weights (B, K, S)): the token positions naming each class of each image, packed
+    into S slots, and per class the weight 1/len(group) on its own slots (a class map = mean of its tokens).
+    ``token_index[b][k]`` lists the positions (in a text of ``length`` tokens) naming class k of image b."""
+    batch = len(token_index)
+    slots = max(1, max(sum(len(g) for g in groups) for groups in token_index))
+    positions = torch.zeros(batch, slots, dtype=torch.long)
+    weights = torch.zeros(batch, num_classes, slots)
+    for b, groups in enumerate(token_index):
+        if len(groups) > num_classes:
+            raise ValueError(f"image {b} names {len(groups)} classes, more than {num_classes}")
+        t = 0
+        for k, group in enumerate(groups):
+            if not group or not all(0 <= p < length for p in group):
+                raise ValueError(f"image {b} class {k}: token positions {list(group)} must be a non-empty "
+                                 f"list within [0, {length})")
+            positions[b, t:t + len(group)] = torch.tensor(list(group))
+            weights[b, k, t:t + len(group)] = 1.0 / len(group)
+            t += len(group)
+    return positions, weights
+
+
 class CaptureProcessor:
     """``AttnProcessor2_0``'s computation (SDPA output) plus an fp32 probability capture."""
 
@@ -224,20 +247,8 @@ class AttentionCapture:
         """
         batch = len(token_index)
         device = self.unet.device
-        slots = max(1, max(sum(len(g) for g in groups) for groups in token_index))
-        positions = torch.zeros(batch, slots, dtype=torch.long)
-        weights = torch.zeros(batch, num_classes, slots)
-        for b, groups in enumerate(token_index):
-            if len(groups) > num_classes:
-                raise ValueError(f"image {b} names {len(groups)} classes, more than {num_classes}")
-            t = 0
-            for k, group in enumerate(groups):
-                if not group or not all(0 <= p < context_length for p in group):
-                    raise ValueError(f"image {b} class {k}: token positions {list(group)} must be a non-empty "
-                                     f"list within [0, {context_length})")
-                positions[b, t:t + len(group)] = torch.tensor(list(group))
-                weights[b, k, t:t + len(group)] = 1.0 / len(group)
-                t += len(group)
+        positions, weights = token_weights(token_index, num_classes, context_length)
+        slots = positions.shape[1]
         grids = {level: level_grid(*latent_hw, level) for level in range(len(self.native))}
         if self.self_level is not None:
             h, w = grids[self.self_level]

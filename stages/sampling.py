@@ -10,6 +10,7 @@ import numpy as np
 from transformers import CLIPTokenizer
 
 from .base import Batch, Stage, passthrough
+from .prompt_words import count_words
 
 if TYPE_CHECKING:  # stages.references imports webdataset, which imports torch (~3 s per worker)
     from .references import Reference
@@ -17,23 +18,6 @@ if TYPE_CHECKING:  # stages.references imports webdataset, which imports torch (
 OBJECTS = "{objects}"
 EMBEDDING_STREAM = 1  # numpy seed-sequence word that separates embedding draws from prompt draws
 COUNT_STREAM = 2  # ... and instance counts (prompts.max_instances_per_class > 1)
-NUMBER_WORDS = ("a", "a", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
-
-
-def plural(word: str) -> str:
-    """English plural of a class word: circle -> circles, cross -> crosses, city -> cities."""
-    if word.endswith(("s", "x", "z", "ch", "sh")):
-        return word + "es"
-    if len(word) > 1 and word.endswith("y") and word[-2] not in "aeiou":
-        return word[:-1] + "ies"
-    return word + "s"
-
-
-def count_words(count: int, word: str) -> tuple[str, str]:
-    """(article or number, class word in number): (a, circle), (two, circles)."""
-    if count <= 1:
-        return "a", word
-    return (NUMBER_WORDS[count] if count < len(NUMBER_WORDS) else str(count)), plural(word)
 
 
 def stable_seed(job_seed: int, index: int) -> int:

@@ -61,6 +61,17 @@ def write_job(directory: Path, model_path: str, name: str = "job.yaml", **sectio
     return path
 
 
+@pytest.fixture(scope="module")
+def own_cache(tmp_path_factory):
+    """Model digests cached in this module's folder (not the user's ~/.cache); the process memo starts empty."""
+    from stages import identity
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache")))
+        mp.setattr(identity, "_memory", {})
+        yield
+
+
 @pytest.fixture
 def job_file(tmp_path, tiny_model) -> Path:
     return write_job(tmp_path, tiny_model)

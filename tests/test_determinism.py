@@ -35,13 +35,7 @@ DEMO_RESOURCES = {"sampling": {"num_cpus": 0.25}, "synthesis": {"num_cpus": 1, "
                   **{name: {"num_cpus": 0.25, "actors": 1} for name in ("masks", "labels", "filters", "encode")}}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def own_cache(tmp_path_factory):
-    """Digests cached in this module's folder (not the user's ~/.cache); the process memo starts empty."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache")))
-        mp.setattr(identity, "_memory", {})
-        yield
+pytestmark = pytest.mark.usefixtures("own_cache")  # digests cached in this module's folder (conftest)
 
 
 def checkout(root: Path, model: str) -> Path:

@@ -20,7 +20,6 @@ from pipeline.cli import main
 from pipeline.dataset import read_manifest
 from pipeline.runner import run_job
 from pipeline.spec import SpecError, load_spec
-from stages import identity
 from test_determinism import CliRun
 
 HEIGHT, WIDTH = 64, 96  # non-square: a 4×6 image-token grid (VAE scale 8 × patch 2)
@@ -28,13 +27,7 @@ CLASSES = ["traffic light", "fire hydrant", "hot dog", "dog", "cat"]
 GUIDANCE = {"sd3": 4.0, "flux": 3.5}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def own_cache(tmp_path_factory):
-    """Digests cached in this module's folder (not the user's ~/.cache); the process memo starts empty."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache")))
-        mp.setattr(identity, "_memory", {})
-        yield
+pytestmark = pytest.mark.usefixtures("own_cache")  # digests cached in this module's folder (conftest)
 
 
 @pytest.fixture(scope="module")

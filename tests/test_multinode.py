@@ -12,16 +12,14 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
 from conftest import REPO
+from raynodes import free_ports, stop_session
 from test_storage_s3 import BUCKET, assert_same_objects, moto_s3
 
 from pipeline.dataset import read_manifest
@@ -32,47 +30,6 @@ HEAD_PORTS = ("port", "node-manager-port", "object-manager-port", "ray-client-se
               "runtime-env-agent-port")
 NODE_PORTS = HEAD_PORTS[1:2] + HEAD_PORTS[2:3] + HEAD_PORTS[4:]
 WORKER_PORTS = 8  # worker processes per node (--worker-port-list)
-
-
-def free_ports(n: int) -> list[int]:
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-def session_pids(sid: int) -> list[int]:
-    """Live processes of session ``sid`` (a ``ray start`` run with start_new_session: its daemons inherit it)."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[3]) == sid and fields[0] != "Z":
-                pids.append(int(entry.name))
-    return pids
-
-
-def stop_session(sid: int) -> None:
-    for sig, wait_s in ((signal.SIGTERM, 3.0), (signal.SIGKILL, 5.0)):
-        for pid in session_pids(sid):
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + wait_s
-        while session_pids(sid) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        if not session_pids(sid):
-            return
 
 
 def ray_start(args: list[str], env: dict, sessions: list[int], attempts: int = 2) -> None:

@@ -10,8 +10,6 @@ import json
 import os
 import secrets
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, write_job
+from raynodes import free_ports, stop_session
 from pipeline.cli import main
 from pipeline.package import build_package
 from pipeline.spec import UsageError
@@ -180,49 +179,6 @@ def test_submit_checks_its_arguments_before_anything_else(project, monkeypatch, 
 
 
 # --- a real submit to a local Ray cluster ---------------------------------------------------------
-def free_ports(n: int) -> list[int]:
-    """n distinct ports free now (all held open together while picking)."""
-    held = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            held.append(s)
-        return [s.getsockname()[1] for s in held]
-    finally:
-        for s in held:
-            s.close()
-
-
-def session_pids(sid: int) -> list[int]:
-    """Live (non-zombie) processes of session ``sid``: everything `ray start` spawned, workers included."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[3]) == sid and fields[0] != "Z":
-                pids.append(int(entry.name))
-    return pids
-
-
-def stop_session(sid: int) -> None:
-    """Stop the processes of our own `ray start` session by PID (never `ray stop`: it stops every Ray here)."""
-    for sig, wait_s in ((signal.SIGTERM, 3.0), (signal.SIGKILL, 5.0)):
-        for pid in session_pids(sid):
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + wait_s
-        while session_pids(sid) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        if not session_pids(sid):
-            return
-
-
 @pytest.fixture
 def ray_cluster():
     """A local Ray head with its own ports, temp dir, HOME and auth token: (dashboard url, env, temp dir)."""

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image, ImageDraw
 
+from stages.prompt_words import NUMBER_WORDS, plural
+
 CLASSES = ("circle", "square", "triangle", "star", "ring", "cross")
 COLORS = {
     "red": (225, 35, 35),
@@ -211,18 +213,8 @@ def _visible(coverages: list[np.ndarray]) -> list[np.ndarray]:
 # Multi-instance scenes: 2-4 objects of one class (same or different colours), touching ones included.
 # A separate random stream and separate functions: render_scene / caption_for / VOCABULARY are unchanged.
 
-NUMBER_WORDS = ("a", "a", "two", "three", "four", "five", "six")  # NUMBER_WORDS[k]: the word for k objects
 MULTI_STREAM = 0x3A1751  # seed-sequence word of multi-instance scenes (render_scene uses 0x5A17E5)
 MULTI_MIN_VISIBLE = 0.7  # every instance keeps at least this fraction of its own area visible
-
-
-def plural(word: str) -> str:
-    """English plural of a class word: circle -> circles, cross -> crosses, bus -> buses, city -> cities."""
-    if word.endswith(("s", "x", "z", "ch", "sh")):
-        return word + "es"
-    if len(word) > 1 and word.endswith("y") and word[-2] not in "aeiou":
-        return word[:-1] + "ies"
-    return word + "s"
 
 
 def count_phrase(cls: str, colors: list[str]) -> str:

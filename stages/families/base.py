@@ -195,10 +195,13 @@ class ModelFamily:
         return {k: torch.cat([r[k] for r in rows]) for k in rows[0]}
 
     def token_positions(self, prompt: str, spans: Sequence[tuple[int, int]]) -> dict[str, list[list[int]]]:
-        """{tokenizer subfolder: positions (BOS = 0) of the tokens overlapping each character span}."""
+        """{tokenizer subfolder: positions (BOS = 0) of the tokens overlapping each character span}, for the
+        tokenizers the folder has (an optional one it leaves out, e.g. SD3's T5, is skipped)."""
         out = {}
         for name in self.tokenizers:
-            tok = getattr(self.pipe, name)
+            tok = getattr(self.pipe, name, None)
+            if tok is None:
+                continue
             enc = tok(prompt, return_offsets_mapping=True, truncation=False)
             groups = []
             for start, end in spans:

@@ -46,6 +46,7 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
+from ..attention import token_weights
 from .mmdit import MAX_AFFINITY_TOKENS, default_blocks, middle_blocks  # noqa: F401  (torch-free half)
 
 #: image-query × joint-key probabilities are computed this many bytes (fp32) at a time, a chunk of heads each
@@ -278,20 +279,8 @@ class JointAttentionCapture:
         grid ``grid_hw`` (``token_grid``), with ``text_length`` text tokens in the joint sequence."""
         batch = len(token_index)
         device = self.transformer.device
-        slots = max(1, max(sum(len(g) for g in groups) for groups in token_index))
-        positions = torch.zeros(batch, slots, dtype=torch.long)
-        weights = torch.zeros(batch, num_classes, slots)
-        for b, groups in enumerate(token_index):
-            if len(groups) > num_classes:
-                raise ValueError(f"image {b} names {len(groups)} classes, more than {num_classes}")
-            t = 0
-            for k, group in enumerate(groups):
-                if not group or not all(0 <= p < text_length for p in group):
-                    raise ValueError(f"image {b} class {k}: token positions {list(group)} must be a non-empty "
-                                     f"list within [0, {text_length})")
-                positions[b, t:t + len(group)] = torch.tensor(list(group))
-                weights[b, k, t:t + len(group)] = 1.0 / len(group)
-                t += len(group)
+        positions, weights = token_weights(token_index, num_classes, text_length)
+        slots = positions.shape[1]
         n = math.prod(grid_hw)
         if self.config.refine_power > 0 and n > MAX_AFFINITY_TOKENS:
             raise ValueError(f"refinement needs the {grid_hw[0]}×{grid_hw[1]} image-token affinity; at most "

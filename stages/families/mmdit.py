@@ -187,22 +187,11 @@ class MMDiTFamily(ModelFamily):
     def token_positions(self, prompt: str, spans: Sequence[tuple[int, int]]) -> dict[str, list[list[int]]]:
         """{tokenizer subfolder: positions of the tokens overlapping each span}, for the tokenizers the folder has
         (SD3's T5 is optional)."""
-        out = {}
-        for name in self.tokenizers:
-            tok = getattr(self.pipe, name, None)
-            if tok is None:
-                continue
-            enc = tok(prompt, return_offsets_mapping=True, truncation=False)
-            groups = []
-            for start, end in spans:
-                hit = [i for i, (a, b) in enumerate(enc.offset_mapping) if b > a and a < end and b > start]
-                if not hit:
-                    raise ValueError(f"no {name} token of {prompt!r} covers characters {start}:{end}")
-                if name == self.t5_tokenizer and max(hit) >= self.max_sequence_length:
-                    raise ValueError(f"{prompt!r}: the T5 tokens of characters {start}:{end} are past the "
-                                     f"{self.max_sequence_length}-token limit")
-                groups.append(hit)
-            out[name] = groups
+        out = super().token_positions(prompt, spans)
+        for (start, end), hit in zip(spans, out.get(self.t5_tokenizer, ())):
+            if max(hit) >= self.max_sequence_length:
+                raise ValueError(f"{prompt!r}: the T5 tokens of characters {start}:{end} are past the "
+                                 f"{self.max_sequence_length}-token limit")
         return out
 
     def spans_of(self, prompt: str, token_index: list[list[int]]) -> list[tuple[int, int]]:
