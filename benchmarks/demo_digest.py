@@ -52,10 +52,14 @@ def main() -> int:
     reference = json.loads(REFERENCE.read_text())
     differing = sorted(n for n in set(current) | set(reference["shards"]) if current.get(n) != reference["shards"].get(n))
     members = member_digests(out, shards) if differing else {}
+    changed = sorted(m for m in set(members) | set(reference["members"]) if members.get(m) != reference["members"].get(m))
+    by_kind: dict[str, int] = {}
+    for name in changed:
+        kind = name.split(".", 1)[1]  # keys hold no '.' (stages/sampling.py)
+        by_kind[kind] = by_kind.get(kind, 0) + 1
     result = {"reference_recorded": reference["recorded"], "shards": len(current), "identical": not differing,
-              "differing_shards": differing,
-              "differing_members": sorted(m for m in set(members) | set(reference["members"])
-                                          if members.get(m) != reference["members"].get(m))[:10]}
+              "differing_shards": differing, "members": len(reference["members"]),
+              "differing_members_by_kind": by_kind, "differing_members": changed[:10]}
     print(json.dumps(result, indent=1))
     return 0 if not differing else 1
 

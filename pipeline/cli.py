@@ -19,7 +19,7 @@ from typing import NoReturn
 from . import quiet
 from .errors import auth_error, report
 from .plan import ShardPlan
-from .preflight import check_model, check_output_dir
+from .preflight import check_model, check_output_dir, model_folder
 from .spec import SpecError, UsageError, load_spec
 
 
@@ -207,12 +207,21 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    from .runner import prepare
+
     spec = load_spec(args.job, args.overrides, args.out)  # every pre-flight check of `run` (pipeline/preflight.py)
-    check_output_dir(spec, str(Path(args.job)))  # `run` leaves this to the writer, which also compares fingerprints
+    check_output_dir(spec, str(Path(args.job)))
+    # the writer's own check of the output dir (ownership, fingerprint; writes nothing); a dir that lost its
+    # manifest passes: `synthgen repair` adopts it
+    writer = prepare(spec, adopt=True)
     synth = spec.resources.synthesis
     shards = ShardPlan.from_spec(spec).num_shards
+    model = (f"{spec.model.path}" if model_folder(spec) is not None else
+             f"{spec.model.path} (hub id: its files, tokenizers and capture levels are checked when the workers "
+             "download it)")
+    resume = f"; resumes: {len(writer.committed)} of {shards} shards committed" if writer.committed else ""
     print(f"ok: job {spec.name!r}: {spec.samples} samples of {len(spec.classes)} classes in {shards} "
-          f"shards of {spec.output.shard_size} -> {spec.output.dir}; model {spec.model.path} "
+          f"shards of {spec.output.shard_size} -> {spec.output.dir}{resume}; model {model} "
           f"({spec.model.device}, {spec.model.dtype}); synthesis {synth.actors} actor(s) x {synth.num_gpus:g} GPU")
     return 0
 

@@ -19,7 +19,8 @@ Checks of a local model folder, from its JSON files, its tokenizer vocabulary an
   and self-attention fits.
 
 A hub id is not checked here: its files are remote, only the workers download them, and the loader
-reports what is wrong there. Every failure is a SpecError, one line: ``<job file>: <field>: <reason
+reports what is wrong there; but with ``HF_HUB_OFFLINE`` set, a hub id missing from the local Hugging
+Face cache is refused at once (the run could only fail after starting). Every failure is a SpecError, one line: ``<job file>: <field>: <reason
 and fix>``.
 
 Must not: load weights, import torch, diffusers or Ray (transformers' tokenizer needs none), or write.
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -73,10 +75,28 @@ def model_folder(spec: JobSpec) -> Path | None:
     return path if path.is_absolute() else None
 
 
+def hub_cached(repo_id: str) -> bool:
+    """Whether the local Hugging Face cache holds the hub model's ``model_index.json`` (no network)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(repo_id, "model_index.json"), str)
+    except ValueError:  # not a valid repo id: the loader says so
+        return False
+
+
+def check_hub_offline(repo_id: str, source: str) -> None:
+    """With ``HF_HUB_OFFLINE`` set, a hub model must be in the local cache."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on") and not hub_cached(repo_id):
+        raise SpecError(f"{source}: model.path: hub model {repo_id} is not in the local Hugging Face cache and "
+                        f"HF_HUB_OFFLINE is set; download it first (`hf download {repo_id}`) or give a local folder")
+
+
 def check_model(spec: JobSpec, source: str) -> None:
     """Every model-folder check (module docstring); nothing for a hub id."""
     folder = model_folder(spec)
     if folder is None:
+        check_hub_offline(spec.model.path, source)
         return
     if not folder.is_dir():
         raise SpecError(f"{source}: model.path: local model folder {folder} does not exist (a hub id looks like "

@@ -438,3 +438,26 @@ def test_a_resumable_output_dir_passes(tmp_path, tiny_model, capsys):
     for name in ("shards", "parts"):  # a synthgen output that lost its manifest: `synthgen repair` adopts it
         (tmp_path / "out" / name).mkdir()
     assert main(["validate", str(job)]) == 0, capsys.readouterr().err
+
+
+def test_offline_a_hub_model_missing_from_the_cache_is_one_line_before_anything(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))  # an empty cache
+    job = write_job(tmp_path, "org/not-downloaded")
+    out = tmp_path / "out"
+    for command in ("validate", "run"):
+        assert main([command, str(job), "--out", str(out)]) == 2
+        lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        assert len(lines) == 1 and "model.path: hub model org/not-downloaded is not in the local Hugging Face cache" \
+            in lines[0] and "hf download org/not-downloaded" in lines[0], lines
+        assert not out.exists()
+
+
+def test_validate_refuses_an_output_dir_of_another_spec_as_run_does(dataset, capsys):
+    """validate runs the writer's own check (ownership and fingerprint), writing nothing."""
+    before = sorted(p.name for p in dataset.out.iterdir())
+    assert main(["validate", str(dataset.job)]) == 0
+    assert "resumes: 4 of 4 shards committed" in capsys.readouterr().out
+    assert main(["validate", str(dataset.job), "--set", "samples=8"]) == 2
+    assert "holds a dataset of a different job or spec" in capsys.readouterr().err
+    assert sorted(p.name for p in dataset.out.iterdir()) == before
