@@ -53,6 +53,11 @@ def render_coco(out_dir: str | Path, n: int, size: int = 64, first_seed: int = 0
                        "seed": seed, "caption": scene.caption, "background": scene.background,
                        **({} if classes is None else {"class": classes[i]})})
         anns += scene_annotations(scene, i + 1, len(anns) + 1)
+    return write_annotations(out_dir, description, images, anns)
+
+
+def write_annotations(out_dir: Path, description: str, images: list[dict], anns: list[dict]) -> Path:
+    """``out_dir/annotations.json`` (atomic: a temp file, then rename) with the shapes world's categories."""
     coco = {"info": {"description": description, "version": "1"},
             "images": images, "annotations": anns, "categories": categories()}
     path = out_dir / "annotations.json"
@@ -86,10 +91,4 @@ def render_multi_coco(out_dir: str | Path, n: int, size: int = 64, first_seed: i
                        "caption": count_caption(scene.objects, scene.background), "background": scene.background,
                        "class": main, "count": groups[0][1]})
         anns += scene_annotations(scene, i + 1, len(anns) + 1)
-    coco = {"info": {"description": description, "version": "1"},
-            "images": images, "annotations": anns, "categories": categories()}
-    path = out_dir / "annotations.json"
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(coco))
-    os.replace(tmp, path)
-    return path
+    return write_annotations(out_dir, description, images, anns)

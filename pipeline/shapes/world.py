@@ -159,6 +159,18 @@ def _background(rng: np.random.Generator, kind: str, n: int) -> np.ndarray:
     return np.clip(img, 0, 255)
 
 
+def _composite(seed: int, size: int, background: str, img: np.ndarray, placed: list) -> Scene:
+    """The scene of ``placed`` (object, coverage) pairs drawn in order onto ``img`` (float background);
+    each object's mask is what stays visible of it."""
+    for obj, cov in placed:
+        rgb = np.array(COLORS[obj.color], np.float32)
+        img = img * (1 - cov[..., None]) + rgb[None, None, :] * cov[..., None]
+    for (obj, _), vis in zip(placed, _visible([m for _, m in placed])):
+        obj.mask = vis
+    image = np.clip(np.rint(img), 0, 255).astype(np.uint8)
+    return Scene(seed=seed, size=size, background=background, objects=[o for o, _ in placed], image=image)
+
+
 def render_scene(seed: int, size: int = 64, n_objects: int | None = None,
                  classes=None, colors=None, background: str | None = None) -> Scene:
     """Render the scene for ``seed``. Optional arguments pin parts of it (for prompted renders)."""
@@ -189,13 +201,7 @@ def render_scene(seed: int, size: int = 64, n_objects: int | None = None,
                 break
         placed.append((obj, cov))
 
-    for obj, cov in placed:
-        rgb = np.array(COLORS[obj.color], np.float32)
-        img = img * (1 - cov[..., None]) + rgb[None, None, :] * cov[..., None]
-    for (obj, _), vis in zip(placed, _visible([m for _, m in placed])):
-        obj.mask = vis
-    image = np.clip(np.rint(img), 0, 255).astype(np.uint8)
-    return Scene(seed=seed, size=size, background=background, objects=[o for o, _ in placed], image=image)
+    return _composite(seed, size, background, img, placed)
 
 
 def _visible(coverages: list[np.ndarray]) -> list[np.ndarray]:
@@ -304,10 +310,4 @@ def render_multi_scene(seed: int, size: int = 64, groups: list[tuple[str, int]] 
                 if not want_touch or _attempt >= 60 or own:
                     break
         placed.append((obj, cov))
-    for obj, cov in placed:
-        rgb = np.array(COLORS[obj.color], np.float32)
-        img = img * (1 - cov[..., None]) + rgb[None, None, :] * cov[..., None]
-    for (obj, _), vis in zip(placed, _visible([m for _, m in placed])):
-        obj.mask = vis
-    image = np.clip(np.rint(img), 0, 255).astype(np.uint8)
-    return Scene(seed=seed, size=size, background=background, objects=[o for o, _ in placed], image=image)
+    return _composite(seed, size, background, img, placed)
