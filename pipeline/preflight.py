@@ -38,6 +38,7 @@ from typing import Any, Callable, Iterator
 
 from stages.families import FamilyError, resolve_family
 from stages.families.base import ModelFamily
+from stages.prompt_words import count_phrase
 
 from .spec import JobSpec, SpecError, UsageError
 
@@ -271,7 +272,8 @@ def check_words(spec: JobSpec, tokenizer: Tokenizer, source: str, name: str = "t
 
 @dataclass(frozen=True)
 class Slot:
-    """One class as the sampler writes it at its longest: 'a {attribute} {word}' (or 'a {word}')."""
+    """One class as the sampler writes it at its longest: 'a {attribute} {word}' (or 'a {word}'; with
+    ``prompts.max_instances_per_class`` > 1 at that count: 'three {attribute} {plural}' or the repeats)."""
 
     index: int
     text: str
@@ -284,11 +286,12 @@ def _longest(tokenizer: Tokenizer, fields: list[tuple[str, str]]) -> tuple[str, 
     return max(counted, key=lambda c: c[2]) if counted else None  # the first of equals: max keeps the first
 
 
-def _slot(tokenizer: Tokenizer, i: int, cls: Any) -> Slot:
+def _slot(tokenizer: Tokenizer, i: int, cls: Any, prompts: Any) -> Slot:
     word = _longest(tokenizer, [(f"classes[{i}].name", cls.name)] +
                     [(f"classes[{i}].synonyms[{j}]", s) for j, s in enumerate(cls.synonyms)])
     attribute = _longest(tokenizer, [(f"classes[{i}].attributes[{j}]", a) for j, a in enumerate(cls.attributes)])
-    text = f"a {attribute[1]} {word[1]}" if attribute else f"a {word[1]}"
+    text = count_phrase(prompts.max_instances_per_class, attribute[1] if attribute else None, word[1],
+                        prompts.count_style)[0]
     field = attribute[0] if attribute and attribute[2] > word[2] else word[0]
     return Slot(i, text, len(tokenizer.ids(text)), field)
 
@@ -313,7 +316,7 @@ def longest_prompts(spec: JobSpec, tokenizer: Tokenizer) -> tuple[list[Slot], in
     attribute: the sampler prefers distinct attributes within an image, so when several classes
     share their longest attribute this errs long by the difference to their next one.
     """
-    slots = [_slot(tokenizer, i, cls) for i, cls in enumerate(spec.classes)]
+    slots = [_slot(tokenizer, i, cls, spec.prompts) for i, cls in enumerate(spec.classes)]
     count = 1 if spec.references is not None else min(spec.prompts.max_classes_per_image, len(slots))
     return slots, count
 
@@ -334,6 +337,10 @@ def check_prompt_length(spec: JobSpec, tokenizer: Tokenizer, source: str, name: 
         n, _, prompt = _fill(tokenizer, templates, [slot])
         if n > limit:
             name = spec.classes[slot.index].name
+            if spec.prompts.max_instances_per_class > 1:
+                raise SpecError(f"{source}: prompts.max_instances_per_class: {spec.prompts.max_instances_per_class} "
+                                f"instances of class {_short(name)} make prompts of up to {n} tokens "
+                                f"({_short(prompt, 60)}), {over}; lower it or shorten the templates or class words")
             raise SpecError(f"{source}: {slot.field}: class {_short(name)} makes prompts of up to {n} tokens "
                             f"({_short(prompt, 60)}), {over}; shorten it")
     if count > 1:
@@ -343,7 +350,9 @@ def check_prompt_length(spec: JobSpec, tokenizer: Tokenizer, source: str, name: 
             names = [spec.classes[s.index].name for s in worst]
             raise SpecError(f"{source}: prompts.max_classes_per_image: {count} classes per image make prompts of up "
                             f"to {n} tokens (classes {', '.join(map(_short, names))}: {_short(prompt, 80)}), {over}; "
-                            "lower max_classes_per_image or shorten the templates or class words")
+                            "lower max_classes_per_image" + (" or max_instances_per_class" if
+                                                             spec.prompts.max_instances_per_class > 1 else "")
+                            + " or shorten the templates or class words")
 
 
 def check_capture(spec: JobSpec, folder: Path, family: type[ModelFamily], source: str) -> None:

@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from stages.base import Batch, Stage
 
-from .graph import TIME_PREFIX, init_ray, run_in_process, run_ray, run_ray_shards
+from .graph import TIME_PREFIX, ResourceError, init_ray, run_in_process, run_ray, run_ray_shards
 from .jobplan import JobPlan
 from .spec import JobSpec
 from .storage import RemotePath
@@ -112,6 +112,18 @@ def workers_write(mode: str, writer: DatasetWriter) -> bool:
     return sum(1 for node in ray.nodes() if node.get("Alive")) == 1
 
 
+def check_local_device(spec: JobSpec) -> None:
+    """Without Ray the synthesis runs in this process: a job that names a CUDA device needs one here
+    (with Ray, the synthesis actors' ``num_gpus`` are checked against the cluster instead)."""
+    if spec.model.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ResourceError("model.device: cuda, but this machine has no GPU that torch can use and --no-ray runs "
+                                "the synthesis here; set model.device: auto (or cpu), or run with Ray on a cluster "
+                                "with GPUs")
+
+
 def run_job(spec: JobSpec, *, overwrite: bool = False, verify: bool = False, use_ray: bool = True,
             address: str | None = None,
             resource_wait_s: float = 0.0, verbose: bool = False, progress: bool = True,
@@ -129,6 +141,8 @@ def run_job(spec: JobSpec, *, overwrite: bool = False, verify: bool = False, use
     work = len(writer.pending_shards()) > 0
     stages = plan.stages if work else ()  # a run with nothing to do imports no stage
     # checks come before open(), which writes
+    if work and not use_ray:
+        check_local_device(spec)
     owns_ray = work and use_ray and init_ray(plan, address, resource_wait_s, verbose)
     try:
         pending = writer.open()

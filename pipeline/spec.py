@@ -140,6 +140,10 @@ class PromptSpec(_Strict):
                                                  "asks for ('two red circles'): text prompts draw 1..this per "
                                                  "class, image-guided variations name the reference's count of its "
                                                  "class (up to this); 1: every class named once ('a circle')")
+    count_style: Literal["number", "repeat"] = Field(default="number", description="how a prompt asks for several "
+                                                     "instances of a class: 'number' ('two red circles') or "
+                                                     "'repeat' ('a red circle and a red circle', for a tokenizer "
+                                                     "without the plural words, like the bundled model's)")
     embedding: EmbeddingSpec | None = Field(default=None, description="conditioning in text-embedding "
                                             "space; null: the prompt as written")
 
@@ -202,7 +206,8 @@ class MasksSpec(_Strict):
                                              "captured, at the job's size: grid sides (16: 16×16) or "
                                              "fractions of the latent side ('1/4')")
     self_attention_resolution: Level | None = Field(default=None, description="self-attention level for "
-                                                    "refine_power (as capture_resolutions)")
+                                                    "refine_power on a UNet model (as capture_resolutions; MM-DiT "
+                                                    "models refine with their captured blocks' own attention)")
     capture_blocks: list[Annotated[int, Field(ge=0)]] | None = Field(
         default=None, description="sd3 / flux: transformer blocks captured, by index (flux: double-stream "
         "blocks first, then single-stream); null: the family's middle blocks. UNet families use capture_resolutions")
@@ -234,8 +239,6 @@ class MasksSpec(_Strict):
     def _consistent(self) -> MasksSpec:
         if self.step_window[0] >= self.step_window[1]:
             raise ValueError(f"step_window {list(self.step_window)} must be [start, end) with start < end")
-        if self.refine_power > 0 and self.self_attention_resolution is None:
-            raise ValueError(f"refine_power {self.refine_power} needs self_attention_resolution (e.g. 32)")
         if self.ignore_threshold > self.fg_threshold:
             raise ValueError(f"ignore_threshold ({self.ignore_threshold}) must not exceed "
                              f"fg_threshold ({self.fg_threshold})")
@@ -468,7 +471,9 @@ class JobSpec(_Strict):
         if self.prompts.embedding is None:  # new, unset sections leave older jobs' fingerprints as they were
             exclude["prompts"] = {"embedding"}
         if self.prompts.max_instances_per_class == 1:  # new fields at their defaults: fingerprints as before
-            exclude["prompts"] = {*exclude.get("prompts", ()), "max_instances_per_class"}
+            exclude["prompts"] = {*exclude.get("prompts", ()), "max_instances_per_class", "count_style"}
+        elif self.prompts.count_style == "number":
+            exclude["prompts"] = {*exclude.get("prompts", ()), "count_style"}
         if self.masks.capture_blocks is None:
             exclude["masks"] = {*exclude["masks"], "capture_blocks"}
         if self.filters.max_missing_instances is None:

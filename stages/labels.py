@@ -133,15 +133,17 @@ SPLIT_MIN_SHARE = 0.25  # a piece under this fraction of its class's largest pie
 SPLIT_AREA_EVIDENCE = 1.6  # a piece this many times the median area of its class's other pieces holds two
 
 
-def _split_in_two(piece: np.ndarray) -> list[np.ndarray]:
+def _split_in_two(piece: np.ndarray, peaks_only: bool = False) -> list[np.ndarray]:
     """A piece cut in two: watershed of the distance transform from its two strongest separated peaks, or
-    (one peak) 2-means of its pixel coordinates (a cut across its long axis)."""
+    (one peak, unless ``peaks_only``) 2-means of its pixel coordinates (a cut across its long axis)."""
     from skimage.feature import peak_local_max
     from skimage.segmentation import watershed
 
     dist = ndimage.distance_transform_edt(np.pad(piece, 1))[1:-1, 1:-1]
     peaks = peak_local_max(dist, min_distance=max(2, int(dist.max() * 0.6)), num_peaks=2,
                            labels=piece.astype(np.int32), exclude_border=False)
+    if len(peaks) < 2 and peaks_only:
+        return [piece]
     if len(peaks) == 2:
         markers = np.zeros(piece.shape, np.int32)
         markers[tuple(peaks.T)] = [1, 2]
@@ -215,9 +217,9 @@ def split_instances(region: np.ndarray, image: np.ndarray, expected: int, min_ar
         areas = [int(m.sum()) for m in found]
         big = int(np.argmax(areas))
         others = areas[:big] + areas[big + 1:]
-        if not others or areas[big] < SPLIT_AREA_EVIDENCE * float(np.median(others)):
-            break
-        parts = _split_in_two(found[big])
+        # clearly larger than the others: cut anyway; otherwise only where its shape has two centres
+        parts = _split_in_two(found[big], peaks_only=not others or
+                              areas[big] < SPLIT_AREA_EVIDENCE * float(np.median(others)))
         if len(parts) < 2 or min(p.sum() for p in parts) < min_area:
             break
         found = found[:big] + parts + found[big + 1:]

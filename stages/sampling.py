@@ -10,7 +10,7 @@ import numpy as np
 from transformers import CLIPTokenizer
 
 from .base import Batch, Stage, passthrough
-from .prompt_words import count_words
+from .prompt_words import count_phrase
 
 if TYPE_CHECKING:  # stages.references imports webdataset, which imports torch (~3 s per worker)
     from .references import Reference
@@ -70,6 +70,7 @@ class SamplingStage(Stage):
         self.tokenizer = CLIPTokenizer.from_pretrained(spec.model.path, subfolder="tokenizer")
         self.embedding = getattr(prompts, "embedding", None)
         self.max_instances = int(getattr(prompts, "max_instances_per_class", 1) or 1)
+        self.count_style = getattr(prompts, "count_style", "number")
         self.reference_counts: dict[str, int] = {}
         self.references: list[Reference] = []
         refs = getattr(spec, "references", None)
@@ -93,8 +94,8 @@ class SamplingStage(Stage):
         rng = np.random.default_rng([seed, COUNT_STREAM])
         return [int(c) for c in rng.integers(1, self.max_instances + 1, size=n)]
 
-    def _compose(self, seed: int) -> tuple[str, list[Any], list[tuple[int, int]]]:
-        """(prompt, classes in prompt order, character span of each class word) for one sample seed."""
+    def _compose(self, seed: int) -> tuple[str, list[Any], list[list[tuple[int, int]]]]:
+        """(prompt, classes in prompt order, character spans of each class's word(s)) for one sample seed."""
         rng = np.random.default_rng(seed)
         count = int(rng.integers(self.min_classes, self.max_classes + 1))
         chosen = [self.classes[i] for i in rng.choice(len(self.classes), size=count, replace=False)]
@@ -110,18 +111,27 @@ class SamplingStage(Stage):
                 fresh = [a for a in attributes if a not in used] or attributes
                 attribute = str(rng.choice(fresh))
                 used.add(attribute)
-                text += f"{count_words(counts[i], '')[0]} {attribute} "
             else:
-                text += f"{count_words(counts[i], '')[0]} "
-            word = count_words(counts[i], str(rng.choice([cls.name, *cls.synonyms])))[1]
-            spans.append((len(text), len(text) + len(word)))
-            text += word
+                attribute = None
+            phrase, at = count_phrase(counts[i], attribute, str(rng.choice([cls.name, *cls.synonyms])),
+                                      self.count_style)
+            spans.append([(len(text) + a, len(text) + b) for a, b in at])
+            text += phrase
         return text + suffix, chosen, spans
 
     def compose(self, seed: int) -> tuple[str, list[str], list[list[int]]]:
         """(prompt, class names in prompt order, token positions per class) for one sample seed."""
         prompt, chosen, spans = self._compose(seed)
-        return prompt, [c.name for c in chosen], class_token_positions(self.tokenizer, prompt, spans)
+        return prompt, [c.name for c in chosen], self.positions(prompt, spans)
+
+    def positions(self, prompt: str, spans: list[list[tuple[int, int]]]) -> list[list[int]]:
+        """Token positions of each class: all tokens of all its words ('a ring and a ring': both)."""
+        flat = class_token_positions(self.tokenizer, prompt, [span for each in spans for span in each])
+        out, at = [], 0
+        for each in spans:
+            out.append(sorted({i for hit in flat[at:at + len(each)] for i in hit}))
+            at += len(each)
+        return out
 
     def variation(self, index: int) -> tuple[Reference, int, float]:
         """(reference, level, strength) of a sample: index = (level x references + reference) x
@@ -132,23 +142,22 @@ class SamplingStage(Stage):
             raise ValueError(f"index {index} is beyond the {per_level * len(self.strengths)} variations")
         return self.references[rest // self.seeds_per_level], level, self.strengths[level]
 
-    def reference_prompt(self, seed: int, ref: Reference) -> tuple[str, list[Any], list[tuple[int, int]]]:
+    def reference_prompt(self, seed: int, ref: Reference) -> tuple[str, list[Any], list[list[tuple[int, int]]]]:
         """A template filled with the reference's class (and its attribute if the class lists it)."""
         rng = np.random.default_rng(seed)
         cls = next(c for c in self.classes if c.name == ref.class_name)
         prefix, suffix = self.templates[int(rng.integers(len(self.templates)))].split(OBJECTS)
         attribute = next((a for a in ref.attributes if a in (getattr(cls, "attributes", None) or [])), None)
-        article, _ = count_words(self.reference_count(ref), "")
-        text = prefix + (f"{article} {attribute} " if attribute else f"{article} ")
-        word = count_words(self.reference_count(ref), str(rng.choice([cls.name, *cls.synonyms])))[1]
-        return text + word + suffix, [cls], [(len(text), len(text) + len(word))]
+        phrase, at = count_phrase(self.reference_count(ref), attribute, str(rng.choice([cls.name, *cls.synonyms])),
+                                  self.count_style)
+        return prefix + phrase + suffix, [cls], [[(len(prefix) + a, len(prefix) + b) for a, b in at]]
 
     def reference_count(self, ref: Reference) -> int:
         """Instances a variation of ``ref`` asks for: its annotations of its class, up to
         ``prompts.max_instances_per_class`` (1 when that is 1)."""
         return min(self.reference_counts.get(ref.key, 1), self.max_instances)
 
-    def embedding_cond(self, seed: int, prompt: str, classes: list[Any], spans: list[tuple[int, int]]) -> dict:
+    def embedding_cond(self, seed: int, prompt: str, classes: list[Any], spans: list[list[tuple[int, int]]]) -> dict:
         """The ``cond["embedding"]`` of a sample (its own random stream, so prompts stay as without it)."""
         rng = np.random.default_rng([seed, EMBEDDING_STREAM])
         spec = self.embedding
@@ -158,8 +167,10 @@ class SamplingStage(Stage):
         others = [c for c in self.classes if c.name not in present]
         partner = others[int(rng.integers(len(others)))]
         word = str(rng.choice([partner.name, *partner.synonyms]))
-        start, end = spans[0]
-        return {"mode": "interpolate", "method": spec.method, "prompts": [prompt, prompt[:start] + word + prompt[end:]],
+        other = prompt
+        for start, end in reversed(spans[0]):  # every word of the first class (from the end: spans stay valid)
+            other = other[:start] + word + other[end:]
+        return {"mode": "interpolate", "method": spec.method, "prompts": [prompt, other],
                 "classes": [classes[0].name, partner.name], "weight": round(float(rng.uniform(*spec.weight)), 4)}
 
     def row(self, index: int, seed: int) -> tuple[str, list[str], list[list[int]], str, str]:
@@ -181,7 +192,7 @@ class SamplingStage(Stage):
             cond["counts"] = counts
         if self.embedding is not None:
             cond["embedding"] = self.embedding_cond(seed, prompt, classes, spans)
-        positions = class_token_positions(self.tokenizer, prompt, spans)
+        positions = self.positions(prompt, spans)
         return (prompt, [c.name for c in classes], positions, json.dumps(cond, sort_keys=True) if cond else "",
                 json.dumps(curriculum, sort_keys=True))
 

@@ -144,8 +144,6 @@ CASES = [
     Case("prompts: embedding weight", "prompts.embedding: weight [0.2, 0.7] must be",
          job={"prompts": {"embedding": {"mode": "interpolate", "weight": [0.2, 0.7]}}}),
     Case("masks: step window reversed", "masks: step_window [0.8, 0.2]", job={"masks": {"step_window": [0.8, 0.2]}}),
-    Case("masks: refine without level", "masks: refine_power 2 needs self_attention_resolution",
-         job={"masks": {"refine_power": 2}}),
     Case("masks: calibrated, no thresholds", "masks.class_thresholds: threshold is 'calibrated'",
          job={"masks": {"threshold": "calibrated"}}),
     Case("labels: removed section", "labels: this section was removed",
@@ -231,6 +229,8 @@ CASES = [
                                                                 "DownBlock2D"])),
     Case("masks: no level at 32", "masks.capture_resolutions: no attn2 layers at resolution 32; this UNet has "
          "{16: 3, 8: 3, 4: 1}", job={"masks": {"capture_resolutions": [16, 32]}}),
+    Case("masks: refine without level", "masks.self_attention_resolution: refine_power 2 on a UNet model needs",
+         job={"masks": {"refine_power": 2}}),
     Case("masks: no self-attention at 64", "masks.self_attention_resolution: no attn1 layers at resolution 64",
          job={"masks": {"refine_power": 1, "self_attention_resolution": 64}}),
     Case("masks: self-attention too large", ("masks.self_attention_resolution: 64 is a 64×64 grid at generation "
@@ -461,3 +461,17 @@ def test_validate_refuses_an_output_dir_of_another_spec_as_run_does(dataset, cap
     assert main(["validate", str(dataset.job), "--set", "samples=8"]) == 2
     assert "holds a dataset of a different job or spec" in capsys.readouterr().err
     assert sorted(p.name for p in dataset.out.iterdir()) == before
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="the machine has a GPU")
+def test_no_ray_on_a_gpu_less_machine_refuses_a_cuda_job(tmp_path, tiny_model, capsys):
+    """``--no-ray`` runs the synthesis in this process: ``model.device: cuda`` without a GPU is one line, exit 2,
+    before the model loads and with nothing written (validate passes it: a cluster may have the GPUs)."""
+    case = Case("run --no-ray: cuda without a GPU", ("model.device: cuda", "no GPU", "model.device: auto"),
+                job={"model": {"device": "cuda"}, "resources": {"synthesis": {"num_cpus": 1, "num_gpus": 1}}},
+                args=("--no-ray",), command="run")
+    argv, out, watched = prepare(case, tmp_path, tiny_model)
+    assert main(["validate", argv[1]]) == 0
+    capsys.readouterr()
+    assert_rejected(argv, case, watched, capsys)
+    assert not out.exists()

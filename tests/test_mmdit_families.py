@@ -129,6 +129,13 @@ def test_synthesis_maps_have_the_recorded_grid_and_multi_token_words_map_to_all_
     expected = ([list(c) + [77 + p for p in t] for c, t in zip(positions["tokenizer"], t5)] if family == "sd3"
                 else t5)
     assert captured == expected
+    # a class named twice (count_style 'repeat'): the T5 tokens of both words, none of the words between
+    twice = "a hot dog and a hot dog"
+    spans = [(2, 9), (16, 23)]
+    both = fam.token_positions(twice, spans)
+    clip = [both["tokenizer"][0] + both["tokenizer"][1]]
+    t5 = sorted(set(both[fam.t5_tokenizer][0] + both[fam.t5_tokenizer][1]))
+    assert fam.capture_token_index(twice, clip) == ([clip[0] + [77 + p for p in t5]] if family == "sd3" else [t5])
 
 
 def test_sd3_without_t5_captures_the_clip_tokens(tmp_path):
@@ -164,3 +171,10 @@ def test_sd3_without_t5_captures_the_clip_tokens(tmp_path):
     maps = capture.finish()["attn"]
     assert images.shape == (1, HEIGHT, WIDTH, 3) and maps.shape == (1, 2, HEIGHT // 16, WIDTH // 16)
     assert float(maps[0, 0].max()) == pytest.approx(1.0) and float(maps[0, 1].abs().max()) == 0.0
+
+
+def test_refinement_on_mm_dit_needs_no_unet_self_attention_level(models, tmp_path):
+    """``refine_power`` on an MM-DiT model refines with the captured blocks' own image→image attention: the
+    UNet-only ``self_attention_resolution`` is not asked for (on a UNet model it is: tests/test_bad_input.py)."""
+    spec = load_spec(mm_job(tmp_path, models["sd3"], "sd3"), ["masks.refine_power=1"])
+    assert spec.masks.refine_power == 1 and spec.masks.self_attention_resolution is None

@@ -87,6 +87,27 @@ def test_touching_objects_of_one_class_are_split(cls, same_color):
             assert best >= 0.75, (scene.seed, best)
 
 
+def test_one_blob_is_cut_only_where_its_shape_has_two_centres():
+    """Fewer pieces than prompted: one blob is cut at the neck between two distance-transform centres
+    (two overlapping discs), never a single convex object (one disc asked for twice stays one)."""
+    from stages.labels import split_instances
+
+    yy, xx = np.mgrid[:SIZE, :SIZE]
+    disc = lambda cy, cx, r: (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r  # noqa: E731
+    image = np.full((SIZE, SIZE, 3), 128, np.uint8)
+    pair = disc(32, 22, 9) | disc(32, 36, 9)  # overlapping by 4 px: one component, one colour
+    image[pair] = (200, 30, 30)
+    found, n_comp = split_instances(pair, image, 2, 10, SIZE * SIZE, background=~pair)
+    assert n_comp == 1 and len(found) == 2
+    for t in (disc(32, 22, 9), disc(32, 36, 9)):
+        assert max((m & t).sum() / (m | t).sum() for m in found) >= 0.75
+    single = disc(32, 32, 12)
+    image[:] = 128
+    image[single] = (200, 30, 30)
+    found, _ = split_instances(single, image, 2, 10, SIZE * SIZE, background=~single)
+    assert len(found) == 1 and np.array_equal(found[0], single)
+
+
 def test_a_class_prompted_once_keeps_its_components():
     """Single-instance labels are the plain components, exactly as before (no split without a count)."""
     scene = touching_scenes("circle", True, 1)[0]
@@ -157,10 +178,10 @@ def test_count_prompts_text_and_references(tiny_model, tmp_path):
     from stages.sampling import SamplingStage
 
     world = [{"name": c, "attributes": list(COLORS)} for c in CLASSES]
-    prompts = {"templates": ["{objects} on noise"], "max_classes_per_image": 2}
+    prompts = {"templates": ["{objects}"], "max_classes_per_image": 2}
     plain = SamplingStage(load_spec(write_job(tmp_path / "a", tiny_model, classes=world, prompts=prompts)))
     counted = SamplingStage(load_spec(write_job(tmp_path / "b", tiny_model, classes=world,
-                                                prompts={**prompts, "max_instances_per_class": 3})))
+                                                prompts={**prompts, "max_instances_per_class": 2})))
     index = {"index": np.arange(12)}
     a, b = plain(index), counted(index)
     assert all(c == "" for c in a["cond"])
@@ -192,6 +213,38 @@ def test_count_prompts_text_and_references(tiny_model, tmp_path):
         want = by_key[key]["count"]
         assert json.loads(cond)["counts"] == [want]
         assert prompt.split()[0] == ("two", "three", "four")[want - 2]
+
+
+def test_count_style_repeat_names_the_class_word_k_times(tiny_model, tmp_path):
+    """The bundled tokenizer has no plurals ('rings' is four pieces the model never saw grounded): with
+    ``prompts.count_style: repeat`` a count is the singular phrase k times, every copy's token is the
+    class's, and the pre-flight length check measures the prompt as the sampler writes it."""
+    from conftest import write_job
+
+    from pipeline.shapes.world import COLORS
+    from pipeline.spec import SpecError, load_spec
+    from stages.sampling import SamplingStage
+
+    world = [{"name": c, "attributes": list(COLORS)} for c in CLASSES]
+    prompts = {"templates": ["{objects} on noise"], "max_classes_per_image": 1, "max_instances_per_class": 3,
+               "count_style": "repeat"}
+    stage = SamplingStage(load_spec(write_job(tmp_path / "a", tiny_model, classes=world, prompts=prompts)))
+    rows = stage({"index": np.arange(12)})
+    seen = set()
+    for i in range(12):
+        (name,), (positions,) = json.loads(rows["class_names"][i]), json.loads(rows["token_index"][i])
+        k = (json.loads(rows["cond"][i]) if rows["cond"][i] else {}).get("counts", [1])[0]
+        seen.add(k)
+        colour = rows["prompt"][i].split()[1]
+        assert rows["prompt"][i] == " and ".join([f"a {colour} {name}"] * k) + " on noise"
+        ids = stage.tokenizer(str(rows["prompt"][i])).input_ids
+        assert [stage.tokenizer.convert_ids_to_tokens(ids[j]) for j in positions] == [f"{name}</w>"] * k
+    assert seen == {1, 2, 3}
+    # three classes of three repeats overflow the bundled tokenizer's 24 tokens: one line naming the fields
+    job = write_job(tmp_path / "b", tiny_model, classes=world, prompts={**prompts, "max_classes_per_image": 3})
+    with pytest.raises(SpecError, match=r"max_classes_per_image: 3 classes .* lower max_classes_per_image or "
+                                        r"max_instances_per_class"):
+        load_spec(job)
 
 
 def test_oracle_finds_the_instances_of_a_rendered_scene():

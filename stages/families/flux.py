@@ -56,4 +56,4 @@ class FluxFamily(MMDiTFamily):
 
     def capture_token_index(self, prompt: str, token_index: list[list[int]]) -> list[list[int]]:
         """The T5 positions of the words the sampler's CLIP positions name (Flux's joint text is T5 only)."""
-        return self.token_positions(prompt, self.spans_of(prompt, token_index))[self.t5_tokenizer]
+        return self.t5_positions(prompt, token_index)

@@ -194,17 +194,34 @@ class MMDiTFamily(ModelFamily):
                                  f"{self.max_sequence_length}-token limit")
         return out
 
-    def spans_of(self, prompt: str, token_index: list[list[int]]) -> list[tuple[int, int]]:
-        """The character span each group of ``tokenizer`` (CLIP) positions covers in ``prompt``."""
+    def spans_of(self, prompt: str, token_index: list[list[int]]) -> list[list[tuple[int, int]]]:
+        """The character spans each group of ``tokenizer`` (CLIP) positions covers in ``prompt``: one per run of
+        consecutive positions (a class named twice, 'a ring and a ring', is two words, not the text between)."""
         enc = self.pipe.tokenizer(prompt, return_offsets_mapping=True, truncation=False)
         offsets = enc.offset_mapping
-        spans = []
+        out = []
         for group in token_index:
             covered = [offsets[p] for p in group if 0 <= p < len(offsets) and offsets[p][1] > offsets[p][0]]
             if len(covered) != len(group):
                 raise ValueError(f"token positions {group} are not word tokens of {prompt!r}")
-            spans.append((min(a for a, _ in covered), max(b for _, b in covered)))
-        return spans
+            runs: list[list[int]] = []
+            for i, p in enumerate(sorted(group)):
+                if runs and p == runs[-1][-1] + 1:
+                    runs[-1].append(p)
+                else:
+                    runs.append([p])
+            out.append([(offsets[r[0]][0], offsets[r[-1]][1]) for r in runs])
+        return out
+
+    def t5_positions(self, prompt: str, token_index: list[list[int]]) -> list[list[int]]:
+        """The T5 positions of the words the sampler's CLIP positions name, per class."""
+        groups = self.spans_of(prompt, token_index)
+        hits = self.token_positions(prompt, [span for g in groups for span in g])[self.t5_tokenizer]
+        out, at = [], 0
+        for g in groups:
+            out.append(sorted({p for hit in hits[at:at + len(g)] for p in hit}))
+            at += len(g)
+        return out
 
     def text_length(self) -> int:
         raise NotImplementedError

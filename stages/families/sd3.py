@@ -50,6 +50,6 @@ class SD3Family(MMDiTFamily):
         gets ``77 + p`` for every T5 token p covering its word."""
         if self.pipe.tokenizer_3 is None:
             return [list(g) for g in token_index]
-        t5 = self.token_positions(prompt, self.spans_of(prompt, token_index))[self.t5_tokenizer]
+        t5 = self.t5_positions(prompt, token_index)
         offset = self.clip_length()
         return [list(g) + [offset + p for p in extra] for g, extra in zip(token_index, t5)]

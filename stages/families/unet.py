@@ -67,6 +67,9 @@ class UNetFamily(ModelFamily):
                 plan.append(CaptureLevel("cross", _level_name(r), level, level_grid(*latent_hw, level),
                                          expected[("attn2", level)]))
         if masks.refine_power > 0:
+            if masks.self_attention_resolution is None:
+                raise ValueError(f"self_attention_resolution: refine_power {masks.refine_power} on a UNet model "
+                                 "needs the self-attention level to refine with; set it (e.g. 32 or \"1/4\")")
             try:
                 level = capture_level("attn1", masks.self_attention_resolution, config, expected, latent_hw)
             except ValueError as e:
