@@ -93,6 +93,33 @@ def check_hub_offline(repo_id: str, source: str) -> None:
                         f"HF_HUB_OFFLINE is set; download it first (`hf download {repo_id}`) or give a local folder")
 
 
+HUB_PROBE_TIMEOUT_S = 10.0
+
+
+def check_hub_reachable(repo_id: str) -> None:
+    """Before a run whose hub model is not in the local cache: the hub answers for it (one request, at most
+    :data:`HUB_PROBE_TIMEOUT_S`), else UsageError. Without this the synthesis workers retry the download
+    for minutes after the run has started."""
+    if hub_cached(repo_id) or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    try:
+        HfApi().model_info(repo_id, timeout=HUB_PROBE_TIMEOUT_S)
+    except GatedRepoError:
+        raise UsageError(f"model.path: hub model {repo_id} is gated; accept its licence on the hub and log in "
+                         "(`hf auth login`), or give a local folder") from None
+    except RepositoryNotFoundError:
+        raise UsageError(f"model.path: {repo_id} is not a local folder and the Hugging Face hub has no such model "
+                         "(or it is private: `hf auth login`); check the id or give a local folder") from None
+    except Exception as e:  # connection refused, DNS, timeout, proxy: the workers would retry for minutes
+        raise UsageError(f"model.path: hub model {repo_id} is not in the local Hugging Face cache and the hub "
+                         f"cannot be reached ({type(e).__name__}: {' '.join(str(e).split())[:80]}); download it first "
+                         f"(`hf download {repo_id}`), give a local folder, or check the network / HF_ENDPOINT"
+                         ) from None
+
+
 def check_model(spec: JobSpec, source: str) -> None:
     """Every model-folder check (module docstring); nothing for a hub id."""
     folder = model_folder(spec)

@@ -15,6 +15,7 @@ from stages.base import Batch, Stage
 
 from .graph import TIME_PREFIX, ResourceError, init_ray, run_in_process, run_ray, run_ray_shards
 from .jobplan import JobPlan
+from .preflight import check_hub_reachable
 from .spec import JobSpec
 from .storage import RemotePath
 from .writer import COLUMNS, DatasetWriter, storage_error
@@ -141,6 +142,8 @@ def run_job(spec: JobSpec, *, overwrite: bool = False, verify: bool = False, use
     work = len(writer.pending_shards()) > 0
     stages = plan.stages if work else ()  # a run with nothing to do imports no stage
     # checks come before open(), which writes
+    if work and plan.identity.get("source") == "hub":
+        check_hub_reachable(spec.model.path)
     if work and not use_ray:
         check_local_device(spec)
     owns_ray = work and use_ray and init_ray(plan, address, resource_wait_s, verbose)

@@ -15,7 +15,9 @@ written by the sampling stage with ``prompts.max_instances_per_class > 1``), tha
 split into objects (:func:`split_instances`): first by the image's own colour segments (two touching
 objects of different colours), then by the distance transform's peaks (two touching objects of one colour
 meet at a neck: a watershed from the peaks cuts there, and pieces whose shared border is nearly as thick as
-their centres are merged back: a cross's arms or a ring are one object). A class prompted once keeps the
+their centres are merged back: a cross's arms or a ring are one object); while fewer objects than prompted are
+found, the largest piece is cut in two where its shape has two centres, or across its long axis when it is
+clearly larger than the class's other pieces (two overlapping objects). A class prompted once keeps the
 plain components (the labels of single-instance data are exactly as before). ``per_class`` records
 ``n_prompted`` (the prompt's count) and ``n_instances`` (the objects found).
 """
@@ -130,7 +132,7 @@ def _shape_pieces(piece: np.ndarray, expected: int) -> list[np.ndarray]:
 
 TRIM_MAX_DISTANCE = 45.0  # RGB distance from the surrounding background above which a pixel is always object
 SPLIT_MIN_SHARE = 0.25  # a piece under this fraction of its class's largest piece is a speck, not an object
-SPLIT_AREA_EVIDENCE = 1.6  # a piece this many times the median area of its class's other pieces holds two
+SPLIT_AREA_EVIDENCE = 1.4  # a piece this many times the median area of its class's other pieces holds two
 
 
 def _split_in_two(piece: np.ndarray, peaks_only: bool = False) -> list[np.ndarray]:

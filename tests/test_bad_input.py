@@ -453,6 +453,28 @@ def test_offline_a_hub_model_missing_from_the_cache_is_one_line_before_anything(
         assert not out.exists()
 
 
+def test_run_of_a_hub_model_the_hub_cannot_serve_is_one_line_before_anything(tmp_path, monkeypatch, capsys):
+    """Not cached, not offline, and the hub unreachable (here: a closed port on 127.0.0.1): run says so at once,
+    exit 2, nothing written, no Ray (the workers would retry the download for minutes)."""
+    import socket
+
+    import huggingface_hub.constants
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # closed once the block ends: connection refused
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", f"http://127.0.0.1:{port}")
+    job = write_job(tmp_path, "org/not-downloaded")
+    out = tmp_path / "out"
+    assert main(["run", str(job), "--out", str(out)]) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "model.path: hub model org/not-downloaded is not in the local Hugging Face cache and " \
+        "the hub cannot be reached" in lines[0] and "hf download org/not-downloaded" in lines[0], lines
+    assert not out.exists() and not ray.is_initialized()
+
+
 def test_validate_refuses_an_output_dir_of_another_spec_as_run_does(dataset, capsys):
     """validate runs the writer's own check (ownership and fingerprint), writing nothing."""
     before = sorted(p.name for p in dataset.out.iterdir())
