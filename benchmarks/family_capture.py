@@ -24,6 +24,7 @@ import argparse
 import gzip
 import importlib.metadata
 import json
+import os
 import platform
 import resource
 import subprocess
@@ -193,7 +194,10 @@ def main(argv=None) -> None:
     if args.child:
         print(json.dumps(child(args.child[0], args.folder, args.child[1], args.size, args.steps, args.repeats)))
         return
-    result = {"machine": {"platform": platform.platform(), "processor": platform.machine()},
+    result = {"command": "python -m benchmarks.family_capture " + " ".join(sys.argv[1:] if argv is None else argv),
+              "date": time.strftime("%Y-%m-%d"),
+              "machine": {"platform": platform.platform(), "processor": platform.machine(),
+                          "cpu_count": os.cpu_count(), "loadavg_start": [round(v, 2) for v in os.getloadavg()]},
               "size": args.size, "steps": args.steps, "repeats": args.repeats, "sdxl_width": args.sdxl_width,
               "models": {}}
     for name in args.models.split(","):
@@ -212,7 +216,7 @@ def main(argv=None) -> None:
             "peak_rss_mb": {c: runs[c]["peak_rss_mb"] for c in CONFIGS},
             "time_overhead": cap["seconds_per_image"] / bare["seconds_per_image"] - 1,
             "memory_overhead": cap["peak_rss_mb"] / bare["peak_rss_mb"] - 1,
-            "runs": runs}
+            "runs": runs, "loadavg_after": [round(v, 2) for v in os.getloadavg()]}
         m = result["models"][name]
         print(f"{name:<6} w{width:<4g} bare {bare['seconds_per_image']:.2f} s {bare['peak_rss_mb']:.0f} MB | capture "
               f"{cap['seconds_per_image']:.2f} s {cap['peak_rss_mb']:.0f} MB | {100 * m['time_overhead']:+.1f}% time "
