@@ -14,7 +14,10 @@ subprocess (its peak resident memory is its own), one image per call, CFG on (gu
                  "1/2" and "1/4" of the latent side (16×16 and 8×8 at 256²; SDXL: its two
                  cross-attention levels)
 
-Seconds are the best of ``--repeats`` timed calls after one warm-up call. The CLIP tokenizer is the
+Seconds are the best of ``--repeats`` timed calls after one warm-up call. On a shared machine two processes'
+times differ by ±10 % with nothing changed, so the capture's cost is also measured in place: the time its
+own methods take (``begin``, ``record`` in every captured layer, the step-end hook, ``finish``) as a share of
+the same calls (``capture_work_share``). The CLIP tokenizer is the
 real BPE vocabulary when the ``open_clip_torch`` wheel's files are installed (read, not imported),
 else the bundled shapes model's vocabulary. Writes benchmarks/results/family_capture.json.
 """
@@ -152,6 +155,10 @@ def child(name: str, folder: str, config: str, size: int, steps: int, repeats: i
                         generator=torch.Generator("cpu").manual_seed(1), output_type="np").images
     else:
         from pipeline.spec import validate_spec
+        from stages.attention import AttentionCapture
+
+        for method in ("begin", "record", "on_step_end", "finish"):  # the capture's own work, timed in place
+            setattr(AttentionCapture, method, _timed(getattr(AttentionCapture, method)))
         from stages.sampling import class_token_positions
         from stages.synthesis import SynthesisStage
 
@@ -169,14 +176,33 @@ def child(name: str, folder: str, config: str, size: int, steps: int, repeats: i
         def call() -> np.ndarray:
             return stage(batch)["image"]
     call()  # warm-up
-    times = []
+    times, work = [], []
     for _ in range(repeats):
+        CAPTURE_WORK[0] = 0.0
         t0 = time.perf_counter()
         images = call()
         times.append(time.perf_counter() - t0)
+        work.append(CAPTURE_WORK[0])
         assert np.isfinite(np.asarray(images, dtype=np.float64)).all()
-    return {"seconds_per_image": min(times), "times": times,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    out = {"seconds_per_image": min(times), "times": times,
+           "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if config == "capture":
+        out["capture_work_s"] = work
+    return out
+
+
+CAPTURE_WORK = [0.0]  # seconds spent in the capture's own methods during the current call
+
+
+def _timed(method):
+    """``method`` adding its wall time to :data:`CAPTURE_WORK`."""
+    def timed(*args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return method(*args, **kwargs)
+        finally:
+            CAPTURE_WORK[0] += time.perf_counter() - t0
+    return timed
 
 
 def main(argv=None) -> None:
@@ -216,11 +242,15 @@ def main(argv=None) -> None:
             "peak_rss_mb": {c: runs[c]["peak_rss_mb"] for c in CONFIGS},
             "time_overhead": cap["seconds_per_image"] / bare["seconds_per_image"] - 1,
             "memory_overhead": cap["peak_rss_mb"] / bare["peak_rss_mb"] - 1,
+            # the capture's own work (begin, record in every captured layer, step-end hook, finish) as a share of
+            # the same calls' wall time: unlike the two processes' times it does not move with the machine's load
+            "capture_work_share": sum(cap["capture_work_s"]) / sum(cap["times"]),
             "runs": runs, "loadavg_after": [round(v, 2) for v in os.getloadavg()]}
         m = result["models"][name]
         print(f"{name:<6} w{width:<4g} bare {bare['seconds_per_image']:.2f} s {bare['peak_rss_mb']:.0f} MB | capture "
               f"{cap['seconds_per_image']:.2f} s {cap['peak_rss_mb']:.0f} MB | {100 * m['time_overhead']:+.1f}% time "
-              f"{100 * m['memory_overhead']:+.1f}% memory", flush=True)
+              f"{100 * m['memory_overhead']:+.1f}% memory | capture's own work {100 * m['capture_work_share']:.2f}% "
+              "of its time", flush=True)
         write_result(args.json, result)
 
 
