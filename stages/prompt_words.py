@@ -13,9 +13,6 @@ def plural(word: str) -> str:
     return word + "s"
 
 
-COUNT_STYLES = ("number", "repeat")
-
-
 def count_words(count: int, word: str) -> tuple[str, str]:
     """(article or number, class word in number): (a, circle), (two, circles)."""
     if count <= 1:
@@ -42,3 +39,14 @@ def count_phrase(count: int, attribute: str | None, word: str, style: str = "num
         spans.append((len(text), len(text) + len(word)))
         text += word
     return text, spans
+
+
+def grouped_positions(positions_of, groups: list[list[tuple[int, int]]]) -> list[list[int]]:
+    """Per group of character spans (a class's words), the sorted union of the token positions
+    ``positions_of(spans)`` gives each span (one tokenizer call for all spans): 'a ring and a ring' -> both rings."""
+    hits = positions_of([span for group in groups for span in group])
+    out, at = [], 0
+    for group in groups:
+        out.append(sorted({p for hit in hits[at:at + len(group)] for p in hit}))
+        at += len(group)
+    return out

@@ -10,7 +10,7 @@ import numpy as np
 from transformers import CLIPTokenizer
 
 from .base import Batch, Stage, passthrough
-from .prompt_words import count_phrase
+from .prompt_words import count_phrase, grouped_positions
 
 if TYPE_CHECKING:  # stages.references imports webdataset, which imports torch (~3 s per worker)
     from .references import Reference
@@ -126,12 +126,7 @@ class SamplingStage(Stage):
 
     def positions(self, prompt: str, spans: list[list[tuple[int, int]]]) -> list[list[int]]:
         """Token positions of each class: all tokens of all its words ('a ring and a ring': both)."""
-        flat = class_token_positions(self.tokenizer, prompt, [span for each in spans for span in each])
-        out, at = [], 0
-        for each in spans:
-            out.append(sorted({i for hit in flat[at:at + len(each)] for i in hit}))
-            at += len(each)
-        return out
+        return grouped_positions(lambda flat: class_token_positions(self.tokenizer, prompt, flat), spans)
 
     def variation(self, index: int) -> tuple[Reference, int, float]:
         """(reference, level, strength) of a sample: index = (level x references + reference) x

@@ -21,6 +21,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Sequence
 
+from ..prompt_words import grouped_positions
 from .base import CaptureLevel, ModelFamily, read_json
 
 #: the image-image affinity for refinement is N×N per image: at most 64×64 tokens (64 MB fp32 per image)
@@ -215,13 +216,8 @@ class MMDiTFamily(ModelFamily):
 
     def t5_positions(self, prompt: str, token_index: list[list[int]]) -> list[list[int]]:
         """The T5 positions of the words the sampler's CLIP positions name, per class."""
-        groups = self.spans_of(prompt, token_index)
-        hits = self.token_positions(prompt, [span for g in groups for span in g])[self.t5_tokenizer]
-        out, at = [], 0
-        for g in groups:
-            out.append(sorted({p for hit in hits[at:at + len(g)] for p in hit}))
-            at += len(g)
-        return out
+        return grouped_positions(lambda flat: self.token_positions(prompt, flat)[self.t5_tokenizer],
+                                 self.spans_of(prompt, token_index))
 
     def text_length(self) -> int:
         raise NotImplementedError
