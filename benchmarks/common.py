@@ -15,6 +15,26 @@ from pipeline.spec import JobSpec, UsageError, load_spec
 REPO = Path(__file__).resolve().parents[1]
 
 
+class MethodTimer:
+    """Wall time spent inside some methods of a class, timed in place by wrapping them on the class: a
+    component's own work inside a larger call, which (unlike two processes' wall clocks) does not move with
+    the machine's load. ``seconds`` accumulates until reset."""
+
+    def __init__(self, cls: type, names: Sequence[str]):
+        self.seconds = 0.0
+        for name in names:
+            setattr(cls, name, self._timed(getattr(cls, name)))
+
+    def _timed(self, method: Callable) -> Callable:
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return method(*args, **kwargs)
+            finally:
+                self.seconds += time.perf_counter() - t0
+        return timed
+
+
 def write_result(path: str | Path, result: dict, indent: int = 2) -> None:
     """Write a benchmark's result JSON (folders made as needed) and say where."""
     path = Path(path)

@@ -36,7 +36,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import REPO, write_result
+from benchmarks.common import MethodTimer, REPO, write_result
 
 CONFIGS = ("bare", "capture")
 PROMPT = "a photo of a traffic light and a dog"
@@ -144,6 +144,7 @@ def child(name: str, folder: str, config: str, size: int, steps: int, repeats: i
     import torch
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
+    work_timer = None
     if config == "bare":
         from diffusers import DiffusionPipeline
 
@@ -157,8 +158,7 @@ def child(name: str, folder: str, config: str, size: int, steps: int, repeats: i
         from pipeline.spec import validate_spec
         from stages.attention import AttentionCapture
 
-        for method in ("begin", "record", "on_step_end", "finish"):  # the capture's own work, timed in place
-            setattr(AttentionCapture, method, _timed(getattr(AttentionCapture, method)))
+        work_timer = MethodTimer(AttentionCapture, ("begin", "record", "on_step_end", "finish"))  # its own work
         from stages.sampling import class_token_positions
         from stages.synthesis import SynthesisStage
 
@@ -178,31 +178,18 @@ def child(name: str, folder: str, config: str, size: int, steps: int, repeats: i
     call()  # warm-up
     times, work = [], []
     for _ in range(repeats):
-        CAPTURE_WORK[0] = 0.0
+        if work_timer is not None:
+            work_timer.seconds = 0.0
         t0 = time.perf_counter()
         images = call()
         times.append(time.perf_counter() - t0)
-        work.append(CAPTURE_WORK[0])
+        work.append(work_timer.seconds if work_timer is not None else 0.0)
         assert np.isfinite(np.asarray(images, dtype=np.float64)).all()
     out = {"seconds_per_image": min(times), "times": times,
            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     if config == "capture":
         out["capture_work_s"] = work
     return out
-
-
-CAPTURE_WORK = [0.0]  # seconds spent in the capture's own methods during the current call
-
-
-def _timed(method):
-    """``method`` adding its wall time to :data:`CAPTURE_WORK`."""
-    def timed(*args, **kwargs):
-        t0 = time.perf_counter()
-        try:
-            return method(*args, **kwargs)
-        finally:
-            CAPTURE_WORK[0] += time.perf_counter() - t0
-    return timed
 
 
 def main(argv=None) -> None:
