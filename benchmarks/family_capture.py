@@ -19,7 +19,8 @@ times differ by ±10 % with nothing changed, so the capture's cost is also measu
 own methods take (``begin``, ``record`` in every captured layer, the step-end hook, ``finish``) as a share of
 the same calls (``capture_work_share``). The CLIP tokenizer is the
 real BPE vocabulary when the ``open_clip_torch`` wheel's files are installed (read, not imported),
-else the bundled shapes model's vocabulary. Writes benchmarks/results/family_capture.json.
+else the bundled shapes model's vocabulary. Writes benchmarks/results/family_capture.json (``--json``);
+``--update`` reruns some models into an existing JSON measured with the same settings, keeping the others.
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ import argparse
 import gzip
 import importlib.metadata
 import json
+import math
 import os
 import platform
 import resource
@@ -201,6 +203,8 @@ def main(argv=None) -> None:
     ap.add_argument("--sdxl-width", type=float, default=0.5, help="SDXL channel widths x this (1.0: real)")
     ap.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "synthgen-family-bench"))
     ap.add_argument("--json", default=str(REPO / "benchmarks" / "results" / "family_capture.json"))
+    ap.add_argument("--update", action="store_true",
+                    help="keep the other models of an existing --json measured with the same settings")
     ap.add_argument("--child", nargs=2, metavar=("MODEL", "CONFIG"), help=argparse.SUPPRESS)
     ap.add_argument("--folder", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -213,6 +217,15 @@ def main(argv=None) -> None:
                           "cpu_count": os.cpu_count(), "loadavg_start": [round(v, 2) for v in os.getloadavg()]},
               "size": args.size, "steps": args.steps, "repeats": args.repeats, "sdxl_width": args.sdxl_width,
               "models": {}}
+    if args.update and Path(args.json).is_file():
+        earlier = json.loads(Path(args.json).read_text())
+        settings = ("size", "steps", "repeats", "sdxl_width")
+        if any(earlier.get(k) != result[k] for k in settings):
+            ap.error(f"--update: {args.json} was measured with {({k: earlier.get(k) for k in settings})}, "
+                     f"not {({k: result[k] for k in settings})}")
+        result["models"] = earlier["models"]
+        result["earlier_runs"] = [*earlier.get("earlier_runs", []),
+                                  {k: earlier.get(k) for k in ("command", "date", "machine")}]
     for name in args.models.split(","):
         width = args.sdxl_width if name == "sdxl" else 1.0
         folder = build(name, Path(args.cache) / f"{name}-w{width:g}", width)
@@ -242,18 +255,14 @@ def main(argv=None) -> None:
 
 
 def _unet_params(folder: Path) -> float:
-    """UNet parameters in millions, from its safetensors header (no weights loaded)."""
-    header = folder / "unet" / "diffusion_pytorch_model.safetensors"
-    with open(header, "rb") as f:
-        size = int.from_bytes(f.read(8), "little")
-        meta = json.loads(f.read(size))
+    """UNet parameters in millions, from its safetensors headers (one file or shards; no weights loaded)."""
+    from safetensors import safe_open
+
     total = 0
-    for key, entry in meta.items():
-        if key != "__metadata__":
-            n = 1
-            for d in entry["shape"]:
-                n *= d
-            total += n
+    for path in sorted((folder / "unet").glob("diffusion_pytorch_model*.safetensors")):
+        with safe_open(str(path), framework="np") as f:
+            for key in f.keys():
+                total += math.prod(f.get_slice(key).get_shape())
     return round(total / 1e6, 1)
 
 
