@@ -3,6 +3,8 @@ its fingerprint" (a rerun of the same job, overrides and model reuses the finish
 from __future__ import annotations
 
 import json
+import os
+import platform
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -33,6 +35,15 @@ class MethodTimer:
             finally:
                 self.seconds += time.perf_counter() - t0
         return timed
+
+
+def run_header(module: str, argv: Sequence[str] | None) -> dict:
+    """What every capture benchmark's JSON starts with: the command that reproduces it, the date, and the
+    machine with its load averages at the start (times on a shared machine move with them)."""
+    return {"command": f"python -m {module} " + " ".join(sys.argv[1:] if argv is None else argv),
+            "date": time.strftime("%Y-%m-%d"),
+            "machine": {"platform": platform.platform(), "processor": platform.machine(),
+                        "cpu_count": os.cpu_count(), "loadavg_start": [round(v, 2) for v in os.getloadavg()]}}
 
 
 def write_result(path: str | Path, result: dict, indent: int = 2) -> None:

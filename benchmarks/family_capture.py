@@ -30,7 +30,6 @@ import importlib.metadata
 import json
 import math
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -38,7 +37,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import MethodTimer, REPO, write_result
+from benchmarks.common import run_header, MethodTimer, REPO, write_result
 
 CONFIGS = ("bare", "capture")
 PROMPT = "a photo of a traffic light and a dog"
@@ -211,10 +210,7 @@ def main(argv=None) -> None:
     if args.child:
         print(json.dumps(child(args.child[0], args.folder, args.child[1], args.size, args.steps, args.repeats)))
         return
-    result = {"command": "python -m benchmarks.family_capture " + " ".join(sys.argv[1:] if argv is None else argv),
-              "date": time.strftime("%Y-%m-%d"),
-              "machine": {"platform": platform.platform(), "processor": platform.machine(),
-                          "cpu_count": os.cpu_count(), "loadavg_start": [round(v, 2) for v in os.getloadavg()]},
+    result = {**run_header("benchmarks.family_capture", argv),
               "size": args.size, "steps": args.steps, "repeats": args.repeats, "sdxl_width": args.sdxl_width,
               "models": {}}
     if args.update and Path(args.json).is_file():

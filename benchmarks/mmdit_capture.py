@@ -23,13 +23,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
 import time
 
-from benchmarks.common import REPO, MethodTimer, write_result
+from benchmarks.common import run_header, REPO, MethodTimer, write_result
 
 CONFIGS = ("off", "joint")
 
@@ -123,10 +122,7 @@ def main(argv=None) -> None:
         family, config = args.child
         print(json.dumps(child(family, config, heads[family], args.size, args.steps, args.threads)))
         return
-    result = {"command": "python -m benchmarks.mmdit_capture " + " ".join(sys.argv[1:] if argv is None else argv),
-              "date": time.strftime("%Y-%m-%d"),
-              "machine": {"platform": platform.platform(), "processor": platform.machine(),
-                          "cpu_count": os.cpu_count(), "loadavg_start": [round(v, 2) for v in os.getloadavg()]},
+    result = {**run_header("benchmarks.mmdit_capture", argv),
               "size": args.size, "steps": args.steps, "repeats": args.repeats, "threads": args.threads,
               "families": {}}
     for family in args.family:
