@@ -13,7 +13,8 @@ Checks of a local model folder, from its JSON files, its tokenizer vocabulary an
   ``*.safetensors`` (the loader reads nothing else);
 * every tokenizer of the family loads (``tokenizer``; SDXL also ``tokenizer_2``); in each, every class
   name, synonym and attribute is at least one token and no unknown one, and the longest prompt the
-  sampler can build (:func:`longest_prompts`) fits the family's limit for it (CLIP: 77);
+  sampler can build (:func:`longest_prompts`) fits the family's limit for it (CLIP: 77); with counts
+  asked in words (``prompts.count_style: number``), the number words are words the tokenizer knows;
 * ``masks.capture_resolutions`` / ``self_attention_resolution`` name attention levels the model has
   at the job's image size, by the family's own rule (``capture_plan``; UNets: ``stages/unet_layout.py``),
   and self-attention fits.
@@ -38,7 +39,7 @@ from typing import Any, Callable, Iterator
 
 from stages.families import FamilyError, resolve_family
 from stages.families.base import ModelFamily
-from stages.prompt_words import count_phrase
+from stages.prompt_words import count_phrase, count_words
 
 from .spec import JobSpec, SpecError, UsageError
 
@@ -146,6 +147,7 @@ def check_model(spec: JobSpec, source: str) -> None:
         if limit != tokenizer.model_max_length:
             tokenizer = Tokenizer(tokenizer.encode, tokenizer.unk_token, tokenizer.unk_token_id, limit)
         check_words(spec, tokenizer, source, name)
+        check_count_words(spec, tokenizer, source, name)
         check_prompt_length(spec, tokenizer, source, name)
     check_capture(spec, folder, family, source)
 
@@ -295,6 +297,29 @@ def check_words(spec: JobSpec, tokenizer: Tokenizer, source: str, name: str = "t
             raise SpecError(f"{source}: {field}: {_short(word)} has characters the model's {_which(name)} does not "
                             f"know{shown}: they become {tokenizer.unk_token!r} tokens, so the prompt loses them and "
                             "a mask would follow no word; write it with characters the tokenizer knows")
+
+
+#: more pieces than this for a number word ('two', 'three') mean the tokenizer spells it out: real CLIP and
+#: T5 vocabularies have each as one token; the bundled shapes-world tokenizer has none (t-h-r-e-e)
+NUMBER_WORD_PIECES = 2
+
+
+def check_count_words(spec: JobSpec, tokenizer: Tokenizer, source: str, name: str = "tokenizer") -> None:
+    """``prompts.count_style: number`` asks for k > 1 objects of a class in words ('three red circles'); a
+    tokenizer that spells the number word out piece by piece never gave the model that word to learn, so
+    the prompt asks for no count and the label stage would split the class into objects never drawn."""
+    prompts = spec.prompts
+    if prompts.max_instances_per_class < 2 or prompts.count_style != "number":
+        return
+    for count in range(2, prompts.max_instances_per_class + 1):
+        number = count_words(count, spec.classes[0].name)[0]
+        pieces = len(tokenizer.ids(number))
+        if pieces > NUMBER_WORD_PIECES:
+            example = count_phrase(2, None, spec.classes[0].name, "repeat")[0]
+            raise SpecError(f"{source}: prompts.count_style: 'number' asks for counts in words, but the model's "
+                            f"{_which(name)} splits {number!r} into {pieces} pieces (it does not know the word, so "
+                            f"the model cannot have learned counts); set prompts.count_style: repeat (the class "
+                            f"phrase k times: {example!r})")
 
 
 @dataclass(frozen=True)

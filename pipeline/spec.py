@@ -143,7 +143,8 @@ class PromptSpec(_Strict):
     count_style: Literal["number", "repeat"] = Field(default="number", description="how a prompt asks for several "
                                                      "instances of a class: 'number' ('two red circles') or "
                                                      "'repeat' ('a red circle and a red circle', for a tokenizer "
-                                                     "without the plural words, like the bundled model's)")
+                                                     "without plural and number words, like the bundled "
+                                                     "model's, where 'number' is refused)")
     embedding: EmbeddingSpec | None = Field(default=None, description="conditioning in text-embedding "
                                             "space; null: the prompt as written")
 

@@ -169,18 +169,23 @@ def test_instance_ap_and_count_accuracy_on_hand_made_cases():
     assert merged["AP50"] < 0.51 and merged["count_accuracy"] == 0.0
 
 
-def test_count_prompts_text_and_references(tiny_model, tmp_path):
+def test_count_prompts_text_and_references(tmp_path):
+    """Counts in words ('two red circles'), with a tokenizer that knows them: a random-weight SD 1.5 folder
+    with the real CLIP vocabulary (the bundled tokenizer has no number words: the next test)."""
     from conftest import write_job
+    from family_models import build_sd15
 
     from pipeline.shapes.coco import render_multi_coco
     from pipeline.shapes.world import COLORS
     from pipeline.spec import load_spec
     from stages.sampling import SamplingStage
 
+    model = str(build_sd15(tmp_path / "sd15"))
+    levels = {"capture_resolutions": [8, 4]}  # its 8×8 latent at 64²
     world = [{"name": c, "attributes": list(COLORS)} for c in CLASSES]
     prompts = {"templates": ["{objects}"], "max_classes_per_image": 2}
-    plain = SamplingStage(load_spec(write_job(tmp_path / "a", tiny_model, classes=world, prompts=prompts)))
-    counted = SamplingStage(load_spec(write_job(tmp_path / "b", tiny_model, classes=world,
+    plain = SamplingStage(load_spec(write_job(tmp_path / "a", model, classes=world, masks=levels, prompts=prompts)))
+    counted = SamplingStage(load_spec(write_job(tmp_path / "b", model, classes=world, masks=levels,
                                                 prompts={**prompts, "max_instances_per_class": 2})))
     index = {"index": np.arange(12)}
     a, b = plain(index), counted(index)
@@ -203,7 +208,7 @@ def test_count_prompts_text_and_references(tiny_model, tmp_path):
     refs = tmp_path / "refs"
     render_multi_coco(refs, 3, first_seed=7)
     data = json.loads((refs / "annotations.json").read_text())
-    job = write_job(tmp_path / "c", tiny_model, classes=world, samples=3,
+    job = write_job(tmp_path / "c", model, classes=world, masks=levels, samples=3,
                     prompts={"templates": ["{objects}"], "max_instances_per_class": 4},
                     references={"path": str(refs), "strengths": [0.3], "seeds_per_level": 1})
     rows = SamplingStage(load_spec(job))({"index": np.arange(3)})
@@ -216,9 +221,10 @@ def test_count_prompts_text_and_references(tiny_model, tmp_path):
 
 
 def test_count_style_repeat_names_the_class_word_k_times(tiny_model, tmp_path):
-    """The bundled tokenizer has no plurals ('rings' is four pieces the model never saw grounded): with
-    ``prompts.count_style: repeat`` a count is the singular phrase k times, every copy's token is the
-    class's, and the pre-flight length check measures the prompt as the sampler writes it."""
+    """The bundled tokenizer has no plurals or number words ('rings' is four pieces the model never saw
+    grounded, 'three' five): counts in words are refused before any work, and with ``prompts.count_style:
+    repeat`` a count is the singular phrase k times, every copy's token is the class's, and the pre-flight
+    length check measures the prompt as the sampler writes it."""
     from conftest import write_job
 
     from pipeline.shapes.world import COLORS
@@ -228,6 +234,11 @@ def test_count_style_repeat_names_the_class_word_k_times(tiny_model, tmp_path):
     world = [{"name": c, "attributes": list(COLORS)} for c in CLASSES]
     prompts = {"templates": ["{objects} on noise"], "max_classes_per_image": 1, "max_instances_per_class": 3,
                "count_style": "repeat"}
+    words = write_job(tmp_path / "n", tiny_model, classes=world, prompts={**prompts, "count_style": "number"})
+    with pytest.raises(SpecError, match=r"prompts\.count_style: 'number' .* splits 'two' into 3 pieces .* set "
+                                        r"prompts\.count_style: repeat \(the class phrase k times: 'a circle and a "
+                                        r"circle'\)$"):
+        load_spec(words)
     stage = SamplingStage(load_spec(write_job(tmp_path / "a", tiny_model, classes=world, prompts=prompts)))
     rows = stage({"index": np.arange(12)})
     seen = set()
