@@ -2,6 +2,7 @@
 its fingerprint" (a rerun of the same job, overrides and model reuses the finished output)."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -95,3 +96,35 @@ def generate_cached(job: str | Path, overrides: Sequence[str], cache_root: Path,
     t0 = time.perf_counter()
     run_job(spec, use_ray=False, progress=progress)
     return Generated(out, spec, False, time.perf_counter() - t0)
+
+
+def code_digest(*paths: str | Path) -> str:
+    """Short sha256 over some source files' bytes (relative to the repository root): part of a cached
+    result's key, so that a change to the code that produced it invalidates it."""
+    h = hashlib.sha256()
+    for path in paths:
+        h.update(str(path).encode() + b"\0" + (REPO / path).read_bytes())
+    return h.hexdigest()[:12]
+
+
+def cached_path(folder: Path, key: dict) -> Path:
+    """Where ``cached_run`` keeps the result for ``key``."""
+    return folder / f"{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]}.json"
+
+
+def cached_run(folder: Path, key: dict, run: Callable[[], dict]) -> tuple[dict, bool]:
+    """``run()``'s result, stored as ``folder/<sha256 of key>.json`` (with the key beside it) when it
+    finishes and reused from there by a later call with an equal key: a benchmark killed or rerun with
+    one setting changed retrains only what that setting touches. Returns (result, reused). ``key``
+    must hold everything the result depends on (settings, data dirs, a ``code_digest``)."""
+    path = cached_path(folder, key)
+    if path.is_file():
+        stored = json.loads(path.read_text())
+        if stored.get("key") == json.loads(json.dumps(key)):
+            return stored["result"], True
+    result = run()
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"key": key, "date": time.strftime("%Y-%m-%d"), "result": result}) + "\n")
+    os.replace(tmp, path)
+    return result, False
