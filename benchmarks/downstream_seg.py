@@ -14,7 +14,9 @@ median runs, every run's mIoU, and mIoU(a) / mIoU(b) (target >= 0.90), and write
 
 Without ``--synthetic`` the job (default ``jobs/shapes-demo.yaml``, ``--set`` overrides allowed) is run
 in-process (``--no-ray``) with ``samples`` = K + 5 % (filters reject a few) into
-``out/downstream-seg/<job name>-<fingerprint>``; a rerun of the same job and model reuses it.
+``out/downstream-seg/<job name>-<fingerprint>``; a rerun of the same job and model reuses it. Each
+training run's scores are kept in ``out/downstream-seg/runs/``, keyed by the arm, its data, the training
+settings and a digest of this file: a rerun, or a run killed halfway, trains only what is missing.
 
 Seeds: the bundled model trained on scenes < HELD_OUT_SEED; real training scenes are
 HELD_OUT_SEED + 3_000_000 + i, test scenes HELD_OUT_SEED + 4_000_000 + i. The synthetic seg.png
@@ -48,7 +50,14 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from benchmarks.common import REPO, checked, generate_cached, write_result
+from benchmarks.common import (
+    REPO,
+    cached_run,
+    checked,
+    code_digest,
+    generate_cached,
+    write_result,
+)
 from pipeline.shapes.world import CLASSES, HELD_OUT_SEED, render_scene
 from pipeline.spec import UsageError, load_spec
 
@@ -254,6 +263,12 @@ def train(images: np.ndarray, masks: np.ndarray, cfg: TrainSettings) -> tuple[Ti
                    "first_loss": round(losses[0], 4), "epochs": round(cfg.steps * bs / n, 2)}
 
 
+def trained(images: np.ndarray, masks: np.ndarray, cfg: TrainSettings, test_x: np.ndarray, test_y: np.ndarray) -> dict:
+    """One training run and its test scores: ``{seed, train, test}``."""
+    model, stats = train(images, masks, cfg)
+    return {"seed": cfg.seed, "train": stats, "test": evaluate(model, test_x, test_y)}
+
+
 @torch.no_grad()
 def predict(model: nn.Module, images: np.ndarray, batch_size: int = 100) -> np.ndarray:
     """Argmax class map uint8 (N, H, W)."""
@@ -369,16 +384,22 @@ def run(args: argparse.Namespace) -> dict:
     data_s = time.perf_counter() - t0
 
     cfg = TrainSettings(args.steps, args.batch_size, args.lr, width=args.width, seed=args.seed)
+    code = code_digest("benchmarks/downstream_seg.py", "pipeline/shapes/world.py")
+    data = {"synthetic": {"dir": str(Path(out).resolve()), "keys": [syn.keys[0], syn.keys[-1]], "n": n},
+            "real": {"first_seed": REAL_TRAIN_SEED, "n": n, "size": height}}
     results = {}
     for name, (x, y) in (("synthetic", (syn.images, syn.masks)), ("real", (real_x, real_y))):
         runs = []
         for seed in range(args.seed, args.seed + args.seeds):
             print(f"training ({'a' if name == 'synthetic' else 'b'}) on {n} {name} images, {cfg.steps} steps, "
-                  f"seed {seed} ...")
-            model, stats = train(x, y, replace(cfg, seed=seed))
-            runs.append({"seed": seed, "train": stats, "test": evaluate(model, test_x, test_y)})
-            print(f"  {stats['wall_s']} s, loss {stats['first_loss']} -> {stats['final_loss']}, "
-                  f"test mIoU {runs[-1]['test']['miou']}")
+                  f"seed {seed} ...", flush=True)
+            key = {"arm": name, "data": data[name], "test": {"first_seed": TEST_SEED, "n": args.test, "size": height},
+                   "training": replace(cfg, seed=seed).__dict__, "threads": args.threads, "code": code}
+            run, reused = cached_run(args.synthetic_root / "runs", key, lambda: trained(x, y, replace(cfg, seed=seed),
+                                                                                        test_x, test_y))
+            runs.append({**run, "reused": reused})
+            print(f"  {run['train']['wall_s']} s, loss {run['train']['first_loss']} -> {run['train']['final_loss']}, "
+                  f"test mIoU {run['test']['miou']}{' (reused)' if reused else ''}", flush=True)
         # the run with the median mIoU stands for the arm: one unlucky initialisation (a tiny network can
         # leave two classes in a dead zone) does not decide the comparison, and every run is reported
         median = sorted(runs, key=lambda r: r["test"]["miou"] or 0.0)[(len(runs) - 1) // 2]
