@@ -49,8 +49,11 @@ def format_summary(summary: dict[str, Any]) -> str:
         names = summary["left_alone"]
         out.append(f"left alone: {len(names)} file(s) in the output dir that synthgen did not write: "
                    f"{', '.join(names[:5])}{' ...' if len(names) > 5 else ''}")
-    rate = f", {summary['images_per_s']:.2f} img/s" if summary.get("images_per_s") else ""
-    out.append(f"wall time: {summary['wall_s']:.1f} s ({summary['runner']}){rate}")
+    if summary["runner"] == "none":
+        out.append("nothing to do: every shard of the job is committed (--overwrite regenerates the dataset)")
+    else:
+        rate = f", {summary['images_per_s']:.2f} img/s" if summary.get("images_per_s") else ""
+        out.append(f"wall time: {summary['wall_s']:.1f} s ({summary['runner']}){rate}")
     return "\n".join(out)
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import pickle
+import sys
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -158,7 +159,10 @@ def run_job(spec: JobSpec, *, overwrite: bool = False, verify: bool = False, use
         on_workers = use_ray and len(pending) > 0 and workers_write(writer_mode, writer)
         received = 0
         total = writer.plan.count(pending)
-        with tqdm(total=total, unit="img", disable=not progress, desc=spec.name, dynamic_ncols=True) as bar:
+        if progress and on_workers:
+            print(f"{spec.name}: {total} samples in {len(pending)} shards; the workers load the model, then the bar "
+                  f"moves as each shard commits", file=sys.stderr)
+        with tqdm(total=total, unit="img", disable=not (progress and work), desc=spec.name, dynamic_ncols=True) as bar:
             if on_workers:  # the driver receives commit records only and journals them
                 try:
                     for result in run_ray_shards(plan, pending, writer.shared_location, writer.categories, COLUMNS,
@@ -183,7 +187,8 @@ def run_job(spec: JobSpec, *, overwrite: bool = False, verify: bool = False, use
                 bar.update(len(batch["index"]))
                 bar.set_postfix(kept=f"{100 * stats.kept / max(stats.processed, 1):.0f}%",
                                 shards=f"{len(writer.committed)}/{writer.plan.num_shards}")
-        summary = stats.summary("ray" if use_ray else "in-process", started, time.perf_counter() - t0, writer)
+        runner = ("ray" if use_ray else "in-process") if work else "none"  # nothing to do starts no Ray
+        summary = stats.summary(runner, started, time.perf_counter() - t0, writer)
         summary["writer"] = "workers" if on_workers else "driver"
         summary["driver_bytes"] = received
         writer.finish(summary)

@@ -677,6 +677,10 @@ def load_calibration(data: dict, source: str) -> None:
         raise SpecError(f"{source}: masks: give class_thresholds or calibration, not both")
     try:
         thresholds = json.loads(path.read_text())["class_thresholds"]
+    except FileNotFoundError:
+        raise SpecError(f"{source}: masks.calibration: {path} does not exist (a relative path in a job file resolves "
+                        f"against the job file's folder); point it at the file, or write one with "
+                        f"`synthgen eval JOB --calibrate {path}`") from None
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise SpecError(f"{source}: masks.calibration: cannot read class_thresholds from {path} "
                         f"({type(e).__name__}: {e}); write it with `synthgen eval JOB --calibrate {path}`") from None

@@ -148,7 +148,7 @@ CASES = [
          job={"masks": {"threshold": "calibrated"}}),
     Case("labels: removed section", "labels: this section was removed",
          job={"labels": {"semantic": True, "instances": True, "boxes": True}}),
-    Case("masks: calibration file missing", "masks.calibration: cannot read class_thresholds",
+    Case("masks: calibration file missing", "nope.json does not exist (a relative path in a job file resolves",
          job={"masks": {"calibration": "nope.json"}}),
     Case("references: folder missing", "references.path: ", job={"references": {"path": "no-refs", "strengths": [0.5]},
                                                                 "samples": 5}),

@@ -84,7 +84,7 @@ def test_calibration_file_fills_the_class_thresholds(tmp_path, tiny_model):
 
 
 @pytest.mark.parametrize("content, message", [
-    (None, "cannot read class_thresholds"),
+    (None, r"cal.json does not exist \(a relative path in a job file resolves against the job file.s folder\)"),
     ("not json", "cannot read class_thresholds"),
     (json.dumps({"class_thresholds": {"circle": 0.3}}), "masks.class_thresholds"),
 ])

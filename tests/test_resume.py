@@ -195,7 +195,8 @@ def test_a_no_op_rerun_imports_no_torch_and_starts_no_ray(dataset, tmp_path):
     proc = subprocess.run([sys.executable, "-c", code, "run", str(dataset.job), "--out", str(out)],
                           capture_output=True, text=True, timeout=300, cwd=REPO)
     assert proc.stdout.strip().splitlines()[-1] == "0 []", proc.stderr[-2000:]
-    assert "0 written this run" in proc.stdout
+    assert "0 written this run" in proc.stdout and "nothing to do" in proc.stdout
+    assert "img/s" not in proc.stdout + proc.stderr  # no progress bar, no rate, for a run that does nothing
     assert_same_dataset(out, dataset.out)
 
 
