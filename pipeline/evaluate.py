@@ -373,34 +373,28 @@ def coco_scores(samples: list[Sample], ids: dict[str, int]) -> dict[str, Any]:
             dets.append({"image_id": img_id, "category_id": a["category_id"], "bbox": a["bbox"],
                          "segmentation": a["segmentation"], "score": a["score"]})
     out: dict[str, Any] = {"gt_objects": len(gts), "detections": len(dets)}
+    cats = [{"id": i, "name": n} for n, i in ids.items()]
     for kind in ("bbox", "segm"):
-        if not gts or not dets:
-            out[kind] = {"AP": 0.0, "AP50": 0.0}
-            continue
-        with contextlib.redirect_stdout(io.StringIO()):  # COCOeval prints its own tables
-            gt = COCO()
-            gt.dataset = {"images": images, "annotations": gts,
-                          "categories": [{"id": i, "name": n} for n, i in ids.items()]}
-            gt.createIndex()
-            ev = COCOeval(gt, gt.loadRes(dets), kind)
-            ev.evaluate(), ev.accumulate(), ev.summarize()
-        out[kind] = {"AP": float(ev.stats[0]), "AP50": float(ev.stats[1])}
+        out[kind] = coco_ap(images, gts, dets, cats, kind) if gts else {"AP": 0.0, "AP50": 0.0}
     return out
 
 
-def _segm_ap(images: list[dict], gts: list[dict], dets: list[dict], cats: list[dict]) -> dict[str, float]:
-    """Mask AP@[.5:.95] and AP50 of ``dets`` against ``gts`` (pycocotools COCOeval, segm)."""
+def coco_ap(images: list[dict], gts: list[dict], dets: list[dict], cats: list[dict], kind: str = "segm",
+            ) -> dict[str, float | None]:
+    """AP@[.5:.95], AP50 and AP75 of ``dets`` against ``gts`` (pycocotools COCOeval; ``kind`` "bbox" or "segm"),
+    rounded to 4 places; None without ground truth, 0.0 without detections."""
     if not gts:
-        return {"AP": None, "AP50": None}
+        return {"AP": None, "AP50": None, "AP75": None}
     if not dets:
-        return {"AP": 0.0, "AP50": 0.0}
-    with contextlib.redirect_stdout(io.StringIO()):
+        return {"AP": 0.0, "AP50": 0.0, "AP75": 0.0}
+    with contextlib.redirect_stdout(io.StringIO()):  # COCOeval prints its own tables
         gt = COCO()
         gt.dataset = {"images": images, "annotations": gts, "categories": cats}
         gt.createIndex()
-        ev = COCOeval(gt, gt.loadRes(dets), "segm")
+        ev = COCOeval(gt, gt.loadRes(dets), kind)
         ev.evaluate(), ev.accumulate(), ev.summarize()
-    return {"AP": round(float(ev.stats[0]), 4), "AP50": round(float(ev.stats[1]), 4)}
+    return {"AP": round(float(ev.stats[0]), 4), "AP50": round(float(ev.stats[1]), 4),
+            "AP75": round(float(ev.stats[2]), 4)}
 
 
 def instance_scores(samples: list[Sample], ids: dict[str, int]) -> dict[str, Any]:
@@ -432,13 +426,13 @@ def instance_scores(samples: list[Sample], ids: dict[str, int]) -> dict[str, Any
         g = [a for a in gts if a["category_id"] == cid]
         if not g:
             continue
-        per_class[name] = {"objects": len(g), **_segm_ap(images, g, [d for d in dets if d["category_id"] == cid],
+        per_class[name] = {"objects": len(g), **coco_ap(images, g, [d for d in dets if d["category_id"] == cid],
                                                           cats)}
         if name in counts:
             per_class[name].update(count_cases=len(counts[name]),
                                    count_accuracy=round(float(np.mean(counts[name])), 4))
     every = [c for v in counts.values() for c in v]
-    return {"objects": len(gts), "detections": len(dets), **_segm_ap(images, gts, dets, cats),
+    return {"objects": len(gts), "detections": len(dets), **coco_ap(images, gts, dets, cats),
             "count_cases": len(every), "count_accuracy": round(float(np.mean(every)), 4) if every else None,
             "per_class": per_class}
 
