@@ -333,8 +333,11 @@ def print_table(results: dict) -> None:
     print(f"\nratio mIoU(a)/mIoU(b) = {r if r is not None else '-'}  (target >= {TARGET_RATIO}) {verdict}")
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(argv: Sequence[str] | None, prog: str = "benchmarks.downstream_seg", description: str = __doc__,
+               json_default: Path = REPO / "benchmarks" / "results" / "downstream_seg.json") -> argparse.Namespace:
+    """The options of the downstream benchmarks (segmentation here, detection in downstream_det)."""
+    ap = argparse.ArgumentParser(prog=f"python -m {prog}", description=description,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     src = ap.add_mutually_exclusive_group()
     src.add_argument("--synthetic", type=Path, help="an existing synthgen output dir (instead of --job)")
     src.add_argument("--job", default=str(REPO / "jobs" / "shapes-demo.yaml"), help="job file to generate from")
@@ -351,9 +354,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--seeds", type=int, default=3,
                     help="trainings per arm (seeds seed..seed+N-1); the median-mIoU run stands for the arm")
     ap.add_argument("--threads", type=int, default=2, help="torch threads for training")
-    ap.add_argument("--json", type=Path, default=REPO / "benchmarks" / "results" / "downstream_seg.json")
+    ap.add_argument("--json", type=Path, default=json_default)
     args = ap.parse_args(argv)
-    args.command = " ".join(["python -m benchmarks.downstream_seg", *(sys.argv[1:] if argv is None else argv)])
+    args.command = " ".join([f"python -m {prog}", *(sys.argv[1:] if argv is None else argv)])
     for name in ("k", "test", "steps", "batch_size", "threads", "width"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -364,13 +367,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
+def synthetic_dir(args: argparse.Namespace) -> tuple[Path, float | None]:
+    """The synthetic set's output dir: ``--synthetic`` as given (checked before any work), or the job
+    generated once into ``--synthetic-root``; and the generation's wall seconds (None for ``--synthetic``)."""
+    if args.synthetic is not None:
+        shard_paths(args.synthetic)
+        return args.synthetic, None
+    return generate(args.job, args.set, args.k, args.synthetic_root)
+
+
 def run(args: argparse.Namespace) -> dict:
     t_start = time.perf_counter()
-    if args.synthetic is not None:
-        shard_paths(args.synthetic)  # fail before any work
-        out, gen_s = args.synthetic, None
-    else:
-        out, gen_s = generate(args.job, args.set, args.k, args.synthetic_root)
+    out, gen_s = synthetic_dir(args)
     torch.set_num_threads(args.threads)
 
     t0 = time.perf_counter()
