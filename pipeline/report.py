@@ -113,8 +113,8 @@ def category_names(manifest: dict) -> dict[int, str]:
 
 
 def overlay(sample: dict[str, Any], scale: int, categories: dict[int, str]) -> Image.Image:
-    """One sample as a pair: the image, and the image tinted by its semantic mask (one colour per
-    prompted class, ignore grey) with its instance boxes."""
+    """One sample as a pair: the image, with the prompted classes written in their colours, and the image
+    tinted by its semantic mask (one colour per prompted class, ignore grey) with its instance boxes."""
     image = Image.open(io.BytesIO(sample["jpg"])).convert("RGB")
     rec = json.loads(sample["json"])
     names = rec.get("class_names") or []
@@ -138,7 +138,10 @@ def overlay(sample: dict[str, Any], scale: int, categories: dict[int, str]) -> I
         color = PALETTE[names.index(name) % len(PALETTE)] if name in names else (255, 255, 255)
         x, y, bw, bh = (v * scale for v in ann["bbox"])
         draw.rectangle([size[0] + x, y, size[0] + x + bw - 1, y + bh - 1], outline=color, width=2)
-    draw.text((2, 1), ", ".join(names), fill=(255, 255, 255))
+    x = 2
+    for i, name in enumerate(names):  # the legend: each prompted class in its mask and box colour
+        draw.text((x, 1), name, fill=PALETTE[i % len(PALETTE)])
+        x += draw.textlength(name + " ")
     return tile
 
 

@@ -134,6 +134,19 @@ def test_inspect_and_preview(dataset, tmp_path, capsys):
     sheet = Image.open(tmp_path / "p.png")
     assert sheet.size == (4 * 2 * 192, 2 * 192) and np.asarray(sheet).std() > 0  # 6 tiles of image | overlay
 
+    from pipeline.report import PALETTE, category_names, iter_samples, overlay
+
+    sample = next(iter_samples(dataset.out))
+    names = json.loads(sample["json"])["class_names"]
+    tile = np.asarray(overlay(sample, 3, category_names(json.loads((dataset.out / "manifest.json").read_text()))))
+    image = np.asarray(Image.open(io.BytesIO(sample["jpg"])).convert("RGB").resize((192, 192), Image.NEAREST))
+    strip, plain = tile[:12, :192].astype(int), image[:12].astype(int)
+    written = np.abs(strip - plain).sum(-1) > 0
+    assert written.any()  # the legend: each prompted class's name, in its colour
+    for i in range(len(names)):
+        near = np.abs(strip - np.array(PALETTE[i])).sum(-1) < 60
+        assert (near & written).any(), (names, i)
+
 
 # --- local Ray ----------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
