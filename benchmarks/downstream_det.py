@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import time
 from collections.abc import Sequence
@@ -39,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from benchmarks import downstream_seg as seg
-from benchmarks.common import REPO, cached_run, checked, code_digest, write_result
+from benchmarks.common import REPO, code_digest
 from pipeline.evaluate import coco_ap
 from pipeline.shapes.world import CLASSES, render_scene
 from pipeline.spec import UsageError
@@ -173,36 +171,19 @@ def new_model(width: int) -> seg.TinyUNet:
 
 
 def train(data: BoxSet, cfg: seg.TrainSettings) -> tuple[nn.Module, dict]:
-    """Train a fresh detector (seeded) for cfg.steps AdamW + one-cycle steps over shuffled epochs."""
-    torch.manual_seed(cfg.seed)
-    model = new_model(cfg.width)
-    gen = torch.Generator().manual_seed(cfg.seed)
+    """Train a fresh detector (seeded) on the boxes (the segmentation benchmark's loop, :func:`seg.fit`)."""
     x_all, side = seg.to_input(data.images), data.images.shape[1]
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.steps, pct_start=0.15)
-    n, bs = len(data), min(cfg.batch_size, len(data))
-    order, pos, losses = torch.randperm(n, generator=gen), 0, []
-    model.train()
-    t0 = time.perf_counter()
-    for _step in range(cfg.steps):
-        if pos + bs > n:
-            order, pos = torch.randperm(n, generator=gen), 0
-        idx = order[pos:pos + bs].tolist()
-        pos += bs
-        flips = (torch.rand(bs, generator=gen) < 0.5).tolist()
-        turns = torch.randint(0, 4, (bs,), generator=gen).tolist()
+
+    def batch_loss(model: nn.Module, idx: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        idx = idx.tolist()
+        flips = (torch.rand(len(idx), generator=gen) < 0.5).tolist()
+        turns = torch.randint(0, 4, (len(idx),), generator=gen).tolist()
         x = torch.stack([torch.rot90(x_all[i].flip(-1) if f else x_all[i], t, (-2, -1))
                          for i, f, t in zip(idx, flips, turns)])
         boxes = [turn_boxes(data.boxes[i], side, f, t) for i, f, t in zip(idx, flips, turns)]
-        loss = detection_loss(model(x), *targets(boxes, [data.labels[i] for i in idx], side))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
-    tail = losses[-max(1, len(losses) // 10):]
-    return model, {"wall_s": round(time.perf_counter() - t0, 2), "final_loss": round(float(np.mean(tail)), 4),
-                   "first_loss": round(losses[0], 4), "epochs": round(cfg.steps * bs / n, 2)}
+        return detection_loss(model(x), *targets(boxes, [data.labels[i] for i in idx], side))
+
+    return seg.fit(lambda: new_model(cfg.width), len(data), cfg, batch_loss)
 
 
 @torch.no_grad()
@@ -256,9 +237,8 @@ def trained(data: BoxSet, cfg: seg.TrainSettings, test: BoxSet) -> dict:
 
 # --- CLI --------------------------------------------------------------------------------------------
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    args = seg.parse_args(argv, prog="benchmarks.downstream_det", description=__doc__,
+    return seg.parse_args(argv, prog="benchmarks.downstream_det", description=__doc__,
                           json_default=REPO / "benchmarks" / "results" / "downstream_det.json")
-    return args
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -281,30 +261,20 @@ def run(args: argparse.Namespace) -> dict:
                "real": {"first_seed": seg.REAL_TRAIN_SEED, "n": n, "size": side}}
     results = {}
     for name, data in (("synthetic", syn), ("real", real)):
-        runs = []
-        for seed in range(args.seed, args.seed + args.seeds):
-            print(f"training ({'a' if name == 'synthetic' else 'b'}) on {n} {name} images, {cfg.steps} steps, "
-                  f"seed {seed} ...", flush=True)
-            key = {"task": "detection", "arm": name, "data": sources[name],
-                   "test": {"first_seed": seg.TEST_SEED, "n": args.test, "size": side},
-                   "training": replace(cfg, seed=seed).__dict__, "threads": args.threads, "code": code}
-            result, reused = cached_run(args.synthetic_root / "runs", key,
-                                        lambda: trained(data, replace(cfg, seed=seed), test))
-            runs.append({**result, "reused": reused})
-            print(f"  {result['train']['wall_s']} s, loss {result['train']['first_loss']} -> "
-                  f"{result['train']['final_loss']}, test box AP {result['test']['AP']}, AP50 {result['test']['AP50']}"
-                  f"{' (reused)' if reused else ''}", flush=True)
-        median = sorted(runs, key=lambda r: r["test"]["AP"] or 0.0)[(len(runs) - 1) // 2]
+        runs, median = seg.seed_runs(
+            name, n, range(args.seed, args.seed + args.seeds), args.synthetic_root / "runs",
+            key=lambda seed, name=name: {"task": "detection", "arm": name, "data": sources[name],
+                              "test": {"first_seed": seg.TEST_SEED, "n": args.test, "size": side},
+                              "training": replace(cfg, seed=seed).__dict__, "threads": args.threads, "code": code},
+            one=lambda seed, data=data: trained(data, replace(cfg, seed=seed), test),
+            score="AP", describe=lambda t: f"test box AP {t['AP']}, AP50 {t['AP50']}")
         results[name] = {"boxes": sum(len(b) for b in data.boxes), "train": median["train"], "test": median["test"],
                          "median_seed": median["seed"], "ap_runs": [r["test"]["AP"] for r in runs],
                          "ap50_runs": [r["test"]["AP50"] for r in runs], "runs": runs}
-    a, b = results["synthetic"]["test"]["AP"], results["real"]["test"]["AP"]
-    per_seed = [round(x / y, 4) if x is not None and y else None
-                for x, y in zip(results["synthetic"]["ap_runs"], results["real"]["ap_runs"])]
+    ratio, per_seed = seg.ratios(results["synthetic"]["test"]["AP"], results["real"]["test"]["AP"],
+                                 results["synthetic"]["ap_runs"], results["real"]["ap_runs"])
     return {
-        "machine": {"platform": platform.platform(), "cpu": platform.processor() or platform.machine(),
-                    "cpu_count": os.cpu_count(), "torch_threads": args.threads, "python": platform.python_version(),
-                    "torch": torch.__version__},
+        "machine": seg.machine(args.threads),
         "command": args.command, "date": time.strftime("%Y-%m-%d"),
         "k": args.k, "train_images": n, "test_images": args.test,
         "model": {"name": "TinyUNet, CenterNet heads", "width": args.width,
@@ -318,7 +288,7 @@ def run(args: argparse.Namespace) -> dict:
         "wall_s": {"generation": None if gen_s is None else round(gen_s, 1), "data": round(data_s, 2),
                    "total": round(time.perf_counter() - t_start, 1)},
         "synthetic": results["synthetic"], "real": results["real"],
-        "ratio": round(a / b, 4) if a is not None and b else None, "ratio_per_seed": per_seed,
+        "ratio": ratio, "ratio_per_seed": per_seed,
         "target_ratio": TARGET_RATIO,
     }
 
@@ -338,13 +308,7 @@ def print_table(results: dict) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    report = checked(run, args)
-    if report is None:
-        return 2
-    print_table(report)
-    write_result(args.json, report)
-    return 0
+    return seg.cli(parse_args(argv), run, print_table)
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ import os
 import platform
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -234,15 +234,17 @@ class TrainSettings:
     seed: int = 0
 
 
-def train(images: np.ndarray, masks: np.ndarray, cfg: TrainSettings) -> tuple[TinyUNet, dict]:
-    """Train a fresh TinyUNet (seeded) for cfg.steps AdamW + one-cycle steps over shuffled epochs."""
+def fit(make_model: Callable[[], nn.Module], n: int, cfg: TrainSettings,
+        batch_loss: Callable[[nn.Module, torch.Tensor, torch.Generator], torch.Tensor]) -> tuple[nn.Module, dict]:
+    """The downstream benchmarks' training loop: a fresh model (made after seeding torch with cfg.seed), cfg.steps
+    AdamW + one-cycle steps over shuffled epochs of ``n`` samples; ``batch_loss(model, indices, generator)``
+    gives a batch's loss (augmenting with the seeded generator). Returns the model and its training stats."""
     torch.manual_seed(cfg.seed)
-    model = TinyUNet(width=cfg.width)
+    model = make_model()
     gen = torch.Generator().manual_seed(cfg.seed)
-    x_all, y_all = to_input(images), torch.from_numpy(masks.astype(np.int64))
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.steps, pct_start=0.15)
-    n, bs = len(x_all), min(cfg.batch_size, len(x_all))
+    bs = min(cfg.batch_size, n)
     order, pos, losses = torch.randperm(n, generator=gen), 0, []
     model.train()
     t0 = time.perf_counter()
@@ -251,8 +253,7 @@ def train(images: np.ndarray, masks: np.ndarray, cfg: TrainSettings) -> tuple[Ti
             order, pos = torch.randperm(n, generator=gen), 0
         idx = order[pos:pos + bs]
         pos += bs
-        x, y = augment(x_all[idx], y_all[idx], gen)
-        loss = masked_ce(model(x), y)
+        loss = batch_loss(model, idx, gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -261,6 +262,17 @@ def train(images: np.ndarray, masks: np.ndarray, cfg: TrainSettings) -> tuple[Ti
     tail = losses[-max(1, len(losses) // 10):]
     return model, {"wall_s": round(time.perf_counter() - t0, 2), "final_loss": round(float(np.mean(tail)), 4),
                    "first_loss": round(losses[0], 4), "epochs": round(cfg.steps * bs / n, 2)}
+
+
+def train(images: np.ndarray, masks: np.ndarray, cfg: TrainSettings) -> tuple[TinyUNet, dict]:
+    """Train a fresh TinyUNet (seeded) on the images and class maps (:func:`fit`)."""
+    x_all, y_all = to_input(images), torch.from_numpy(masks.astype(np.int64))
+
+    def batch_loss(model: nn.Module, idx: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        x, y = augment(x_all[idx], y_all[idx], gen)
+        return masked_ce(model(x), y)
+
+    return fit(lambda: TinyUNet(width=cfg.width), len(x_all), cfg, batch_loss)
 
 
 def trained(images: np.ndarray, masks: np.ndarray, cfg: TrainSettings, test_x: np.ndarray, test_y: np.ndarray) -> dict:
@@ -376,6 +388,34 @@ def synthetic_dir(args: argparse.Namespace) -> tuple[Path, float | None]:
     return generate(args.job, args.set, args.k, args.synthetic_root)
 
 
+def seed_runs(arm: str, n: int, seeds: range, cache: Path, key: Callable[[int], dict], one: Callable[[int], dict],
+              score: str, describe: Callable[[dict], str]) -> tuple[list[dict], dict]:
+    """One training run of an arm per seed, each cached under ``cache`` by ``key(seed)`` (``one(seed)`` trains
+    and scores it: ``{seed, train, test}``); prints each; returns the runs and the one whose ``test[score]`` is
+    the median. The median run stands for the arm: one unlucky initialisation (a tiny network can leave two
+    classes in a dead zone) does not decide the comparison, and every run is reported."""
+    runs = []
+    for seed in seeds:
+        print(f"training ({'a' if arm == 'synthetic' else 'b'}) on {n} {arm} images, seed {seed} ...", flush=True)
+        result, reused = cached_run(cache, key(seed), lambda seed=seed: one(seed))
+        runs.append({**result, "reused": reused})
+        print(f"  {result['train']['wall_s']} s, loss {result['train']['first_loss']} -> {result['train']['final_loss']}, "
+              f"{describe(result['test'])}{' (reused)' if reused else ''}", flush=True)
+    return runs, sorted(runs, key=lambda r: r["test"][score] or 0.0)[(len(runs) - 1) // 2]
+
+
+def ratios(a: float | None, b: float | None, a_runs: Sequence, b_runs: Sequence) -> tuple[float | None, list]:
+    """a / b of the median runs, and per seed."""
+    div = lambda x, y: round(x / y, 4) if x is not None and y else None  # noqa: E731
+    return div(a, b), [div(x, y) for x, y in zip(a_runs, b_runs)]
+
+
+def machine(threads: int) -> dict:
+    return {"platform": platform.platform(), "cpu": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(), "torch_threads": threads, "python": platform.python_version(),
+            "torch": torch.__version__}
+
+
 def run(args: argparse.Namespace) -> dict:
     t_start = time.perf_counter()
     out, gen_s = synthetic_dir(args)
@@ -397,30 +437,19 @@ def run(args: argparse.Namespace) -> dict:
             "real": {"first_seed": REAL_TRAIN_SEED, "n": n, "size": height}}
     results = {}
     for name, (x, y) in (("synthetic", (syn.images, syn.masks)), ("real", (real_x, real_y))):
-        runs = []
-        for seed in range(args.seed, args.seed + args.seeds):
-            print(f"training ({'a' if name == 'synthetic' else 'b'}) on {n} {name} images, {cfg.steps} steps, "
-                  f"seed {seed} ...", flush=True)
-            key = {"arm": name, "data": data[name], "test": {"first_seed": TEST_SEED, "n": args.test, "size": height},
-                   "training": replace(cfg, seed=seed).__dict__, "threads": args.threads, "code": code}
-            run, reused = cached_run(args.synthetic_root / "runs", key, lambda: trained(x, y, replace(cfg, seed=seed),
-                                                                                        test_x, test_y))
-            runs.append({**run, "reused": reused})
-            print(f"  {run['train']['wall_s']} s, loss {run['train']['first_loss']} -> {run['train']['final_loss']}, "
-                  f"test mIoU {run['test']['miou']}{' (reused)' if reused else ''}", flush=True)
-        # the run with the median mIoU stands for the arm: one unlucky initialisation (a tiny network can
-        # leave two classes in a dead zone) does not decide the comparison, and every run is reported
-        median = sorted(runs, key=lambda r: r["test"]["miou"] or 0.0)[(len(runs) - 1) // 2]
+        runs, median = seed_runs(
+            name, n, range(args.seed, args.seed + args.seeds), args.synthetic_root / "runs",
+            key=lambda seed, name=name: {"arm": name, "data": data[name],
+                              "test": {"first_seed": TEST_SEED, "n": args.test, "size": height},
+                              "training": replace(cfg, seed=seed).__dict__, "threads": args.threads, "code": code},
+            one=lambda seed, x=x, y=y: trained(x, y, replace(cfg, seed=seed), test_x, test_y),
+            score="miou", describe=lambda test: f"test mIoU {test['miou']}")
         results[name] = {"labels": label_stats(y), "train": median["train"], "test": median["test"],
                          "median_seed": median["seed"], "miou_runs": [r["test"]["miou"] for r in runs], "runs": runs}
-    a, b = results["synthetic"]["test"]["miou"], results["real"]["test"]["miou"]
-    ratio = round(a / b, 4) if a is not None and b else None
-    per_seed = [round(x / y, 4) if x is not None and y else None
-                for x, y in zip(results["synthetic"]["miou_runs"], results["real"]["miou_runs"])]
+    ratio, per_seed = ratios(results["synthetic"]["test"]["miou"], results["real"]["test"]["miou"],
+                             results["synthetic"]["miou_runs"], results["real"]["miou_runs"])
     return {
-        "machine": {"platform": platform.platform(), "cpu": platform.processor() or platform.machine(),
-                    "cpu_count": os.cpu_count(), "torch_threads": args.threads, "python": platform.python_version(),
-                    "torch": torch.__version__},
+        "machine": machine(args.threads),
         "command": args.command,
         "k": args.k, "train_images": n, "test_images": args.test,
         "model": {"name": "TinyUNet", "width": args.width,
@@ -441,14 +470,18 @@ def run(args: argparse.Namespace) -> dict:
     }
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
+def cli(args: argparse.Namespace, run: Callable[[argparse.Namespace], dict], table: Callable[[dict], None]) -> int:
+    """Run a downstream benchmark: exit 2 after one line on bad input, else print its table and write its JSON."""
     report = checked(run, args)
     if report is None:
         return 2
-    print_table(report)
+    table(report)
     write_result(args.json, report)
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return cli(parse_args(argv), run, print_table)
 
 
 if __name__ == "__main__":
