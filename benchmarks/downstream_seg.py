@@ -25,7 +25,7 @@ global ids (0 background, 1 + CLASSES.index(name)); ignore pixels do not count i
 mIoU is the mean over the 6 object classes; background IoU is reported separately.
 
 Defaults (K = 800, 1500 AdamW steps of batch 32, a 320 k-parameter U-Net, width 16): trained on real
-scenes the network reaches test mIoU ~0.95; each training takes ~5 min on 2 CPU cores, ~35 min in all
+scenes the network reaches test mIoU ~0.95; each training takes 10-12 min on 2 CPU cores, ~75 min in all
 (3 seeds per arm) with generating the synthetic set. At width 8 (80 k parameters) the network fitted the
 real set but, in 2 of 3 seeds, not the synthetic set's stars and triangles (IoU 0 on its own training
 images): too small to measure the data with.
