@@ -24,7 +24,6 @@ decoding keeps 3×3 local maxima of the heatmap, up to 20 per image. Augmentatio
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from collections.abc import Sequence
@@ -38,6 +37,7 @@ from torch import nn
 
 from benchmarks import downstream_seg as seg
 from benchmarks.common import REPO, code_digest
+from pipeline.dataset import category_names
 from pipeline.evaluate import coco_ap
 from pipeline.shapes.world import CLASSES, render_scene
 from pipeline.spec import UsageError
@@ -64,39 +64,26 @@ class BoxSet:
 
 def load_synthetic_boxes(out: Path, limit: int | None = None) -> BoxSet:
     """The first ``limit`` kept samples (index order) of a synthgen output dir with their records' boxes;
-    category ids are read through the record's ``scores.per_class`` names into the world's classes."""
-    import io
+    category ids are read through the job's classes (the manifest) into the world's classes."""
 
-    import webdataset as wds
-    from PIL import Image
+    def labeller(manifest: dict):
+        names = category_names(manifest["job"])
 
-    paths, _ = seg.shard_paths(Path(out))
-    images, boxes, labels, keys = [], [], [], []
-    for sample in wds.WebDataset(paths, shardshuffle=False, empty_check=False):
-        meta = json.loads(sample["json"])
-        if not meta["keep"]:
-            continue
-        where = f"{sample['__url__']}:{sample['__key__']}"
-        names = {c["category_id"]: c["name"] for c in meta["scores"]["per_class"]}
-        b, lab = [], []
-        for ann in meta["annotations"]:
-            name = names.get(ann["category_id"])
-            if name not in CLASSES:
-                raise UsageError(f"{where}: category_id {ann['category_id']} ({name!r}) is not a shapes-world class")
-            b.append(ann["bbox"])
-            lab.append(CLASSES.index(name))
-        image = np.asarray(Image.open(io.BytesIO(sample["jpg"])).convert("RGB"))
-        if images and image.shape != images[0].shape:
-            raise UsageError(f"{where}: image is {image.shape}, earlier samples are {images[0].shape}")
-        images.append(image)
-        boxes.append(np.asarray(b, np.float32).reshape(-1, 4))
-        labels.append(np.asarray(lab, np.int64))
-        keys.append(sample["__key__"])
-        if limit is not None and len(images) == limit:
-            break
-    if not images:
-        raise UsageError(f"{out}: no kept sample in the shards")
-    return BoxSet(np.stack(images), boxes, labels, keys)
+        def boxes_of(sample: dict, meta: dict, image: np.ndarray, where: str) -> tuple[np.ndarray, np.ndarray]:
+            b, lab = [], []
+            for ann in meta["annotations"]:
+                name = names.get(ann["category_id"])
+                if name not in CLASSES:
+                    raise UsageError(f"{where}: category_id {ann['category_id']} ({name!r}) is not a shapes-world "
+                                     "class")
+                b.append(ann["bbox"])
+                lab.append(CLASSES.index(name))
+            return np.asarray(b, np.float32).reshape(-1, 4), np.asarray(lab, np.int64)
+
+        return boxes_of
+
+    images, labelled, keys, _, _ = seg.read_kept(out, limit, labeller)
+    return BoxSet(images, [b for b, _ in labelled], [lab for _, lab in labelled], keys)
 
 
 def render_boxes(first_seed: int, n: int, size: int) -> BoxSet:
@@ -264,8 +251,9 @@ def run(args: argparse.Namespace) -> dict:
         runs, median = seg.seed_runs(
             name, n, range(args.seed, args.seed + args.seeds), args.synthetic_root / "runs",
             key=lambda seed, name=name: {"task": "detection", "arm": name, "data": sources[name],
-                              "test": {"first_seed": seg.TEST_SEED, "n": args.test, "size": side},
-                              "training": replace(cfg, seed=seed).__dict__, "threads": args.threads, "code": code},
+                                         "test": {"first_seed": seg.TEST_SEED, "n": args.test, "size": side},
+                                         "training": replace(cfg, seed=seed).__dict__, "threads": args.threads,
+                                         "code": code},
             one=lambda seed, data=data: trained(data, replace(cfg, seed=seed), test),
             score="AP", describe=lambda t: f"test box AP {t['AP']}, AP50 {t['AP50']}")
         results[name] = {"boxes": sum(len(b) for b in data.boxes), "train": median["train"], "test": median["test"],

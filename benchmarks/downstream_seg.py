@@ -43,6 +43,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -95,7 +96,7 @@ class SyntheticSet:
 
 
 def shard_paths(out: Path) -> tuple[list[str], dict]:
-    """The committed shard tars of a synthgen output dir (manifest order) and the manifest's counts."""
+    """The committed shard tars of a synthgen output dir (manifest order) and its manifest."""
     from pipeline.dataset import read_manifest
 
     manifest = read_manifest(out)
@@ -105,15 +106,19 @@ def shard_paths(out: Path) -> tuple[list[str], dict]:
     missing = [p for p in paths if not Path(p).is_file()]
     if missing:
         raise UsageError(f"{out}: shard {missing[0]} is listed in manifest.json but missing")
-    return paths, manifest.get("counts", {})
+    return paths, manifest
 
 
-def load_synthetic(out: Path, limit: int | None = None) -> SyntheticSet:
-    """The first ``limit`` kept samples (index order) of a synthgen output dir, masks in global ids."""
+def read_kept(out: Path, limit: int | None, labeller: Callable[[dict], Callable[[dict, dict, np.ndarray, str], Any]],
+              ) -> tuple[np.ndarray, list, list[str], int, dict]:
+    """The first ``limit`` kept samples (index order) of a synthgen output dir, for both downstream benchmarks:
+    images (uint8, one shape), each one's label — ``labeller(manifest)(sample, record, image, where)`` — keys,
+    the number of samples skipped as not kept, and the manifest."""
     import webdataset as wds
 
-    paths, counts = shard_paths(Path(out))
-    images, masks, keys, not_kept = [], [], [], 0
+    paths, manifest = shard_paths(Path(out))
+    label = labeller(manifest)
+    images, labels, keys, not_kept = [], [], [], 0
     for sample in wds.WebDataset(paths, shardshuffle=False, empty_check=False):
         meta = json.loads(sample["json"])
         if not meta["keep"]:
@@ -121,22 +126,33 @@ def load_synthetic(out: Path, limit: int | None = None) -> SyntheticSet:
             continue
         where = f"{sample['__url__']}:{sample['__key__']}"
         image = np.asarray(Image.open(io.BytesIO(sample["jpg"])).convert("RGB"))
-        local = np.asarray(Image.open(io.BytesIO(sample["seg.png"])))
-        if local.shape != image.shape[:2]:
-            raise UsageError(f"{where}: seg.png is {local.shape}, image is {image.shape[:2]}")
         if images and image.shape != images[0].shape:
             raise UsageError(f"{where}: image is {image.shape}, earlier samples are {images[0].shape}")
-        try:
-            masks.append(to_global(local, meta["class_names"], where))
-        except ValueError as e:
-            raise UsageError(str(e)) from None
+        labels.append(label(sample, meta, image, where))
         images.append(image)
         keys.append(sample["__key__"])
         if limit is not None and len(images) == limit:
             break
     if not images:
         raise UsageError(f"{out}: no kept sample in the shards")
-    return SyntheticSet(np.stack(images), np.stack(masks), keys, not_kept, counts)
+    return np.stack(images), labels, keys, not_kept, manifest
+
+
+def global_mask(sample: dict, meta: dict, image: np.ndarray, where: str) -> np.ndarray:
+    """A sample's seg.png in the world's global ids (:func:`to_global`), checked against its image."""
+    local = np.asarray(Image.open(io.BytesIO(sample["seg.png"])))
+    if local.shape != image.shape[:2]:
+        raise UsageError(f"{where}: seg.png is {local.shape}, image is {image.shape[:2]}")
+    try:
+        return to_global(local, meta["class_names"], where)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
+def load_synthetic(out: Path, limit: int | None = None) -> SyntheticSet:
+    """The first ``limit`` kept samples (index order) of a synthgen output dir, masks in global ids."""
+    images, masks, keys, not_kept, manifest = read_kept(out, limit, lambda manifest: global_mask)
+    return SyntheticSet(images, np.stack(masks), keys, not_kept, manifest.get("counts", {}))
 
 
 def check_size(height: int, width: int, where: str) -> None:
@@ -364,7 +380,7 @@ def parse_args(argv: Sequence[str] | None, prog: str = "benchmarks.downstream_se
     ap.add_argument("--width", type=int, default=16, help="U-Net base width")
     ap.add_argument("--seed", type=int, default=0, help="first training seed")
     ap.add_argument("--seeds", type=int, default=3,
-                    help="trainings per arm (seeds seed..seed+N-1); the median-mIoU run stands for the arm")
+                    help="trainings per arm (seeds seed..seed+N-1); the run with the median score stands for the arm")
     ap.add_argument("--threads", type=int, default=2, help="torch threads for training")
     ap.add_argument("--json", type=Path, default=json_default)
     args = ap.parse_args(argv)
@@ -440,8 +456,9 @@ def run(args: argparse.Namespace) -> dict:
         runs, median = seed_runs(
             name, n, range(args.seed, args.seed + args.seeds), args.synthetic_root / "runs",
             key=lambda seed, name=name: {"arm": name, "data": data[name],
-                              "test": {"first_seed": TEST_SEED, "n": args.test, "size": height},
-                              "training": replace(cfg, seed=seed).__dict__, "threads": args.threads, "code": code},
+                                         "test": {"first_seed": TEST_SEED, "n": args.test, "size": height},
+                                         "training": replace(cfg, seed=seed).__dict__, "threads": args.threads,
+                                         "code": code},
             one=lambda seed, x=x, y=y: trained(x, y, replace(cfg, seed=seed), test_x, test_y),
             score="miou", describe=lambda test: f"test mIoU {test['miou']}")
         results[name] = {"labels": label_stats(y), "train": median["train"], "test": median["test"],
