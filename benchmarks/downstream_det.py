@@ -225,7 +225,7 @@ def trained(data: BoxSet, cfg: seg.TrainSettings, test: BoxSet) -> dict:
 # --- CLI --------------------------------------------------------------------------------------------
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return seg.parse_args(argv, prog="benchmarks.downstream_det", description=__doc__,
-                          json_default=REPO / "benchmarks" / "results" / "downstream_det.json", affine=False)
+                          json_default=REPO / "benchmarks" / "results" / "downstream_det.json")
 
 
 def run(args: argparse.Namespace) -> dict:

@@ -1,8 +1,7 @@
 """Downstream check: is a segmenter trained on synthgen's synthetic data as good on real images?
 
 Trains the same small U-Net (pure torch) with identical settings — same initialisation,
-optimizer, schedule, number of gradient steps, batch order and augmentation (flips, 90° turns, a random
-turn by up to ±45° and zoom by 0.85-1.15x; ``--rotate 0 --scale 0`` for flips and 90° turns only) —
+optimizer, schedule, number of gradient steps, batch order and augmentation (flips, 90° turns) —
 (a) on the first K kept samples of a synthgen output dir, (b) on K real shapes-world scenes, then
 evaluates both on a real shapes-world test set. Each arm is trained with ``--seeds`` seeds (default 3)
 and its median-mIoU run stands for it: at this size one initialisation in a few leaves two classes in
@@ -220,11 +219,8 @@ def to_input(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
 
 
-def augment(x: torch.Tensor, y: torch.Tensor, gen: torch.Generator, rotate: float = 0.0,
-            scale: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sample random horizontal flip and 90° turn (square images), the same for image and mask; then, if
-    ``rotate`` or ``scale`` is set, a random turn by up to ±``rotate`` degrees and a zoom by 1 ± ``scale``
-    (bilinear for the image, nearest for the mask, the border reflected in both so every pixel keeps a label)."""
+def augment(x: torch.Tensor, y: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample random horizontal flip and 90° turn (square images), the same for image and mask."""
     flip = torch.rand(len(x), generator=gen) < 0.5
     x = torch.where(flip[:, None, None, None], x.flip(-1), x)
     y = torch.where(flip[:, None, None], y.flip(-1), y)
@@ -235,16 +231,6 @@ def augment(x: torch.Tensor, y: torch.Tensor, gen: torch.Generator, rotate: floa
             sel = turns == k
             x[sel] = torch.rot90(x[sel], k, (-2, -1))
             y[sel] = torch.rot90(y[sel], k, (-2, -1))
-    if rotate or scale:
-        n = len(x)
-        angle = (torch.rand(n, generator=gen) * 2 - 1) * math.radians(rotate)
-        zoom = 1 + (torch.rand(n, generator=gen) * 2 - 1) * scale
-        cos, sin, zero = torch.cos(angle) / zoom, torch.sin(angle) / zoom, torch.zeros(n)
-        theta = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)
-        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
-        y = F.grid_sample(y[:, None].float(), grid, mode="nearest", padding_mode="reflection",
-                          align_corners=False)[:, 0].to(y.dtype)
     return x, y
 
 
@@ -262,8 +248,6 @@ class TrainSettings:
     weight_decay: float = 1e-4
     width: int = 16
     seed: int = 0
-    rotate: float = 0.0  # degrees, the random turn's largest angle (0: flips and 90° turns only)
-    scale: float = 0.0  # the random zoom's largest change (0.15: 0.85-1.15x)
 
 
 def fit(make_model: Callable[[], nn.Module], n: int, cfg: TrainSettings,
@@ -301,7 +285,7 @@ def train(images: np.ndarray, masks: np.ndarray, cfg: TrainSettings) -> tuple[Ti
     x_all, y_all = to_input(images), torch.from_numpy(masks.astype(np.int64))
 
     def batch_loss(model: nn.Module, idx: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        x, y = augment(x_all[idx], y_all[idx], gen, cfg.rotate, cfg.scale)
+        x, y = augment(x_all[idx], y_all[idx], gen)
         return masked_ce(model(x), y)
 
     return fit(lambda: TinyUNet(width=cfg.width), len(x_all), cfg, batch_loss)
@@ -378,10 +362,8 @@ def print_table(results: dict) -> None:
 
 
 def parse_args(argv: Sequence[str] | None, prog: str = "benchmarks.downstream_seg", description: str = __doc__,
-               json_default: Path = REPO / "benchmarks" / "results" / "downstream_seg.json",
-               affine: bool = True) -> argparse.Namespace:
-    """The options of the downstream benchmarks (segmentation here, detection in downstream_det; ``affine``:
-    the random turn and zoom options, which only segmentation has)."""
+               json_default: Path = REPO / "benchmarks" / "results" / "downstream_seg.json") -> argparse.Namespace:
+    """The options of the downstream benchmarks (segmentation here, detection in downstream_det)."""
     ap = argparse.ArgumentParser(prog=f"python -m {prog}", description=description,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     src = ap.add_mutually_exclusive_group()
@@ -400,11 +382,6 @@ def parse_args(argv: Sequence[str] | None, prog: str = "benchmarks.downstream_se
     ap.add_argument("--seeds", type=int, default=3,
                     help="trainings per arm (seeds seed..seed+N-1); the run with the median score stands for the arm")
     ap.add_argument("--threads", type=int, default=2, help="torch threads for training")
-    if affine:
-        ap.add_argument("--rotate", type=float, default=45.0,
-                        help="augmentation: random turn by up to ± this many degrees, after flips and 90° turns "
-                             "(0 turns: flips and 90° turns only)")
-        ap.add_argument("--scale", type=float, default=0.15, help="augmentation: random zoom by 1 ± this (0: none)")
     ap.add_argument("--json", type=Path, default=json_default)
     args = ap.parse_args(argv)
     args.command = " ".join([f"python -m {prog}", *(sys.argv[1:] if argv is None else argv)])
@@ -413,8 +390,6 @@ def parse_args(argv: Sequence[str] | None, prog: str = "benchmarks.downstream_se
             ap.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.lr <= 0:
         ap.error(f"--lr must be > 0, got {args.lr}")
-    if affine and not (0 <= args.rotate <= 180 and 0 <= args.scale < 1):
-        ap.error(f"--rotate must be in [0, 180] and --scale in [0, 1), got {args.rotate} and {args.scale}")
     if args.synthetic is not None and args.set:
         ap.error("--set applies to --job; it cannot change an existing --synthetic dir")
     return args
@@ -472,8 +447,7 @@ def run(args: argparse.Namespace) -> dict:
     test_x, test_y = render_real(TEST_SEED, args.test, height)
     data_s = time.perf_counter() - t0
 
-    cfg = TrainSettings(args.steps, args.batch_size, args.lr, width=args.width, seed=args.seed,
-                        rotate=args.rotate, scale=args.scale)
+    cfg = TrainSettings(args.steps, args.batch_size, args.lr, width=args.width, seed=args.seed)
     code = code_digest("benchmarks/downstream_seg.py", "pipeline/shapes/world.py")
     data = {"synthetic": {"dir": str(Path(out).resolve()), "keys": [syn.keys[0], syn.keys[-1]], "n": n},
             "real": {"first_seed": REAL_TRAIN_SEED, "n": n, "size": height}}
@@ -497,9 +471,7 @@ def run(args: argparse.Namespace) -> dict:
         "k": args.k, "train_images": n, "test_images": args.test,
         "model": {"name": "TinyUNet", "width": args.width,
                   "parameters": sum(p.numel() for p in TinyUNet(width=args.width).parameters())},
-        "training": {**cfg.__dict__, "optimizer": "AdamW", "schedule": "one-cycle",
-                     "augmentation": "flip, rot90" + (f", turn ±{args.rotate}°, zoom 1 ± {args.scale}"
-                                                      if args.rotate or args.scale else ""),
+        "training": {**cfg.__dict__, "optimizer": "AdamW", "schedule": "one-cycle", "augmentation": "flip, rot90",
                      "loss": f"cross-entropy, ignore {IGNORE}"},
         "seeds": {"real_train": [REAL_TRAIN_SEED, REAL_TRAIN_SEED + n - 1],
                   "test": [TEST_SEED, TEST_SEED + args.test - 1]},
