@@ -17,6 +17,12 @@ a run opens and when it finishes. Readers see both through :func:`read_manifest`
 A directory is ours only if its ``manifest.json`` carries our ``format`` value; only the files
 that a manifest or a job's shard plan names are ever deleted (never by pattern).
 
+Names come from the plan; a manifest or journal only confirms them (:func:`check_records`). A manifest is
+user-editable input and a downloaded dataset is someone else's, so every shard record read is checked
+against the plan its ``layout`` gives (name, tar, part, indices, counts, sizes) and, on a local disk,
+``shards/`` and ``parts/`` and every named file must resolve (links followed) inside the output dir. A
+record that fails makes the directory :class:`TamperedError`: nothing in it is deleted or read.
+
 Must not: import Ray, torch or stage code.
 """
 from __future__ import annotations
@@ -24,9 +30,10 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import pyarrow as pa
@@ -34,6 +41,7 @@ import pyarrow as pa
 from stages.identity import sha256_file  # noqa: F401 - re-exported (tests, verify)
 
 from . import storage
+from .plan import MAX_SHARDS, ShardPlan
 from .storage import OutputError, RemotePath, location
 
 FORMAT = "synthgen-dataset/1"
@@ -249,6 +257,123 @@ def merge_commits(manifest: dict, records: list[dict]) -> dict:
     return merged
 
 
+# --- names read from disk ---------------------------------------------------------------------
+class TamperedError(OutputError):
+    """A manifest or journal entry that the plan does not give: the directory was edited or damaged."""
+
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_MAX_BYTES = 2 ** 62  # a size past this is no file of ours (and would overflow int64 columns)
+
+
+def _count(value: Any, limit: int) -> bool:
+    return type(value) is int and 0 <= value <= limit
+
+
+def layout_plan(layout: Any) -> ShardPlan:
+    """The ShardPlan a manifest's ``layout`` records; TamperedError when it is not one synthgen writes."""
+    ok = isinstance(layout, dict) and isinstance(layout.get("split"), str) \
+        and re.fullmatch(r"[a-z0-9]+", layout["split"]) is not None \
+        and _count(layout.get("shard_size"), _MAX_BYTES) and layout["shard_size"] >= 1 \
+        and _count(layout.get("samples"), MAX_SHARDS * layout["shard_size"]) and layout["samples"] >= 1
+    plan = ShardPlan.from_layout(layout) if ok else None
+    if plan is None or layout.get("num_shards") != plan.num_shards:
+        raise TamperedError(f"{MANIFEST}: layout {json.dumps(layout)[:120]} is not a shard plan synthgen writes "
+                            f"(a split name, shard_size and samples within {MAX_SHARDS} shards, num_shards = "
+                            "ceil(samples / shard_size))")
+    return plan
+
+
+def _record_problem(plan: ShardPlan, r: Any) -> str:
+    """'' when ``r`` is the commit record of a shard of ``plan`` as synthgen writes it, else what is not."""
+    if not isinstance(r, dict) or not isinstance(r.get("name"), str):
+        return "is not a shard record"
+    m = re.fullmatch(rf"{re.escape(plan.split)}-(\d{{6,}})", r["name"])
+    k = int(m.group(1)) if m else -1
+    if not 0 <= k < plan.num_shards or r["name"] != plan.name(k):
+        return f"names shard {r['name']!r}, which is not one of the plan's {plan.num_shards} {plan.split!r} shards"
+    start, stop = plan.bounds(k)
+    for field, want in (("tar", plan.tar(k)), ("part", plan.part(k)), ("indices", [start, stop])):
+        if r.get(field) != want:
+            return f"has {field} {json.dumps(r.get(field))[:80]}, not {json.dumps(want)} (the plan's for {r['name']})"
+    reasons = r.get("rejected_by_reason")
+    if not (_count(r.get("samples"), stop - start) and _count(r.get("rejected"), stop - start)
+            and r["samples"] + r["rejected"] == stop - start and isinstance(reasons, dict)
+            and all(isinstance(k, str) and _count(v, stop - start) for k, v in reasons.items())
+            and sum(reasons.values()) == r["rejected"]):
+        return f"has counts that do not add up to its {stop - start} indices"
+    for field in ("bytes", "part_bytes"):
+        if field in r and r[field] is not None and not _count(r[field], _MAX_BYTES):
+            return f"has {field} {json.dumps(r[field])[:40]}, not a file size"
+    for field in ("sha256", "part_sha256"):
+        if field in r and r[field] is not None and not (isinstance(r[field], str) and _SHA256.fullmatch(r[field])):
+            return f"has {field} {json.dumps(r[field])[:80]}, not a sha256"
+    return ""
+
+
+def _outside(out: Path | RemotePath, rel: str) -> bool:
+    """Whether ``out/rel`` leads out of the local output dir, links followed (object stores have no links)."""
+    if isinstance(out, RemotePath):
+        return False
+    return not (out / rel).resolve().is_relative_to(out.resolve())
+
+
+def check_dirs(out: Path | RemotePath) -> None:
+    """``shards/`` and ``parts/`` are folders inside the output dir, not links to somewhere else (files are
+    deleted from them by the plan's names); TamperedError otherwise."""
+    for sub in ("shards", "parts"):
+        if _outside(out, sub):
+            raise TamperedError(f"{sub}/ is a link to {(out / sub).resolve()}, outside the output dir; synthgen "
+                                "only writes and deletes inside it")
+
+
+def check_records(out: Path | RemotePath, plan: ShardPlan, records: list, where: str) -> None:
+    """Every record is one the plan gives (:func:`_record_problem`), no shard twice, and each file it names
+    resolves inside the output dir; TamperedError naming the first that is not."""
+    if not isinstance(records, list):
+        raise TamperedError(f"{where} is not a list of shard records")
+    seen: set[str] = set()
+    for i, r in enumerate(records):
+        problem = _record_problem(plan, r)
+        if not problem and r["name"] in seen:
+            problem = f"repeats shard {r['name']}"
+        if not problem:
+            problem = next((f"has {f} {r[f]} leading out of the output dir" for f in ("tar", "part")
+                            if _outside(out, r[f])), "")
+        if problem:
+            raise TamperedError(f"{where}[{i}] {problem}")
+        seen.add(r["name"])
+
+
+def _confirmed(out: Path | RemotePath, manifest: dict, journal: list[dict]) -> dict:
+    """The manifest with the journal merged in, after every name both hold is checked against the plan."""
+    where = location(out)
+    try:
+        plan = layout_plan(manifest.get("layout"))
+        check_dirs(where)
+        check_records(where, plan, manifest.get("shards"), f"{MANIFEST}: shards")
+        check_records(where, plan, journal, JOURNAL)
+        if len(manifest["shards"]) > plan.num_shards:
+            raise TamperedError(f"{MANIFEST}: lists {len(manifest['shards'])} shards, its layout has {plan.num_shards}")
+    except TamperedError as e:
+        raise tampered(where, e) from None
+    return merge_commits(manifest, journal)
+
+
+def check_index_shards(out: Path | RemotePath, manifest: dict, shards: Any) -> None:
+    """Every ``shard`` an index names (a file name in ``shards/``) is one the manifest commits."""
+    committed = {PurePosixPath(s["tar"]).name for s in manifest["shards"]}
+    stray = sorted(set(shards) - committed)
+    if stray:
+        raise tampered(out, TamperedError(f"{INDEX} names shard {stray[0][:80]!r}, which {MANIFEST} does not commit"))
+
+
+def tampered(out: Path | RemotePath, e: TamperedError) -> TamperedError:
+    """The one line for a directory whose names the plan does not give."""
+    return TamperedError(f"output.dir: {out}: {e}: the directory was edited or damaged; nothing was deleted or "
+                         "read: restore it from a copy, or use another output dir")
+
+
 # --- manifest ---------------------------------------------------------------------------------
 def load_manifest(out: Path) -> dict | None:
     """The manifest of a directory that is ours, None when there is none; OutputError when the
@@ -278,8 +403,9 @@ def output_state(out: Path | RemotePath | str) -> tuple[dict | None, bool]:
     it is an orphan: a synthgen output that lost its manifest, for ``synthgen repair``).
 
     (None, False) for an absent or empty dir. Raises OutputError (naming what the dir holds) for a
-    file, a ``manifest.json`` synthgen did not write, or a non-empty dir with no synthgen files; on an
-    object store also for an endpoint that does not answer, refused credentials or a missing bucket.
+    file, a ``manifest.json`` synthgen did not write, a non-empty dir with no synthgen files, names the plan
+    does not give (:class:`TamperedError`), or a local dir that cannot be written; on an object store also
+    for an endpoint that does not answer, refused credentials or a missing bucket.
     """
     out = location(out)
     if isinstance(out, RemotePath):
@@ -289,7 +415,9 @@ def output_state(out: Path | RemotePath | str) -> tuple[dict | None, bool]:
         except OSError as e:
             raise OutputError(f"output.dir: {out}: cannot read it ({storage.describe(e)}); check the credentials "
                               "and the prefix's permissions") from None
-    return _output_state(out)
+    state = _output_state(out)
+    storage.check_writable(out)
+    return state
 
 
 def _output_state(out: Path | RemotePath) -> tuple[dict | None, bool]:
@@ -303,8 +431,12 @@ def _output_state(out: Path | RemotePath) -> tuple[dict | None, bool]:
     except OutputError as e:
         raise OutputError(f"output.dir: {e} (it holds {_listing(entries)}; nothing was changed)") from None
     if manifest is not None:
-        return merge_commits(manifest, read_journal(out)), False
+        return _confirmed(out, manifest, read_journal(out)), False
     if JOURNAL in entries or {"shards", "parts"} <= set(entries):
+        try:
+            check_dirs(out)
+        except TamperedError as e:
+            raise tampered(out, e) from None
         return None, True
     raise OutputError(f"output.dir: {out} is not empty and is not a synthgen output (no {MANIFEST}; it holds "
                       f"{_listing(entries)}); choose a new or empty directory")
@@ -315,7 +447,7 @@ def read_manifest(out: Path) -> dict:
     manifest = load_manifest(out)
     if manifest is None:
         raise OutputError(f"{out}: no {MANIFEST}; not a synthgen output directory")
-    return merge_commits(manifest, read_journal(out))
+    return _confirmed(out, manifest, read_journal(out))
 
 
 def check_shard(out: Path, record: dict, hashes: bool) -> str:

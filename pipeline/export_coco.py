@@ -17,6 +17,7 @@ The record is written first, listing what the export may write, so a killed expo
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from .dataset import OutputError, category_names, read_index, read_manifest, write_atomic
@@ -25,6 +26,8 @@ from .storage import location
 MARKER = "synthgen-export.json"
 EXPORT_FORMAT = "synthgen-coco-export/1"
 ANNOTATIONS = "annotations.json"
+#: the names an export writes into DIR: {key}.jpg (keys: [A-Za-z0-9_-]) and the annotations file (+ .tmp)
+EXPORTED = re.compile(r"[A-Za-z0-9_-]+\.jpg|[A-Za-z0-9_-][A-Za-z0-9_.-]*\.json(\.tmp)?")
 
 
 def _owned(folder: Path) -> set[str] | None:
@@ -44,10 +47,11 @@ def _owned(folder: Path) -> set[str] | None:
         raise OutputError(f"export-coco --images: {folder} is not empty and no synthgen export wrote it (it holds "
                           f"{shown}); choose a new or empty directory, nothing was written")
     files = record.get("files")
-    if not isinstance(files, list) or any(not isinstance(n, str) or n in ("", ".", "..", MARKER) or Path(n).name != n
+    if not isinstance(files, list) or any(not isinstance(n, str) or not EXPORTED.fullmatch(n) or n == MARKER
                                           for n in files):
-        raise OutputError(f"export-coco --images: {folder / MARKER} lists files that are not plain names in the "
-                          "folder; choose a new or empty directory, nothing was written")
+        raise OutputError(f"export-coco --images: {folder / MARKER} lists files that an export does not write "
+                          "(only {key}.jpg images and the annotations .json); it was edited: choose a new or empty "
+                          "directory, nothing was written")
     return set(files)
 
 

@@ -17,6 +17,20 @@ from typing import Any
 
 import numpy as np
 
+#: most shards one output dir may hold: planning keeps one int64 per pending shard (8 MB here), and a
+#: manifest or journal that claims more is refused as tampered (pipeline/dataset.py)
+MAX_SHARDS = 1_000_000
+
+
+def shard_count_problem(samples: int, shard_size: int) -> str:
+    """'' when ``samples`` in shards of ``shard_size`` fit :data:`MAX_SHARDS`, else why and the fix."""
+    shards = -(-samples // shard_size)
+    if shards <= MAX_SHARDS:
+        return ""
+    return (f"{samples} samples in shards of {shard_size} make {shards} shards, over the limit of {MAX_SHARDS} "
+            f"shards per output dir; raise output.shard_size to at least {-(-samples // MAX_SHARDS)} or split the "
+            "job over several output dirs")
+
 
 @dataclass(frozen=True)
 class ShardPlan:

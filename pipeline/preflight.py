@@ -181,7 +181,10 @@ def check_safetensors(where: Path, component: str, source: str) -> None:
     """The component folder holds weights the loader reads: ``<name>.safetensors`` (or its sharded index)."""
     files = sorted(p.name for p in where.iterdir() if p.is_file())
     plain = [f for f in files if f.endswith(".safetensors") and "." not in f.removesuffix(".safetensors")]
-    if plain or any(f.endswith(".safetensors.index.json") for f in files):
+    indexes = [f for f in files if f.endswith(".safetensors.index.json")]
+    if plain or indexes:
+        for name in plain or _shards(where / indexes[0], component, source):
+            check_weights_file(where / name, component, source)
         return
     weights = [f for f in files if f.endswith(WEIGHT_SUFFIXES)]
     variants = [f for f in weights if f.endswith(".safetensors")]
@@ -193,6 +196,33 @@ def check_safetensors(where: Path, component: str, source: str) -> None:
         raise SpecError(f"{source}: model.path: component {component} has only {', '.join(weights)}; safetensors are "
                         f"required (the loader never unpickles .bin/.ckpt files): {CONVERT}")
     raise SpecError(f"{source}: model.path: component {component} has no weights (no *.safetensors in {where})")
+
+
+def _shards(index: Path, component: str, source: str) -> list[str]:
+    """The weight files a sharded ``*.safetensors.index.json`` names (plain names in its folder)."""
+    weight_map = _read_json(index, source).get("weight_map")
+    names = sorted(set(weight_map.values())) if isinstance(weight_map, dict) else []
+    if not names or any(not isinstance(n, str) or Path(n).name != n or not n.endswith(".safetensors") for n in names):
+        raise SpecError(f"{source}: model.path: component {component}: {index} does not map tensors to .safetensors "
+                        "files in its folder; restore it from the model's source")
+    return names
+
+
+def check_weights_file(path: Path, component: str, source: str) -> None:
+    """A safetensors file whose header is whole and whose tensors all lie inside the file (safetensors' own
+    check, on the header alone: a truncated or half-copied file fails here, not after the model loads)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="numpy"):
+            pass
+    except FileNotFoundError:
+        raise SpecError(f"{source}: model.path: component {component}: {path} is missing; restore it from the "
+                        "model's source") from None
+    except (SafetensorError, OSError) as e:
+        raise SpecError(f"{source}: model.path: component {component}: {path} is not a whole safetensors file "
+                        f"({' '.join(str(e).split())[:120]}); it is truncated or damaged: copy it again from the "
+                        "model's source") from None
 
 
 @contextmanager

@@ -148,8 +148,10 @@ def run_job(spec: JobSpec, *, overwrite: bool = False, verify: bool = False, use
     if work and not use_ray:
         check_local_device(spec)
     owns_ray = work and use_ray and init_ray(plan, address, resource_wait_s, verbose)
+    opened = False
     try:
         pending = writer.open()
+        opened = True
         stats = RunStats(plan, stages)
         started, t0 = datetime.now(timezone.utc), time.perf_counter()
         if use_ray:
@@ -193,6 +195,10 @@ def run_job(spec: JobSpec, *, overwrite: bool = False, verify: bool = False, use
         summary["driver_bytes"] = received
         writer.finish(summary)
         return summary
+    except BaseException:
+        if opened:
+            writer.abandon()  # nothing committed: no manifest of a dataset that was never made
+        raise
     finally:
         if owns_ray:
             import ray

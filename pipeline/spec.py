@@ -17,6 +17,7 @@ import hashlib
 import json
 import math
 import string
+import unicodedata
 from pathlib import Path
 from collections.abc import Sequence
 from typing import Annotated, Any, Literal
@@ -27,6 +28,8 @@ from pydantic import (AfterValidator, BaseModel, ConfigDict, Discriminator, Fiel
 
 from stages import registry
 from stages.identity import public_path
+
+from .plan import shard_count_problem
 
 PositiveInt = Annotated[int, Field(ge=1)]
 #: path fields: resolved to absolute local paths to be used; recorded as given (``JobSpec.public_dump``)
@@ -51,12 +54,25 @@ class FieldError(ValueError):
         self.loc, self.msg = loc, msg
 
 
+def _no_control(value: str) -> str:
+    """``value`` without control characters (a newline or tab in a name would become a label name, a
+    shard-unsafe key or a path nobody typed), else ValueError naming the first one."""
+    bad = next((c for c in value if unicodedata.category(c) == "Cc"), None)
+    if bad is not None:
+        raise ValueError(f"holds the control character {bad!r} at position {value.index(bad)}; remove it")
+    return value
+
+
+#: a path or URI as the job gives it: not empty, no control characters
+PathText = Annotated[str, Field(min_length=1), AfterValidator(_no_control)]
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class ModelSpec(_Strict):
-    path: str = Field(min_length=1, description="local Stable Diffusion folder or hub id")
+    path: PathText = Field(description="local Stable Diffusion folder or hub id")
     dtype: Literal["float32", "float16", "bfloat16"] = Field(default="float32", description="weights' dtype "
                                                              "(float32 on cpu)")
     device: Literal["cpu", "cuda", "auto"] = Field(default="auto", description="auto: cuda when a GPU is "
@@ -81,6 +97,7 @@ def _trimmed(value: str) -> str:
     from the one references, thresholds and datasets use)."""
     if not value.strip():
         raise ValueError("must not be empty or only whitespace")
+    _no_control(value)
     if value != value.strip():
         raise ValueError(f"has leading or trailing whitespace; write {value.strip()!r}")
     return value
@@ -224,7 +241,7 @@ class MasksSpec(_Strict):
                                        "ignore (255); scaled in proportion for otsu / calibrated")
     class_thresholds: dict[str, Fraction] | None = Field(default=None, description="per-class "
                                                          "thresholds for threshold: calibrated")
-    calibration: str | None = Field(default=None, description="JSON file written by `synthgen eval --calibrate`; "
+    calibration: PathText | None = Field(default=None, description="JSON file written by `synthgen eval --calibrate`; "
                                     "its class_thresholds are loaded into this spec")
     ambiguity_margin: float = Field(default=0.0, ge=0.0, description="two best maps this close: ignore "
                                     "(255)")
@@ -269,7 +286,7 @@ class FiltersSpec(_Strict):
 
 
 class OutputSpec(_Strict):
-    dir: str = Field(min_length=1, description="output directory")
+    dir: PathText = Field(description="output directory")
     shard_size: PositiveInt = Field(default=1000, description="indices per shard, a multiple of "
                                     "generation.batch_size")
     split: str = Field(default="train", pattern=r"^[a-z0-9]+$", description="shard name prefix")
@@ -283,7 +300,7 @@ class SelectSpec(_Strict):
     """Which references get variations: the keys listed in a CSV / Parquet file, or with ``top_k`` /
     ``top_fraction`` the ones with the highest ``loss_column`` (ties by key)."""
 
-    path: str = Field(min_length=1, description="CSV or Parquet file with a key column (and a loss column)")
+    path: PathText = Field(description="CSV or Parquet file with a key column (and a loss column)")
     key_column: str = Field(default="key", description="column of reference keys")
     loss_column: str = Field(default="loss", description="column that top_k / top_fraction rank by")
     top_k: PositiveInt | None = Field(default=None, description="the k highest losses")
@@ -301,7 +318,7 @@ class ReferencesSpec(_Strict):
     """Real images as img2img starting points: every reference x strength x seed is one sample, so
     ``samples`` must equal references x len(strengths) x seeds_per_level (checked against the folder)."""
 
-    path: str = Field(min_length=1, description="COCO folder (annotations.json) or a synthgen output dir")
+    path: PathText = Field(description="COCO folder (annotations.json) or a synthgen output dir")
     strengths: list[Strength] = Field(default=[0.1, 0.3, 0.5, 0.7, 0.9], min_length=1, description="img2img "
                                       "strengths, each with int(steps × strength) ≥ 1")
     seeds_per_level: PositiveInt = Field(default=1, description="variations per reference and strength")
@@ -377,6 +394,9 @@ class JobSpec(_Strict):
         if self.prompts.max_classes_per_image > len(self.classes):
             raise FieldError("prompts.max_classes_per_image", f"{self.prompts.max_classes_per_image} is more than "
                            f"the {len(self.classes)} classes")
+        too_many = shard_count_problem(self.samples, self.output.shard_size)
+        if too_many:
+            raise FieldError("samples", too_many)
         if self.output.shard_size % self.generation.batch_size:
             raise FieldError("output.shard_size", f"{self.output.shard_size} is not a multiple of "
                            f"generation.batch_size ({self.generation.batch_size}); shards must hold whole "
@@ -509,6 +529,8 @@ def parse_override(item: str) -> tuple[list[str], Any]:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as e:
         raise SpecError(f"--set {item}: value is not valid YAML ({_yaml_problem(e)})") from None
+    if raw.strip() == "~" and key.strip() in PATH_FIELDS:
+        value = "~"  # YAML's null, but a path field means the home folder (expanded like any '~/...')
     return key.strip().split("."), value
 
 
@@ -739,6 +761,12 @@ def load_spec(path: str | Path, overrides: Sequence[str] = (), out: str | None =
         if keys in REFERENCE_PATHS and isinstance(value, str):
             value = str((Path.cwd() / Path(value).expanduser()).resolve())
         _apply(data, keys, value, item)
+    for field in PATH_FIELDS:
+        section, _, name = field.rpartition(".")
+        holder = _lookup(data, section)
+        if isinstance(holder, dict) and name in holder and holder[name] is None and field != "masks.calibration":
+            raise SpecError(f"{source}: {field}: is null (YAML reads a bare ~ as null); write the path in quotes, "
+                            f"e.g. '~/datasets/out' or '~'")
     load_calibration(data, source)
     spec = validate_spec(data, source)
     spec._given = given

@@ -20,6 +20,7 @@ Must not: import Ray, torch or stage code.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import os
@@ -436,6 +437,38 @@ def check_reachable(out: RemotePath) -> None:
     if info.type == pafs.FileType.NotFound:
         raise OutputError(f"output.dir: {out}: bucket {bucket!r} does not exist (or these credentials cannot see "
                           "it); create it or fix the name")
+
+
+def check_writable(out: Path) -> None:
+    """A local output dir (or, before it exists, its nearest existing folder) takes a new file: one nameless
+    temporary file (O_TMPFILE where the filesystem has it) is made and closed there. A read-only mount, an
+    immutable or foreign-owned folder or a pseudo-filesystem fails here, before Ray starts; else one
+    OutputError line. Nothing is left behind."""
+    import tempfile
+
+    folder = Path(out)
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        where = "" if folder == Path(out) else f" (to be made in {folder})"
+        raise OutputError(f"output.dir: {failure(e)} in {out}{where}: it cannot be written; "
+                          "committed shards are kept: fix the directory (permissions, the mount) or choose another "
+                          "output dir") from None
+
+
+#: errors of the output filesystem that a plain rerun repeats until the user acts
+_STORAGE_ERRNOS = {errno.EACCES: "permission denied", errno.EPERM: "permission denied",
+                   errno.EROFS: "read-only file system", errno.ENOSPC: "no space left on device",
+                   errno.EDQUOT: "disk quota exceeded"}
+
+
+def failure(e: OSError) -> str:
+    """What a failed write on the output filesystem ran into, in a few words."""
+    what = _STORAGE_ERRNOS.get(e.errno, e.strerror or describe(e))  # object stores: no errno, a long AWS text
+    return what[:1].lower() + what[1:]
 
 
 def describe(e: BaseException) -> str:

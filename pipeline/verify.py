@@ -21,15 +21,19 @@ from .dataset import (
     INDEX,
     MANIFEST,
     OutputError,
+    TamperedError,
+    check_dirs,
+    check_records,
     check_shards,
     commit_record,
     load_manifest,
     read_index,
     read_journal,
     read_manifest,
+    tampered,
 )
 from .plan import ShardPlan
-from .storage import RemotePath, location, read_parquet
+from .storage import RemotePath, check_reachable, location, read_parquet
 
 
 def tar_keys(path: Path | RemotePath) -> list[str]:
@@ -68,7 +72,12 @@ def verify_dataset(out: Path) -> dict[str, Any]:
     """{"problems": [...], "shards", "samples", "complete"} for an output dir (a path or a URI); raises
     OutputError if not ours."""
     out = location(out)
-    manifest = read_manifest(out)
+    if isinstance(out, RemotePath):
+        check_reachable(out)  # an endpoint that does not answer is bad input (exit 2), not a mismatch (exit 1)
+    try:
+        manifest = read_manifest(out)
+    except TamperedError as e:  # a name the plan does not give: a mismatch, and nothing named is read
+        return {"problems": [str(e)], "shards": 0, "samples": 0, "complete": False}
     shards = manifest["shards"]
     failed = check_shards(out, shards, hashes=True)
     problems = [f"{name}: {p}" for name, p in failed.items()]
@@ -123,7 +132,13 @@ def repair(spec: Any) -> dict[str, Any]:
         raise OutputError(f"output.dir: {out} has its {MANIFEST}; nothing to repair (`synthgen verify {out}` checks "
                           "it, `synthgen run` redoes shards that fail)")
     plan = ShardPlan.from_spec(spec)
-    journal = {r["name"]: r for r in read_journal(out)}
+    records = read_journal(out)
+    try:
+        check_dirs(out)
+        check_records(out, plan, records, "commits.jsonl")
+    except TamperedError as e:
+        raise tampered(out, e) from None
+    journal = {r["name"]: r for r in records}
     failed = check_shards(out, list(journal.values()), hashes=True)
     sampling = SamplingStage(spec)
     adopted, disagree = [], []
@@ -137,6 +152,10 @@ def repair(spec: Any) -> dict[str, Any]:
     if disagree:
         raise OutputError(f"output.dir: {len(disagree)} shard(s) in {out} do not agree with this job ({disagree[0]}); "
                           "nothing was written: repair with the job that made them, or use another output dir")
+    if not adopted:
+        raise OutputError(f"output.dir: {out} holds no shard of this job's plan ({plan.tar(0)}, ...) to adopt; "
+                          "nothing was written: repair with the job that made the shards, or run the job in a new "
+                          "or empty directory")
     writer = prepare(spec, adopt=True)
     writer.committed = {plan.shard_of(r["indices"][0]): r for r in adopted}
     pending = writer.open()

@@ -13,7 +13,6 @@ Must not: import Ray, torch or stage code (they are imported only where a run ne
 """
 from __future__ import annotations
 
-import errno
 import json
 import os
 import platform
@@ -32,17 +31,13 @@ from .dataset import (INDEX, INDEX_SCHEMA, INDEX_VERSION, JOURNAL, MANIFEST, MEM
                       OutputError, append_commit, category_names, check_shards, commit_record, counts, index_row,
                       index_table, index_version, output_state, read_index, write_atomic)
 from .plan import ShardPlan
-from .storage import RemotePath, digest, describe, location, parquet_bytes, publish, staging, write_file, write_parquet
+from .storage import RemotePath, digest, failure, location, parquet_bytes, publish, staging, write_file, write_parquet
 
 #: record columns the writer needs (everything else can be dropped before the driver)
 COLUMNS = ("key", "index", "seed", "prompt", "class_names", "scores", "curriculum", "keep", "reject_reason",
            *MEMBERS)
 VERSIONS = ("synthgen", "torch", "diffusers", "transformers", "ray", "webdataset", "pycocotools", "pyarrow",
             "numpy", "pillow", "pydantic")
-#: errors of the output filesystem that a plain rerun repeats until the user acts
-_STORAGE_ERRNOS = {errno.EACCES: "permission denied", errno.EPERM: "permission denied",
-                   errno.EROFS: "read-only file system", errno.ENOSPC: "no space left on device",
-                   errno.EDQUOT: "disk quota exceeded"}
 
 
 #: on an object store the manifest absorbs the journal every this many commits (each commit rewrites the
@@ -121,8 +116,7 @@ def failpoint(name: str) -> None:
 
 def storage_error(out: Path, e: OSError, doing: str) -> OutputError:
     """A one-line OutputError for a write that failed on the output filesystem."""
-    what = _STORAGE_ERRNOS.get(e.errno, e.strerror or describe(e))  # object stores: no errno, a long AWS text
-    return OutputError(f"output.dir: {what} while {doing} in {out}; committed shards are kept: fix the directory "
+    return OutputError(f"output.dir: {failure(e)} while {doing} in {out}; committed shards are kept: fix the directory "
                        "(permissions, free space) and rerun the same command to resume")
 
 
@@ -164,6 +158,7 @@ class DatasetWriter:
         self.foreign: list[str] = []  # files in the directory that synthgen did not write (after open)
         self.buffers: dict[int, dict[int, dict]] = {}
         self.written = 0
+        self.made: list[Path] = []
         if self.manifest["shards"] and len(self.committed) < self.plan.num_shards:
             self._check_threads(self.manifest)
 
@@ -186,11 +181,11 @@ class DatasetWriter:
             return fresh
         if old.get("fingerprint") == self.fingerprint and not self.overwrite:
             return old
-        if not self.overwrite:
+        if not self.overwrite and old["shards"]:
             raise OutputError(f"output.dir: {self.out} holds a dataset of a different job or spec "
                               f"(fingerprint {str(old.get('fingerprint'))[:12]} != {self.fingerprint[:12]}); "
                               "use another output dir or --overwrite to replace it")
-        self.replaced = old
+        self.replaced = old  # --overwrite, or a dir that committed nothing yet: not a dataset, taken over
         return fresh
 
     def _check_threads(self, old: dict) -> None:
@@ -212,6 +207,9 @@ class DatasetWriter:
 
     def open(self) -> list[int]:
         """Clean the directory (only files synthgen named), write the manifest; returns the pending shards."""
+        #: what open() made that :meth:`abandon` may take away again: the dir itself, shards/, parts/
+        self.made = [] if isinstance(self.out, RemotePath) else \
+            [p for p in (self.out, self.out / "shards", self.out / "parts") if not p.exists()]
         try:
             if self.replaced is not None:
                 self._remove(self.replaced)
@@ -222,6 +220,19 @@ class DatasetWriter:
         except OSError as e:
             raise storage_error(self.out, e, "preparing the output dir") from None
         return self.pending_shards()
+
+    def abandon(self) -> None:
+        """After a run that failed before committing any shard (a model that fails to load, a stage that fails
+        on its first batch): leave the directory as open() found it, with no manifest, since no dataset was
+        made. A dir with committed shards keeps everything (the rerun resumes)."""
+        if self.committed or self.written:
+            return
+        (self.out / MANIFEST).unlink(missing_ok=True)
+        for folder in reversed(self.made):
+            try:
+                folder.rmdir()  # only when empty: anything in it is someone's
+            except OSError:
+                pass
 
     def _remove(self, old: dict) -> None:
         """Delete what the replaced dataset's manifest and plan name (--overwrite), nothing else."""

@@ -91,6 +91,9 @@ def load_coco(folder: Path, field: str = "references.path") -> tuple[COCO, list[
             what = (f"annotation {stray.get('id')} has a category_id that is not in its categories" if stray
                     else f"image {image_id} has no file_name")
             raise ReferenceDataError(field, f"{path}: {what}")
+        if not (folder / info["file_name"]).resolve().is_relative_to(folder.resolve()):
+            raise ReferenceDataError(field, f"{path}: image {image_id} has file_name {info['file_name'][:80]!r}, which "
+                                     "leads out of the folder; COCO file names are relative paths inside it")
         key = reference_key(info["file_name"])
         if key in seen:
             raise ReferenceDataError(field, f"images {seen[key]!r} and {info['file_name']!r} in {path} both get the "
@@ -113,10 +116,15 @@ def _from_coco(folder: Path) -> list[Reference]:
 
 
 def _from_output(folder: Path) -> list[Reference]:
+    from pipeline.dataset import OutputError, check_index_shards, read_manifest  # the format's one owner
+
     try:
         table = pq.read_table(folder / INDEX, columns=["key", "shard", "classes", "keep"])
+        check_index_shards(folder, read_manifest(folder), table.column("shard").unique().to_pylist())
     except (OSError, pa.ArrowException) as e:
         raise ReferenceDataError("references.path", f"cannot read {folder / INDEX} ({e})") from None
+    except OutputError as e:  # not ours, or a name its plan does not give: nothing named is read
+        raise ReferenceDataError("references.path", str(e).removeprefix("output.dir: ")) from None
     rows = [r for r in table.to_pylist() if r["keep"] and r["classes"]]
     return sorted((Reference(r["key"], r["classes"][0], (), str(folder / "shards" / r["shard"]), in_shard=True)
                    for r in rows), key=lambda r: r.key)

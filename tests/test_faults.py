@@ -264,3 +264,158 @@ def test_a_full_disk_stops_with_one_line_and_a_rerun_completes_the_same_bytes(da
     assert run(dataset, out) == 0
     assert read_manifest(out)["runs"][-1]["shards_written"] == 2
     assert_same_dataset(out, dataset.out)
+
+
+# --- a tampered manifest, journal or index: names the plan does not give -------------------------------
+def _shard(m: dict, i: int, **changes) -> None:
+    m["shards"][i].update(changes)
+
+
+def _journal_line(out: Path, **changes) -> None:
+    record = dict(json.loads((out / MANIFEST).read_text())["shards"][3], **changes)
+    with open(out / JOURNAL, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _link_shards_elsewhere(out: Path) -> None:
+    """shards/ replaced by a link to a folder outside OUT that holds files of the same names."""
+    outside = out.parent / "victim" / "linked"
+    shutil.copytree(out / "shards", outside)
+    shutil.rmtree(out / "shards")
+    (out / "shards").symlink_to(outside, target_is_directory=True)
+
+
+def _link_a_tar_elsewhere(out: Path) -> None:
+    (out / "shards" / "train-000000.tar").unlink()
+    (out / "shards" / "train-000000.tar").symlink_to(out.parent / "victim" / "v1.txt")
+
+
+#: (id, change to the manifest dict or None, change to the output dir or None, words of the one line)
+TAMPERED = [
+    ("traversal in a tar", lambda m, out: _shard(m, 0, tar="../../victim/v1.txt"), None, "shards[0] has tar"),
+    ("absolute part", lambda m, out: _shard(m, 1, part=str(out.parent / "victim" / "v2.txt")), None,
+     "shards[1] has part"),
+    ("traversal in the journal", None, lambda out: _journal_line(out, tar="../../victim/v3.txt"),
+     "commits.jsonl[0] has tar"),
+    ("shards/ linked outside", None, _link_shards_elsewhere, "shards/ is a link to"),
+    ("a tar linked outside", None, _link_a_tar_elsewhere, "leading out of the output dir"),
+    ("a duplicate shard", lambda m, out: m["shards"].__setitem__(1, dict(m["shards"][0])), None, "repeats shard"),
+    ("a name of another split", lambda m, out: _shard(m, 0, name="val-000000", tar="shards/val-000000.tar",
+                                                      part="parts/val-000000.parquet"), None, "'val-000000'"),
+    ("a shard past the plan", lambda m, out: _shard(m, 0, name="train-000099", tar="shards/train-000099.tar",
+                                                    part="parts/train-000099.parquet"), None, "'train-000099'"),
+    ("a name padded otherwise", lambda m, out: _shard(m, 0, name="train-0000000"), None, "'train-0000000'"),
+    ("a shard count against the plan", lambda m, out: m["layout"].update(num_shards=99), None,
+     "is not a shard plan synthgen writes"),
+    ("samples past the limit", lambda m, out: m["layout"].update(samples=10 ** 15, num_shards=25 * 10 ** 13), None,
+     "is not a shard plan synthgen writes"),
+    ("a size that overflows", lambda m, out: _shard(m, 2, bytes=2 ** 70), None, "not a file size"),
+    ("indices not the shard's", lambda m, out: _shard(m, 2, indices=[0, 10 ** 12]), None, "has indices"),
+    ("counts that do not add up", lambda m, out: _shard(m, 2, samples=10 ** 9), None, "do not add up"),
+    ("a digest that is a path", lambda m, out: _shard(m, 3, sha256="../../victim/v1.txt"), None, "not a sha256"),
+    ("more shards than the layout", lambda m, out: m["shards"].extend([dict(m["shards"][0], name=f"x{i}")
+                                                                       for i in range(1)]), None, "shards[4]"),
+]
+
+
+@pytest.mark.parametrize("edit_manifest, edit_dir, words", [t[1:] for t in TAMPERED], ids=[t[0] for t in TAMPERED])
+def test_a_tampered_manifest_or_journal_deletes_and_reads_nothing(dataset, done, capsys, edit_manifest, edit_dir,
+                                                                   words):
+    victim = done.parent / "victim"
+    victim.mkdir()
+    for name in ("v1.txt", "v2.txt", "v3.txt"):
+        (victim / name).write_text(f"the user's {name}\n")
+    if edit_manifest is not None:
+        manifest = json.loads((done / MANIFEST).read_text())
+        edit_manifest(manifest, done)
+        (done / MANIFEST).write_text(json.dumps(manifest))
+    if edit_dir is not None:
+        edit_dir(done)
+    outside, inside = tree(victim), tree(done)
+    for extra in ((), ("--overwrite",), ("--verify",)):
+        assert run(dataset, done, *extra) == 2
+        line = one_error_line(capsys)
+        assert words in line and "edited or damaged; nothing was deleted or read" in line, line
+    assert main(["validate", str(dataset.job), "--out", str(done)]) == 2  # validate and run agree
+    assert words in one_error_line(capsys)
+    assert main(["verify", str(done)]) == 1  # a mismatch, reported like any other
+    assert words in capsys.readouterr().out
+    assert main(["export-coco", str(done), "-o", str(done.parent / "coco.json")]) == 2
+    assert words in one_error_line(capsys)
+    assert tree(victim) == outside and tree(done) == inside
+
+
+def test_an_index_naming_a_shard_the_manifest_does_not_commit_is_refused_by_readers(dataset, done, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.dataset import TamperedError
+    from pipeline.loader import CurriculumDataset
+
+    index = pq.read_table(done / "index.parquet")
+    shards = index.column("shard").to_pylist()
+    shards[0] = "../../../victim.tar"
+    pq.write_table(index.set_column(index.schema.get_field_index("shard"), "shard", pa.array(shards)),
+                   done / "index.parquet")
+    with pytest.raises(TamperedError, match="names shard '../../../victim.tar', which manifest.json does not commit"):
+        CurriculumDataset(done)
+
+
+def test_an_orphan_whose_shards_link_outside_is_not_repaired(dataset, done, capsys):
+    _link_shards_elsewhere(done)
+    (done / MANIFEST).unlink()
+    outside = tree(done.parent / "victim")
+    assert main(["repair", str(dataset.job), "--out", str(done)]) == 2
+    assert "shards/ is a link to" in one_error_line(capsys)
+    assert tree(done.parent / "victim") == outside and not (done / MANIFEST).exists()
+
+
+def test_repair_with_nothing_to_adopt_writes_nothing(dataset, tmp_path, capsys):
+    out = tmp_path / "mine"
+    for sub in ("shards", "parts"):
+        (out / sub).mkdir(parents=True)
+    before = tree(out)
+    assert main(["repair", str(dataset.job), "--out", str(out)]) == 2
+    assert "holds no shard of this job's plan" in one_error_line(capsys)
+    assert tree(out) == before and not (out / MANIFEST).exists()
+
+
+# --- errors found late leave the dir as it was ---------------------------------------------------------
+def test_a_run_that_fails_before_its_first_commit_leaves_no_manifest_and_a_fixed_job_takes_the_dir(
+        dataset, tmp_path, monkeypatch, capsys):
+    from stages.synthesis import SynthesisStage
+
+    def broken(self, batch):
+        raise RuntimeError("the model failed on its first batch")
+
+    out = tmp_path / "late"
+    monkeypatch.setattr(SynthesisStage, "__call__", broken)
+    assert run(dataset, out) == 1
+    assert "the model failed on its first batch" in one_error_line(capsys)
+    assert not out.exists()  # open() made it: nothing was committed, so nothing is left
+    monkeypatch.undo()
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")  # a dir of the user's that was there before stays theirs
+    with monkeypatch.context() as mp:
+        mp.setattr(SynthesisStage, "__call__", broken)
+        (out / "notes.txt").unlink()
+        assert run(dataset, out) == 1
+        capsys.readouterr()
+    assert out.is_dir() and list(out.iterdir()) == []
+    # a manifest with no committed shard (a run killed before its first commit) is not a dataset yet: another
+    # job's run takes the dir over without --overwrite
+    assert run(dataset, out, "--set", "seed=5", "--set", "samples=4") == 0
+    manifest = json.loads((out / MANIFEST).read_text())
+    manifest.update(shards=[], counts={}, complete=False)
+    (out / MANIFEST).write_text(json.dumps(manifest))
+    assert run(dataset, out) == 0
+    assert_same_dataset(out, dataset.out)
+
+
+def test_validate_refuses_a_read_only_output_dir_as_run_does(dataset, tmpfs, capsys):
+    fresh = tmpfs / "new"
+    subprocess.run(["mount", "-o", "remount,ro", str(tmpfs)], check=True)
+    for command in ("validate", "run"):  # the same line, before Ray starts
+        assert main([command, str(dataset.job), "--out", str(fresh)]) == 2
+        assert f"output.dir: read-only file system in {fresh} (to be made in {tmpfs})" in one_error_line(capsys)
+    assert not fresh.exists()

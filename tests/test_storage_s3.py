@@ -199,5 +199,7 @@ def test_bad_s3_locations_stop_with_one_line_and_write_nothing(dataset, s3, caps
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")  # nobody listens there
     assert main(["run", job, "--no-ray", "--out", f"s3://{BUCKET}/unreachable"]) == 2
     assert "did not answer" in one_error_line(capsys)
+    assert main(["verify", f"s3://{BUCKET}/unreachable"]) == 2  # bad input, as for run; 1 means "data differs"
+    assert "did not answer" in one_error_line(capsys)
     monkeypatch.undo()
     assert objects("") == before
