@@ -61,11 +61,14 @@ def build_parser() -> argparse.ArgumentParser:
     _job_args(submit)
     submit.add_argument("--address", help="Ray dashboard address, e.g. http://head:8265 (required unless --dry-run)")
     submit.add_argument("--working-dir", default=".", help="project folder the package is taken from (default: "
-                        "current directory; must contain the job file): the job file, the local files it names "
-                        "and the project code git tracks; never dotfiles")
+                        "current directory; must contain the job file): the job file, the files the stages read "
+                        "from the local inputs it names and the project code git tracks; never dotfiles, keys or "
+                        "untracked code")
     submit.add_argument("--dry-run", action="store_true", help="print every file the package holds, its size "
                         "and the entrypoint; send nothing")
-    submit.add_argument("--overwrite", action="store_true")
+    submit.add_argument("--overwrite", action="store_true", help="pass --overwrite to `synthgen run` on the "
+                        "cluster: replace an output dir made by a different spec (deletes only the files its "
+                        "manifest names)")
     submit.add_argument("--resource-timeout", type=float, default=900.0, metavar="S",
                         help="how long the job waits for the autoscaler to add GPU workers (default 900)")
     submit.set_defaults(func=cmd_submit)
@@ -147,16 +150,25 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def submission(args: argparse.Namespace) -> dict:
     """What ``synthgen submit`` sends: ``entrypoint`` (``synthgen run`` of the job inside the package) and
-    ``package`` (pipeline/package.py: the allowlisted files of --working-dir, staged at submit time).
+    ``package`` (pipeline/package.py: the job, the files the stages read from its local inputs and the
+    tracked code of --working-dir, staged at submit time).
 
-    The job is validated here first (schema only: paths are the cluster's). Its output dir must be
-    absolute and outside the working dir: the package is unpacked into a temporary folder on the cluster.
+    Before anything is packed the job passes the checks ``validate`` runs on every input that is on this
+    machine: the model folder (pipeline/preflight.py) and the references (``check_references``); the
+    calibration file is read by ``load_spec``. The output dir, a hub id and an absolute path that is not
+    here are the cluster's and are left to ``run`` there. The output dir must be absolute and outside
+    the working dir: the package is unpacked into a temporary folder on the cluster.
     """
     from .package import build_package
+    from .spec import check_references
 
+    source = str(Path(args.job))
     spec = load_spec(args.job, args.overrides, args.out, check_files=False)
-    if Path(spec.model.path).is_dir():  # a model folder on this machine: check it now as `run` will there
-        check_model(spec, str(Path(args.job)))
+    if model_folder(spec) is not None and Path(spec.model.path).is_dir():
+        check_model(spec, source)
+    refs = spec.references
+    if refs is not None and Path(refs.path).exists() and (refs.select is None or Path(refs.select.path).exists()):
+        check_references(spec, source)
     workdir = Path(args.working_dir).resolve()
     job = Path(args.job).resolve()
     if not job.is_relative_to(workdir):

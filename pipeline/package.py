@@ -3,22 +3,36 @@
 The package holds exactly:
 
 - the job file;
-- the local files the job names inside the working dir (``model.path`` folder, ``masks.calibration``,
-  ``references.path``, ``references.select.path``), whole folders included, tracked by git or not;
+- of each input the job names inside the working dir, the files the stages read from it, never the
+  folder around them:
+
+  - ``model.path`` (a local folder): the model's own files as its identity counts them
+    (``stages.identity.model_files``: ``model_index.json``, and in the components it lists their
+    configs, ``*.safetensors`` and tokenizer files), so the cluster loads, and fingerprints, the same
+    model; a model card, ``.bin`` weights or anything else in the folder stays home;
+  - ``references.path``: what the reference reader opens (``stages.references``): a COCO folder's
+    ``annotations.json`` and the images it lists, or a synthgen output dir's ``index.parquet``, the
+    ``manifest.json`` that confirms its shard names, and the shards of its records;
+  - ``masks.calibration``, ``references.select.path``: that one file;
+
 - the project code the cluster runs: ``pyproject.toml``, ``pipeline/`` and ``stages/`` without the
   bundled models (``pipeline/models/``: a job that uses one names it, which sends that one). In a git
   checkout only the files git tracks travel (modified ones with their edits), so an untracked file
-  never leaves the machine; outside git the same folders are walked under the same exclusions.
+  never leaves the machine. Outside a git checkout (an unpacked release) nothing tells tracked from
+  untracked, so these three code folders alone are walked, under the same exclusions and size cap;
+  the working dir and input folders are never walked.
 
 A path the job file writes relative is resolved against the job file's folder, a ``--set`` one against
 the working dir (the cluster's current directory), as ``synthgen run`` does there. One that leaves the
 working dir names nothing the cluster can see and is refused; an absolute one is the cluster's own
-path and is not sent.
+path and is not sent. A package over :data:`MAX_BYTES` is refused (Ray uploads it as one zip).
 
-Must not: walk the working dir and subtract a denylist (Ray's ``excludes``); send a dotfile or anything
-under a dot-folder at any depth (``.env``, ``.git/``, ``.venv/``, ``.aws/``), a virtualenv,
-``__pycache__``, ``*.egg-info`` or ``*.tmp``; follow a link out of the working dir. It validates no job
-(pipeline/spec.py does) and talks to no cluster (pipeline/cli.py does).
+Must not: walk the working dir or an input folder and subtract a denylist (Ray's ``excludes``); send a
+dotfile or anything under a dot-folder at any depth (``.env``, ``.git/``, ``.venv/``, ``.aws/``), a key or
+credentials file (:data:`SECRETS`), a virtualenv, ``__pycache__``, ``*.egg-info`` or ``*.tmp``, even
+where an input lists it (:func:`skipped`, the second guard); follow a link out of the working dir. It
+validates no job (pipeline/spec.py and pipeline/preflight.py do; ``submit`` runs them first) and talks
+to no cluster (pipeline/cli.py does).
 """
 from __future__ import annotations
 
@@ -26,8 +40,10 @@ import os
 import shutil
 import subprocess
 from dataclasses import dataclass, field
+from fnmatch import fnmatch
 from pathlib import Path, PurePosixPath
-from typing import Any, Sequence
+from types import SimpleNamespace
+from typing import Sequence
 
 import yaml
 
@@ -39,12 +55,20 @@ CODE = ("pyproject.toml", "pipeline", "stages")
 BUNDLED_MODELS = PurePosixPath("pipeline/models")
 #: folder names never sent (besides every name starting with a dot)
 SKIP_DIRS = frozenset({"__pycache__", "venv", "site-packages", "node_modules"})
+#: file names (lower-cased, fnmatch) of keys and credentials, never sent wherever they are
+SECRETS = ("id_rsa*", "id_dsa*", "id_ecdsa*", "id_ed25519*", "*.pem", "*.key", "*.p12", "*.pfx", "*.jks",
+           "*.keystore", "credentials*", "secrets.*", "*.env")
+#: the most a package may hold: Ray uploads working_dir as one zip through its GCS and refuses one of
+#: 512 MiB or more (ray._private.runtime_env.packaging.GCS_STORAGE_MAX_SIZE); bigger inputs belong on
+#: the cluster (an absolute path) or the hub
+MAX_BYTES = 500 * 2**20
 
 
 def skipped(rel: PurePosixPath) -> bool:
     """Whether a path (relative to the working dir) is one the package never holds."""
+    name = rel.name.lower()
     return any(part.startswith(".") or part in SKIP_DIRS or part.endswith(".egg-info") for part in rel.parts) \
-        or rel.name.endswith(".tmp")
+        or name.endswith(".tmp") or any(fnmatch(name, pattern) for pattern in SECRETS)
 
 
 @dataclass
@@ -127,7 +151,7 @@ def _rel(path: Path, workdir: Path) -> PurePosixPath | None:
     named = Path(os.path.normpath(os.path.abspath(path)))
     resolved = path.resolve()
     if not named.is_relative_to(workdir) or not resolved.is_relative_to(workdir) \
-            or skipped(PurePosixPath(resolved.relative_to(workdir).as_posix())):
+            or (resolved != named and skipped(PurePosixPath(resolved.relative_to(workdir).as_posix()))):
         return None
     return PurePosixPath(named.relative_to(workdir).as_posix())
 
@@ -195,9 +219,60 @@ def _add_code(package: Package, workdir: Path) -> None:
                                if _is_code(PurePosixPath(rel), workdir))
 
 
+def model_files(folder: Path) -> list[Path]:
+    """The files of a local model folder the cluster needs: those that make it the model it is
+    (``stages.identity.model_files``, the one rule, which the cluster's fingerprint reads too)."""
+    from stages.identity import model_files as identity_files
+
+    kinds = identity_files(folder)
+    inside = os.path.normpath(folder)
+    return [path for files in kinds.values() for path in files.values()
+            if Path(os.path.normpath(path)).is_relative_to(inside)]  # a component named '..' lists nothing
+
+
+def reference_files(folder: Path) -> list[Path]:
+    """What the reference reader opens (stages/references.py), for every reference the folder lists
+    (``references.select`` is applied on the cluster): its listing (``annotations.json`` or
+    ``index.parquet``) and each reference's image file or shard tar. ReferenceDataError when the folder
+    is not a reference dataset."""
+    from stages.references import ANNOTATIONS, INDEX, _selected
+
+    from .dataset import JOURNAL, MANIFEST
+
+    refs = _selected(SimpleNamespace(path=str(folder), select=None))  # the reader's own listing
+    if (folder / ANNOTATIONS).is_file():
+        listing = [folder / ANNOTATIONS]
+    else:  # a synthgen output: its index, and the manifest (+ journal) that confirms the index's shard names
+        listing = [folder / INDEX, folder / MANIFEST] + ([folder / JOURNAL] if (folder / JOURNAL).is_file() else [])
+    return [*listing, *sorted({Path(ref.image) for ref in refs})]
+
+
+def input_files(name: str, path: Path, source: str) -> list[Path]:
+    """The files the stages read from the input ``name`` (a dotted job field) at ``path``; UsageError
+    when it is not what the field names."""
+    from stages.references import ReferenceDataError
+
+    if name == "model.path":
+        try:
+            return model_files(path)
+        except (OSError, ValueError, AttributeError) as e:  # no / unreadable / non-object model_index.json
+            raise UsageError(f"{source}: model.path: {path} is not a diffusers model folder ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0] if str(e) else ''}); point it at a save_pretrained folder"
+                             ) from None
+    if name == "references.path":
+        try:
+            return reference_files(path)
+        except ReferenceDataError as e:
+            raise UsageError(f"{source}: {e}") from None
+    if not path.is_file():
+        raise UsageError(f"{source}: {name}: {path} is a folder; it names one file")
+    return [path]
+
+
 def build_package(workdir: Path, job: Path, overrides: Sequence[str] = ()) -> Package:
     """The package that runs ``job`` (a file inside ``workdir``) on a cluster. Raises UsageError (one
-    line, naming the file and the fix) when the job names a local file the cluster could not see."""
+    line, naming the field, the file and the fix) when the job names a local file the cluster could not
+    see, or one the package never holds, or when the package is over :data:`MAX_BYTES`."""
     workdir, job = workdir.resolve(), job.resolve()
     if not job.is_relative_to(workdir):
         raise UsageError(f"{job}: the job file must be inside --working-dir {workdir}")
@@ -229,7 +304,25 @@ def build_package(workdir: Path, job: Path, overrides: Sequence[str] = ()) -> Pa
         rel = PurePosixPath(named.relative_to(workdir).as_posix())
         if skipped(rel):
             raise UsageError(f"{job}: {name}: {rel} is a dotfile, in a dot-folder or otherwise never sent "
-                             "(__pycache__, venv, *.egg-info, *.tmp); move it to a plain folder")
-        _add_tree(package.files, path, workdir, name)
+                             "(a key or credentials file, __pycache__, venv, *.egg-info, *.tmp); move it to a "
+                             "plain folder")
+        for file in input_files(name, path, str(job)):
+            file_rel = _rel(file, workdir)
+            if file_rel is None:
+                raise UsageError(f"{job}: {name}: {file} is {file.resolve()}, outside --working-dir {workdir} (or in "
+                                 "a dot-folder), which the cluster cannot see; copy the file in its place")
+            if skipped(file_rel):
+                if name == "model.path":
+                    continue  # a stray .json beside a component's files: not what the loader reads
+                raise UsageError(f"{job}: {name}: {file_rel} is a dotfile, a key or credentials file or otherwise "
+                                 "never sent, and the job reads it; rename it")
+            package.files[file_rel.as_posix()] = file.stat().st_size
     package.files = dict(sorted(package.files.items()))
+    package.untracked = [rel for rel in package.untracked if rel not in package.files]  # sent as job input
+    if package.size > MAX_BYTES:
+        biggest = ", ".join(f"{name} ({human(size)})" for name, _, size in
+                            sorted(package.top_level(), key=lambda entry: -entry[2])[:3])
+        raise UsageError(f"{job}: the package is {human(package.size)}, over submit's limit of {human(MAX_BYTES)} "
+                         f"(Ray uploads it as one zip; largest: {biggest}); give big inputs (model.path, "
+                         "references.path) as absolute paths on the cluster, or the model as a hub id")
     return package

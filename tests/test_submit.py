@@ -1,8 +1,10 @@
-"""`synthgen submit` sends an allowlisted package: the job, the files it names, the project code git tracks.
+"""`synthgen submit` sends an allowlisted package: the job, the files the stages read from the inputs it
+names, the project code git tracks; it checks the job as `validate` does first.
 
-Unit tests build packages from a working dir full of things that must never travel (``.env``, a
-credentials file, a venv, ``.git/``, untracked secrets, caches); the last test submits to a local Ray
-cluster it starts itself and reads back the folder Ray unpacked on the cluster.
+Unit tests build packages from a working dir full of things that must never travel (``.env``, keys and
+credentials files, a venv, ``.git/``, a big untracked file, untracked secrets in the code, the model
+folder and the reference folder, caches); the last test submits to a local Ray cluster it starts itself
+and reads back the folder Ray unpacked on the cluster.
 """
 from __future__ import annotations
 
@@ -21,8 +23,10 @@ import pytest
 
 from conftest import REPO, write_job
 from raynodes import free_ports, stop_session
+from pipeline import package as package_module
 from pipeline.cli import main
-from pipeline.package import build_package
+from pipeline.package import build_package, human
+from pipeline.shapes.coco import render_coco
 from pipeline.spec import UsageError
 
 CLASSES = ("circle", "square", "triangle", "star")
@@ -30,6 +34,9 @@ TRACKED_CODE = {"pyproject.toml", "pipeline/__init__.py", "pipeline/cli.py", "st
 NEVER = {  # in the working dir, and never in a package
     ".env": "AWS_SECRET_ACCESS_KEY=abc\n",
     "credentials.yaml": "token: abc\n",
+    "credentials.json": '{"token": "abc"}',
+    "id_rsa": "-----BEGIN OPENSSH PRIVATE KEY-----\n",
+    "pipeline/id_rsa": "-----BEGIN OPENSSH PRIVATE KEY-----\n",  # untracked, and a key
     ".venv/pyvenv.cfg": "home = /usr/bin\n",
     ".venv/lib/python3.11/site-packages/x.py": "",
     "venv/pyvenv.cfg": "home = /usr/bin\n",
@@ -47,7 +54,12 @@ NEVER = {  # in the working dir, and never in a package
     "models/tiny/.cache/blob": "x",
     "models/tiny/unet/weights.tmp": "x",
     "models/tiny/.DS_Store": "",
+    "models/tiny/id_rsa": "-----BEGIN OPENSSH PRIVATE KEY-----\n",  # untracked, in the model folder
+    "models/tiny/unet/credentials.json": '{"token": "abc"}',  # a JSON file in a component: a key all the same
+    "models/tiny/notes.txt": "where I got it\n",  # not a file the loader reads
 }
+BIG = "scratch/big.bin"  # an untracked 50 MiB file (sparse)
+REFERENCE_JUNK = {"refs/id_rsa": "key\n", "refs/.DS_Store": "", "refs/notes.txt": "x\n"}
 
 
 def write(root: Path, files: dict[str, str]) -> None:
@@ -80,14 +92,42 @@ def project(tmp_path, tiny_model) -> Path:
         "pipeline/models/bundled/model_index.json")
     git(root, "add", "-f", "pipeline/.secret.py", "notes.tmp")
     (root / ".git" / "config.secret").write_text("x")
+    (root / BIG).parent.mkdir()
+    with open(root / BIG, "wb") as f:
+        f.truncate(50 * 2**20)
     return root
 
 
 @pytest.fixture
 def job_files(tiny_model) -> set[str]:
-    """What the job sends besides the code: the job, its calibration file, its model folder."""
-    model = {"models/tiny/" + p.relative_to(tiny_model).as_posix() for p in Path(tiny_model).rglob("*") if p.is_file()}
+    """What the job sends besides the code: the job, its calibration file, and of its model folder
+    model_index.json and the components' files (the tiny model's README.md and training.json stay home)."""
+    root = Path(tiny_model)
+    model = {"models/tiny/" + p.relative_to(root).as_posix() for p in root.rglob("*")
+             if p.is_file() and (p.parent != root or p.name == "model_index.json")}
+    assert "models/tiny/unet/diffusion_pytorch_model.safetensors" in model
     return {"jobs/job.yaml", "jobs/calib/thresholds.json"} | model
+
+
+@pytest.fixture
+def references(project) -> set[str]:
+    """A COCO folder of 4 rendered scenes with junk beside them (a key, an image it does not list), and a
+    job of variations of them: the files the package must hold for it (the listing and its images)."""
+    render_coco(project / "refs", 4, classes=CLASSES)
+    shutil.copy(project / "refs" / "images" / "00000000.png", project / "refs" / "images" / "unlisted.png")
+    write(project, REFERENCE_JUNK)
+    write_job(project / "jobs", "../models/tiny", name="refs.yaml", classes=list(CLASSES),
+              prompts={"templates": ["a {objects}"], "max_classes_per_image": 1},
+              references={"path": "../refs", "strengths": [0.5], "seeds_per_level": 1}, samples=4,
+              output={"dir": "/mnt/cluster/out"})
+    images = json.loads((project / "refs" / "annotations.json").read_text())["images"]
+    return {"refs/annotations.json"} | {f"refs/{image['file_name']}" for image in images}
+
+
+def dry_run_files(out: str) -> dict[str, str]:
+    """The files a ``--dry-run`` prints: path -> size as printed."""
+    rows = [line.rsplit(None, 1) for line in out.splitlines() if line.startswith(" ")]
+    return {rel: size.strip() for size, rel in rows}
 
 
 def test_git_checkout_sends_tracked_code_and_the_files_the_job_names_only(project, job_files):
@@ -131,8 +171,12 @@ def test_a_local_file_outside_the_working_dir_is_refused(project, tmp_path):
 def test_a_link_out_of_the_working_dir_is_refused(project, tmp_path):
     (tmp_path / "aws").mkdir()
     (tmp_path / "aws" / "credentials").write_text("secret")
-    (project / "models" / "tiny" / "unet" / "extra.bin").symlink_to(tmp_path / "aws" / "credentials")
-    with pytest.raises(UsageError, match=r"model.path: .*extra.bin links to .*aws/credentials, outside"):
+    extra = project / "models" / "tiny" / "unet" / "extra.bin"
+    extra.symlink_to(tmp_path / "aws" / "credentials")
+    build_package(project, project / "jobs" / "job.yaml")  # not a file the loader reads: not sent, not followed
+    extra.rename(extra.with_suffix(".safetensors"))
+    with pytest.raises(UsageError, match=r"model.path: .*extra.safetensors is .*aws/credentials, outside "
+                       r"--working-dir .*; copy the file in its place"):
         build_package(project, project / "jobs" / "job.yaml")
 
 
@@ -150,6 +194,10 @@ def test_set_paths_absolute_paths_and_hub_ids(project, job_files):
     (project / ".secrets.json").write_text(calibration_file())
     with pytest.raises(UsageError, match="masks.calibration: .*secrets.json is a dotfile"):
         build_package(project, job, ["masks.calibration=.secrets.json"])
+    with pytest.raises(UsageError, match="masks.calibration: credentials.json is .*a key or credentials file"):
+        build_package(project, job, ["masks.calibration=credentials.json"])
+    with pytest.raises(UsageError, match="masks.calibration: .*jobs/calib is a folder; it names one file"):
+        build_package(project, job, ["masks.calibration=jobs/calib"])
 
 
 def test_dry_run_lists_the_package_and_the_entrypoint_and_sends_nothing(project, job_files, monkeypatch, capsys):
@@ -167,7 +215,72 @@ def test_dry_run_lists_the_package_and_the_entrypoint_and_sends_nothing(project,
     assert f"{len(listed)} files" in out and "pipeline/scratch.py" in out.split("warning: not sent")[1]
     assert ("entrypoint: python -m pipeline.cli run jobs/job.yaml --out /mnt/cluster/run1 --resource-timeout 900"
             in out)
-    assert ".env" not in out and "credentials" not in out
+    assert ".env" not in out and "credentials" not in out and "id_rsa" not in out and BIG not in out
+
+
+def test_submit_checks_the_references_as_validate_does_and_sends_only_what_they_list(project, references,
+                                                                                   monkeypatch, capsys):
+    monkeypatch.chdir(project)
+    argv = ["submit", "jobs/refs.yaml", "--address", "http://127.0.0.1:1", "--out", "/mnt/x", "--dry-run"]
+    # the working dir is no reference dataset: refused, as `validate` refuses it, before anything is packed
+    assert main([*argv, "--set", "references.path=."]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.count("\n") == 1, captured.err
+    assert "jobs/refs.yaml: references.path: " in captured.err and "has neither annotations.json" in captured.err
+    assert main([*argv, "--set", "samples=8"]) == 2  # checked against the folder, as `validate` does
+    assert "samples: 8, but 4 references x 1 strengths x 1 seeds_per_level = 4" in capsys.readouterr().err
+
+    assert main(argv) == 0
+    files = set(dry_run_files(capsys.readouterr().out))
+    assert {rel for rel in files if rel.startswith("refs/")} == references  # not id_rsa, not unlisted.png
+    assert not files & (set(NEVER) | set(REFERENCE_JUNK) | {BIG, "refs/images/unlisted.png"})
+
+
+def test_a_synthgen_output_dir_as_references_sends_its_index_and_the_shards_it_names(project, references):
+    from pipeline.import_coco import import_coco
+
+    import_coco(project / "refs", project / "real", shard_size=2)
+    (project / "real" / "id_rsa").write_text("key\n")
+    package = build_package(project, project / "jobs" / "refs.yaml", ["references.path=real"])
+    sent = {rel for rel in package.files if rel.startswith("real/")}
+    assert sent == {"real/index.parquet", "real/manifest.json", "real/shards/train-000000.tar",
+                    "real/shards/train-000001.tar"}
+
+
+def test_the_dry_run_listing_is_exactly_what_is_uploaded(project, references, monkeypatch, capsys):
+    import ray.job_submission
+
+    uploaded: dict[str, str] = {}
+
+    class Client:  # records the folder submit hands to Ray, before it is deleted
+        def __init__(self, address):
+            pass
+
+        def submit_job(self, entrypoint, runtime_env):
+            staged = Path(runtime_env["working_dir"])
+            uploaded.update({p.relative_to(staged).as_posix(): human(p.stat().st_size)
+                             for p in staged.rglob("*") if p.is_file()})
+            return "raysubmit_1"
+
+    monkeypatch.setattr(ray.job_submission, "JobSubmissionClient", Client)
+    monkeypatch.chdir(project)
+    argv = ["submit", "jobs/refs.yaml", "--address", "http://127.0.0.1:1", "--out", "/mnt/x"]
+    assert main([*argv, "--dry-run"]) == 0
+    printed = dry_run_files(capsys.readouterr().out)
+    assert main(argv) == 0
+    assert "raysubmit_1" in capsys.readouterr().out
+    assert uploaded == printed
+    assert references <= set(printed) and "models/tiny/model_index.json" in printed
+
+
+def test_a_package_over_the_cap_is_refused_in_one_line(project, monkeypatch, capsys):
+    monkeypatch.setattr(package_module, "MAX_BYTES", 4096)
+    monkeypatch.chdir(project)
+    assert main(["submit", "jobs/job.yaml", "--out", "/mnt/x", "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "jobs/job.yaml: the package is " in err, err
+    assert "over submit's limit of 4.0 KiB (Ray uploads it as one zip; largest: models/ (" in err
+    assert "give big inputs (model.path, references.path) as absolute paths on the cluster" in err
 
 
 def test_submit_checks_its_arguments_before_anything_else(project, monkeypatch, capsys):
@@ -254,6 +367,7 @@ def test_a_real_submit_uploads_exactly_the_package(project, job_files, ray_clust
     arrived = {p.relative_to(unpacked[0]).as_posix() for p in unpacked[0].rglob("*") if p.is_file()}
     assert arrived == expected
     assert not [rel for rel in arrived if any(part.startswith(".") for part in rel.split("/"))]
+    assert not {"models/tiny/id_rsa", "models/tiny/unet/credentials.json", "models/tiny/notes.txt", BIG} & arrived
     # `synthgen run` started in the package: it found the job, the model folder and the calibration file
     # there, and stopped at the output dir, a file here
     logs = next(ray_temp.glob(f"session_2*/logs/job-driver-{job_id}.log")).read_text()
