@@ -480,17 +480,25 @@ def _samples(prompts: list[Prompt], out: Batch, truths: list[list[np.ndarray]]) 
                    str(reasons[i])) for i, (p, t) in enumerate(zip(prompts, truths))]
 
 
+def _batches(prompts: list[Prompt], size: int, desc: str, progress: bool):
+    """(start, chunk) over ``prompts`` in batches of ``size``, with a progress bar on stderr that counts
+    the prompts (images) done."""
+    from tqdm import tqdm
+
+    with tqdm(total=len(prompts), desc=desc, unit="img", disable=not progress, dynamic_ncols=True) as bar:
+        for start in range(0, len(prompts), size):
+            chunk = prompts[start:start + size]
+            yield start, chunk
+            bar.update(len(chunk))
+
+
 def generate(spec: JobSpec, prompts: list[Prompt], truth: Truth, progress: bool = True):
     """Run the stages over ``prompts`` (``spec`` and ``prompts`` from ``truth.job``): (refined samples,
     raw samples, refined batches, seconds)."""
-    from tqdm import tqdm
-
     gen = Generator(spec, truth)
     refined, raw, batches = [], [], []
-    size = spec.generation.batch_size
     t0 = time.perf_counter()
-    for start in tqdm(range(0, len(prompts), size), desc="eval", unit="batch", disable=not progress):
-        chunk = prompts[start:start + size]
+    for start, chunk in _batches(prompts, spec.generation.batch_size, "eval", progress):
         out, out_raw = gen(chunk, start)
         truths = [truth.masks(p, image) for p, image in zip(chunk, out["image"])]
         refined += _samples(chunk, out, truths)
@@ -546,11 +554,7 @@ def calibrate(spec: JobSpec, n: int, progress: bool = True, truth: Truth | None 
     names = [c.name for c in spec.classes]
     inter = {c: np.zeros(len(CALIBRATION_GRID)) for c in names}
     union = {c: np.zeros(len(CALIBRATION_GRID)) for c in names}
-    from tqdm import tqdm
-
-    size = spec.generation.batch_size
-    for start in tqdm(range(0, len(prompts), size), desc="calibrate", unit="batch", disable=not progress):
-        chunk = prompts[start:start + size]
+    for start, chunk in _batches(prompts, spec.generation.batch_size, "calibrate", progress):
         out = synthesis(truth.inputs(synthesis, chunk, start))
         for p, image, maps, prompted in zip(chunk, out["image"], out[column], out["class_names"]):
             classes = json.loads(str(prompted))  # one map per prompted class

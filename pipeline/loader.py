@@ -8,7 +8,7 @@
     loader = DataLoader(ds, batch_size=64, num_workers=4, collate_fn=collate)
     for epoch in range(epochs):
         ds.set_epoch(epoch, schedule.levels_for_epoch(epoch))   # before iter(loader)
-        for batch in loader: ...   # image (B,3,H,W) uint8, label (B,), weight (B,), key, level, record, ...
+        for batch in loader: ...   # image (B,3,H,W) uint8, label (B,), labels (B,C), weight (B,), key, ...
 
 What is read: each directory's ``index.parquet`` (which key lives in which shard, keep, classes,
 curriculum) plans the epoch; the shards are then streamed by webdataset (``SimpleShardList`` →
@@ -22,7 +22,9 @@ epoch are opened, so an epoch of one curriculum level skips the shards of the ot
 * **Epoch.** Every kept real sample plus every kept synthetic sample of the active levels
   (``set_epoch(e, levels)``; ``None`` = all levels, ``()`` = real only). ``keep=False`` samples are
   never yielded. With ``real_fraction=r`` the larger side is subsampled (seeded per epoch, without
-  replacement) so a fraction r of the epoch is real; ``None`` keeps natural proportions.
+  replacement) so a fraction r of the epoch is real; ``None`` keeps natural proportions. An epoch
+  is never empty: ``set_epoch`` refuses levels that select no sample (``()`` on data without real
+  samples, e.g. a schedule's real-only phase on synthetic-only data), and a dataset needs a kept sample.
 * **Splitting.** The epoch's samples, in a seeded per-epoch shard order, are cut into
   ``world_size × num_workers`` contiguous, near-equal slices; consumer ``rank × num_workers + worker``
   reads its slice. Each sample goes to exactly one consumer per epoch, slice sizes differ by at most
@@ -32,7 +34,9 @@ epoch are opened, so an epoch of one curriculum level skips the shards of the ot
   at ``iter(loader)``, so call ``set_epoch`` before it and keep ``persistent_workers=False``.
 * **Labels.** ``label`` = position of the sample's first class name in ``classes`` (argument, or the
   manifests' class lists merged in directory order), so directories with different class lists or
-  category ids agree. ``mask`` (``masks=True``) uses the same numbering: 0 background,
+  category ids agree; a sample of several classes (``record["class_names"]``: the classes its prompt
+  names and its mask labels) has them all in ``labels``, a float32 multi-hot vector over ``classes``
+  (for ``BCEWithLogitsLoss``). ``mask`` (``masks=True``) uses the same numbering: 0 background,
   1 + class index, 255 ignore.
 * **Weights.** ``weight`` = ``weight_fn(record)``; the default :func:`score_weight` is documented there.
 """
@@ -94,7 +98,8 @@ def image_guidance(curriculum: dict) -> float | None:
 
 
 def collate(samples: list[dict]) -> dict:
-    """Batch samples: tensors stacked, ``label``/``weight`` as tensors, everything else as lists."""
+    """Batch samples: tensors stacked (``image``, ``labels`` (B, C), ``mask``), ``label``/``weight`` as
+    tensors, everything else as lists."""
     batch: dict[str, Any] = {}
     for name in samples[0]:
         values = [s[name] for s in samples]
@@ -112,7 +117,13 @@ def collate(samples: list[dict]) -> dict:
 # --- schedules ----------------------------------------------------------------------------------
 class FixedSchedule:
     """DisCL's non-adaptive curriculum: ``levels`` in the given order (pass ``dataset.levels``:
-    ascending image guidance, diverse → real-like), ``epochs_per_level`` epochs each, then real only."""
+    ascending image guidance, diverse → real-like), ``epochs_per_level`` epochs each, then real only
+    (``()``) from epoch ``curriculum_epochs`` on.
+
+    Data without curriculum levels (text-to-image samples: ``dataset.levels == (None,)``) is one level.
+    Data without real samples has no real-only phase: train ``curriculum_epochs`` epochs on it
+    (``CurriculumDataset.set_epoch`` refuses the empty epoch that would come next).
+    """
 
     def __init__(self, levels: Sequence[Level], epochs_per_level: int = 1):
         if not levels:
@@ -235,7 +246,8 @@ class CurriculumDataset(IterableDataset):
     """Real and synthetic samples of synthgen output dirs, by curriculum level; see the module docstring.
 
     Each sample is a dict: ``image`` (uint8 tensor 3×H×W, or float32 in [0, 1] with
-    ``float_images=True``), ``label`` (int), ``mask`` (uint8 H×W, with ``masks=True``), ``weight``
+    ``float_images=True``), ``label`` (int: the first class), ``labels`` (float32 multi-hot over
+    ``classes``: every class of the sample), ``mask`` (uint8 H×W, with ``masks=True``), ``weight``
     (float), ``key``, ``source`` ("real"/"synthetic"), ``level`` (None for real samples) and
     ``record`` (the sample's JSON record). Batch them with :func:`collate`.
     """
@@ -312,6 +324,9 @@ class CurriculumDataset(IterableDataset):
                     shard_ids[shard] = len(self.urls)
                     self.urls.append(str(path))
                 rows.append((key, shard_ids[shard], real, level, self._label[names[0]]))
+        if not rows:
+            raise OutputError(f"{', '.join(map(str, paths))}: no kept samples (every row of {INDEX} has "
+                              "keep=false); nothing to load: pass an output dir with kept samples")
         self.levels: tuple[Level, ...] = tuple(sorted(guidance, key=lambda lv: (guidance[lv], str(lv))))
         self.image_guidance = {lv: guidance[lv] for lv in self.levels}
         if t2i_level is None:
@@ -333,21 +348,30 @@ class CurriculumDataset(IterableDataset):
 
     # --- epochs ----------------------------------------------------------------------------------
     def set_epoch(self, epoch: int, levels: Sequence[Level] | None = None) -> None:
-        """Make ``epoch`` (seeds the shuffles) with synthetic ``levels`` active (None: all, (): real only)."""
+        """Make ``epoch`` (seeds the shuffles) with synthetic ``levels`` active (None: all, (): real only).
+        Levels that select no sample raise ValueError (the epoch stays as it was): no epoch is empty."""
         if epoch < 0:
             raise ValueError(f"epoch must be >= 0, got {epoch}")
         levels = self.levels if levels is None else tuple(levels)
         unknown = [lv for lv in levels if lv not in self.levels]
         if unknown:
             raise ValueError(f"levels {unknown} are not levels of the data; levels are {list(self.levels)}")
+        if not len(self._selected(levels)):  # every level has a kept sample: only () on data without real ones
+            raise ValueError(f"set_epoch({epoch}, levels={levels}): real only, but the data has no real samples, "
+                             "so the epoch would be empty; on synthetic-only data stop after the schedule's "
+                             f"curriculum_epochs, or pass levels=None (all) or some of {list(self.levels)}")
         self.epoch = epoch
         self.active = levels
+
+    def _selected(self, levels: tuple[Level, ...]) -> np.ndarray:
+        """Row numbers an epoch of ``levels`` reads: every real sample, the synthetic ones of ``levels``."""
+        codes = [self.levels.index(lv) for lv in levels]
+        return np.flatnonzero(self._rows.real | np.isin(self._rows.level, codes))
 
     def _epoch_rows(self) -> np.ndarray:
         """Row numbers of the current epoch in reading order (shards in seeded order, index order inside)."""
         r = self._rows
-        codes = [self.levels.index(lv) for lv in self.active]
-        rows = np.flatnonzero(r.real | np.isin(r.level, codes))
+        rows = self._selected(self.active)
         rng = np.random.default_rng([self.seed, self.epoch])
         if self.real_fraction is not None:
             real, syn = rows[r.real[rows]], rows[~r.real[rows]]
@@ -423,8 +447,11 @@ class CurriculumDataset(IterableDataset):
         source = sample_source(cur)
         level = None if source == "real" else (self.t2i_level if cur.get("level") is None else cur["level"])
         image = torch.from_numpy(np.array(Image.open(io.BytesIO(sample["jpg"])).convert("RGB"))).permute(2, 0, 1)
+        labels = torch.zeros(len(self.classes), dtype=torch.float32)
+        labels[[self._label[name] for name in record["class_names"]]] = 1.0
         out = {"image": image.float().div_(255.0) if self.float_images else image.contiguous(),
-               "label": self._label[record["class_names"][0]], "weight": float(self.weight_fn(record)),
+               "label": self._label[record["class_names"][0]], "labels": labels,
+               "weight": float(self.weight_fn(record)),
                "key": sample["__key__"], "source": source, "level": level, "record": record}
         if self.masks:
             if "seg.png" not in sample:

@@ -7,6 +7,10 @@ every failure still ends in the CLI's one line and its traceback file (``pipelin
   "`CLIPImageProcessor` requires torchvision", "Cannot initialize model with low cpu memory usage".
   Environment variables, so they reach the Ray workers too: :func:`ray_init_args` puts them in the
   job's ``runtime_env`` (a local Ray and a cluster alike).
+* libraries' progress bars (diffusers' "Loading pipeline components...", transformers' "Loading weights",
+  hub downloads): ``TQDM_DISABLE`` (tqdm >= 4.66), so that ``run --no-ray`` and ``eval``, which load the
+  model in this process, are as quiet as the Ray runner, whose workers never print to the terminal.
+  synthgen's own bars (the run's, eval's) pass ``disable=`` explicitly, and a call's argument wins.
 * Ray: the "Token authentication is enabled for this Ray cluster" banner of a local Ray; Ray Data's
   "Progress bars disabled" notice; Ray Data's own report of a failed run (its error records: "An
   exception was raised from a task of operator", "Full stack trace", ...), held back while the run
@@ -28,7 +32,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 #: environment of the CLI's process and of every Ray worker process
-ENV = {"TRANSFORMERS_VERBOSITY": "error", "DIFFUSERS_VERBOSITY": "error"}
+ENV = {"TRANSFORMERS_VERBOSITY": "error", "DIFFUSERS_VERBOSITY": "error", "TQDM_DISABLE": "1"}
 #: driver-side loggers of one known notice each, raised to ERROR
 NOTICE_LOGGERS = (
     "ray._private.authentication.authentication_token_setup",  # "Token authentication is enabled ..."

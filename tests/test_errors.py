@@ -179,14 +179,15 @@ def test_run_against_a_cluster_that_wants_a_token_is_one_line_at_once(monkeypatc
     assert token_refusal("ray://head:10001") == ""  # Ray Client: not a GCS address
 
 
-def test_a_normal_run_prints_no_library_noise(tmp_path, tiny_model):
+@pytest.mark.parametrize("runner", [[], ["--no-ray"]], ids=["ray", "no-ray"])
+def test_a_normal_run_prints_no_library_noise(tmp_path, tiny_model, runner):
     job = write_job(tmp_path, tiny_model, samples=2, output={"dir": str(tmp_path / "out"), "shard_size": 2})
     temp = tempfile.mkdtemp(prefix="sg-quiet-", dir="/tmp")  # this run's own local Ray (own ports, own files)
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env.update(RAY_TMPDIR=temp, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")])))
     try:
-        proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", str(job)], env=env, capture_output=True,
-                              text=True, timeout=600)
+        proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", str(job), *runner], env=env,
+                              capture_output=True, text=True, timeout=600)
     finally:
         shutil.rmtree(temp, ignore_errors=True)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -103,12 +104,13 @@ def test_calibration_and_inline_thresholds_conflict(tmp_path, tiny_model):
         load_spec(job)
 
 
-def test_eval_and_calibrate_run_the_job_stages(tmp_path, tiny_model, capsys):
+def test_eval_and_calibrate_run_the_job_stages(tmp_path, tiny_model, capsys, monkeypatch):
     """A real (tiny) `synthgen eval` and `--calibrate` on the bundled model: the job's refined masks
     score at least the raw attention's mIoU, calibrated thresholds come from the searched grid."""
     job = REPO / "jobs" / "shapes-demo.yaml"
     fast = ["--set", f"model.path={tiny_model}", "--set", "generation.steps=4", "--set", "generation.batch_size=4"]
     out = tmp_path / "eval.json"
+    (tmp_path / "empty").mkdir()
     assert cli.main(["eval", str(job), *fast, "-n", "4", "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["prompts"]["n"] == 4 and result["refined"]["samples"] == 4
@@ -119,6 +121,11 @@ def test_eval_and_calibrate_run_the_job_stages(tmp_path, tiny_model, capsys):
     assert refined >= raw > 0.0, (raw, refined)  # refinement is what the job adds over raw attention
     assert result["filters"]["kept"] + result["filters"]["rejected"] == 4
     assert "mIoU" in capsys.readouterr().out
+    monkeypatch.chdir(tmp_path / "empty")
+    assert cli.main(["eval", str(job), *fast, "-n", "2"]) == 0  # without --json: the table, and no file anywhere
+    captured = capsys.readouterr()
+    assert "mIoU" in captured.out and "wrote" not in captured.out and list(Path.cwd().iterdir()) == []
+    assert "2/2" in captured.err  # its progress bar (images)
 
     calib = tmp_path / "cal.json"
     assert cli.main(["eval", str(job), *fast, "-n", "8", "--calibrate", str(calib)]) == 0

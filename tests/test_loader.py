@@ -31,7 +31,8 @@ SIZE = 32
 
 
 def write_dir(out: Path, name: str, classes: list[str], samples: list[dict], store_rejected: bool = False) -> Path:
-    """An output dir of ``samples`` (class, curriculum, keep, scores), shards of 4, via EncodeStage + DatasetWriter.
+    """An output dir of ``samples`` (class or list of classes, curriculum, keep, scores), shards of 4, via
+    EncodeStage + DatasetWriter.
 
     ``store_rejected`` then rewrites each shard with its rejected samples too (in index order), as a
     writer that keeps rejected samples in the shards would.
@@ -39,8 +40,15 @@ def write_dir(out: Path, name: str, classes: list[str], samples: list[dict], sto
     spec = validate_spec({"name": name, "model": {"path": "unused/model", "device": "cpu"}, "classes": classes,
                           "samples": len(samples), "generation": {"batch_size": 1, "height": SIZE, "width": SIZE},
                           "output": {"dir": str(out), "shard_size": 4}})
-    scenes = [render_scene(1_000_000 + i, size=SIZE, classes=[s["cls"]]) for i, s in enumerate(samples)]
+    names = [s["cls"] if isinstance(s["cls"], list) else [s["cls"]] for s in samples]
+    scenes = [render_scene(1_000_000 + i, size=SIZE, classes=c) for i, c in enumerate(names)]
     n = len(samples)
+
+    def semantic(scene) -> np.ndarray:  # 1 + the object's position in class_names, later objects on top
+        mask = np.zeros((SIZE, SIZE), np.uint8)
+        for i, obj in enumerate(scene.objects):
+            mask[obj.mask] = 1 + i
+        return mask
 
     def text(values: list) -> np.ndarray:
         return np.array([json.dumps(v) for v in values])
@@ -48,12 +56,12 @@ def write_dir(out: Path, name: str, classes: list[str], samples: list[dict], sto
     batch = {
         "key": np.array([f"{name}-{i:09d}" for i in range(n)]), "index": np.arange(n, dtype=np.int64),
         "seed": np.arange(n, dtype=np.int64), "prompt": np.array([sc.caption for sc in scenes]),
-        "class_names": text([[s["cls"]] for s in samples]), "token_index": np.array([""] * n),
+        "class_names": text(names), "token_index": np.array([""] * n),
         "gen": np.array([""] * n), "annotations": text([[] for _ in samples]),
         "scores": text([s.get("scores", {}) for s in samples]),
         "curriculum": text([s["curriculum"] for s in samples]),
         "image": np.stack([sc.image for sc in scenes]),
-        "semantic_mask": np.stack([sc.objects[0].mask.astype(np.uint8) for sc in scenes]),
+        "semantic_mask": np.stack([semantic(sc) for sc in scenes]),
         "keep": np.array([s.get("keep", True) for s in samples]),
         "reject_reason": np.array(["" if s.get("keep", True) else "low_contrast" for s in samples]),
     }
@@ -88,6 +96,11 @@ SYN = ([{"cls": ["circle", "star"][i % 2], "curriculum": variation(2, 0.1)} for 
 for i, s in enumerate(SYN):
     s["scores"] = {"min_contrast": 0.1 * (1 + i % 5), "ignore_fraction": 0.1}
     s["keep"] = i not in (3, 17)
+
+
+# synthetic only, text-to-image (no curriculum levels): one, two and three classes per image; 2 rejected
+T2I = [{"cls": c, "curriculum": {}, "keep": i != 2} for i, c in enumerate(
+    ["circle", ["star", "circle"], "square", ["square", "star", "circle"], ["circle", "square"], "star"])]
 
 
 def keys(name: str, samples: list[dict], where=lambda i, s: True) -> set[str]:
@@ -198,6 +211,50 @@ def test_decode_labels_masks_and_weights(dirs):
     assert uint8.dtype == torch.uint8 and uint8.shape == (3, SIZE, SIZE)
 
 
+@pytest.fixture(scope="module")
+def t2i(tmp_path_factory):
+    return write_dir(tmp_path_factory.mktemp("loader-t2i") / "t2i", "t2i", ["circle", "square", "star"], T2I)
+
+
+@pytest.mark.parametrize("which", ["text-to-image", "variations"])
+def test_a_fixed_schedule_on_synthetic_only_data_never_yields_an_empty_epoch(dirs, t2i, which):
+    out, want, levels = ((t2i, keys("t2i", T2I), (None,)) if which == "text-to-image"
+                         else (dirs[1], keys("syn", SYN), (2, 1, 0)))
+    ds = CurriculumDataset(out, seed=2)
+    assert ds.levels == levels  # text-to-image data: one level of its own
+    schedule = FixedSchedule(ds.levels, epochs_per_level=2)
+    seen = set()
+    for epoch in range(schedule.curriculum_epochs):
+        ds.set_epoch(epoch, schedule.levels_for_epoch(epoch))
+        got = [s["key"] for s in consume(ds)]
+        assert got and len(got) == ds.epoch_size, (epoch, got)
+        seen |= set(got)
+    assert seen == want  # the curriculum trains on every kept sample
+    after = schedule.curriculum_epochs
+    assert schedule.levels_for_epoch(after) == ()  # the real-only phase: nothing to read here...
+    with pytest.raises(ValueError, match=rf"set_epoch\({after}, levels=\(\)\): real only, but the data has no real"):
+        ds.set_epoch(after, schedule.levels_for_epoch(after))  # ...so it is refused, not yielded empty
+    assert ds.epoch == after - 1 and len(consume(ds)) == ds.epoch_size > 0  # and the refusal changed nothing
+
+
+def test_labels_are_multi_hot_over_the_loaders_classes(t2i):
+    ds = CurriculumDataset(t2i, classes=["star", "square", "circle", "cross"], masks=True)
+    samples = sorted(ds, key=lambda s: s["key"])
+    assert [s["key"] for s in samples] == sorted(keys("t2i", T2I))
+    for s in samples:
+        names = s["record"]["class_names"]
+        assert s["labels"].dtype == torch.float32
+        assert s["labels"].tolist() == [float(c in names) for c in ds.classes], names
+        assert s["label"] == ds.classes.index(names[0])
+        assert set(s["mask"].unique().tolist()) == {0} | {1 + ds.classes.index(c) for c in names}
+    three = samples[2]
+    assert three["record"]["class_names"] == ["square", "star", "circle"]
+    assert three["labels"].tolist() == [1.0, 1.0, 1.0, 0.0] and three["label"] == 1
+    batch = collate(samples)
+    assert batch["labels"].shape == (5, 4) and batch["labels"].dtype == torch.float32
+    assert batch["labels"].sum(1).tolist() == [1.0, 2.0, 3.0, 2.0, 1.0]
+
+
 def test_real_fraction_subsamples_the_larger_side(dirs):
     ds = CurriculumDataset(dirs, real_fraction=0.5, seed=1)  # 9 real, 18 synthetic kept
     epochs = []
@@ -237,6 +294,9 @@ def test_errors_are_clear(dirs, tmp_path):
     ds = CurriculumDataset(dirs)
     with pytest.raises(ValueError, match=r"levels \[7\] are not levels of the data"):
         ds.set_epoch(0, [7])
+    rejected = write_dir(tmp_path / "rejected", "rej", ["circle"], [{"cls": "circle", "curriculum": {}, "keep": False}])
+    with pytest.raises(OutputError, match="no kept samples"):
+        CurriculumDataset(rejected)
     with pytest.raises(ValueError, match="real_fraction"):
         CurriculumDataset(dirs, real_fraction=1.0)
     damaged = Path(shutil.copytree(dirs[0], tmp_path / "damaged"))

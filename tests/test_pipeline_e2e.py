@@ -134,18 +134,25 @@ def test_inspect_and_preview(dataset, tmp_path, capsys):
     sheet = Image.open(tmp_path / "p.png")
     assert sheet.size == (4 * 2 * 192, 2 * 192) and np.asarray(sheet).std() > 0  # 6 tiles of image | overlay
 
-    from pipeline.report import PALETTE, category_names, iter_samples, overlay
+    from pipeline.report import LEGEND_MIN_PX, PALETTE, category_names, iter_samples, overlay
 
-    sample = next(iter_samples(dataset.out))
+    sample = next(s for s in iter_samples(dataset.out) if len(json.loads(s["json"])["class_names"]) > 1)
     names = json.loads(sample["json"])["class_names"]
     tile = np.asarray(overlay(sample, 3, category_names(json.loads((dataset.out / "manifest.json").read_text()))))
     image = np.asarray(Image.open(io.BytesIO(sample["jpg"])).convert("RGB").resize((192, 192), Image.NEAREST))
-    strip, plain = tile[:12, :192].astype(int), image[:12].astype(int)
-    written = np.abs(strip - plain).sum(-1) > 0
-    assert written.any()  # the legend: each prompted class's name, in its colour
+    left = tile[:, :192].astype(int)
+    rows, cols = np.nonzero(np.abs(left - image.astype(int)).sum(-1) > 0)
+    assert rows.min() == cols.min() == 0  # the legend: a box in the image's top-left corner...
+    box = left[:rows.max() + 1, :cols.max() + 1]
+    assert rows.max() + 1 >= len(names) * LEGEND_MIN_PX and cols.max() < 150  # ...a line per class, large text
+    assert np.median(box.sum(-1)) < 3 * 60  # dark behind the text
+    assert (box == 255).all(-1).sum() > 20 * len(names)  # white names
+    centres = []  # per prompted class, in class_names order: a swatch of its mask and box colour
     for i in range(len(names)):
-        near = np.abs(strip - np.array(PALETTE[i])).sum(-1) < 60
-        assert (near & written).any(), (names, i)
+        swatch = (box == np.array(PALETTE[i])).all(-1)
+        assert swatch.sum() >= 64, (names, i)
+        centres.append(np.nonzero(swatch)[0].mean())
+    assert centres == sorted(centres)  # one line each, top to bottom
 
 
 # --- local Ray ----------------------------------------------------------------------------------
