@@ -314,8 +314,7 @@ def test_a_reference_pixel_edit_changes_the_fingerprint_and_blocks_resume(tmp_pa
                     references={"path": "refs", "strengths": [0.5, 1.0]})
     spec = load_spec(job)
     fingerprint = spec.fingerprint(spec.model_identity())
-    writer = prepare(spec)
-    writer.open()  # a started dataset of this job
+    run_job(spec, use_ray=False, progress=False)  # a dataset of this job (a dir with nothing committed is none)
     assert prepare(load_spec(job)).fingerprint == fingerprint
 
     moved = tmp_path / "moved" / "copy"
