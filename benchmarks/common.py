@@ -64,10 +64,13 @@ def checked(run: Callable, *args):
         return None
 
 
-def finished(out: Path) -> bool:
-    """Whether ``out`` is a complete synthgen output dir (every shard committed, index written)."""
+def finished(out: Path, samples: int | None = None) -> bool:
+    """Whether ``out`` is a complete synthgen output dir (every shard committed, index written), of ``samples``
+    samples if given (the fingerprint leaves the count out: a rerun with another count resizes the dir)."""
     try:
-        return bool(read_manifest(out).get("complete")) and (out / INDEX).is_file()
+        manifest = read_manifest(out)
+        return bool(manifest.get("complete")) and (out / INDEX).is_file() and \
+            samples in (None, manifest["layout"]["samples"])
     except OutputError:  # no (readable) manifest yet
         return False
 
@@ -90,7 +93,7 @@ def generate_cached(job: str | Path, overrides: Sequence[str], cache_root: Path,
     spec = load_spec(job, list(overrides), out=str(cache_root / "pending"))
     out = cache_root / f"{spec.name}-{JobPlan(spec).fingerprint[:12]}"
     spec = spec.model_copy(update={"output": spec.output.model_copy(update={"dir": str(out)})})
-    if finished(out):
+    if finished(out, spec.samples):
         return Generated(out, spec, True, 0.0)
     print(f"generating {spec.samples} samples of {job} into {out} (in-process; a finished run is reused)", flush=True)
     t0 = time.perf_counter()

@@ -19,8 +19,12 @@ from typing import NoReturn
 from . import quiet
 from .errors import auth_error, report
 from .plan import ShardPlan
-from .preflight import check_model, check_output_dir, model_folder
+from .preflight import check_hub_reachable, check_model, check_output_dir, model_folder, size_warning
 from .spec import SpecError, UsageError, load_spec
+
+
+#: help of the positional OUT of the commands that read a run's output
+OUT_HELP = "a run's output directory (its output.dir), or its URI (s3://bucket/prefix, gs://...)"
 
 
 def _job_args(p: argparse.ArgumentParser) -> None:
@@ -79,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     verify = sub.add_parser("verify", help="check an output dir against its manifest (sizes, sha256, index); "
                             "exit 1 on any mismatch")
-    verify.add_argument("out")
+    verify.add_argument("out", help=OUT_HELP)
     verify.set_defaults(func=cmd_verify)
 
     repair = sub.add_parser("repair", help="rebuild a lost manifest.json from the shards and index parts that agree "
@@ -88,19 +92,19 @@ def build_parser() -> argparse.ArgumentParser:
     repair.set_defaults(func=cmd_repair)
 
     inspect = sub.add_parser("inspect", help="print an output dir's manifest summary and sample records")
-    inspect.add_argument("out")
+    inspect.add_argument("out", help=OUT_HELP)
     inspect.add_argument("-n", type=int, default=3, help="sample records to show")
     inspect.set_defaults(func=cmd_inspect)
 
     preview = sub.add_parser("preview", help="contact sheet of samples with mask and box overlays")
-    preview.add_argument("out")
+    preview.add_argument("out", help=OUT_HELP)
     preview.add_argument("-o", "--output", default="preview.png")
     preview.add_argument("-n", type=int, default=16, help="samples to draw")
     preview.set_defaults(func=cmd_preview)
 
     export = sub.add_parser("export-coco", help="write one COCO annotations.json for the whole dataset (with "
                             "--images: and the images, in a folder COCO tools load directly)")
-    export.add_argument("out")
+    export.add_argument("out", help=OUT_HELP)
     export.add_argument("-o", "--output", help="target file (default OUT/annotations.json, with --images "
                         "DIR/annotations.json)")
     export.add_argument("--images", metavar="DIR", help="also write every kept sample's image into DIR as its COCO "
@@ -116,7 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "image is varied by img2img at --strength and keeps its annotations as the truth)")
     evaluate.add_argument("--strength", type=float, default=0.3,
                           help="img2img strength of --truth coco:DIR variations (default 0.3)")
-    evaluate.add_argument("--json", default="eval.json", help="where to write the numbers (default eval.json)")
+    evaluate.add_argument("--json", metavar="FILE", help="also write the numbers to FILE (default: print the "
+                          "table only)")
     evaluate.add_argument("--calibrate", metavar="FILE",
                           help="instead: fit per-class mask thresholds on calibration prompts and write them "
                           "to FILE, for masks.calibration")
@@ -137,6 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_run(args: argparse.Namespace) -> int:
     spec = load_spec(args.job, args.overrides, args.out)  # before the heavy imports: bad input fails fast
+    if size_warning(spec):
+        print(size_warning(spec), file=sys.stderr)
     from .report import format_summary
     from .runner import run_job
 
@@ -231,7 +238,15 @@ def cmd_validate(args: argparse.Namespace) -> int:
     model = (f"{spec.model.path}" if model_folder(spec) is not None else
              f"{spec.model.path} (hub id: its files, tokenizers and capture levels are checked when the workers "
              "download it)")
+    if size_warning(spec):
+        print(size_warning(spec), file=sys.stderr)
+    if model_folder(spec) is None:  # run makes the same check and stops (exit 2); validate warns
+        try:
+            check_hub_reachable(spec.model.path)
+        except UsageError as e:
+            print(f"warning: {e}", file=sys.stderr)
     resume = f"; resumes: {len(writer.committed)} of {shards} shards committed" if writer.committed else ""
+    resume += f"; {writer.resize_note()}" if writer.resized else ""
     print(f"ok: job {spec.name!r}: {spec.samples} samples of {len(spec.classes)} classes in {shards} "
           f"shards of {spec.output.shard_size} -> {spec.output.dir}{resume}; model {model} "
           f"({spec.model.device}, {spec.model.dtype}); synthesis {synth.actors} actor(s) x {synth.num_gpus:g} GPU")
@@ -305,9 +320,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(f"wrote {args.calibrate}; use it with masks: {{threshold: calibrated, calibration: {args.calibrate}}}")
         return 0
     result = evaluate.evaluate(spec, args.n, truth=truth)
-    evaluate.write_json(Path(args.json), result)
     print(evaluate.format_report(result))
-    print(f"wrote {args.json}")
+    if args.json:
+        evaluate.write_json(Path(args.json), result)
+        print(f"wrote {args.json}")
     return 0
 
 

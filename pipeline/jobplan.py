@@ -127,7 +127,8 @@ class JobPlan:
     @property
     def origin(self) -> Origin:
         return Origin(fingerprint=self.fingerprint, model=self.identity, job=self.spec.public_dump(),
-                      cpu_threads=self.cpu_threads)
+                      cpu_threads=self.cpu_threads,
+                      earlier=lambda samples: self.spec.fingerprint(self.identity, samples=samples))
 
 
 def _on_gpu(device: str) -> bool:

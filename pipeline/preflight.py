@@ -128,8 +128,13 @@ def check_model(spec: JobSpec, source: str) -> None:
         check_hub_offline(spec.model.path, source)
         return
     if not folder.is_dir():
+        given = spec.given("model.path") or ""
+        here = Path(given).expanduser()
+        hint = (f"; {given} exists relative to the current directory, but a relative path in a job file resolves "
+                f"against the job file's folder: write it relative to that folder, or absolute"
+                if given and not here.is_absolute() and here.is_dir() and here.resolve() != folder else "")
         raise SpecError(f"{source}: model.path: local model folder {folder} does not exist (a hub id looks like "
-                        "'org/name')")
+                        f"'org/name'){hint}")
     if not (folder / "model_index.json").is_file():
         raise SpecError(f"{source}: model.path: {folder} has no model_index.json; expected a diffusers Stable "
                         "Diffusion folder (save_pretrained layout)")
@@ -150,6 +155,34 @@ def check_model(spec: JobSpec, source: str) -> None:
         check_count_words(spec, tokenizer, source, name)
         check_prompt_length(spec, tokenizer, source, name)
     check_capture(spec, folder, family, source)
+
+
+#: a job side outside [native / FAR, native x FAR] is far from what the model was trained at
+FAR = 2
+
+
+def size_warning(spec: JobSpec) -> str:
+    """One warning line when the job's image size is far from the local model's native one (the denoiser's
+    ``sample_size`` x the VAE's downscale factor): a model draws poorly off its size, and a much larger
+    image costs hours; '' otherwise (or for a hub id, or a config without a ``sample_size``)."""
+    folder = model_folder(spec)
+    if folder is None:
+        return ""
+    try:
+        family = resolve_family(folder, spec.model.family, json.loads((folder / "model_index.json").read_text()))
+        sample = json.loads((folder / family.denoiser / "config.json").read_text()).get("sample_size")
+        factor = 2 ** (len(json.loads((folder / "vae" / "config.json").read_text())["block_out_channels"]) - 1)
+    except (OSError, ValueError, KeyError, TypeError, FamilyError):
+        return ""
+    if not isinstance(sample, int):
+        return ""
+    native, gen = sample * factor, spec.generation
+    if native / FAR <= max(gen.height, gen.width) <= native * FAR:
+        return ""
+    return (f"warning: generation: {gen.height}×{gen.width} is far from the model's native {native}×{native} "
+            f"({family.denoiser} sample_size {sample} × the VAE's factor {factor}): expect poor drawings"
+            f"{' and long runs' if max(gen.height, gen.width) > native else ''}; set generation.height and width "
+            f"near {native}")
 
 
 def check_layout(folder: Path, source: str, override: str = "auto") -> type[ModelFamily]:

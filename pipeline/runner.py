@@ -140,6 +140,8 @@ def run_job(spec: JobSpec, *, overwrite: bool = False, verify: bool = False, use
     """
     plan = JobPlan(spec, stages=stages)
     writer = prepare(plan, overwrite, verify)
+    if writer.resize_note() and progress:
+        print(f"{spec.name}: {writer.resize_note()}", file=sys.stderr)
     work = len(writer.pending_shards()) > 0
     stages = plan.stages if work else ()  # a run with nothing to do imports no stage
     # checks come before open(), which writes

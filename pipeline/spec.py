@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 import string
 import unicodedata
 from pathlib import Path
@@ -481,14 +482,19 @@ class JobSpec(_Strict):
                 node[leaf] = public_path(self.given(field))
         return dump
 
-    def fingerprint(self, model_identity: dict) -> str:
+    def fingerprint(self, model_identity: dict, samples: int | None = None) -> str:
         """sha256 over everything that changes the samples, by content and never by location: the spec
         without its path fields and resources, the model as its name (``model_name``, which samples
         record) and content ``id`` (local folder: weights, configs, tokenizer) or its hub id (whose
         cached revision is recorded in the manifest but may only be known after the first download),
-        and the references by content (``references_digest``)."""
+        and the references by content (``references_digest``).
+
+        ``samples`` is not in it: sample i is the same whatever the count, so a dataset grows or shrinks
+        by rerunning with another count (the manifest's ``layout`` records it). ``samples=N`` gives the
+        fingerprint synthgen wrote before that, which covered the count N: a resume accepts it."""
         # masks.calibration is a location: the thresholds it holds are copied into masks.class_thresholds
-        exclude: dict[str, Any] = {"output": {"dir"}, "resources": True, "model": {"path"}, "masks": {"calibration"}}
+        exclude: dict[str, Any] = {"output": {"dir"}, "resources": True, "model": {"path"}, "masks": {"calibration"},
+                                   "samples": True}
         if self.prompts.embedding is None:  # new, unset sections leave older jobs' fingerprints as they were
             exclude["prompts"] = {"embedding"}
         if self.prompts.max_instances_per_class == 1:  # new fields at their defaults: fingerprints as before
@@ -501,6 +507,8 @@ class JobSpec(_Strict):
             exclude["filters"] = {*exclude.get("filters", ()), "max_missing_instances"}
         exclude["references"] = True if self.references is None else {"path": True, "select": {"path"}}
         spec = self.model_dump(mode="json", exclude=exclude)
+        if samples is not None:
+            spec["samples"] = samples
         # the removed labels section (always all true) stays in the payload: datasets keep their fingerprints
         spec["labels"] = {"semantic": True, "instances": True, "boxes": True}
         if model_identity.get("source") == "local":
@@ -515,9 +523,17 @@ class JobSpec(_Strict):
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
+#: a Hugging Face hub id: ``org/name`` and nothing else (no leading dot, no second slash, no backslash)
+HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
 def looks_local(path: str, base: Path) -> bool:
-    """Whether a model path names a local folder (vs a hub id)."""
-    return path.startswith(("/", ".", "~")) or (base / path).exists()
+    """Whether a model path names a local folder (vs a hub id): it starts with ``/``, ``.`` or ``~``, names a
+    folder that exists (against ``base``, or the current directory: found there but not against ``base``,
+    it is still a local path, which pre-flight then reports as missing where it is looked for), or is
+    not of the hub's ``org/name`` form. Only an ``org/name`` that exists nowhere is a hub id."""
+    return path.startswith(("/", ".", "~")) or (base / path).exists() or Path(path).exists() \
+        or HUB_ID.fullmatch(path) is None
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:

@@ -120,6 +120,37 @@ def storage_error(out: Path, e: OSError, doing: str) -> OutputError:
                        "(permissions, free space) and rerun the same command to resume")
 
 
+#: job fields (dotted, as the manifest records them) that no fingerprint covers: a resume may change them
+_FREE_FIELDS = ("resources", "samples", "output.dir", "model.path", "masks.calibration", "references.path",
+                "references.select.path")
+
+
+def _flat(node: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(node, dict) or not node:
+        return {prefix.rstrip("."): node}
+    return {k: v for key, value in node.items() for k, v in _flat(value, f"{prefix}{key}.").items()}
+
+
+def spec_changes(old: dict, origin: Origin, limit: int = 3) -> list[str]:
+    """What differs between a manifest's job and this one, as 'generation.steps: 20 → 25' (fields both record;
+    resources, samples and locations left out), then the model's name and content."""
+    def shown(value: Any) -> str:
+        text = json.dumps(value)
+        return text if len(text) <= 40 else text[:39] + "…"
+
+    before, now = _flat(old.get("job") or {}), _flat(origin.job)
+    changes = [f"{k}: {shown(before[k])} → {shown(now[k])}" for k in before
+               if k in now and before[k] != now[k] and not k.startswith(_FREE_FIELDS)]
+    model_before, model_now = old.get("model") or {}, origin.model
+    if model_before.get("model") != model_now.get("model"):
+        changes.append(f"model: {shown(model_before.get('model'))} → {shown(model_now.get('model'))}")
+    elif model_before.get("id") != model_now.get("id"):
+        changes.append(f"model: its files' content differs (id {str(model_before.get('id'))[:12]} → "
+                       f"{str(model_now.get('id'))[:12]})")
+    more = [f"and {len(changes) - limit} more"] if len(changes) > limit else []
+    return changes[:limit] + more
+
+
 @dataclass(frozen=True)
 class Origin:
     """What made a dataset, as its manifest records it: the fingerprint a resume must match, the
@@ -130,6 +161,8 @@ class Origin:
     model: dict
     job: dict
     cpu_threads: Callable[[], Mapping[str, int]] = field(default=dict)
+    #: the fingerprint an older synthgen gave this job with ``samples`` N (it covered the count); None: none
+    earlier: Callable[[int], str] | None = None
 
 
 class DatasetWriter:
@@ -150,6 +183,8 @@ class DatasetWriter:
         self.fingerprint = origin.fingerprint
         self.overwrite = overwrite
         self.replaced: dict | None = None  # our manifest (another spec's) that --overwrite replaces
+        #: {"from": N, "to": M, "beyond": [...], "cut": [...]} when this run changes the dataset's sample count
+        self.resized: dict | None = None
         self.manifest = self._check(origin.model)
         committed = {self.plan.shard_of(s["indices"][0]): s for s in self.manifest["shards"]}
         #: committed shards that failed verification: {name: problem}; they are generated again
@@ -169,9 +204,8 @@ class DatasetWriter:
             "format": FORMAT, "fingerprint": self.fingerprint,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "job": self.origin.job, "model": model_identity, "versions": package_versions(),
-            "layout": {"split": self.plan.split, "shard_size": self.plan.shard_size, "samples": self.plan.total,
-                       "num_shards": self.plan.num_shards, "members": list(MEMBERS.values())},
-            "shards": [], "counts": counts([]), "complete": False, "summary": None, "runs": [],
+            "layout": self._layout(), "shards": [], "counts": counts([]), "complete": False, "summary": None,
+            "runs": [],
         }
         old, orphan = output_state(self.out)
         if orphan and not self.adopt:
@@ -179,14 +213,64 @@ class DatasetWriter:
                               "--out DIR` rebuilds it from the shards that agree with the job")
         if old is None:
             return fresh
-        if old.get("fingerprint") == self.fingerprint and not self.overwrite:
-            return old
+        if self._same_job(old) and not self.overwrite:
+            return self._resize(old)
         if not self.overwrite and old["shards"]:
-            raise OutputError(f"output.dir: {self.out} holds a dataset of a different job or spec "
-                              f"(fingerprint {str(old.get('fingerprint'))[:12]} != {self.fingerprint[:12]}); "
-                              "use another output dir or --overwrite to replace it")
+            raise OutputError(f"output.dir: {self.out} holds a dataset of a different job or spec ("
+                              f"{'; '.join(spec_changes(old, self.origin)) or 'fingerprint differs'}); use another "
+                              "output dir, or --overwrite to replace it")
         self.replaced = old  # --overwrite, or a dir that committed nothing yet: not a dataset, taken over
         return fresh
+
+    def _layout(self) -> dict:
+        return {"split": self.plan.split, "shard_size": self.plan.shard_size, "samples": self.plan.total,
+                "num_shards": self.plan.num_shards, "members": list(MEMBERS.values())}
+
+    def _same_job(self, old: dict) -> bool:
+        """Whether ``old`` is this job's dataset, at any sample count: its fingerprint, or (a dataset an older
+        synthgen wrote, whose fingerprint covered the count) the earlier one at its own count."""
+        if old.get("fingerprint") == self.fingerprint:
+            return True
+        if self.origin.earlier is not None and old.get("fingerprint") == self.origin.earlier(old["layout"]["samples"]):
+            old["fingerprint"] = self.fingerprint  # recorded as today's from the next manifest write on
+            return True
+        return False
+
+    def _resize(self, old: dict) -> dict:
+        """``old`` fitted to this plan's sample count. Sample i does not depend on the count, so committed shards
+        whose indices this plan gives too are kept; a shard the new count cuts or extends (the last one) is
+        generated again, and one past the new end leaves the dataset but stays on disk, reported, until
+        --overwrite (raising the count again generates it anew, to the same bytes)."""
+        before = ShardPlan.from_layout(old["layout"])
+        if before.total == self.plan.total:
+            return old
+        keep, beyond, cut = [], [], []
+        for s in old["shards"]:
+            k = before.shard_of(s["indices"][0])
+            if k >= self.plan.num_shards:
+                beyond.append(s)
+            elif s["indices"] != list(self.plan.bounds(k)):
+                cut.append(s["name"])
+            else:
+                keep.append(s)
+        self.resized = {"from": before.total, "to": self.plan.total, "cut": cut,
+                        "beyond": [f for s in beyond for f in (s["tar"], s["part"])]}
+        return dict(old, shards=keep, layout=self._layout(), job=dict(old["job"], samples=self.plan.total),
+                    counts=counts(keep), complete=False)
+
+    def resize_note(self) -> str:
+        """One line on what a changed ``samples`` does to the dataset ('' when it did not change)."""
+        r = self.resized
+        if r is None:
+            return ""
+        note = f"{'grows' if r['to'] > r['from'] else 'shrinks'} from {r['from']} to {r['to']} samples; committed shards kept"
+        if r["cut"]:
+            note += f"; generated again at the new count: {', '.join(r['cut'])}"
+        if r["beyond"]:
+            shown = ", ".join(r["beyond"][:4]) + (f" and {len(r['beyond']) - 4} more" if len(r["beyond"]) > 4 else "")
+            note += (f"; past the new end, left on disk and out of the dataset: {shown} (--overwrite deletes them "
+                     "and generates the dataset anew)")
+        return note
 
     def _check_threads(self, old: dict) -> None:
         """On CPU a stage's torch threads (``int(num_cpus)``) change float results, so a resume
@@ -387,7 +471,7 @@ class DatasetWriter:
         if self.buffers:
             raise RuntimeError(f"shards {sorted(self.plan.name(k) for k in self.buffers)} are incomplete")
         try:
-            if self.written or self.redo or not (self.out / INDEX).is_file() or \
+            if self.written or self.redo or self.resized or not (self.out / INDEX).is_file() or \
                     index_version(self.out / INDEX) != INDEX_VERSION:  # a version-1 index is rewritten typed
                 parts = [read_index(self.out / self.committed[k]["part"]) for k in sorted(self.committed)]
                 table = pa.concat_tables(parts) if parts else INDEX_SCHEMA.empty_table()

@@ -25,6 +25,7 @@ import ray
 import yaml
 
 from conftest import REPO, TINY_JOB, write_job
+import pipeline.spec
 from pipeline import preflight
 from pipeline.cli import main
 from pipeline.spec import load_spec, validate_spec
@@ -497,6 +498,37 @@ def test_run_of_a_hub_model_the_hub_cannot_serve_is_one_line_before_anything(tmp
     assert len(lines) == 1 and "model.path: hub model org/not-downloaded is not in the local Hugging Face cache and " \
         "the hub cannot be reached" in lines[0] and "hf download org/not-downloaded" in lines[0], lines
     assert not out.exists() and not ray.is_initialized()
+    assert main(["validate", str(job), "--out", str(out)]) == 0  # the same check, as a warning
+    captured = capsys.readouterr()
+    assert captured.out.startswith("ok: ") and captured.err.startswith("warning: model.path: hub model "
+                                                                       "org/not-downloaded is not in the local")
+
+
+def test_one_path_rule_relative_paths_resolve_against_the_job_files_folder(tmp_path, tiny_model, monkeypatch,
+                                                                           capsys):
+    """A relative model.path is looked for beside the job file, never in the current directory; only an org/name
+    that exists nowhere is a hub id; every case is one line and exit 2, for validate and run alike."""
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(tiny_model, tmp_path / "models" / "my-sd")
+    (tmp_path / "jobs").mkdir()
+    cases = {  # model.path as the job file (in jobs/) writes it -> words of the line
+        "models/my-sd": ("local model folder", "jobs/models/my-sd does not exist",
+                         "models/my-sd exists relative to the current directory, but a relative path in a job file "
+                         "resolves against the job file's folder"),
+        "pipeline/models/shapes-tiny-sd": ("local model folder", "jobs/pipeline/models/shapes-tiny-sd does not exist"),
+        "./my-sd": ("local model folder", "jobs/my-sd does not exist"),
+    }
+    for path, words in cases.items():
+        job = write_job(tmp_path / "jobs", path)
+        for command in ("validate", "run"):
+            assert main([command, str(job), "--out", str(tmp_path / "out")]) == 2, (path, command)
+            err = capsys.readouterr().err
+            assert err.count("\n") == 1 and all(w in err for w in words), err
+    assert not (tmp_path / "out").exists() and not ray.is_initialized()
+    job = write_job(tmp_path / "jobs", "../models/my-sd")  # relative to the job file: found from anywhere
+    monkeypatch.chdir(tmp_path / "models")
+    assert main(["validate", str(job), "--out", str(tmp_path / "out")]) == 0
+    assert f"model {tmp_path / 'models' / 'my-sd'} (cpu" in capsys.readouterr().out
 
 
 def test_validate_refuses_an_output_dir_of_another_spec_as_run_does(dataset, capsys):
@@ -504,8 +536,8 @@ def test_validate_refuses_an_output_dir_of_another_spec_as_run_does(dataset, cap
     before = sorted(p.name for p in dataset.out.iterdir())
     assert main(["validate", str(dataset.job)]) == 0
     assert "resumes: 4 of 4 shards committed" in capsys.readouterr().out
-    assert main(["validate", str(dataset.job), "--set", "samples=8"]) == 2
-    assert "holds a dataset of a different job or spec" in capsys.readouterr().err
+    assert main(["validate", str(dataset.job), "--set", "seed=8"]) == 2
+    assert "holds a dataset of a different job or spec (seed: 3 → 8)" in capsys.readouterr().err
     assert sorted(p.name for p in dataset.out.iterdir()) == before
 
 
@@ -521,3 +553,24 @@ def test_no_ray_on_a_gpu_less_machine_refuses_a_cuda_job(tmp_path, tiny_model, c
     capsys.readouterr()
     assert_rejected(argv, case, watched, capsys)
     assert not out.exists()
+
+
+def test_a_size_far_from_the_models_native_one_is_one_warning_at_validate_and_run(tmp_path, tiny_model, monkeypatch,
+                                                                                   capsys):
+    import pipeline.runner
+
+    job = write_job(tmp_path, tiny_model, generation={"height": 512, "width": 512},
+                    masks={"capture_resolutions": ["1/2", "1/4"]})
+    warning = "warning: generation: 512×512 is far from the model's native 64×64 (unet sample_size 16 × the VAE's " \
+              "factor 4): expect poor drawings and long runs; set generation.height and width near 64"
+    assert main(["validate", str(job)]) == 0
+    assert capsys.readouterr().err == warning + "\n"
+
+    def stop(*args, **kwargs):
+        raise pipeline.spec.UsageError("stopped before any work")
+
+    monkeypatch.setattr(pipeline.runner, "run_job", stop)
+    assert main(["run", str(job)]) == 2
+    assert capsys.readouterr().err.splitlines()[0] == warning
+    assert main(["validate", str(write_job(tmp_path, tiny_model, name="native.yaml"))]) == 0  # 64²: no warning
+    assert capsys.readouterr().err == ""

@@ -208,3 +208,76 @@ def test_a_changed_spec_on_a_used_output_dir_is_refused(dataset, tmp_path, capsy
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "different job or spec" in err and "--overwrite" in err
     assert (out / MANIFEST).read_bytes() == manifest
+
+
+# --- another sample count: the dataset grows or shrinks, committed shards stay --------------------------
+def shard_hashes(out: Path) -> dict[str, str]:
+    return {p.name: sha256_file(p) for p in sorted((out / "shards").iterdir())}
+
+
+def test_raising_samples_keeps_the_committed_shards_and_adds_the_new_ones(dataset, tmp_path, capsys):
+    out = tmp_path / "grow"
+    run = ["run", str(dataset.job), "--no-ray", "--out", str(out)]
+    assert main([*run, "--set", "samples=12"]) == 0
+    before = shard_hashes(out)
+    assert len(before) == 3
+    capsys.readouterr()
+    assert main(["validate", str(dataset.job), "--out", str(out)]) == 0
+    assert "resumes: 3 of 4 shards committed; grows from 12 to 16 samples" in capsys.readouterr().out
+    assert main(run) == 0
+    assert "grows from 12 to 16 samples; committed shards kept" in capsys.readouterr().err
+    after = shard_hashes(out)
+    assert {k: after[k] for k in before} == before and len(after) == 4  # the first 3 untouched, 1 new
+    assert read_manifest(out)["runs"][-1]["shards_written"] == 1
+    assert main(["verify", str(out)]) == 0
+    assert_same_dataset(out, dataset.out)  # as if it had been asked for 16 from the start
+
+
+def test_lowering_samples_leaves_shards_past_the_end_on_disk_and_out_of_the_dataset(dataset, tmp_path, capsys):
+    out = tmp_path / "shrink"
+    shutil.copytree(dataset.out, out)
+    run = ["run", str(dataset.job), "--no-ray", "--out", str(out)]
+    capsys.readouterr()
+    assert main([*run, "--set", "samples=12"]) == 0
+    err = capsys.readouterr().err
+    assert "shrinks from 16 to 12 samples" in err
+    assert "past the new end, left on disk and out of the dataset: shards/train-000003.tar, " \
+           "parts/train-000003.parquet" in err
+    manifest = read_manifest(out)
+    assert manifest["complete"] and manifest["layout"]["samples"] == 12 and manifest["job"]["samples"] == 12
+    assert [s["name"] for s in manifest["shards"]] == ["train-000000", "train-000001", "train-000002"]
+    assert manifest["runs"][-1]["shards_written"] == 0
+    assert pq.read_table(out / "index.parquet").num_rows == 12
+    assert (out / "shards" / "train-000003.tar").is_file()  # not deleted without --overwrite
+    assert main(["verify", str(out)]) == 0
+    # a count that cuts a shard generates that shard again; back at 16 it is the same bytes as ever
+    assert main([*run, "--set", "samples=14"]) == 0
+    assert "generated again at the new count: " not in capsys.readouterr().err  # shard 3 was not committed
+    assert read_manifest(out)["shards"][-1]["indices"] == [12, 14]
+    assert main([*run, "--set", "samples=13"]) == 0
+    assert "generated again at the new count: train-000003" in capsys.readouterr().err
+    assert main(run) == 0
+    assert_same_dataset(out, dataset.out)
+
+
+def test_a_changed_spec_names_the_fields_that_differ(dataset, tmp_path, capsys):
+    out = tmp_path / "copy"
+    shutil.copytree(dataset.out, out)
+    assert main(["run", str(dataset.job), "--no-ray", "--out", str(out), "--set", "generation.steps=5",
+                 "--set", "prompts.templates=[\"{objects}\"]"]) == 2
+    err = capsys.readouterr().err
+    assert 'generation.steps: 4 → 5' in err and 'prompts.templates: ["{objects} on noise", ' in err, err
+
+
+def test_a_dataset_with_the_fingerprint_of_an_earlier_synthgen_resumes(dataset, tmp_path):
+    out = tmp_path / "earlier"
+    shutil.copytree(dataset.out, out)
+    spec = load_spec(dataset.job, out=str(out))
+    manifest = json.loads((out / MANIFEST).read_text())
+    identity = spec.model_identity()
+    assert manifest["fingerprint"] == spec.fingerprint(identity) != spec.fingerprint(identity, samples=16)
+    manifest["fingerprint"] = spec.fingerprint(identity, samples=16)  # as synthgen wrote it before: with the count
+    (out / MANIFEST).write_text(json.dumps(manifest))
+    summary = run_job(spec, use_ray=False, progress=False)
+    assert summary["shards_written"] == 0
+    assert read_manifest(out)["fingerprint"] == spec.fingerprint(identity)

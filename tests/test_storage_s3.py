@@ -203,3 +203,17 @@ def test_bad_s3_locations_stop_with_one_line_and_write_nothing(dataset, s3, caps
     assert "did not answer" in one_error_line(capsys)
     monkeypatch.undo()
     assert objects("") == before
+
+
+def test_a_dataset_on_s3_grows_and_keeps_its_committed_objects(dataset, s3, capsys):
+    uri = f"s3://{BUCKET}/grow"
+    run = ["run", str(dataset.job), "--no-ray", "--out", uri]
+    assert main([*run, "--set", "samples=12"]) == 0
+    before = objects("grow/shards")
+    assert main(run) == 0
+    assert "grows from 12 to 16 samples" in capsys.readouterr().err
+    after = objects("grow/shards")
+    assert {k: after[k] for k in before} == before and len(after) == 4
+    assert read_manifest(uri)["runs"][-1]["shards_written"] == 1
+    assert main(["verify", uri]) == 0
+    assert_same_objects("grow", dataset.out)
