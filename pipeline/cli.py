@@ -156,9 +156,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def submission(args: argparse.Namespace) -> dict:
-    """What ``synthgen submit`` sends: ``entrypoint`` (``synthgen run`` of the job inside the package) and
+    """What ``synthgen submit`` sends: ``entrypoint`` (``synthgen run`` of the job inside the package),
     ``package`` (pipeline/package.py: the job, the files the stages read from its local inputs and the
-    tracked code of --working-dir, staged at submit time).
+    tracked code of --working-dir, staged at submit time) and ``inside`` (the output dir lies in the working
+    dir: refused, except by a dry run, which warns).
 
     Before anything is packed the job passes the checks ``validate`` runs on every input that is on this
     machine: the model folder (pipeline/preflight.py) and the references (``check_references``); the
@@ -180,9 +181,11 @@ def submission(args: argparse.Namespace) -> dict:
     job = Path(args.job).resolve()
     if not job.is_relative_to(workdir):
         raise SpecError(f"{args.job}: the job file must be inside --working-dir {workdir}")
-    if Path(spec.output.dir).is_relative_to(workdir):
+    inside = Path(spec.output.dir).is_relative_to(workdir)
+    if inside and not args.dry_run:  # a dry run lists the package and says so
         raise SpecError(f"{args.job}: output.dir {spec.output.dir} is inside the shipped working_dir, which the "
-                        "cluster unpacks into a temporary folder; pass --out with an absolute path on the cluster")
+                        "cluster unpacks into a temporary folder; pass --out with an absolute path on the cluster "
+                        "or a URI (s3://bucket/prefix)")
     package = build_package(workdir, job, args.overrides)
     argv = ["python", "-m", "pipeline.cli", "run", job.relative_to(workdir).as_posix()]
     for item in args.overrides:
@@ -190,7 +193,7 @@ def submission(args: argparse.Namespace) -> dict:
     argv += ["--out", spec.output.dir, "--resource-timeout", f"{args.resource_timeout:g}"]
     if args.overwrite:
         argv.append("--overwrite")
-    return {"entrypoint": shlex.join(argv), "package": package}
+    return {"entrypoint": shlex.join(argv), "package": package, "inside": inside}
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
@@ -206,6 +209,9 @@ def cmd_submit(args: argparse.Namespace) -> int:
                                                     if len(package.untracked) > 5 else "")
         notes.append(f"warning: not sent, not tracked by git: {shown}; git add them to send them")
     if args.dry_run:
+        if sub["inside"]:
+            notes.append("warning: the output dir is inside the working dir, which the cluster unpacks into a "
+                         "temporary folder: submitting needs --out with an absolute path on the cluster or a URI")
         print(package.listing())
         print("\n".join(notes + [f"entrypoint: {sub['entrypoint']}", "dry run: nothing sent"]))
         return 0

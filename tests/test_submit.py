@@ -287,8 +287,11 @@ def test_submit_checks_its_arguments_before_anything_else(project, monkeypatch, 
     monkeypatch.chdir(project)
     assert main(["submit", "jobs/job.yaml", "--out", "/mnt/x"]) == 2
     assert "--address is required" in capsys.readouterr().err
-    assert main(["submit", "jobs/job.yaml", "--out", "out", "--dry-run"]) == 2  # inside the working dir
+    assert main(["submit", "jobs/job.yaml", "--out", "out", "--address", "http://127.0.0.1:1"]) == 2  # inside
     assert "pass --out with an absolute path" in capsys.readouterr().err
+    assert main(["submit", "jobs/job.yaml", "--out", "out", "--dry-run"]) == 0  # the README's line: lists, and warns
+    out = capsys.readouterr().out
+    assert "warning: the output dir is inside the working dir" in out and "dry run: nothing sent" in out
 
 
 # --- a real submit to a local Ray cluster ---------------------------------------------------------
