@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from . import quiet
+from . import errors
 from .errors import auth_error, report
 from .plan import ShardPlan
 from .preflight import check_hub_reachable, check_model, check_output_dir, model_folder, size_warning
@@ -55,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
                      "resuming (sizes are always compared); a shard that fails is generated again")
     run.add_argument("--address", help="Ray cluster to connect to (default: $RAY_ADDRESS, else a local Ray)")
     run.add_argument("--no-ray", action="store_true", help="run the stages in this process, without Ray")
+    run.add_argument("--retries", type=int, metavar="N", help="recoveries from a lost node, actor, worker or object "
+                     "within this run (overrides the job's retries, default 3; 0: stop at the first)")
     run.add_argument("--resource-timeout", type=float, default=0.0, metavar="S",
                      help="ask the autoscaler for missing CPUs/GPUs and wait up to S seconds (default: fail now)")
     run.add_argument("-v", "--verbose", action="store_true", help="show everything: library warnings, Ray's log "
@@ -141,7 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    spec = load_spec(args.job, args.overrides, args.out)  # before the heavy imports: bad input fails fast
+    overrides = [*args.overrides, *([f"retries={args.retries}"] if args.retries is not None else [])]
+    spec = load_spec(args.job, overrides, args.out)  # before the heavy imports: bad input fails fast
     if size_warning(spec):
         print(size_warning(spec), file=sys.stderr)
     from .report import format_summary
@@ -350,6 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     the full traceback goes to a log file the line names (pipeline/errors.py)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     command, verbose = "", False
+    errors.on_sigterm()  # SIGTERM ends a command like Ctrl-C: one line, exit 143
     try:
         args, extra = build_parser().parse_known_args(argv)
         command, verbose = args.command, getattr(args, "verbose", False)

@@ -8,8 +8,10 @@
   its constructor (``actor_init_failed``).
 * :func:`exit_code`: 2 for what a rerun repeats (our ``UsageError``s; ValueError / TypeError /
   LookupError raised by a stage, and OSError / ImportError raised while a stage is constructed,
-  e.g. a model that does not load); 130 for an interrupt; 1 for the rest, transient failures
-  included (a worker killed by the OOM killer, a lost node), for which rerunning resumes.
+  e.g. a model that does not load); 130 for an interrupt, 143 for SIGTERM; 1 for the rest, transient
+  failures included (a worker killed by the OOM killer, a lost node), for which rerunning resumes.
+* :func:`transient`: whether a failure is the cluster's (a lost node, actor, worker or object), which the
+  runner recovers from inside one run (``retries``) as a person's rerun would.
 * :func:`report` prints ``synthgen: error: <Type>: <message> (stage <name>, samples <keys>)``, ANSI
   escapes stripped, and writes the full traceback (the worker's included) to a log file under
   ``$TMPDIR/synthgen/`` that the line names. ``--verbose`` prints the traceback on stderr as well.
@@ -38,14 +40,59 @@ from .spec import UsageError
 EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143  # 128 + SIGTERM, as a shell reports a process the signal ended
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler, an autoscaler, ``kill``): handled like Ctrl-C (committed shards kept, Ray shut
+    down, one line), exit 143. A KeyboardInterrupt so that no ``except Exception`` swallows it."""
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise Terminated(f"signal {signum}")
+
+
+def on_sigterm() -> None:
+    """Make SIGTERM raise :class:`Terminated` in the main thread (again after ``ray.init``, which installs
+    its own handler: ``sys.exit`` and then the core worker's native stack dump)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminate)
+
+
+#: Ray's failures of a process, a node or an object (not of the job's code): what a recovery, like a rerun,
+#: does not meet again
+_TRANSIENT = ("ActorDiedError", "ActorUnavailableError", "NodeDiedError", "ObjectLostError", "WorkerCrashedError",
+              "LocalRayletDiedError", "RaySystemError", "ObjectFetchTimedOutError", "OutOfMemoryError")
+
+
+def transient(exc: BaseException) -> bool:
+    """Whether a failure is the cluster's: a worker, actor, node or object lost (an actor whose constructor
+    raised is the job's: a model that does not load fails the same way again)."""
+    seen: set[int] = set()
+    stack = [exc]
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if _is(e, "RayActorError") and getattr(e, "actor_init_failed", False):
+            return False
+        if any(_is(e, name) for name in _TRANSIENT):
+            return True
+        stack += [_inner(e), e.__cause__, e.__context__]
+    return False
 
 #: the attribute :func:`in_stage` sets: {"stage", "phase", "samples", "message"}
 WHERE = "synthgen_where"
 #: the attribute the Ray runner sets on a failure: {Ray operator (UDF) name: our operator name}
 OPERATORS = "synthgen_operators"
 
-#: raised by a stage's constructor, these repeat on a rerun (bad model path or files, bad config)
-PERMANENT_IN_INIT = (ValueError, TypeError, LookupError, OSError, ImportError, NotImplementedError)
+#: raised by a stage's constructor, these repeat on a rerun (bad model path or files, bad config; torch's
+#: RuntimeError for weights that do not fit the model's config; not its OutOfMemoryError)
+PERMANENT_IN_INIT = (ValueError, TypeError, LookupError, OSError, ImportError, NotImplementedError, RuntimeError)
 #: raised while a stage processes a batch: the same batch gives the same error again
 PERMANENT_IN_CALL = (ValueError, TypeError, LookupError, NotImplementedError, FileNotFoundError, PermissionError,
                      IsADirectoryError, NotADirectoryError)
@@ -141,6 +188,8 @@ def where(exc: BaseException) -> dict[str, str]:
 
 def exit_code(exc: BaseException) -> int:
     """2: a rerun repeats it (fix the input); 130: interrupted; 1: anything else (rerun resumes)."""
+    if isinstance(exc, Terminated):
+        return EXIT_TERMINATED
     if isinstance(exc, KeyboardInterrupt):
         return EXIT_INTERRUPTED
     original = unwrap(exc)
@@ -149,7 +198,7 @@ def exit_code(exc: BaseException) -> int:
     tag = getattr(original, WHERE, None)
     if isinstance(tag, dict):
         permanent = PERMANENT_IN_INIT if tag.get("phase") == "init" else PERMANENT_IN_CALL
-        if isinstance(original, permanent):
+        if isinstance(original, permanent) and not _is(original, "OutOfMemoryError"):
             return EXIT_BAD_INPUT
     return EXIT_FAILED
 
@@ -202,7 +251,8 @@ def report(exc: BaseException, command: str, argv: list[str], verbose: bool = Fa
     """Print the one error line of a failed command (the traceback too when ``verbose``); returns the exit code."""
     code = exit_code(exc)
     if isinstance(exc, KeyboardInterrupt):
-        print(f"synthgen: interrupted; {RESUME}" if command == "run" else "synthgen: interrupted", file=sys.stderr)
+        what = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
+        print(f"synthgen: {what}; {RESUME}" if command == "run" else f"synthgen: {what}", file=sys.stderr)
         return code
     if verbose:
         traceback.print_exception(exc)

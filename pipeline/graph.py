@@ -159,6 +159,8 @@ def init_ray(plan: JobPlan, address: str | None, wait_s: float = 0.0, verbose: b
         # run at the caller's priority instead, like the in-process runner.
         os.environ.setdefault("RAY_worker_niceness", "0")
         ray.init(num_cpus=cpus, include_dashboard=False, **quiet.ray_init_args(verbose))
+    if started:
+        errors.on_sigterm()  # ray.init installed its own (sys.exit, then the core worker's native dump)
     missing = shortfall(plan, ray.cluster_resources())
     if missing and wait_s > 0:
         from ray.autoscaler.sdk import request_resources
@@ -247,9 +249,13 @@ def _udf(op: Operator):
     return run
 
 
-def build_dataset(plan: JobPlan, pending: Sequence[int], writer_columns: Sequence[str]):
+def build_dataset(plan: JobPlan, pending: Sequence[int], writer_columns: Sequence[str], elastic: bool = False):
     """The Ray Data pipeline over the aligned batches of the pending shards (lazy; consume with
-    ``iter_batches``). The source holds one int64 per pending shard, not one per batch or sample."""
+    ``iter_batches``). The source holds one int64 per pending shard, not one per batch or sample.
+
+    Actor pools have ``actors`` workers; ``elastic`` (a run rebuilt after a lost node) gives them 1 to
+    ``actors``, so the run goes on with the nodes left and grows onto nodes the autoscaler adds. Batches
+    are aligned to shards, so the bytes do not depend on the pool size."""
     import ray.data
     from ray.data import ActorPoolStrategy, TaskPoolStrategy
 
@@ -271,7 +277,8 @@ def build_dataset(plan: JobPlan, pending: Sequence[int], writer_columns: Sequenc
         if op.kind == "actor":
             with warnings.catch_warnings():  # max_restarts has no named parameter yet (Ray 2.60)
                 warnings.filterwarnings("ignore", "`ray_remote_args` is deprecated", DeprecationWarning)
-                ds = ds.map_batches(_udf(op), compute=ActorPoolStrategy(size=op.actors),
+                pool = ActorPoolStrategy(min_size=1, max_size=op.actors) if elastic else ActorPoolStrategy(size=op.actors)
+                ds = ds.map_batches(_udf(op), compute=pool,
                                     fn_constructor_kwargs=kwargs, max_restarts=ACTOR_RESTARTS, **common)
         else:
             ds = ds.map_batches(_udf(op), compute=TaskPoolStrategy(size=op.actors), fn_kwargs=kwargs, **common)
@@ -279,7 +286,7 @@ def build_dataset(plan: JobPlan, pending: Sequence[int], writer_columns: Sequenc
 
 
 def run_ray(plan: JobPlan, pending: Sequence[int], writer_columns: Sequence[str] = (),
-            verbose: bool = False) -> Iterator[Batch]:
+            verbose: bool = False, elastic: bool = False) -> Iterator[Batch]:
     """Stream the records of the pending shards out of Ray Data (Ray must be initialised)."""
     if not len(pending):
         return
@@ -291,7 +298,7 @@ def run_ray(plan: JobPlan, pending: Sequence[int], writer_columns: Sequence[str]
     ctx.memory_usage_poll_interval_s = None  # no 1 Hz memory-polling thread beside the stages' torch threads
     ctx.raise_original_map_exception = True  # a stage's own exception, not Ray Data's UserCodeException
     logging.getLogger("ray.data").setLevel(logging.INFO if verbose else logging.WARNING)
-    ds = build_dataset(plan, pending, writer_columns)
+    ds = build_dataset(plan, pending, writer_columns, elastic)
     try:
         with quiet.ray_data_console(verbose):
             # no prefetch: a finished block reaches the writer at once, not when the next one is done
@@ -358,7 +365,7 @@ def _where(refs: list) -> object:
 
 
 def run_ray_shards(plan: JobPlan, pending: Sequence[int], out: str, categories: dict[int, str],
-                   writer_columns: Sequence[str], verbose: bool = False) -> Iterator[dict]:
+                   writer_columns: Sequence[str], verbose: bool = False, elastic: bool = False) -> Iterator[dict]:
     """Like :func:`run_ray`, but the shards are written where their samples are: the driver follows the
     output blocks by reference only (Ray Data keeps index order), cuts them into shards by row count and
     hands each complete shard's block references to a writer task (locality-aware: it runs where most
@@ -375,7 +382,7 @@ def run_ray_shards(plan: JobPlan, pending: Sequence[int], out: str, categories: 
     ctx.memory_usage_poll_interval_s = None
     ctx.raise_original_map_exception = True
     logging.getLogger("ray.data").setLevel(logging.INFO if verbose else logging.WARNING)
-    ds = build_dataset(plan, pending, writer_columns)
+    ds = build_dataset(plan, pending, writer_columns, elastic)
     write = ray.remote(num_cpus=0, max_retries=0)(_write_shard)
     names = tuple(cls.name for cls in plan.stages)
     shards = iter(np.asarray(pending, dtype=np.int64).tolist())
@@ -416,6 +423,10 @@ def run_ray_shards(plan: JobPlan, pending: Sequence[int], out: str, categories: 
         if refs or k is not None:
             raise RuntimeError(f"the pipeline ended before shard {plan.shards.name(k)} was complete")
     except Exception as e:
+        for ref in in_flight:  # no writer of this attempt may still write a staging file when the next one starts
+            ray.cancel(ref, force=True)
+        if in_flight:
+            ray.wait(in_flight, num_returns=len(in_flight), timeout=30)
         cause = getattr(e, "cause", None)  # a writer task's own error (RayTaskError wraps it)
         if isinstance(cause, OSError):
             raise cause from None

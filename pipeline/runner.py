@@ -14,6 +14,8 @@ from tqdm import tqdm
 
 from stages.base import Batch, Stage
 
+from . import errors
+from .errors import transient
 from .graph import TIME_PREFIX, ResourceError, init_ray, run_in_process, run_ray, run_ray_shards
 from .jobplan import JobPlan
 from .preflight import check_hub_reachable
@@ -126,6 +128,14 @@ def check_local_device(spec: JobSpec) -> None:
                                 "with GPUs")
 
 
+def recover(writer: DatasetWriter, e: BaseException, at_s: float) -> dict:
+    """After a failure of the cluster's: drop what the writer holds of shards not yet committed (they are
+    generated again, to the same bytes: batches are aligned to shards) and return the recovery's record."""
+    writer.buffers.clear()
+    name, message = errors.summary(e)
+    return {"at_s": round(at_s, 1), "error": f"{name}: {message}"[:300], "committed": len(writer.committed)}
+
+
 def run_job(spec: JobSpec, *, overwrite: bool = False, verify: bool = False, use_ray: bool = True,
             address: str | None = None,
             resource_wait_s: float = 0.0, verbose: bool = False, progress: bool = True,
@@ -133,7 +143,10 @@ def run_job(spec: JobSpec, *, overwrite: bool = False, verify: bool = False, use
     """Generate every sample of the job that is not yet committed in its output dir; returns the summary.
 
     Raises OutputError / ResourceError (before anything is written) when the output dir or the
-    cluster does not fit the job. A job with nothing to generate imports no stage (no torch) and
+    cluster does not fit the job. With Ray, a failure of the cluster's (a lost node, actor, worker or
+    object: :func:`pipeline.errors.transient`) is recovered from up to ``spec.retries`` times, as a rerun
+    would: what is committed stays, the pipeline is rebuilt over the pending shards (actor pools then
+    elastic); each recovery is one line on stderr and an entry of the summary's ``recoveries``. A job with nothing to generate imports no stage (no torch) and
     starts no Ray: its summary lists no stages. ``writer_mode`` (Ray runner): where shards are written,
     "workers", "driver" or "auto" (:func:`workers_write`); the summary says which (``writer``) and how many
     bytes of records or commit records the driver received (``driver_bytes``).
@@ -156,21 +169,22 @@ def run_job(spec: JobSpec, *, overwrite: bool = False, verify: bool = False, use
         opened = True
         stats = RunStats(plan, stages)
         started, t0 = datetime.now(timezone.utc), time.perf_counter()
-        if use_ray:
-            records = run_ray(plan, pending, COLUMNS, verbose=verbose)  # lazy: not started when workers write
-        else:
-            records = run_in_process(plan, pending)
         on_workers = use_ray and len(pending) > 0 and workers_write(writer_mode, writer)
         received = 0
         total = writer.plan.count(pending)
+        recoveries: list[dict] = []
         if progress and on_workers:
             print(f"{spec.name}: {total} samples in {len(pending)} shards; the workers load the model, then the bar "
                   f"moves as each shard commits", file=sys.stderr)
-        with tqdm(total=total, unit="img", disable=not (progress and work), desc=spec.name, dynamic_ncols=True) as bar:
+
+        def stream(pending: np.ndarray, bar: tqdm) -> None:
+            """Generate and commit the pending shards: one attempt of the pipeline."""
+            nonlocal received
+            elastic = bool(recoveries)  # after a loss: pools of 1 to `actors`, growing as nodes come back
             if on_workers:  # the driver receives commit records only and journals them
                 try:
                     for result in run_ray_shards(plan, pending, writer.shared_location, writer.categories, COLUMNS,
-                                                 verbose=verbose):
+                                                 verbose=verbose, elastic=elastic):
                         if stats.first_batch_s is None:
                             stats.first_batch_s = time.perf_counter() - t0
                         received += len(pickle.dumps(result))
@@ -181,7 +195,9 @@ def run_job(spec: JobSpec, *, overwrite: bool = False, verify: bool = False, use
                                         shards=f"{len(writer.committed)}/{writer.plan.num_shards}")
                 except OSError as e:
                     raise storage_error(writer.out, e, "writing shards on the workers") from None
-                records = ()
+                return
+            records = run_ray(plan, pending, COLUMNS, verbose=verbose, elastic=elastic) if use_ray else \
+                run_in_process(plan, pending)
             for batch in records:
                 if stats.first_batch_s is None:
                     stats.first_batch_s = time.perf_counter() - t0
@@ -191,10 +207,28 @@ def run_job(spec: JobSpec, *, overwrite: bool = False, verify: bool = False, use
                 bar.update(len(batch["index"]))
                 bar.set_postfix(kept=f"{100 * stats.kept / max(stats.processed, 1):.0f}%",
                                 shards=f"{len(writer.committed)}/{writer.plan.num_shards}")
+
+        with tqdm(total=total, unit="img", disable=not (progress and work), desc=spec.name, dynamic_ncols=True) as bar:
+            while True:
+                try:
+                    stream(pending, bar)
+                    break
+                except Exception as e:  # noqa: BLE001 - re-raised unless it is the cluster's and retries are left
+                    stalled = bool(recoveries) and recoveries[-1]["committed"] == len(writer.committed)
+                    if not (use_ray and transient(e)) or len(recoveries) >= spec.retries or stalled:
+                        raise  # the job's own error, the retries spent, or the same loss again before any commit
+                    recoveries.append(recover(writer, e, time.perf_counter() - t0))
+                    pending = writer.pending_shards()
+                    bar.n = total - writer.plan.count(pending)  # the bar counts committed samples again
+                    bar.refresh()
+                    print(f"{spec.name}: recovery {len(recoveries)} of {spec.retries} after "
+                          f"{recoveries[-1]['error'][:200]}; {recoveries[-1]['committed']} shards committed, "
+                          f"{len(pending)} to go", file=sys.stderr)
         runner = ("ray" if use_ray else "in-process") if work else "none"  # nothing to do starts no Ray
         summary = stats.summary(runner, started, time.perf_counter() - t0, writer)
         summary["writer"] = "workers" if on_workers else "driver"
         summary["driver_bytes"] = received
+        summary["recoveries"] = recoveries
         writer.finish(summary)
         return summary
     except BaseException:

@@ -368,6 +368,9 @@ class JobSpec(_Strict):
                                      "stages with equal resources share one worker")
     references: ReferencesSpec | None = Field(default=None, description="img2img variations of real "
                                               "images; null: text-to-image")
+    retries: int = Field(default=3, ge=0, description="recoveries within one Ray run from a lost node, actor, "
+                         "worker or object: the pipeline is rebuilt over the shards not yet committed (same bytes); "
+                         "0: stop at the first")
     #: PATH_FIELDS as the user gave them (job file or command line), before resolving; set by load_spec
     _given: dict[str, str] = PrivateAttr(default_factory=dict)
 
@@ -494,7 +497,7 @@ class JobSpec(_Strict):
         fingerprint synthgen wrote before that, which covered the count N: a resume accepts it."""
         # masks.calibration is a location: the thresholds it holds are copied into masks.class_thresholds
         exclude: dict[str, Any] = {"output": {"dir"}, "resources": True, "model": {"path"}, "masks": {"calibration"},
-                                   "samples": True}
+                                   "samples": True, "retries": True}
         if self.prompts.embedding is None:  # new, unset sections leave older jobs' fingerprints as they were
             exclude["prompts"] = {"embedding"}
         if self.prompts.max_instances_per_class == 1:  # new fields at their defaults: fingerprints as before

@@ -121,7 +121,7 @@ def storage_error(out: Path, e: OSError, doing: str) -> OutputError:
 
 
 #: job fields (dotted, as the manifest records them) that no fingerprint covers: a resume may change them
-_FREE_FIELDS = ("resources", "samples", "output.dir", "model.path", "masks.calibration", "references.path",
+_FREE_FIELDS = ("resources", "samples", "retries", "output.dir", "model.path", "masks.calibration", "references.path",
                 "references.select.path")
 
 

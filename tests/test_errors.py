@@ -64,11 +64,12 @@ def ray_session():
 
 
 def run_failing(monkeypatch, capsys, tmp_path, model: str, stages: list) -> tuple[int, re.Match, str]:
-    """``synthgen run`` of a 2-sample job through the shared local Ray with the given stage chain."""
+    """``synthgen run`` of a 2-sample job through the shared local Ray with the given stage chain: (exit code,
+    the one error line, the log's text); ``run_failing.err`` keeps the whole stderr."""
     monkeypatch.setattr("stages.registry.load_stages", lambda entries=None: stages)
     job = write_job(tmp_path, model, samples=2, output={"dir": str(tmp_path / "out"), "shard_size": 2})
     code = main(["run", str(job)])
-    err = capsys.readouterr().err
+    err = run_failing.err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.strip() and not line.startswith("tiny:")]  # the bar
     assert len(lines) == 1, err
     match = LINE.match(lines[0])
@@ -103,10 +104,15 @@ class TestInLocalRay:
         shutil.copytree(tiny_model, broken, copy_function=os.link)  # hard links: no 16 MB copy
         weights = broken / "unet" / "diffusion_pytorch_model.safetensors"
         weights.unlink()  # never write through the link
-        weights.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not a header}")
+        # a whole safetensors file (pre-flight reads its header and passes it) whose tensors do not fit the UNet's
+        # config: only loading the model finds that out, in the synthesis actor's constructor
+        from safetensors.numpy import load_file, save_file
+
+        names = list(load_file(str(Path(tiny_model) / "unet" / "diffusion_pytorch_model.safetensors")))
+        save_file({name: np.zeros(1, np.float32) for name in names}, str(weights))
         code, line, log = run_failing(monkeypatch, capsys, tmp_path, str(broken), [SamplingStage, SynthesisStage])
         assert code == 2
-        assert line["type"] == "OSError" and str(weights) in line["message"], line.string
+        assert line["type"] == "RuntimeError" and "size mismatch for conv_in.weight" in log, line.string
         assert line["where"] == "stage synthesis" and line["advice"] is None
         assert "ActorDiedError" not in line.string and "\x1b" not in line.string
         assert "Traceback" in log and "from_pretrained" in log  # the creation task's traceback, unwrapped
@@ -115,6 +121,9 @@ class TestInLocalRay:
                                                                  tiny_model):
         code, line, log = run_failing(monkeypatch, capsys, tmp_path, tiny_model, [Keys, Dies])
         assert code == 1
+        # a lost worker is the cluster's failure: recovered from once; the same loss again before any commit stops
+        assert run_failing.err.count("tiny: recovery 1 of 3 after ActorDiedError") == 1
+        assert "recovery 2" not in run_failing.err
         assert line["type"] == "ActorDiedError" and line["where"] == "stage synthesis", line.string
         assert "(worker exit SYSTEM_ERROR: " in line["message"]  # how it ended (Ray's likely causes: in the log)
         assert line["advice"] == f"; {errors.RESUME}"
