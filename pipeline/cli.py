@@ -94,6 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
     _job_args(repair)
     repair.set_defaults(func=cmd_repair)
 
+    status = sub.add_parser("status", help="a job's progress from its manifest and journal (from any machine that "
+                            "can read OUT): shards committed and pending, kept / rejected, rate, ETA, recoveries")
+    status.add_argument("out", help=OUT_HELP)
+    status.set_defaults(func=cmd_status)
+
     inspect = sub.add_parser("inspect", help="print an output dir's manifest summary and sample records")
     inspect.add_argument("out", help=OUT_HELP)
     inspect.add_argument("-n", type=int, default=3, help="sample records to show")
@@ -287,6 +292,13 @@ def cmd_repair(args: argparse.Namespace) -> int:
           f"{' --out ' + args.out if args.out else ''}` resumes")
     if result["left_alone"]:
         print(f"left alone: {', '.join(result['left_alone'])}", file=sys.stderr)
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from .report import status_text
+
+    print(status_text(args.out))
     return 0
 
 

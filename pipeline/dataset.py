@@ -327,11 +327,27 @@ def check_dirs(out: Path | RemotePath) -> None:
                                 "only writes and deletes inside it")
 
 
+def _links(out: Path | RemotePath) -> set[str]:
+    """``shards/NAME`` and ``parts/NAME`` entries that are symbolic links (one listing of each folder: a
+    record's file can only lead out of the dir through a link, its name being the plan's)."""
+    if isinstance(out, RemotePath):
+        return set()
+    found = set()
+    for sub in ("shards", "parts"):
+        try:
+            with os.scandir(out / sub) as entries:
+                found |= {f"{sub}/{e.name}" for e in entries if e.is_symlink()}
+        except (FileNotFoundError, NotADirectoryError):
+            pass
+    return found
+
+
 def check_records(out: Path | RemotePath, plan: ShardPlan, records: list, where: str) -> None:
     """Every record is one the plan gives (:func:`_record_problem`), no shard twice, and each file it names
     resolves inside the output dir; TamperedError naming the first that is not."""
     if not isinstance(records, list):
         raise TamperedError(f"{where} is not a list of shard records")
+    links = _links(out)
     seen: set[str] = set()
     for i, r in enumerate(records):
         problem = _record_problem(plan, r)
@@ -339,7 +355,7 @@ def check_records(out: Path | RemotePath, plan: ShardPlan, records: list, where:
             problem = f"repeats shard {r['name']}"
         if not problem:
             problem = next((f"has {f} {r[f]} leading out of the output dir" for f in ("tar", "part")
-                            if _outside(out, r[f])), "")
+                            if r[f] in links and _outside(out, r[f])), "")
         if problem:
             raise TamperedError(f"{where}[{i}] {problem}")
         seen.add(r["name"])

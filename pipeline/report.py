@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 from collections.abc import Iterator
+from datetime import datetime, timezone
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -97,6 +98,43 @@ def inspect_text(out: Path, n: int = 3) -> str:
                   f"  prompt {rec.get('prompt')!r}, classes {rec.get('class_names')}, "
                   f"{rec.get('width')}x{rec.get('height')}",
                   f"  annotations (category_id, bbox, area): {anns}"]
+    return "\n".join(lines)
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def status_text(out: Any, now: datetime | None = None) -> str:
+    """A job's progress from its manifest and journal alone (a local path or a URI; no shard is read):
+    shards committed and pending, samples kept and rejected by reason, and for a run going on (or one that
+    stopped without finishing) its start, host, recoveries, rate over the run so far and ETA."""
+    from .storage import location
+
+    out = location(out)
+    m = read_manifest(out)
+    counts, layout, running = m["counts"], m["layout"], m.get("running")
+    done, total = counts.get("indices", 0), layout["samples"]
+    state = "complete" if m["complete"] else ("running, or stopped" if running else "incomplete")
+    lines = [f"{out}: job {m['job']['name']!r}: {state}",
+             f"shards: {counts.get('shards', 0)} of {layout['num_shards']} committed, "
+             f"{layout['num_shards'] - counts.get('shards', 0)} pending",
+             f"samples: {done} of {total} done: {counts.get('samples', 0)} kept, {counts.get('rejected', 0)} rejected"
+             + (f" {counts['rejected_by_reason']}" if counts.get("rejected_by_reason") else "")]
+    if running:
+        started = datetime.fromisoformat(running["started"])
+        elapsed = max(((now or datetime.now(timezone.utc)) - started).total_seconds(), 1e-9)
+        made = done - running.get("samples_at_start", 0)
+        rate = made / elapsed
+        eta = f"; ETA {_duration((total - done) / rate)} at this rate" if rate > 0 else ""
+        lines += [f"run: started {running['started']} on {running.get('host')} (pid {running.get('pid')}), "
+                  f"{running.get('recoveries', 0)} recoveries; if it stopped, rerun its command to resume",
+                  f"rate: {rate:.2f} samples/s over the run ({made} in {_duration(elapsed)}){eta}"]
+    elif m.get("summary"):
+        last = m["summary"]
+        lines.append(f"last run: {last.get('processed')} samples in {last.get('wall_s')} s "
+                     f"({last.get('images_per_s')} samples/s), {len(last.get('recoveries') or [])} recoveries")
     return "\n".join(lines)
 
 

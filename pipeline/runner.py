@@ -132,6 +132,7 @@ def recover(writer: DatasetWriter, e: BaseException, at_s: float) -> dict:
     """After a failure of the cluster's: drop what the writer holds of shards not yet committed (they are
     generated again, to the same bytes: batches are aligned to shards) and return the recovery's record."""
     writer.buffers.clear()
+    writer.note_recovery()
     name, message = errors.summary(e)
     return {"at_s": round(at_s, 1), "error": f"{name}: {message}"[:300], "committed": len(writer.committed)}
 

@@ -300,10 +300,20 @@ class DatasetWriter:
             for sub in ("shards", "parts"):
                 (self.out / sub).mkdir(parents=True, exist_ok=True)
             self.foreign = self._clean()
+            self.manifest["running"] = {  # what `synthgen status` reports while the run goes on (None at its end)
+                "started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "host": platform.node(),
+                "pid": os.getpid(), "samples_at_start": self.counts()["indices"], "recoveries": 0}
             self._save_manifest()
         except OSError as e:
             raise storage_error(self.out, e, "preparing the output dir") from None
         return self.pending_shards()
+
+    def note_recovery(self) -> None:
+        """Record a recovery in the manifest (folding the journal in), where `synthgen status` reads it."""
+        running = self.manifest.get("running") or {}
+        running["recoveries"] = running.get("recoveries", 0) + 1
+        self.manifest["running"] = running
+        self._save_manifest()
 
     def abandon(self) -> None:
         """After a run that failed before committing any shard (a model that fails to load, a stage that fails
@@ -479,6 +489,7 @@ class DatasetWriter:
             if summary.get("processed") or self.manifest.get("summary") is None:
                 self.manifest["summary"] = summary  # a no-op rerun keeps the last run that generated
             self.manifest["runs"].append(summary)
+            self.manifest["running"] = None
             self._save_manifest()
         except OSError as e:
             raise storage_error(self.out, e, f"writing {INDEX}") from None

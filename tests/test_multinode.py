@@ -15,6 +15,8 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -52,9 +54,10 @@ def s3(tmp_path):
         yield env
 
 
-@pytest.fixture
-def two_nodes(s3):
-    """(GCS address, env, head temp dir, worker temp dir) of a head with 0 CPUs and a worker node with 4."""
+@contextmanager
+def cluster(nodes: int):
+    """A head with 0 CPUs and ``nodes`` worker nodes with 4 CPUs each, on 127.0.0.1 (own ports, temp dirs and
+    HOME); yields (GCS address, env, head temp dir, [node temp dirs], [node `ray start` session ids])."""
     tmp = Path(tempfile.mkdtemp(prefix="sg-mn-", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}  # with s3's AWS_* variables
     (tmp / "home").mkdir()  # Ray keeps state under ~/.ray: its own HOME, and its own token for the 3 processes
@@ -66,26 +69,39 @@ def two_nodes(s3):
                RAY_max_direct_call_object_size="1024",
                PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
                PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
-    ports = free_ports(len(HEAD_PORTS) + len(NODE_PORTS) + 2 * WORKER_PORTS)
-    head_ports, rest = ports[:len(HEAD_PORTS)], ports[len(HEAD_PORTS):]
-    node_ports, workers = rest[:len(NODE_PORTS)], rest[len(NODE_PORTS):]
+    ports = free_ports(len(HEAD_PORTS) + nodes * len(NODE_PORTS) + (1 + nodes) * WORKER_PORTS)
+    head_ports, ports = ports[:len(HEAD_PORTS)], ports[len(HEAD_PORTS):]
     common = ["--node-ip-address", "127.0.0.1", "--disable-usage-stats"]
-    sessions = []
+    sessions: list[int] = []
     try:
         ray_start(["--head", "--temp-dir", str(tmp / "head"), "--num-cpus", "0", "--num-gpus", "0",
-                                   "--include-dashboard", "false", "--resources", '{"head_node": 1}', *common,
-                                   "--worker-port-list", ",".join(map(str, workers[:WORKER_PORTS])),
-                                   *[f"--{n}={p}" for n, p in zip(HEAD_PORTS, head_ports)]], env, sessions)
+                   "--include-dashboard", "false", "--resources", '{"head_node": 1}', *common,
+                   "--worker-port-list", ",".join(map(str, ports[:WORKER_PORTS])),
+                   *[f"--{n}={p}" for n, p in zip(HEAD_PORTS, head_ports)]], env, sessions)
+        ports = ports[WORKER_PORTS:]
         address = f"127.0.0.1:{head_ports[0]}"
-        ray_start(["--address", address, "--temp-dir", str(tmp / "node"), "--num-cpus", "4",
-                                   "--num-gpus", "0", "--resources", '{"worker_node": 1}', *common,
-                                   "--worker-port-list", ",".join(map(str, workers[WORKER_PORTS:])),
-                                   *[f"--{n}={p}" for n, p in zip(NODE_PORTS, node_ports)]], env, sessions)
-        yield address, env, tmp / "head", tmp / "node"
+        node_dirs, node_sessions = [], []
+        for i in range(nodes):
+            node_ports, workers, ports = ports[:len(NODE_PORTS)], ports[len(NODE_PORTS):][:WORKER_PORTS], \
+                ports[len(NODE_PORTS) + WORKER_PORTS:]
+            node_dirs.append(tmp / f"node{i}")
+            ray_start(["--address", address, "--temp-dir", str(node_dirs[-1]), "--num-cpus", "4",
+                       "--num-gpus", "0", "--resources", '{"worker_node": 1}', *common,
+                       "--worker-port-list", ",".join(map(str, workers)),
+                       *[f"--{n}={p}" for n, p in zip(NODE_PORTS, node_ports)]], env, sessions)
+            node_sessions.append(sessions[-1])
+        yield address, env, tmp / "head", node_dirs, node_sessions
     finally:
         for sid in reversed(sessions):
             stop_session(sid)
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.fixture
+def two_nodes(s3):
+    """(GCS address, env, head temp dir, worker temp dir) of a head with 0 CPUs and a worker node with 4."""
+    with cluster(1) as (address, env, head, nodes, _):
+        yield address, env, head, nodes[0]
 
 
 def ran_on(temp_dir: Path) -> set[str]:
@@ -115,3 +131,47 @@ def test_a_two_node_cluster_writes_shards_to_s3_on_the_worker_node_with_the_loca
     on_node, on_head = ran_on(node_tmp), ran_on(head_tmp)
     assert [n for n in on_head if any(o in n for o in ours)] == [], on_head
     assert {o for o in ours if any(o in n for n in on_node)} == set(ours), on_node
+
+
+def test_a_lost_worker_node_costs_a_recovery_not_the_run(dataset, s3):
+    """Head + two worker nodes; after the first commit the node running the synthesis actor is lost (every
+    process of its `ray start` session killed): the run goes on on the other node, exit 0, the same objects."""
+    from raynodes import session_pids
+
+    uri = f"s3://{BUCKET}/lost-node"
+    with cluster(2) as (address, env, _, _, node_sessions):
+        proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", str(dataset.job), "--address", address,
+                                 "--out", uri], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            deadline = time.monotonic() + 300
+            while read_commits(uri) < 1:
+                assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
+                time.sleep(0.05)
+            synthesis = [sid for sid in node_sessions if any("SynthesisStage" in cmdline(pid)
+                                                              for pid in session_pids(sid))]
+            assert len(synthesis) == 1, "the synthesis actor is on one node"
+            stop_session(synthesis[0])  # the node is gone: raylet, object store, workers
+            _, err = proc.communicate(timeout=300)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    assert proc.returncode == 0, err[-3000:]
+    assert "tiny: recovery 1 of 3 after " in err, err[-3000:]
+    summary = read_manifest(uri)["runs"][-1]
+    assert 1 <= len(summary["recoveries"]) <= 3 and summary["shards_complete"] == 4
+    assert_same_objects("lost-node", dataset.out)
+
+
+def read_commits(uri: str) -> int:
+    """Committed shards of a run going on (journal lines and manifest), 0 before its manifest exists."""
+    try:
+        return read_manifest(uri)["counts"]["shards"]
+    except Exception:  # noqa: BLE001 - not there yet
+        return 0
+
+
+def cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""

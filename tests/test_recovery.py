@@ -9,6 +9,7 @@ would; nothing outside the driver's own process tree is touched.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -81,11 +82,15 @@ def finish(proc: subprocess.Popen) -> tuple[int, str]:
     return proc.returncode, err
 
 
-def test_a_killed_synthesis_actor_costs_a_rebuilt_pipeline_not_the_run(dataset, tmp_path, ray_env):
+def test_a_killed_synthesis_actor_costs_a_rebuilt_pipeline_not_the_run(dataset, tmp_path, ray_env, capsys):
     out = tmp_path / "out"
     proc = start(dataset, out, ray_env)
     wait_for_commit(proc, out)
     actors = [pid for pid in descendants(proc.pid) if "SynthesisStage" in cmdline(pid)]
+    assert main(["status", str(out)]) == 0  # from the manifest and journal of the run going on
+    status = capsys.readouterr().out
+    assert f"{out}: job 'tiny': running, or stopped" in status and "0 recoveries" in status, status
+    assert re.search(r"shards: [1-4] of 4 committed", status) and re.search(r"rate: [\d.]+ samples/s", status), status
     assert actors, "no synthesis actor found"
     for pid in actors:
         os.kill(pid, signal.SIGKILL)
@@ -96,6 +101,9 @@ def test_a_killed_synthesis_actor_costs_a_rebuilt_pipeline_not_the_run(dataset, 
     assert len(summary["recoveries"]) == 1 and summary["recoveries"][0]["committed"] >= 1
     assert summary["shards_complete"] == 4
     assert_same_dataset(out, dataset.out)  # the same bytes as the uninterrupted run
+    assert main(["status", str(out)]) == 0
+    status = capsys.readouterr().out
+    assert "complete" in status and "shards: 4 of 4 committed, 0 pending" in status and "1 recoveries" in status
 
 
 @pytest.mark.parametrize("when", ["start-up", "mid-run"])
@@ -114,3 +122,32 @@ def test_sigterm_stops_a_run_with_one_line_and_the_rerun_gives_the_same_bytes(da
         err[-3000:]  # no native stack dump, no traceback
     assert main(["run", str(dataset.job), "--no-ray", "--out", str(out)]) == 0
     assert_same_dataset(out, dataset.out)
+
+
+def test_status_reads_progress_rate_and_eta_from_the_manifest_alone(dataset, tmp_path):
+    import json
+    from datetime import datetime, timedelta
+
+    from pipeline.dataset import counts
+    from pipeline.report import status_text
+
+    out = tmp_path / "out"
+    shutil.copytree(dataset.out, out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    shards = manifest["shards"][:3]  # a run that has committed 3 of 4 shards, 1 of them before it started
+    started = datetime.fromisoformat("2026-12-01T10:00:00+00:00")
+    manifest.update(shards=shards, counts=counts(shards), complete=False,
+                    running={"started": started.isoformat(), "host": "node-1", "pid": 42, "samples_at_start": 4,
+                             "recoveries": 2})
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    for name in ("train-000003.tar",):  # no shard file is read: status works from the manifest alone
+        (out / "shards" / name).unlink()
+    text = status_text(out, now=started + timedelta(seconds=8))
+    assert text.splitlines() == [
+        f"{out}: job 'tiny': running, or stopped",
+        "shards: 3 of 4 committed, 1 pending",
+        f"samples: 12 of 16 done: {manifest['counts']['samples']} kept, {manifest['counts']['rejected']} rejected"
+        + (f" {manifest['counts']['rejected_by_reason']}" if manifest["counts"]["rejected_by_reason"] else ""),
+        "run: started 2026-12-01T10:00:00+00:00 on node-1 (pid 42), 2 recoveries; if it stopped, rerun its command "
+        "to resume",
+        "rate: 1.00 samples/s over the run (8 in 0:00:08); ETA 0:00:04 at this rate"]
