@@ -2,7 +2,8 @@
 
     python -m benchmarks.plan_scale --json benchmarks/results/plan_scale.json
 
-Planning: the demo job with ``samples`` set to 10^7 and 10^9, in a fresh process each: validate the
+Planning: the demo job with ``samples`` set to 10^7 (shards of 100) and 10^9 (shards of 1000: an output dir
+holds at most 10^6 shards, pipeline/plan.py), in a fresh process each: validate the
 spec, check the (empty) output dir, write its manifest, compute the pending shards and the number of
 batches the Ray source will emit. Reported: the process's peak RSS and the part of it planning
 added (peak minus the RSS after imports), wall seconds, and the manifest's size.
@@ -35,7 +36,7 @@ from pipeline.spec import load_spec
 import pyarrow, numpy  # noqa: F401 (imports counted in the baseline)
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 t0 = time.perf_counter()
-spec = load_spec(sys.argv[1], [f"samples={sys.argv[2]}"], out=sys.argv[3])
+spec = load_spec(sys.argv[1], [f"samples={sys.argv[2]}", f"output.shard_size={sys.argv[4]}"], out=sys.argv[3])
 writer = prepare(spec)
 pending = writer.open()
 batches = writer.plan.batch_count(pending)
@@ -47,10 +48,10 @@ print(json.dumps({"samples": spec.samples, "shards": int(len(pending)), "batches
 """
 
 
-def plan(samples: int) -> dict:
+def plan(samples: int, shard_size: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "out"
-        proc = subprocess.run([sys.executable, "-c", PLAN, str(DEMO), str(samples), str(out)],
+        proc = subprocess.run([sys.executable, "-c", PLAN, str(DEMO), str(samples), str(out), str(shard_size)],
                               capture_output=True, text=True, check=True)
         result = json.loads(proc.stdout.strip().splitlines()[-1])
         result["manifest_kb"] = round((out / "manifest.json").stat().st_size / 1024, 1)
@@ -78,7 +79,7 @@ def main() -> None:
     args = parser.parse_args()
     result = {"machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, "
                          f"{__import__('os').cpu_count()} cores", "date": date.today().isoformat(),
-              "planning": [plan(n) for n in (10**7, 10**9)], "noop_rerun": noop_rerun(Path(args.demo_out))}
+              "planning": [plan(10**7, 100), plan(10**9, 1000)], "noop_rerun": noop_rerun(Path(args.demo_out))}
     for p in result["planning"]:
         print(f"plan {p['samples']:.0e} samples: {p['shards']} shards, {p['batches']} batches, peak RSS "
               f"{p['peak_rss_mb']} MB (+{p['planning_rss_mb']} MB planning), {p['wall_s']} s, manifest "

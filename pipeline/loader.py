@@ -57,7 +57,7 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
-from .dataset import INDEX, OutputError, check_index_shards, read_index, read_manifest
+from .dataset import INDEX, OutputError, check_index_shards, read_dataset_index, read_manifest
 from .storage import RemotePath, location, url_stage
 
 Level = int | float | str | None
@@ -213,11 +213,10 @@ def _read_index(out: Path) -> pa.Table:
     if not out.is_dir():
         raise OutputError(f"{out}: not a directory; pass a synthgen output directory (a job's output.dir)")
     manifest = read_manifest(out)  # raises OutputError when it is not a synthgen output
-    path = out / INDEX
-    if not path.is_file():
+    if not (out / INDEX).is_file() and not manifest["complete"]:
         raise OutputError(f"{out}: no {INDEX}; the run has not finished (rerun `synthgen run` on its job "
                           "to complete it) or the directory is not a finished synthgen output")
-    table = read_index(path, INDEX_COLUMNS)
+    table = read_dataset_index(out, manifest, INDEX_COLUMNS)  # index.parquet, or the parts (output.index: false)
     check_index_shards(out, manifest, table.column("shard").unique().to_pylist())
     return table
 

@@ -113,7 +113,7 @@ def status_text(out: Any, now: datetime | None = None) -> str:
     from .storage import location
 
     out = location(out)
-    m = read_manifest(out)
+    m = read_manifest(out, names=False)  # counts only: no file the records name is opened
     counts, layout, running = m["counts"], m["layout"], m.get("running")
     done, total = counts.get("indices", 0), layout["samples"]
     state = "complete" if m["complete"] else ("running, or stopped" if running else "incomplete")

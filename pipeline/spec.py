@@ -292,6 +292,8 @@ class OutputSpec(_Strict):
                                     "generation.batch_size")
     split: str = Field(default="train", pattern=r"^[a-z0-9]+$", description="shard name prefix")
     jpeg_quality: int = Field(default=95, ge=1, le=100, description="quality of key.jpg")
+    index: bool = Field(default=True, description="also write index.parquet at the end of a run (streamed from the "
+                        "parts); false for very large jobs: parts/ is the index either way, one Parquet dataset")
 
 
 Strength = Annotated[float, Field(gt=0.0, le=1.0)]
@@ -496,7 +498,7 @@ class JobSpec(_Strict):
         by rerunning with another count (the manifest's ``layout`` records it). ``samples=N`` gives the
         fingerprint synthgen wrote before that, which covered the count N: a resume accepts it."""
         # masks.calibration is a location: the thresholds it holds are copied into masks.class_thresholds
-        exclude: dict[str, Any] = {"output": {"dir"}, "resources": True, "model": {"path"}, "masks": {"calibration"},
+        exclude: dict[str, Any] = {"output": {"dir", "index"}, "resources": True, "model": {"path"}, "masks": {"calibration"},
                                    "samples": True, "retries": True}
         if self.prompts.embedding is None:  # new, unset sections leave older jobs' fingerprints as they were
             exclude["prompts"] = {"embedding"}

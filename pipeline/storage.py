@@ -388,16 +388,20 @@ def parquet_bytes(table: Any) -> bytes:
     return buf.getvalue()
 
 
-def write_parquet(table: Any, path: Path | RemotePath) -> None:
-    """Write a (possibly large) table: locally via ``.tmp`` + rename; on an object store straight to its name."""
+def write_parquet(tables: Iterable[Any], path: Path | RemotePath, schema: Any) -> None:
+    """Write tables of one ``schema`` one after the other into one Parquet file (one in memory at a time; a
+    row group or more each): locally via ``.tmp`` + rename; on an object store straight to its name."""
     import pyarrow.parquet as pq
 
     if isinstance(path, RemotePath):
-        pq.write_table(table, path.path, filesystem=path.fs)
-        return
-    tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+        target, fs = path.path, path.fs
+    else:
+        target, fs = str(path.with_name(path.name + ".tmp")), None
+    with pq.ParquetWriter(target, schema, filesystem=fs) as sink:
+        for table in tables:
+            sink.write_table(table)
+    if not isinstance(path, RemotePath):
+        os.replace(target, path)
 
 
 def tar_samples(urls: Iterable[str | Path | RemotePath], select_files=None) -> Iterator[dict[str, Any]]:

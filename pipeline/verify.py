@@ -19,6 +19,7 @@ import numpy as np
 
 from .dataset import (
     INDEX,
+    Commits,
     MANIFEST,
     OutputError,
     TamperedError,
@@ -88,7 +89,8 @@ def verify_dataset(out: Path) -> dict[str, Any]:
         problems.append(f"incomplete: {len(shards)} of {manifest['layout']['num_shards']} shards committed; "
                         "rerun `synthgen run` on its job")
     elif not (out / INDEX).is_file():
-        problems.append(f"{INDEX} is missing; rerun `synthgen run` on its job to rebuild it")
+        if ((manifest.get("job") or {}).get("output") or {}).get("index", True):  # else parts/ is the index
+            problems.append(f"{INDEX} is missing; rerun `synthgen run` on its job to rebuild it")
     else:
         index = read_parquet(out / INDEX, columns=["key", "index"])
         if index.num_rows != manifest["counts"]["indices"] or \
@@ -157,7 +159,7 @@ def repair(spec: Any) -> dict[str, Any]:
                           "nothing was written: repair with the job that made the shards, or run the job in a new "
                           "or empty directory")
     writer = prepare(spec, adopt=True)
-    writer.committed = {plan.shard_of(r["indices"][0]): r for r in adopted}
+    writer.committed = Commits(plan, {plan.shard_of(r["indices"][0]): r for r in adopted})
     pending = writer.open()
     return {"adopted": [r["name"] for r in adopted], "samples": sum(r["samples"] for r in adopted),
             "pending": len(pending), "left_alone": writer.foreign}

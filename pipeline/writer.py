@@ -14,6 +14,7 @@ Must not: import Ray, torch or stage code (they are imported only where a run ne
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import signal
@@ -28,8 +29,8 @@ import numpy as np
 import pyarrow as pa
 
 from .dataset import (INDEX, INDEX_SCHEMA, INDEX_VERSION, JOURNAL, MANIFEST, MEMBERS, TAR_MTIME, TOP_LEVEL, FORMAT,
-                      OutputError, append_commit, category_names, check_shards, commit_record, counts, index_row,
-                      index_table, index_version, output_state, read_index, write_atomic)
+                      Commits, OutputError, append_commit, category_names, check_shards, commit_record, counts, index_row,
+                      index_table, index_tables, index_version, output_state, read_index, write_atomic)
 from .plan import ShardPlan
 from .storage import RemotePath, digest, failure, location, parquet_bytes, publish, staging, write_file, write_parquet
 
@@ -40,8 +41,9 @@ VERSIONS = ("synthgen", "torch", "diffusers", "transformers", "ray", "webdataset
             "numpy", "pillow", "pydantic")
 
 
-#: on an object store the manifest absorbs the journal every this many commits (each commit rewrites the
-#: journal object whole: O(commits since the last fold))
+#: on an object store the manifest absorbs the journal every max(this, sqrt(2 x committed)) commits: each commit
+#: rewrites the journal object whole (O(commits since the last fold)) and each fold the manifest (O(committed));
+#: sqrt(2n) balances the two, about sqrt(2n) records written per commit instead of n / 64 at n = 10^5
 JOURNAL_FOLD = 64
 
 
@@ -189,10 +191,11 @@ class DatasetWriter:
         committed = {self.plan.shard_of(s["indices"][0]): s for s in self.manifest["shards"]}
         #: committed shards that failed verification: {name: problem}; they are generated again
         self.redo = check_shards(self.out, list(committed.values()), hashes=verify)
-        self.committed: dict[int, dict] = {k: s for k, s in committed.items() if s["name"] not in self.redo}
+        self.committed = Commits(plan, {k: s for k, s in committed.items() if s["name"] not in self.redo})
         self.foreign: list[str] = []  # files in the directory that synthgen did not write (after open)
         self.buffers: dict[int, dict[int, dict]] = {}
         self.written = 0
+        self.since_fold = 0  # commits since the manifest last absorbed the journal
         self.made: list[Path] = []
         if self.manifest["shards"] and len(self.committed) < self.plan.num_shards:
             self._check_threads(self.manifest)
@@ -300,6 +303,9 @@ class DatasetWriter:
             for sub in ("shards", "parts"):
                 (self.out / sub).mkdir(parents=True, exist_ok=True)
             self.foreign = self._clean()
+            job, now = self.manifest.get("job") or {}, (self.origin.job or {}).get("output") or {}
+            if isinstance(job.get("output"), dict) and "index" in now:  # the last run's choice, which verify reads
+                self.manifest["job"] = dict(job, output=dict(job["output"], index=now["index"]))
             self.manifest["running"] = {  # what `synthgen status` reports while the run goes on (None at its end)
                 "started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "host": platform.node(),
                 "pid": os.getpid(), "samples_at_start": self.counts()["indices"], "recoveries": 0}
@@ -438,7 +444,9 @@ class DatasetWriter:
             failpoint("after-rename")
             record = record_of()
             append_commit(self.out, record)
-            if isinstance(self.out, RemotePath) and (self.written + 1) % JOURNAL_FOLD == 0:
+            self.since_fold += 1
+            fold = max(JOURNAL_FOLD, math.isqrt(2 * len(self.committed)))
+            if isinstance(self.out, RemotePath) and self.since_fold >= fold:
                 self._save_manifest()  # the journal object is rewritten whole on each commit: keep it short
         except OSError as e:
             for path in (tmp_tar, tmp_part):
@@ -473,19 +481,24 @@ class DatasetWriter:
         self.manifest["complete"] = len(self.committed) == self.plan.num_shards
         write_atomic(self.out / MANIFEST, (json.dumps(self.manifest, indent=1) + "\n").encode())
         (self.out / JOURNAL).unlink(missing_ok=True)
+        self.since_fold = 0
 
     # --- finishing -------------------------------------------------------------------------
     def finish(self, summary: dict[str, Any]) -> None:
-        """Write index.parquet from the committed parts (when it changed) and record the run summary
+        """Write index.parquet from the committed parts (when it changed and ``output.index`` asks for it;
+        else ``parts/`` alone is the index) and record the run summary
         (``runs`` lists every run; ``summary`` is the last one that generated samples)."""
         if self.buffers:
             raise RuntimeError(f"shards {sorted(self.plan.name(k) for k in self.buffers)} are incomplete")
         try:
-            if self.written or self.redo or self.resized or not (self.out / INDEX).is_file() or \
-                    index_version(self.out / INDEX) != INDEX_VERSION:  # a version-1 index is rewritten typed
-                parts = [read_index(self.out / self.committed[k]["part"]) for k in sorted(self.committed)]
-                table = pa.concat_tables(parts) if parts else INDEX_SCHEMA.empty_table()
-                write_parquet(table, self.out / INDEX)
+            wanted = ((self.origin.job or {}).get("output") or {}).get("index", True)  # this run's job decides
+            if wanted and (self.written or self.redo or self.resized or not (self.out / INDEX).is_file() or
+                           index_version(self.out / INDEX) != INDEX_VERSION):  # a version-1 index is rewritten typed
+                parts = [self.plan.part(k) for k in sorted(self.committed)]
+                try:  # streamed: the index of 10^8 rows is never in memory
+                    write_parquet(index_tables(self.out, parts), self.out / INDEX, INDEX_SCHEMA)
+                except pa.ArrowException:  # a version-1 part among them: converted one by one
+                    write_parquet((read_index(self.out / part) for part in parts), self.out / INDEX, INDEX_SCHEMA)
             if summary.get("processed") or self.manifest.get("summary") is None:
                 self.manifest["summary"] = summary  # a no-op rerun keeps the last run that generated
             self.manifest["runs"].append(summary)

@@ -185,7 +185,8 @@ def _selected(cfg: Any) -> list[Reference]:
         refs = _from_output(folder)
     else:
         raise ReferenceDataError("references.path", f"{folder} has neither {ANNOTATIONS} (a COCO folder) nor {INDEX} "
-                             "(a synthgen output dir)")
+                             "(a synthgen output dir; one run with output.index: false writes it by rerunning its job "
+                             "with output.index: true)")
     if cfg.select is not None:
         refs = select(refs, cfg.select)
     if not refs:

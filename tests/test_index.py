@@ -183,3 +183,29 @@ def test_a_rerun_of_a_version_1_dataset_rewrites_its_index_typed(dataset, tmp_pa
     typed_now, original = pq.read_table(out / "index.parquet"), pq.read_table(dataset.out / "index.parquet")
     assert typed_now.schema.equals(INDEX_SCHEMA) and typed_now.column("instances").null_count == typed_now.num_rows
     assert typed_now.drop_columns(["instances"]).equals(original.drop_columns(["instances"]))
+
+
+def test_without_index_parquet_the_parts_are_the_index(dataset, tmp_path, capsys):
+    """output.index: false writes no index.parquet (a 10^8-row job): verify passes, the loader and pyarrow read
+    parts/ as one dataset; output.index: true on a rerun writes it again, equal to the one a run wrote."""
+    import pyarrow.dataset as pds
+
+    from pipeline.cli import main
+    from pipeline.loader import CurriculumDataset
+
+    out = tmp_path / "out"
+    shutil.copytree(dataset.out, out)
+    original = pq.read_table(out / "index.parquet")
+    (out / "index.parquet").unlink()
+    run = ["run", str(dataset.job), "--no-ray", "--out", str(out)]
+    assert main([*run, "--set", "output.index=false"]) == 0  # the same job: index is no part of the fingerprint
+    assert not (out / "index.parquet").exists()
+    assert main(["verify", str(out)]) == 0
+    parts = pds.dataset(str(out / "parts"), format="parquet").to_table()
+    assert parts.sort_by("index").equals(original)
+    keys = {s["key"] for s in CurriculumDataset(out, shuffle=False)}
+    assert keys == {k for k, keep in zip(original.column("key").to_pylist(), original.column("keep").to_pylist())
+                    if keep}
+    capsys.readouterr()
+    assert main(run) == 0
+    assert pq.read_table(out / "index.parquet").equals(original)

@@ -284,7 +284,11 @@ def test_level_epochs_do_not_open_other_levels_shards(dirs, tmp_path):
 
 def test_errors_are_clear(dirs, tmp_path):
     real = Path(shutil.copytree(dirs[0], tmp_path / "real"))
-    (real / "index.parquet").unlink()
+    keys = sorted(s["key"] for s in CurriculumDataset(real, shuffle=False))
+    (real / "index.parquet").unlink()  # a finished run without it (output.index: false): parts/ is the index
+    assert sorted(s["key"] for s in CurriculumDataset(real, shuffle=False)) == keys
+    manifest = json.loads((real / "manifest.json").read_text())
+    (real / "manifest.json").write_text(json.dumps(dict(manifest, complete=False)))
     with pytest.raises(OutputError, match=r"no index\.parquet; the run has not finished"):
         CurriculumDataset(real)
     with pytest.raises(OutputError, match="not a directory"):
