@@ -12,6 +12,7 @@ import argparse
 import json
 import os
 import shlex
+import signal
 import sys
 from pathlib import Path
 from typing import NoReturn
@@ -376,6 +377,10 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except (Exception, KeyboardInterrupt) as e:
         return report(e, command, argv, verbose)
+    except SystemExit as e:  # SIGTERM inside ray.init, whose own handler is sys.exit(SIGTERM) until ours is back
+        if e.code != signal.SIGTERM:
+            raise
+        return report(errors.Terminated(f"signal {e.code}"), command, argv, verbose)
 
 
 if __name__ == "__main__":

@@ -65,7 +65,8 @@ def on_sigterm() -> None:
 #: Ray's failures of a process, a node or an object (not of the job's code): what a recovery, like a rerun,
 #: does not meet again
 _TRANSIENT = ("ActorDiedError", "ActorUnavailableError", "NodeDiedError", "ObjectLostError", "WorkerCrashedError",
-              "LocalRayletDiedError", "RaySystemError", "ObjectFetchTimedOutError", "OutOfMemoryError")
+              "LocalRayletDiedError", "RaySystemError", "ObjectFetchTimedOutError", "OutOfMemoryError",
+              "NodeLostError")  # the last: pipeline/graph.py's node watch
 
 
 def transient(exc: BaseException) -> bool:

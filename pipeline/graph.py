@@ -32,7 +32,9 @@ import sys
 import time
 import warnings
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -55,6 +57,62 @@ ACTOR_RESTARTS = 0
 
 class ResourceError(UsageError):
     """The cluster cannot run the job as specified (one-line message)."""
+
+
+class NodeLostError(RuntimeError):
+    """A node left the cluster while a pipeline ran (a transient failure: the runner recovers)."""
+
+
+#: how often the driver asks the GCS which nodes are alive while a pipeline runs
+NODE_WATCH_S = 2.0
+
+
+@contextmanager
+def node_watch(interval_s: float = NODE_WATCH_S) -> Iterator[None]:
+    """Raise NodeLostError in the main thread when a node that was alive at the start leaves the cluster.
+
+    Ray Data may wait for the objects and actors of a lost node instead of failing (seen with a synthesis
+    actor's node killed on a three-node cluster: the streaming executor waited for output for good), so the
+    driver watches the nodes itself (one GCS call every ``interval_s``) and interrupts the iteration; the
+    runner then rebuilds the pipeline over the pending shards, as after any lost node."""
+    import _thread
+    import signal
+    import threading
+
+    import ray
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def alive() -> set[str]:
+        return {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
+
+    start, lost, stop = alive(), [], threading.Event()
+
+    def interrupted(signum: int, frame: Any) -> None:
+        raise NodeLostError(f"node {lost[0][:12]} left the cluster ({len(lost)} of {len(start)} nodes lost)")
+
+    def watch() -> None:
+        while not stop.wait(interval_s):
+            try:
+                gone = start - alive()
+            except Exception:  # noqa: BLE001 - the GCS did not answer this time: ask again
+                continue
+            if gone and not stop.is_set():
+                lost.extend(sorted(gone))
+                _thread.interrupt_main(signal.SIGUSR1)
+                return
+
+    previous = signal.signal(signal.SIGUSR1, interrupted)
+    thread = threading.Thread(target=watch, name="synthgen-node-watch", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+        signal.signal(signal.SIGUSR1, previous)
 
 
 class TimedStage:
@@ -300,7 +358,7 @@ def run_ray(plan: JobPlan, pending: Sequence[int], writer_columns: Sequence[str]
     logging.getLogger("ray.data").setLevel(logging.INFO if verbose else logging.WARNING)
     ds = build_dataset(plan, pending, writer_columns, elastic)
     try:
-        with quiet.ray_data_console(verbose):
+        with quiet.ray_data_console(verbose), node_watch():
             # no prefetch: a finished block reaches the writer at once, not when the next one is done
             yield from ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=0)
     except Exception as e:  # a dead worker names only its Ray operator: say which of ours that is
@@ -398,7 +456,7 @@ def run_ray_shards(plan: JobPlan, pending: Sequence[int], out: str, categories: 
         return ray.get(ready)
 
     try:
-        with quiet.ray_data_console(verbose):
+        with quiet.ray_data_console(verbose), node_watch():
             for bundle in ds.iter_internal_ref_bundles():
                 for entry, piece in zip(bundle.blocks, bundle.slices):
                     start = piece.start_offset if piece is not None else 0
