@@ -35,6 +35,10 @@ from .plan import shard_count_problem
 PositiveInt = Annotated[int, Field(ge=1)]
 #: path fields: resolved to absolute local paths to be used; recorded as given (``JobSpec.public_dump``)
 PATH_FIELDS = ("model.path", "output.dir", "masks.calibration", "references.path", "references.select.path")
+#: job fields no fingerprint covers (``JobSpec.fingerprint``): a run may change them on a dataset it resumes
+#: (the references' locations: their content is covered, by its digest)
+UNFINGERPRINTED = ("resources", "samples", "retries", "output.dir", "output.index", "model.path", "masks.calibration",
+                   "references.path", "references.select.path")
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
 STAGES = registry.stage_names()
 
@@ -498,8 +502,13 @@ class JobSpec(_Strict):
         by rerunning with another count (the manifest's ``layout`` records it). ``samples=N`` gives the
         fingerprint synthgen wrote before that, which covered the count N: a resume accepts it."""
         # masks.calibration is a location: the thresholds it holds are copied into masks.class_thresholds
-        exclude: dict[str, Any] = {"output": {"dir", "index"}, "resources": True, "model": {"path"}, "masks": {"calibration"},
-                                   "samples": True, "retries": True}
+        exclude: dict[str, Any] = {}
+        for field in UNFINGERPRINTED:
+            section, _, leaf = field.partition(".")
+            if leaf:
+                exclude[section] = {*exclude.get(section, ()), leaf}
+            elif section != "references":  # references: its content is, by references_digest (below)
+                exclude[section] = True
         if self.prompts.embedding is None:  # new, unset sections leave older jobs' fingerprints as they were
             exclude["prompts"] = {"embedding"}
         if self.prompts.max_instances_per_class == 1:  # new fields at their defaults: fingerprints as before

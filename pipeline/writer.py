@@ -29,9 +29,10 @@ import numpy as np
 import pyarrow as pa
 
 from .dataset import (INDEX, INDEX_SCHEMA, INDEX_VERSION, JOURNAL, MANIFEST, MEMBERS, TAR_MTIME, TOP_LEVEL, FORMAT,
-                      Commits, OutputError, append_commit, category_names, check_shards, commit_record, counts, index_row,
-                      index_table, index_tables, index_version, output_state, read_index, write_atomic)
+                      Commits, OutputError, append_commit, category_names, check_shards, commit_record, counts,
+                      index_row, index_table, index_tables, index_version, output_state, read_index, write_atomic)
 from .plan import ShardPlan
+from .spec import UNFINGERPRINTED
 from .storage import RemotePath, digest, failure, location, parquet_bytes, publish, staging, write_file, write_parquet
 
 #: record columns the writer needs (everything else can be dropped before the driver)
@@ -122,11 +123,6 @@ def storage_error(out: Path, e: OSError, doing: str) -> OutputError:
                        "(permissions, free space) and rerun the same command to resume")
 
 
-#: job fields (dotted, as the manifest records them) that no fingerprint covers: a resume may change them
-_FREE_FIELDS = ("resources", "samples", "retries", "output.dir", "model.path", "masks.calibration", "references.path",
-                "references.select.path")
-
-
 def _flat(node: Any, prefix: str = "") -> dict[str, Any]:
     if not isinstance(node, dict) or not node:
         return {prefix.rstrip("."): node}
@@ -142,7 +138,7 @@ def spec_changes(old: dict, origin: Origin, limit: int = 3) -> list[str]:
 
     before, now = _flat(old.get("job") or {}), _flat(origin.job)
     changes = [f"{k}: {shown(before[k])} → {shown(now[k])}" for k in before
-               if k in now and before[k] != now[k] and not k.startswith(_FREE_FIELDS)]
+               if k in now and before[k] != now[k] and not k.startswith(UNFINGERPRINTED)]
     model_before, model_now = old.get("model") or {}, origin.model
     if model_before.get("model") != model_now.get("model"):
         changes.append(f"model: {shown(model_before.get('model'))} → {shown(model_now.get('model'))}")
