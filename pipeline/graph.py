@@ -335,7 +335,8 @@ def build_dataset(plan: JobPlan, pending: Sequence[int], writer_columns: Sequenc
         if op.kind == "actor":
             with warnings.catch_warnings():  # max_restarts has no named parameter yet (Ray 2.60)
                 warnings.filterwarnings("ignore", "`ray_remote_args` is deprecated", DeprecationWarning)
-                pool = ActorPoolStrategy(min_size=1, max_size=op.actors) if elastic else ActorPoolStrategy(size=op.actors)
+                pool = ActorPoolStrategy(min_size=1, max_size=op.actors) if elastic else \
+                    ActorPoolStrategy(size=op.actors)
                 ds = ds.map_batches(_udf(op), compute=pool,
                                     fn_constructor_kwargs=kwargs, max_restarts=ACTOR_RESTARTS, **common)
         else:

@@ -147,8 +147,9 @@ def run_job(spec: JobSpec, *, overwrite: bool = False, verify: bool = False, use
     cluster does not fit the job. With Ray, a failure of the cluster's (a lost node, actor, worker or
     object: :func:`pipeline.errors.transient`) is recovered from up to ``spec.retries`` times, as a rerun
     would: what is committed stays, the pipeline is rebuilt over the pending shards (actor pools then
-    elastic); each recovery is one line on stderr and an entry of the summary's ``recoveries``. A job with nothing to generate imports no stage (no torch) and
-    starts no Ray: its summary lists no stages. ``writer_mode`` (Ray runner): where shards are written,
+    elastic); each recovery is one line on stderr and an entry of the summary's ``recoveries``. A job with
+    nothing to generate imports no stage (no torch) and starts no Ray: its summary lists no stages.
+    ``writer_mode`` (Ray runner): where shards are written,
     "workers", "driver" or "auto" (:func:`workers_write`); the summary says which (``writer``) and how many
     bytes of records or commit records the driver received (``driver_bytes``).
     """

@@ -262,7 +262,8 @@ class DatasetWriter:
         r = self.resized
         if r is None:
             return ""
-        note = f"{'grows' if r['to'] > r['from'] else 'shrinks'} from {r['from']} to {r['to']} samples; committed shards kept"
+        way = "grows" if r["to"] > r["from"] else "shrinks"
+        note = f"{way} from {r['from']} to {r['to']} samples; committed shards kept"
         if r["cut"]:
             note += f"; generated again at the new count: {', '.join(r['cut'])}"
         if r["beyond"]:
