@@ -326,7 +326,9 @@ def cmd_export_coco(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    spec = load_spec(args.job, args.overrides, args.out)
+    # --calibrate writes the thresholds a calibrated job reads: the job's own calibration is not needed for it
+    fit = ["masks.calibration=null", "masks.threshold=fixed"] if args.calibrate else []
+    spec = load_spec(args.job, [*args.overrides, *fit], args.out)
     if args.n < 1:
         raise UsageError(f"-n {args.n}: need at least 1 prompt")
     from . import evaluate
@@ -375,6 +377,9 @@ def main(argv: list[str] | None = None) -> int:
             raise UsageError(f"unrecognized arguments: {' '.join(extra)} (see `synthgen {args.command} --help`)")
         quiet.setup(verbose)  # before anything imports transformers, diffusers or Ray
         return args.func(args)
+    except BrokenPipeError:  # `synthgen inspect OUT | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except (Exception, KeyboardInterrupt) as e:
         return report(e, command, argv, verbose)
     except SystemExit as e:  # SIGTERM inside ray.init, whose own handler is sys.exit(SIGTERM) until ours is back

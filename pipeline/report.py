@@ -113,6 +113,9 @@ def status_text(out: Any, now: datetime | None = None) -> str:
     from .storage import location
 
     out = location(out)
+    if not out.exists():
+        raise OutputError(f"{out} does not exist: no run has committed a shard there yet (a run stopped before its "
+                          "first commit leaves nothing); rerun its command to start")
     m = read_manifest(out, names=False)  # counts only: no file the records name is opened
     counts, layout, running = m["counts"], m["layout"], m.get("running")
     done, total = counts.get("indices", 0), layout["samples"]

@@ -297,7 +297,7 @@ class OutputSpec(_Strict):
     split: str = Field(default="train", pattern=r"^[a-z0-9]+$", description="shard name prefix")
     jpeg_quality: int = Field(default=95, ge=1, le=100, description="quality of key.jpg")
     index: bool = Field(default=True, description="also write index.parquet at the end of a run (streamed from the "
-                        "parts); false for very large jobs: parts/ is the index either way, one Parquet dataset")
+                        "parts); false for very large jobs: the manifest's parts are the index (one Parquet dataset)")
 
 
 Strength = Annotated[float, Field(gt=0.0, le=1.0)]

@@ -458,9 +458,9 @@ def check_writable(out: Path) -> None:
             pass
     except OSError as e:
         where = "" if folder == Path(out) else f" (to be made in {folder})"
-        raise OutputError(f"output.dir: {failure(e)} in {out}{where}: it cannot be written; "
-                          "committed shards are kept: fix the directory (permissions, the mount) or choose another "
-                          "output dir") from None
+        kept = "committed shards are kept: " if folder == Path(out) else ""
+        raise OutputError(f"output.dir: {failure(e)} in {out}{where}: it cannot be written; {kept}fix the directory "
+                          "(permissions, the mount) or choose another output dir") from None
 
 
 #: errors of the output filesystem that a plain rerun repeats until the user acts

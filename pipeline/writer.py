@@ -299,7 +299,8 @@ class DatasetWriter:
                 self._remove(self.replaced)
             for sub in ("shards", "parts"):
                 (self.out / sub).mkdir(parents=True, exist_ok=True)
-            self.foreign = self._clean()
+            beyond = set((self.resized or {}).get("beyond", ()))  # ours, past a lowered count: reported as such
+            self.foreign = [f for f in self._clean() if f not in beyond]
             job, now = self.manifest.get("job") or {}, (self.origin.job or {}).get("output") or {}
             if isinstance(job.get("output"), dict) and "index" in now:  # the last run's choice, which verify reads
                 self.manifest["job"] = dict(job, output=dict(job["output"], index=now["index"]))

@@ -271,7 +271,8 @@ CASES = [
     Case("output: foreign non-empty dir", "output.dir: ", out=write("notes.txt", "mine\n")),
     Case("output: foreign manifest", ("output.dir: ", "not a synthgen manifest"),
          out=write("manifest.json", MANIFEST_OTHER)),
-    Case("output: inside a pseudo-filesystem", ("output.dir: no such file or directory in /proc/synthgen-out (to be made in /proc)", "cannot be written",
+    Case("output: inside a pseudo-filesystem", ("output.dir: no such file or directory in /proc/synthgen-out (to be made in /proc): it cannot be written; "
+                                                "fix the directory",
                                                 "choose another output dir"), args=("--out", "/proc/synthgen-out")),
     Case("output: bare ~ in the job file", "output.dir: is null (YAML reads a bare ~ as null); write the path in quotes",
          job={"output": {"dir": None}}),

@@ -151,3 +151,26 @@ def test_status_reads_progress_rate_and_eta_from_the_manifest_alone(dataset, tmp
         "run: started 2026-12-01T10:00:00+00:00 on node-1 (pid 42), 2 recoveries; if it stopped, rerun its command "
         "to resume",
         "rate: 1.00 samples/s over the run (8 in 0:00:08); ETA 0:00:04 at this rate"]
+
+
+def test_status_of_a_dir_no_run_committed_to_says_so(tmp_path, capsys):
+    assert main(["status", str(tmp_path / "never")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "does not exist: no run has committed a shard there yet" in err, err
+
+
+def test_reading_commands_end_quietly_when_their_reader_closes_the_pipe(dataset, monkeypatch, capsys):
+    """`synthgen inspect OUT | head`: the reader is gone before synthgen writes; exit 0, nothing on stderr."""
+    read, write = os.pipe()
+    os.close(read)  # the reader has gone away: writing raises BrokenPipeError (Python ignores SIGPIPE)
+    closed = os.fdopen(write, "w")
+    monkeypatch.setattr(sys, "stdout", closed)
+    try:
+        assert main(["inspect", str(dataset.out), "-n", "16"]) == 0
+    finally:
+        monkeypatch.undo()
+        try:
+            closed.close()
+        except BrokenPipeError:
+            pass
+    assert capsys.readouterr().err == ""
