@@ -30,7 +30,8 @@ import pyarrow as pa
 
 from .dataset import (INDEX, INDEX_SCHEMA, INDEX_VERSION, JOURNAL, MANIFEST, MEMBERS, TAR_MTIME, TOP_LEVEL, FORMAT,
                       Commits, OutputError, append_commit, category_names, check_shards, commit_record, counts,
-                      index_row, index_table, index_tables, index_version, output_state, read_index, write_atomic)
+                      index_row, index_table, index_tables, index_version, output_state, read_index, read_journal,
+                      write_atomic)
 from .plan import ShardPlan
 from .spec import UNFINGERPRINTED
 from .storage import RemotePath, digest, failure, location, parquet_bytes, publish, staging, write_file, write_parquet
@@ -323,8 +324,8 @@ class DatasetWriter:
         """After a run that failed before committing any shard (a model that fails to load, a stage that fails
         on its first batch): leave the directory as open() found it, with no manifest, since no dataset was
         made. A dir with committed shards keeps everything (the rerun resumes)."""
-        if self.committed or self.written:
-            return
+        if self.committed or self.written or read_journal(self.out):  # the journal: a commit whose bookkeeping an
+            return                                                      # interrupt cut short is a commit all the same
         (self.out / MANIFEST).unlink(missing_ok=True)
         for folder in reversed(self.made):
             try:

@@ -419,3 +419,25 @@ def test_validate_refuses_a_read_only_output_dir_as_run_does(dataset, tmpfs, cap
         assert main([command, str(dataset.job), "--out", str(fresh)]) == 2
         assert f"output.dir: read-only file system in {fresh} (to be made in {tmpfs})" in one_error_line(capsys)
     assert not fresh.exists()
+
+
+def test_an_interrupt_right_after_a_journal_line_keeps_the_commit(dataset, tmp_path, monkeypatch, capsys):
+    """SIGTERM between a shard's journal line and the writer's own bookkeeping: the shard is committed (the line
+    is the commit point), so the dir keeps its manifest and the rerun resumes to the same bytes."""
+    import pipeline.writer as writer_module
+    from pipeline.errors import Terminated
+
+    real = writer_module.append_commit
+
+    def append_then_terminated(out, record):
+        real(out, record)
+        raise Terminated("signal 15")
+
+    out = tmp_path / "out"
+    monkeypatch.setattr(writer_module, "append_commit", append_then_terminated)
+    assert run(dataset, out) == 143
+    assert "terminated (SIGTERM)" in capsys.readouterr().err
+    monkeypatch.undo()
+    assert (out / MANIFEST).is_file() and len(read_manifest(out)["shards"]) == 1
+    assert run(dataset, out) == 0
+    assert_same_dataset(out, dataset.out)
