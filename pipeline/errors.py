@@ -48,8 +48,20 @@ class Terminated(KeyboardInterrupt):
     down, one line), exit 143. A KeyboardInterrupt so that no ``except Exception`` swallows it."""
 
 
+#: set by the SIGTERM handler: a raise that lands where Python ignores exceptions (a finalizer, a logging
+#: callback) is raised again at the runner's next check (:func:`check_terminated`)
+TERMINATING: list[int] = []
+
+
 def _terminate(signum: int, frame: Any) -> None:
+    TERMINATING.append(signum)
     raise Terminated(f"signal {signum}")
+
+
+def check_terminated() -> None:
+    """Raise Terminated if SIGTERM arrived (the runner calls this between batches and shards)."""
+    if TERMINATING:
+        raise Terminated(f"signal {TERMINATING[0]}")
 
 
 def on_sigterm() -> None:
@@ -60,6 +72,14 @@ def on_sigterm() -> None:
 
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _terminate)
+        sys.unraisablehook = _unraisable
+
+
+def _unraisable(unraisable: Any) -> None:
+    """A Terminated raised where Python cannot raise it (an at-fork or finalizer callback) is not printed: the
+    runner raises it again at its next check. Anything else goes to Python's own hook."""
+    if not isinstance(unraisable.exc_value, Terminated):
+        sys.__unraisablehook__(unraisable)
 
 
 #: Ray's failures of a process, a node or an object (not of the job's code): what a recovery, like a rerun,

@@ -209,16 +209,19 @@ def init_ray(plan: JobPlan, address: str | None, wait_s: float = 0.0, verbose: b
         reason = token_refusal(address)
         if reason:
             raise errors.auth_error(address, reason)
-        ray.init(address=address, **quiet.ray_init_args(verbose))
+        with _keep_sigterm_handler():
+            ray.init(address=address, **quiet.ray_init_args(verbose))
     elif started:
         cpus = max(os.cpu_count() or 1, math.ceil(plan.required["CPU"]))
         # Ray starts its workers at nice +15 (below its own daemons); on a shared or small machine
         # that starves the synthesis actor against anything else running. Workers of a local Ray
         # run at the caller's priority instead, like the in-process runner.
         os.environ.setdefault("RAY_worker_niceness", "0")
-        ray.init(num_cpus=cpus, include_dashboard=False, **quiet.ray_init_args(verbose))
+        with _keep_sigterm_handler():
+            ray.init(num_cpus=cpus, include_dashboard=False, **quiet.ray_init_args(verbose))
     if started:
-        errors.on_sigterm()  # ray.init installed its own (sys.exit, then the core worker's native dump)
+        errors.on_sigterm()  # in case ray.init installed its own (sys.exit, then the core worker's native dump)
+        errors.check_terminated()
     missing = shortfall(plan, ray.cluster_resources())
     if missing and wait_s > 0:
         from ray.autoscaler.sdk import request_resources
@@ -235,6 +238,23 @@ def init_ray(plan: JobPlan, address: str | None, wait_s: float = 0.0, verbose: b
         raise ResourceError(f"resources: {missing}{hint}; lower resources.*.actors / num_gpus, set "
                             "model.device: cpu with num_gpus: 0, or connect to a larger cluster with --address")
     return started
+
+
+@contextmanager
+def _keep_sigterm_handler() -> Iterator[None]:
+    """ray.init replaces the driver's SIGTERM handler with its own ``sys.exit``, which Python ignores where it
+    lands in a callback (seen: a SIGTERM during ray.init in a logging lock release, and the run went on): keep
+    synthgen's through it. (Ray calls ``ray._private.utils.set_sigterm_handler``; absent, nothing changes.)"""
+    import ray._private.utils as ray_utils
+
+    setter = getattr(ray_utils, "set_sigterm_handler", None)
+    if setter is not None:
+        ray_utils.set_sigterm_handler = lambda handler: None
+    try:
+        yield
+    finally:
+        if setter is not None:
+            ray_utils.set_sigterm_handler = setter
 
 
 def token_refusal(address: str) -> str:

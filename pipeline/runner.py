@@ -187,6 +187,7 @@ def run_job(spec: JobSpec, *, overwrite: bool = False, verify: bool = False, use
                 try:
                     for result in run_ray_shards(plan, pending, writer.shared_location, writer.categories, COLUMNS,
                                                  verbose=verbose, elastic=elastic):
+                        errors.check_terminated()
                         if stats.first_batch_s is None:
                             stats.first_batch_s = time.perf_counter() - t0
                         received += len(pickle.dumps(result))
@@ -201,6 +202,7 @@ def run_job(spec: JobSpec, *, overwrite: bool = False, verify: bool = False, use
             records = run_ray(plan, pending, COLUMNS, verbose=verbose, elastic=elastic) if use_ray else \
                 run_in_process(plan, pending)
             for batch in records:
+                errors.check_terminated()
                 if stats.first_batch_s is None:
                     stats.first_batch_s = time.perf_counter() - t0
                 received += payload_bytes(batch)
@@ -226,6 +228,7 @@ def run_job(spec: JobSpec, *, overwrite: bool = False, verify: bool = False, use
                     print(f"{spec.name}: recovery {len(recoveries)} of {spec.retries} after "
                           f"{recoveries[-1]['error'][:200]}; {recoveries[-1]['committed']} shards committed, "
                           f"{len(pending)} to go", file=sys.stderr)
+        errors.check_terminated()
         runner = ("ray" if use_ray else "in-process") if work else "none"  # nothing to do starts no Ray
         summary = stats.summary(runner, started, time.perf_counter() - t0, writer)
         summary["writer"] = "workers" if on_workers else "driver"

@@ -112,8 +112,12 @@ def test_sigterm_stops_a_run_with_one_line_and_the_rerun_gives_the_same_bytes(da
     proc = start(dataset, out, ray_env)
     if when == "mid-run":
         wait_for_commit(proc, out)
-    else:
-        time.sleep(3)  # importing, checking, starting Ray
+    else:  # while Ray starts: its session folder appears in the run's own Ray temp dir
+        deadline = time.monotonic() + 120
+        while not any(Path(ray_env["RAY_TMPDIR"]).glob("*/session_*")) and not any(
+                Path(ray_env["RAY_TMPDIR"]).glob("session_*")):
+            assert proc.poll() is None and time.monotonic() < deadline, "Ray did not start"
+            time.sleep(0.02)
     os.kill(proc.pid, signal.SIGTERM)
     code, err = finish(proc)
     assert code == 143, err[-3000:]
