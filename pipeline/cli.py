@@ -152,8 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_run(args: argparse.Namespace) -> int:
     overrides = [*args.overrides, *([f"retries={args.retries}"] if args.retries is not None else [])]
     spec = load_spec(args.job, overrides, args.out)  # before the heavy imports: bad input fails fast
-    if size_warning(spec):
-        print(size_warning(spec), file=sys.stderr)
+    if warning := size_warning(spec):
+        print(warning, file=sys.stderr)
     from .report import format_summary
     from .runner import run_job
 
@@ -254,8 +254,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
     model = (f"{spec.model.path}" if model_folder(spec) is not None else
              f"{spec.model.path} (hub id: its files, tokenizers and capture levels are checked when the workers "
              "download it)")
-    if size_warning(spec):
-        print(size_warning(spec), file=sys.stderr)
+    if warning := size_warning(spec):
+        print(warning, file=sys.stderr)
     if model_folder(spec) is None:  # run makes the same check and stops (exit 2); validate warns
         try:
             check_hub_reachable(spec.model.path)
