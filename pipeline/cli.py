@@ -21,7 +21,7 @@ from . import quiet
 from . import errors
 from .errors import auth_error, report
 from .plan import ShardPlan
-from .preflight import check_hub_reachable, check_model, check_output_dir, model_folder, size_warning
+from .preflight import check_hub_reachable, check_model, check_output_dir, job_warnings, model_folder
 from .spec import SpecError, UsageError, load_spec
 
 
@@ -152,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_run(args: argparse.Namespace) -> int:
     overrides = [*args.overrides, *([f"retries={args.retries}"] if args.retries is not None else [])]
     spec = load_spec(args.job, overrides, args.out)  # before the heavy imports: bad input fails fast
-    if warning := size_warning(spec):
+    for warning in job_warnings(spec):
         print(warning, file=sys.stderr)
     from .report import format_summary
     from .runner import run_job
@@ -254,7 +254,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     model = (f"{spec.model.path}" if model_folder(spec) is not None else
              f"{spec.model.path} (hub id: its files, tokenizers and capture levels are checked when the workers "
              "download it)")
-    if warning := size_warning(spec):
+    for warning in job_warnings(spec):
         print(warning, file=sys.stderr)
     if model_folder(spec) is None:  # run makes the same check and stops (exit 2); validate warns
         try:

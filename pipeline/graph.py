@@ -195,7 +195,8 @@ def init_ray(plan: JobPlan, address: str | None, wait_s: float = 0.0, verbose: b
     Uses Ray if it is already initialised in this process, else connects to ``address`` or
     starts a local Ray with ``max(cores, CPUs the spec reserves)`` logical CPUs (CPU reservations
     are scheduling tokens; the stages time-share the cores) whose workers run at this process's
-    priority. GPUs are never faked: a stage with
+    priority. Pools of ``actors: auto`` are sized by the cluster's GPUs (``JobPlan.size_for``), again while
+    the autoscaler is waited for. GPUs are never faked: a stage with
     ``num_gpus`` on a GPU-less cluster would wait forever, so it fails here instead. With
     ``wait_s`` > 0 the autoscaler is asked for the missing resources and given that long.
     Worker output reaches the terminal only when ``verbose`` (errors still surface as exceptions);
@@ -222,6 +223,7 @@ def init_ray(plan: JobPlan, address: str | None, wait_s: float = 0.0, verbose: b
     if started:
         errors.on_sigterm()  # in case ray.init installed its own (sys.exit, then the core worker's native dump)
         errors.check_terminated()
+    plan.size_for(ray.cluster_resources())  # actors: auto -> one per GPU of the cluster
     missing = shortfall(plan, ray.cluster_resources())
     if missing and wait_s > 0:
         from ray.autoscaler.sdk import request_resources
@@ -230,6 +232,7 @@ def init_ray(plan: JobPlan, address: str | None, wait_s: float = 0.0, verbose: b
         deadline = time.monotonic() + wait_s
         while missing and time.monotonic() < deadline:
             time.sleep(5)
+            plan.size_for(ray.cluster_resources())
             missing = shortfall(plan, ray.cluster_resources())
     if missing:
         if started:

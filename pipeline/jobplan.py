@@ -3,7 +3,8 @@
   fingerprint  sha256 of everything that changes the samples (``JobSpec.fingerprint``)
   shards       :class:`~pipeline.plan.ShardPlan`: which indices each shard and batch holds
   stages       the stage classes, in order (``stages/registry.py``; imported on first use: torch)
-  operators    the Ray operators: runs of fusable stages with equal resources (:class:`Operator`)
+  operators    the Ray operators: runs of fusable stages with equal resources (:class:`Operator`); a pool of
+               ``actors: auto`` is sized by the cluster (:func:`pool_size`, once Ray is up: ``size_for``)
   bundles      what the job holds at once on a cluster, one bundle per worker
   origin       what the writer records about the job (:class:`pipeline.writer.Origin`)
 
@@ -13,7 +14,8 @@ here imports Ray, torch or stage code until ``stages`` is asked for.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -51,6 +53,17 @@ class Operator:
         return "+".join(cls.name for cls in self.stages)
 
 
+def pool_size(actors: int | str, num_gpus: float, cluster: Mapping[str, float] | None) -> int:
+    """Workers of a pool: ``actors``, or for ``auto`` one per GPU of the Ray ``cluster`` (``ray.cluster_resources()``:
+    its GPUs over ``num_gpus``, at least 1); ``auto`` is 1 for a pool that reserves no GPU, or without a cluster
+    (the in-process runner)."""
+    if actors != "auto":
+        return int(actors)
+    if cluster is None or num_gpus <= 0:
+        return 1
+    return max(1, math.floor(float(cluster.get("GPU", 0.0)) / num_gpus + 1e-9))
+
+
 def check_chain(stages: Sequence[type]) -> None:
     """Every stage's inputs are produced upstream (the source provides ``index``)."""
     available = {"index"}
@@ -63,10 +76,13 @@ def check_chain(stages: Sequence[type]) -> None:
 
 class JobPlan:
     """The plan of ``spec`` (``identity``: the model's, from ``spec.model_identity()`` when not given;
-    ``stages``: the registered stages when not given)."""
+    ``stages``: the registered stages when not given; ``cluster``: the Ray cluster's resources, which size
+    the ``actors: auto`` pools; None: no cluster yet, or none at all: ``auto`` is 1)."""
 
-    def __init__(self, spec: JobSpec, identity: dict | None = None, stages: Sequence[type] | None = None):
+    def __init__(self, spec: JobSpec, identity: dict | None = None, stages: Sequence[type] | None = None,
+                 cluster: Mapping[str, float] | None = None):
         self.spec = spec
+        self.cluster = None if cluster is None else dict(cluster)
         self.identity = spec.model_identity() if identity is None else identity
         self.fingerprint = spec.fingerprint(self.identity)
         self.shards = ShardPlan.from_spec(spec)
@@ -81,6 +97,13 @@ class JobPlan:
     def threads(self, stage: str) -> int:
         """Torch threads of a stage's worker: ``int(num_cpus)``, at least 1 (results depend on it on CPU)."""
         return max(1, int(self.spec.resources.for_stage(stage).num_cpus))
+
+    def size_for(self, cluster: Mapping[str, float]) -> None:
+        """Size the ``actors: auto`` pools by the Ray cluster's resources (``ray.cluster_resources()``, once Ray
+        is up): the operators, bundles and reservations are computed again."""
+        self.cluster = dict(cluster)
+        for name in ("operators", "bundles"):
+            self.__dict__.pop(name, None)
 
     @cached_property
     def operators(self) -> tuple[Operator, ...]:
@@ -97,7 +120,8 @@ class JobPlan:
         for group in groups:
             res = resources.for_stage(group[0].name)
             ops.append(Operator(stages=tuple(group), kind="actor" if any(c.kind == "actor" for c in group) else "task",
-                                actors=res.actors, num_cpus=res.num_cpus, num_gpus=res.num_gpus))
+                                actors=pool_size(res.actors, res.num_gpus, self.cluster), num_cpus=res.num_cpus,
+                                num_gpus=res.num_gpus))
         return tuple(ops)
 
     @cached_property

@@ -37,8 +37,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from stages.families import FamilyError, resolve_family
+from stages.families import AUTO, FamilyError, all_families, family_class, resolve_family
 from stages.families.base import ModelFamily
+from stages.families.mmdit import MMDiTFamily
 from stages.prompt_words import count_phrase, count_words
 
 from .spec import JobSpec, SpecError, UsageError
@@ -183,6 +184,44 @@ def size_warning(spec: JobSpec) -> str:
             f"({family.denoiser} sample_size {sample} × the VAE's factor {factor}): expect poor drawings"
             f"{' and long runs' if max(gen.height, gen.width) > native else ''}; set generation.height and width "
             f"near {native}")
+
+
+def job_family(spec: JobSpec) -> type[ModelFamily] | None:
+    """The job's model family without loading weights or going online: a local folder's (``resolve_family``),
+    ``model.family`` when set, else a hub id's from the cached ``model_index.json``; None when unknown."""
+    folder = model_folder(spec)
+    try:
+        if folder is not None:
+            return resolve_family(folder, spec.model.family, json.loads((folder / "model_index.json").read_text()))
+        if spec.model.family != AUTO:
+            return family_class(spec.model.family)
+        if not hub_cached(spec.model.path):
+            return None
+        from huggingface_hub import try_to_load_from_cache
+
+        index = Path(try_to_load_from_cache(spec.model.path, "model_index.json"))
+        name = json.loads(index.read_text()).get("_class_name")
+        return next((f for f in all_families() if name in f.pipeline_classes), None)
+    except (OSError, ValueError, TypeError, AttributeError, FamilyError):
+        return None
+
+
+def dtype_warning(spec: JobSpec) -> str:
+    """One warning line for float16 on an MM-DiT family (SD3, Flux): their transformers overflow in fp16
+    (NaN / inf images and maps, rejected as ``non-finite``: stages/finite.py); '' otherwise."""
+    if spec.model.dtype != "float16":
+        return ""
+    family = job_family(spec)
+    if family is None or not issubclass(family, MMDiTFamily):
+        return ""
+    return (f"warning: model.dtype: float16 on a {family.title} model ({family.name}): its MM-DiT transformer "
+            "overflows in float16: images and attention maps may come out NaN / inf, and those samples are "
+            "rejected as 'non-finite'; set model.dtype: bfloat16")
+
+
+def job_warnings(spec: JobSpec) -> list[str]:
+    """Every pre-flight warning of a job (one line each), computed here once for ``validate`` and ``run``."""
+    return [w for w in (size_warning(spec), dtype_warning(spec)) if w]
 
 
 def check_layout(folder: Path, source: str, override: str = "auto") -> type[ModelFamily]:

@@ -78,4 +78,9 @@ def load_pipeline(model: str, dtype: str = "float32", device: str = "cpu",
     if name != DEFAULT_SCHEDULER:
         pipe.scheduler = scheduler_from_config(name, pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
+    # every weighted component in the dtype asked for: without accelerate, diffusers may load a component
+    # (seen: SD3's transformer in bfloat16 jobs) in float32, and the first mixed-dtype layer stops the run
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module) and getattr(component, "dtype", torch_dtype) != torch_dtype:
+            component.to(dtype=torch_dtype)
     return pipe.to(resolve_device(device))

@@ -6,9 +6,9 @@ from pipeline.jobplan import JobPlan
 from pipeline.spec import load_spec
 
 
-def ops_of(job: str, *overrides: str, tmp_path) -> list[tuple[str, str, int]]:
+def ops_of(job: str, *overrides: str, tmp_path, cluster: dict | None = None) -> list[tuple[str, str, int]]:
     spec = load_spec(REPO / "jobs" / job, list(overrides), out=str(tmp_path / "out"))
-    return [(op.name, op.kind, op.actors) for op in JobPlan(spec).operators]
+    return [(op.name, op.kind, op.actors) for op in JobPlan(spec, cluster=cluster).operators]
 
 
 def test_demo_cpu_stages_share_one_worker_and_the_model_stage_stands_alone(tmp_path):
@@ -28,7 +28,7 @@ def test_stages_with_different_resources_or_the_model_stage_are_never_fused(tmp_
 
 
 def test_gpu_job_keeps_its_parallel_cpu_stages_apart_from_the_stateful_filter(tmp_path):
-    assert ops_of("coco80-sd15.yaml", tmp_path=tmp_path) == [
+    assert ops_of("coco80-sd15.yaml", tmp_path=tmp_path, cluster={"CPU": 64.0, "GPU": 8.0}) == [  # actors: auto
         ("sampling", "task", 2), ("synthesis", "actor", 8), ("masks+labels", "task", 16),
         ("filters", "actor", 1), ("encode", "task", 16)]
 

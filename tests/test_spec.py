@@ -35,7 +35,7 @@ def test_coco80_job_is_a_consistent_gpu_job():
     assert spec.samples == 1_000_000 and ShardPlan.from_spec(spec).num_shards == 1000
     assert (spec.model.device, spec.model.dtype) == ("cuda", "float16")
     synth = spec.resources.synthesis
-    assert synth.num_gpus == 1 and synth.actors >= 1
+    assert synth.num_gpus == 1 and synth.actors == "auto"  # one actor per GPU of the cluster
     assert all(spec.resources.for_stage(s).num_gpus == 0 for s in ("sampling", "masks", "labels", "filters", "encode"))
     assert spec.output.shard_size % spec.generation.batch_size == 0
 
