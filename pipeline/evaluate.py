@@ -12,7 +12,9 @@ A :class:`Truth` says what to generate and what the right labels are. Two are bu
   one image-guided variation at strength ``s`` (img2img, as ``references`` jobs make them); the
   prompt names the image's largest annotation's class, and that class's annotations, fitted to the
   generated size as the reference image is, are the ground truth (a low strength keeps the layout).
-  Objects of classes the prompt does not name are not scored.
+  Objects of classes the prompt does not name are not scored. For an inpainting job (``references.mode:
+  inpaint``) each case repaints one instance (the first N in key and id order) with the job's inpaint
+  options, and that instance's outline is the truth of the new object.
 
 The job's own synthesis, mask, label and filter stages run in process. Against the truth:
 
@@ -217,6 +219,8 @@ class CocoTruth(Truth):
         if int(spec.generation.steps * self.strength) < 1:
             raise SpecError(f"--strength {self.strength}: int(generation.steps x strength) must be >= 1 "
                             f"(steps {spec.generation.steps})")
+        if spec.references is not None and spec.references.mode == "inpaint":
+            return self._inpaint_job(spec, n, calibration, coco, images)
         refs = ReferencesSpec(path=str(self.folder), strengths=[self.strength], seeds_per_level=1)
         run = spec.model_copy(update={"references": refs, "samples": len(images)})
         first = len(images) - n if calibration else 0  # calibration: the last n images; evaluation: the first n
@@ -231,6 +235,30 @@ class CocoTruth(Truth):
         self.run = run
         return run, prompts
 
+    def _inpaint_job(self, spec: JobSpec, n: int, calibration: bool, coco, images) -> tuple[JobSpec, list[Prompt]]:
+        """An inpainting job: each case repaints one instance of the folder (the job's ``references.inpaint``
+        options, at ``strength``); the instance's outline is the truth of the new object."""
+        from stages.references import ReferenceDataError, inpaint_references
+
+        refs = ReferencesSpec(path=str(self.folder), mode="inpaint", inpaint=spec.references.inpaint,
+                              strengths=[self.strength], seeds_per_level=1)
+        run = spec.model_copy(update={"references": refs, "samples": 1})
+        try:
+            units = inpaint_references(run).instances
+        except ReferenceDataError as e:
+            raise SpecError(f"--truth coco:{self.folder}: {e}") from None
+        if len(units) < n:
+            raise SpecError(f"-n {n}: --truth coco:{self.folder} has {len(units)} instances; use -n {len(units)} "
+                            "or fewer")
+        run = run.model_copy(update={"samples": len(units)})
+        first = len(units) - n if calibration else 0
+        prompts = [Prompt(i, units[i].key, [(str(units[i].outline.id), units[i].outline.class_name)])
+                   for i in range(first, first + n)]
+        self.coco, self.images, self.run = coco, images, run
+        self.by_key = {im.key: im for im in images}
+        self.cases = {p.seed: p for p in prompts}
+        return run, prompts
+
     def inputs(self, synthesis: Any, prompts: list[Prompt], start: int) -> Batch:
         from stages.sampling import SamplingStage
 
@@ -238,12 +266,14 @@ class CocoTruth(Truth):
             self.sampling = SamplingStage(self.run)
         batch = self.sampling({"index": np.array([p.seed for p in prompts], dtype=np.int64)})
         for p, names in zip(prompts, batch["class_names"]):
-            if json.loads(str(names)) != [p.objects[0][1]]:  # the sampling stage prompts the largest annotation's class
+            if json.loads(str(names))[:1] != [p.objects[0][1]]:  # the sampling stage prompts the largest annotation's class
                 raise RuntimeError(f"{p.text}: prompted {names}, expected [{p.objects[0][1]!r}]")
         return batch
 
     def masks(self, prompt: Prompt, image: np.ndarray) -> list[np.ndarray]:
-        anns = {str(a["id"]): a for a in self.images[prompt.seed].annotations}
+        image_of = getattr(self, "by_key", None)
+        im = image_of[prompt.text] if image_of is not None else self.images[prompt.seed]
+        anns = {str(a["id"]): a for a in im.annotations}
         h, w = image.shape[:2]
         return [fit_mask(self.coco.annToMask(anns[tag]) > 0, h, w) for tag, _ in prompt.objects]
 

@@ -313,24 +313,71 @@ class SelectSpec(_Strict):
     top_k: PositiveInt | None = Field(default=None, description="the k highest losses")
     top_fraction: Annotated[float, Field(gt=0.0, le=1.0)] | None = Field(default=None, description="this "
                                                                          "fraction, highest losses first")
+    instance_column: str | None = Field(default=None, description="mode inpaint: column of annotation ids; "
+                                        "each row picks one instance (null: every instance of a picked image)")
 
     @model_validator(mode="after")
     def _one_rule(self) -> SelectSpec:
         if self.top_k is not None and self.top_fraction is not None:
             raise ValueError("give top_k or top_fraction, not both")
+        if self.instance_column is not None and (self.top_k is not None or self.top_fraction is not None):
+            raise ValueError("instance_column lists the instances to inpaint; top_k / top_fraction rank whole "
+                             "images: give one or the other")
+        return self
+
+
+RGB = tuple[Annotated[int, Field(ge=0, le=255)], Annotated[int, Field(ge=0, le=255)],
+            Annotated[int, Field(ge=0, le=255)]]
+
+
+class InpaintSpec(_Strict):
+    """Outline-guided inpainting (``references.mode: inpaint``): each annotated instance of a reference is
+    repainted inside its outline; the reference's masks are the labels."""
+
+    dilation: Annotated[int, Field(ge=0, le=64)] = Field(default=2, description="pixels (at the generation size) "
+                                                          "around an instance's outline that are repainted too")
+    prompt: Literal["template", "empty"] = Field(default="template", description="template: the job's templates "
+                                                 "with the instance's class (and a new attribute); empty: no text, "
+                                                 "the outline alone (no attention check)")
+    fill: Literal["keep", "palette"] = Field(default="keep", description="what the outline holds before inpainting: "
+                                             "the reference's pixels, or the colour of the prompt's attribute "
+                                             "(palette) as a silhouette")
+    palette: dict[str, RGB] | None = Field(default=None, description="attribute -> [r, g, b], for fill: palette")
+    min_mass_inside: Fraction = Field(default=0.5, description="reject ('outline:<class>') when less of the "
+                                      "class's attention mass lies inside the dilated outline")
+    min_iou: Fraction = Field(default=0.0, description="... or when the class's attention mask (masks.threshold "
+                              "rule) overlaps the outline less (IoU)")
+
+    @model_validator(mode="after")
+    def _palette(self) -> InpaintSpec:
+        if self.fill == "palette" and not self.palette:
+            raise ValueError("fill: palette needs palette: {attribute: [r, g, b], ...}")
         return self
 
 
 class ReferencesSpec(_Strict):
-    """Real images as img2img starting points: every reference x strength x seed is one sample, so
-    ``samples`` must equal references x len(strengths) x seeds_per_level (checked against the folder)."""
+    """Real images as img2img starting points (or, with ``mode: inpaint``, their annotated instances as outlines
+    to repaint): every reference (instance) x strength x seed is one sample, so ``samples`` must equal
+    references (instances) x len(strengths) x seeds_per_level (checked against the folder)."""
 
     path: PathText = Field(description="COCO folder (annotations.json) or a synthgen output dir")
+    mode: Literal["img2img", "inpaint"] = Field(default="img2img", description="img2img: the whole image at each "
+                                                "strength; inpaint: every annotated instance repainted inside its "
+                                                "outline, the reference's masks kept as labels")
+    inpaint: InpaintSpec = Field(default=InpaintSpec(), description="options of mode: inpaint")
     strengths: list[Strength] = Field(default=[0.1, 0.3, 0.5, 0.7, 0.9], min_length=1, description="img2img "
                                       "strengths, each with int(steps × strength) ≥ 1")
     seeds_per_level: PositiveInt = Field(default=1, description="variations per reference and strength")
     select: SelectSpec | None = Field(default=None, description="which references get variations; "
                                       "null: all")
+
+    @model_validator(mode="after")
+    def _mode(self) -> ReferencesSpec:
+        if self.mode != "inpaint" and "inpaint" in self.model_fields_set:
+            raise ValueError("inpaint options are set but mode is img2img; add mode: inpaint")
+        if self.mode != "inpaint" and self.select is not None and self.select.instance_column is not None:
+            raise ValueError("select.instance_column picks instances to inpaint; add mode: inpaint")
+        return self
 
     @field_validator("strengths")
     @classmethod
@@ -343,7 +390,17 @@ class ReferencesSpec(_Strict):
 class StageResources(_Strict):
     num_cpus: float = Field(default=1.0, gt=0, description="per actor or task; on CPU also its torch threads")
     num_gpus: float = Field(default=0.0, ge=0, description="per actor (synthesis only)")
-    actors: PositiveInt = Field(default=1, description="actor pool size (model stages) or concurrent tasks")
+    actors: PositiveInt | Literal["auto"] = Field(
+        default=1, description="actor pool size (model stages) or concurrent tasks; auto: one per GPU the Ray "
+        "cluster has at start (its GPUs / num_gpus; GPU nodes an autoscaler has not started yet do not count), 1 "
+        "for a stage without a GPU or with --no-ray")
+
+    @field_validator("actors", mode="before")
+    @classmethod
+    def _actors(cls, value: Any) -> Any:
+        if isinstance(value, str) and value != "auto" and not value.strip().isdigit():
+            raise ValueError("must be a whole number ≥ 1 or 'auto' (one actor per GPU of the cluster)")
+        return value
 
 
 class _Resources(_Strict):
@@ -519,7 +576,14 @@ class JobSpec(_Strict):
             exclude["masks"] = {*exclude["masks"], "capture_blocks"}
         if self.filters.max_missing_instances is None:
             exclude["filters"] = {*exclude.get("filters", ()), "max_missing_instances"}
-        exclude["references"] = True if self.references is None else {"path": True, "select": {"path"}}
+        if self.references is None:
+            exclude["references"] = True
+        else:
+            exclude["references"] = {"path": True, "select": {"path"}}
+            if self.references.mode == "img2img":  # new fields at their defaults: fingerprints as before
+                exclude["references"].update(mode=True, inpaint=True)
+            if self.references.select is not None and self.references.select.instance_column is None:
+                exclude["references"]["select"] = {"path", "instance_column"}
         spec = self.model_dump(mode="json", exclude=exclude)
         if samples is not None:
             spec["samples"] = samples
@@ -713,9 +777,17 @@ def check_references(spec: JobSpec, source: str) -> None:
     except ReferenceDataError as e:
         raise SpecError(f"{source}: {e}") from None
     cfg = spec.references
-    total = len(refs) * len(cfg.strengths) * cfg.seeds_per_level
+    units, what = len(refs), "references"
+    if cfg.mode == "inpaint":
+        from stages.references import inpaint_references
+
+        try:
+            units, what = len(inpaint_references(spec).instances), "instances"
+        except ReferenceDataError as e:
+            raise SpecError(f"{source}: {e}") from None
+    total = units * len(cfg.strengths) * cfg.seeds_per_level
     if spec.samples != total:
-        raise SpecError(f"{source}: samples: {spec.samples}, but {len(refs)} references x {len(cfg.strengths)} "
+        raise SpecError(f"{source}: samples: {spec.samples}, but {units} {what} x {len(cfg.strengths)} "
                         f"strengths x {cfg.seeds_per_level} seeds_per_level = {total} variations; set samples: {total}")
 
 

@@ -2,6 +2,8 @@
 
 Checks, in order; the first that fails names the reason (stable strings, grouped in the summary):
 
+  ``non-finite``       the synthesis output (image or attention maps) held a NaN or an inf: the row's
+                       ``gen`` says ``"non_finite": true`` (stages/finite.py); its labels are never kept
   ``missing:<class>``  a prompted class has no pixel in the semantic mask
   ``area:<class>``     a prompted class has pixels but no component within the area bounds
   ``count:<class>``    a class has more than ``n_prompted + spec.filters.max_extra_instances``
@@ -11,6 +13,11 @@ Checks, in order; the first that fails names the reason (stable strings, grouped
                        (an object the prompt asked for is missing, or two were labelled as one; off when
                        ``max_missing_instances`` is null)
   ``low_contrast``     a class's inside/outside attention contrast < ``spec.filters.min_contrast``
+  ``outline-empty``    inpainting: the repainted instance's outline has no pixel at the generation size
+  ``outline:<class>``  inpainting: the class's attention mass inside the dilated outline is below
+                       ``references.inpaint.min_mass_inside``, or its attention mask's IoU with the outline
+                       below ``min_iou`` (an inpainting sample gets only these checks: its labels are the
+                       reference's, stages/inpaint.py)
   ``duplicate``        the image's perceptual hash is within ``spec.filters.dedup_threshold`` bits
                        (Hamming) of a kept image earlier in the same shard (index order)
 
@@ -31,6 +38,7 @@ from PIL import Image
 from scipy.fft import dctn
 
 from .base import Batch, Stage, passthrough
+from .finite import NON_FINITE, is_marked
 
 def phash(image: np.ndarray) -> np.uint64:
     """64-bit DCT perceptual hash: signs of the 8x8 lowest frequencies of a 32x32 grey image."""
@@ -68,13 +76,25 @@ def verdict(scores: dict, min_contrast: float, max_extra_instances: int | None =
     return ""
 
 
+def outline_verdict(scores: dict, opts: Any) -> str:
+    """The reason an inpainting sample fails (``references.inpaint``): its outline vanished at the generation
+    size, or the repainted class's attention lies outside it (``outline:<class>``); "" when it passes or
+    has no check (empty prompt)."""
+    check = scores.get("outline")
+    if scores.get("outline_empty"):
+        return "outline-empty"
+    if check and (check["mass_inside"] < opts.min_mass_inside or check["iou"] < opts.min_iou):
+        return f"outline:{check['class']}"
+    return ""
+
+
 class FilterStage(Stage):
     """Adds ``keep`` (bool) and ``reject_reason`` (str); adds ``phash`` to ``scores``."""
 
     name = "filters"
     kind = "actor"  # holds the current shard's kept hashes between batches
-    reads = ("filters",)
-    inputs = ("index", "image", "scores")
+    reads = ("filters", "references")  # references.inpaint: the outline check's thresholds
+    inputs = ("index", "image", "scores", "gen")
     outputs = ("keep", "reject_reason", "scores")
 
     def __init__(self, spec: Any):
@@ -86,14 +106,20 @@ class FilterStage(Stage):
         f = self.spec.filters
         dedup = f.dedup_threshold is not None and f.dedup_threshold >= 0
         keep, reasons, scores = [], [], []
-        for index, image, scores_json in zip(batch["index"], batch["image"], batch["scores"]):
+        gens = batch.get("gen", [""] * len(batch["index"]))  # a batch not made by synthesis (tests) has none
+        for index, image, scores_json, gen in zip(batch["index"], batch["image"], batch["scores"], gens):
             shard = int(index) // self.spec.shard_size
             if shard != self.shard:
                 self.shard, self.kept_hashes = shard, []
             sc = json.loads(str(scores_json))
             h = phash(image)
             sc["phash"] = f"{int(h):016x}"
-            reason = verdict(sc, f.min_contrast, f.max_extra_instances, getattr(f, "max_missing_instances", None))
+            if is_marked(gen):
+                reason = NON_FINITE
+            elif "outline" in sc:  # inpainting: labels by construction, the attention check decides
+                reason = outline_verdict(sc, self.spec.references.inpaint)
+            else:
+                reason = verdict(sc, f.min_contrast, f.max_extra_instances, getattr(f, "max_missing_instances", None))
             if not reason and dedup:
                 if self.kept_hashes and hamming(h, np.array(self.kept_hashes)).min() <= f.dedup_threshold:
                     reason = "duplicate"

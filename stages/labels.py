@@ -31,7 +31,7 @@ from pycocotools import mask as mask_utils
 from scipy import ndimage
 
 from .base import Batch, Stage, passthrough
-from .masks import IGNORE, class_maps
+from .masks import IGNORE, class_maps, inpaint_outlines, inpainted, refined_maps, thresholds
 
 
 def categories(spec: Any) -> list[dict]:
@@ -259,7 +259,8 @@ class LabelStage(Stage):
 
     name = "labels"
     kind = "task"
-    reads = ("classes", "masks", "filters")  # masks.use_raw; filters: the instance size bounds
+    # masks.use_raw; filters: the instance size bounds; references, generation: inpainting's labels
+    reads = ("classes", "masks", "filters", "references", "generation")
     inputs = ("image", "class_names", "attn", "attn_raw", "semantic_mask")  # and ``cond`` when present (counts)
     outputs = ("annotations", "scores")
 
@@ -267,12 +268,20 @@ class LabelStage(Stage):
         super().__init__(spec)
         self.ids = category_ids(self.spec)
         self.column = "attn_raw" if self.spec.masks.use_raw else "attn"
+        self.outlines = inpaint_outlines(self.spec)
 
     def __call__(self, batch: Batch) -> Batch:
         annotations, scores = [], []
         conds = batch.get("cond")
         for row, names_json in enumerate(batch["class_names"]):
             cond = json.loads(str(conds[row])) if conds is not None and str(conds[row]) else {}
+            reference = inpainted(conds, row)
+            if reference is not None:
+                anns, sc = self.inpaint_row(json.loads(str(names_json)), batch[self.column][row],
+                                            batch["image"][row], reference)
+                annotations.append(json.dumps(anns, separators=(",", ":")))
+                scores.append(json.dumps(sc, separators=(",", ":")))
+                continue
             anns, sc = self.label_row(json.loads(str(names_json)), batch[self.column][row],
                                       batch["semantic_mask"][row], batch["image"][row], cond.get("counts"))
             annotations.append(json.dumps(anns, separators=(",", ":")))
@@ -324,4 +333,37 @@ class LabelStage(Stage):
             "n_instances": len(anns),
             "n_prompted": sum(c["n_prompted"] for c in per_class),
         }
+        return anns, scores
+
+    def inpaint_row(self, names: list[str], attn: np.ndarray, image: np.ndarray,
+                    reference: dict) -> tuple[list[dict], dict]:
+        """An inpainting sample's labels: the reference's annotations (``instance_id``; the repainted one
+        ``inpainted: true``, first), and its scores with the attention check of the repainted class
+        (``outline``: stages/inpaint.py; null when the prompt names no class token)."""
+        from .inpaint import outline_check, repaint_mask
+
+        labels = self.outlines.labels(reference["key"])
+        labels = sorted(labels, key=lambda lab: (lab.id != reference["instance"], lab.id))
+        outline = labels[0].mask
+        present = [lab for lab in labels if lab.mask.any()]
+        anns = [{"category_id": self.ids[lab.class_name], **enc, "iscrowd": 0, "score": 1.0,
+                 "instance_id": lab.id, "inpainted": lab.id == reference["instance"]}
+                for lab, enc in zip(present, encode_instances([lab.mask for lab in present]))]
+        pixels = outline.size
+        check = None
+        if reference.get("prompt") != "empty":
+            raw, _ = class_maps(attn, 1, outline.shape)
+            norm = refined_maps(attn, image, 1, self.spec.masks)
+            t_fg, _ = thresholds(self.spec.masks, names[:1], norm)
+            check = {"class": names[0], "area_fraction": _r(outline.sum() / pixels),
+                     **outline_check(raw[0], norm[0] >= t_fg[0], outline,
+                                     repaint_mask(outline, int(reference["dilation"])))}
+        per_class = []
+        for name in names:
+            n = sum(lab.class_name == name for lab in present)
+            per_class.append({"name": name, "category_id": self.ids[name], "n_components": n, "n_instances": n,
+                              "n_prompted": n, "area_fraction": _r(sum(lab.mask.sum() for lab in present
+                                                                        if lab.class_name == name) / pixels)})
+        scores = {"per_class": per_class, "outline": check, "outline_empty": not outline.any(),
+                  "ignore_fraction": 0.0, "n_instances": len(anns), "n_prompted": len(anns)}
         return anns, scores

@@ -36,6 +36,24 @@ IGNORE = 255
 SUPERPIXEL_MAX_SIDE = 256  # Felzenszwalb runs on at most 256 px a side (a 512² image: ~0.3 s, not ~1.5 s)
 
 
+def inpaint_outlines(spec: Any):
+    """The reference annotations of an inpainting job (``stages.inpaint.ReferenceOutlines``), else None."""
+    refs = getattr(spec, "references", None)
+    if refs is None or getattr(refs, "mode", "img2img") != "inpaint":
+        return None
+    from .inpaint import ReferenceOutlines
+
+    return ReferenceOutlines(spec)
+
+
+def inpainted(conds: Any, row: int) -> dict | None:
+    """The ``cond["reference"]`` of an inpainting row (None for any other row)."""
+    if conds is None or not str(conds[row]):
+        return None
+    reference = json.loads(str(conds[row])).get("reference") or {}
+    return reference if reference.get("mode") == "inpaint" else None
+
+
 def class_maps(attn: np.ndarray, n: int, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
     """Upsampled maps of the first ``n`` classes of one row's ``attn`` (K, h, w).
 
@@ -101,6 +119,19 @@ def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
     return float(edges[int(np.argmax(between[:-1])) + 1])
 
 
+def thresholds(m: Any, names: list[str], norm: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-class (t_fg, t_ign) of a ``masks`` section for one row's classes and normalised maps (rule 3 above)."""
+    if m.threshold == "fixed":
+        t_fg = np.full(len(names), m.fg_threshold, np.float32)
+        return t_fg, np.full(len(names), m.ignore_threshold, np.float32)
+    if m.threshold == "otsu":
+        t_fg = np.array([otsu_threshold(c) for c in norm], np.float32)
+    else:
+        t_fg = np.array([m.class_thresholds[name] for name in names], np.float32)
+    band = float(m.ignore_threshold / m.fg_threshold) if m.fg_threshold > 0 else 1.0
+    return t_fg, (t_fg * band).astype(np.float32)
+
+
 def label_pixels(norm: np.ndarray, t_fg: np.ndarray, t_ign: np.ndarray, margin: float) -> np.ndarray:
     """uint8 (H, W) semantic mask from normalised maps (n, H, W) and per-class thresholds (n,)."""
     n, height, width = norm.shape
@@ -126,34 +157,33 @@ class MaskStage(Stage):
 
     name = "masks"
     kind = "task"
-    reads = ("masks",)
-    inputs = ("image", "class_names", "attn", "attn_raw")
+    reads = ("masks", "references", "generation", "classes")  # inpainting: the reference's masks are the labels
+    inputs = ("image", "class_names", "attn", "attn_raw")  # and ``cond`` when present (inpainting)
     outputs = ("semantic_mask",)
 
     def __init__(self, spec: Any):
         super().__init__(spec)
         m = self.spec.masks
         self.column = "attn_raw" if m.use_raw else "attn"
-        self.band = float(m.ignore_threshold / m.fg_threshold) if m.fg_threshold > 0 else 1.0
+        self.outlines = inpaint_outlines(self.spec)
 
     def thresholds(self, names: list[str], norm: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Per-class (t_fg, t_ign) for one row's classes and normalised maps."""
-        m = self.spec.masks
-        if m.threshold == "fixed":
-            t_fg = np.full(len(names), m.fg_threshold, np.float32)
-            return t_fg, np.full(len(names), m.ignore_threshold, np.float32)
-        if m.threshold == "otsu":
-            t_fg = np.array([otsu_threshold(c) for c in norm], np.float32)
-        else:
-            t_fg = np.array([m.class_thresholds[name] for name in names], np.float32)
-        return t_fg, (t_fg * self.band).astype(np.float32)
+        return thresholds(self.spec.masks, names, norm)
 
     def __call__(self, batch: Batch) -> Batch:
         attn, images = batch[self.column], batch["image"]
         height, width = images.shape[1:3]
         masks = np.zeros((len(images), height, width), np.uint8)
+        conds = batch.get("cond")
         for row, names_json in enumerate(batch["class_names"]):
             names = json.loads(str(names_json))
+            reference = inpainted(conds, row)
+            if reference is not None:  # labels by construction: the reference's annotations
+                from .inpaint import semantic_mask
+
+                masks[row] = semantic_mask(self.outlines.labels(reference["key"]), names)
+                continue
             norm = refined_maps(attn[row], images[row], len(names), self.spec.masks)
             t_fg, t_ign = self.thresholds(names, norm)
             masks[row] = label_pixels(norm, t_fg, t_ign, float(self.spec.masks.ambiguity_margin))

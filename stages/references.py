@@ -10,6 +10,11 @@
               output dir: the record's first class (for an import: the largest annotation's).
   attributes  COCO: the values of that annotation's ``attributes`` mapping (e.g. its colour), if any.
 
+With ``references.mode: inpaint`` the unit is an *instance*: one non-crowd annotation of a reference
+image (COCO: its annotation ``id``; output dir: its 1-based position in the record's ``annotations``),
+listed in (key, id) order with its class, attributes and mask (``Outline``). Every annotation of a
+picked image is an instance unless ``references.select.instance_column`` names single ones.
+
 References are listed in key order; errors are :class:`ReferenceDataError` naming the job field.
 """
 from __future__ import annotations
@@ -19,7 +24,7 @@ import io
 import json
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -29,6 +34,7 @@ import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 import webdataset as wds
 from PIL import Image, ImageOps
+from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
 from .identity import cached_sha256_many, digest_of, sha256_file
@@ -63,6 +69,35 @@ class CocoImage:
     path: Path
     info: dict
     annotations: list[dict]
+
+
+@dataclass(frozen=True)
+class Outline:
+    """One annotation of a reference image: its id, class, attribute values and COCO RLE (source size)."""
+
+    id: int
+    class_name: str
+    attributes: tuple[str, ...]
+    rle: dict = field(compare=False, repr=False)
+
+
+@dataclass(frozen=True)
+class Instance:
+    """An inpainting unit: one annotated instance (``outline``) of one reference image (``ref``)."""
+
+    ref: Reference
+    outline: Outline
+
+    @property
+    def key(self) -> str:
+        return self.ref.key
+
+
+WHOLE_IMAGE = 0.98  # an outline covering this fraction of its image leaves nothing to keep around it
+
+
+def _values(attrs: Any) -> tuple[str, ...]:
+    return tuple(str(attrs[k]) for k in sorted(attrs)) if isinstance(attrs, dict) else ()
 
 
 def reference_key(file_name: str) -> str:
@@ -154,6 +189,8 @@ def select(refs: list[Reference], sel: Any) -> list[Reference]:
         raise ReferenceDataError(field, f"{path} has no column {missing[0]!r} (columns: {table.column_names}); "
                              "set references.select.key_column / loss_column")
     keys = [str(k) for k in table[sel.key_column].to_pylist()]
+    if getattr(sel, "instance_column", None):  # one row per instance: a key repeats
+        keys = list(dict.fromkeys(keys))
     if len(set(keys)) != len(keys):
         raise ReferenceDataError(field, f"{path} lists key {next(k for k in keys if keys.count(k) > 1)!r} twice")
     if ranked:
@@ -220,6 +257,111 @@ def references_digest(cfg: Any) -> dict[str, str | None]:
     files = cached_sha256_many(sorted({Path(r.image) for r in refs} | {listing}))
     return {"listing": files[listing], "select": sha256_file(cfg.select.path) if cfg.select else None,
             "images": digest_of({r.key: files[Path(r.image)] for r in refs})}
+
+
+def _coco_outlines(folder: Path, keys: set[str]) -> dict[str, list[Outline]]:
+    coco, images = load_coco(folder)
+    out = {}
+    for im in images:
+        if im.key in keys:
+            anns = sorted((a for a in im.annotations if not a.get("iscrowd")), key=lambda a: a["id"])
+            try:
+                out[im.key] = [Outline(int(a["id"]), coco.cats[a["category_id"]]["name"],
+                                       _values(a.get("attributes")), coco.annToRLE(a)) for a in anns]
+            except (KeyError, TypeError, ValueError, IndexError) as e:
+                raise ReferenceDataError("references.path", f"{folder / ANNOTATIONS}: image {im.key!r} has an "
+                                         f"annotation without a readable segmentation ({type(e).__name__}: {e})") from None
+    return out
+
+
+def _output_outlines(folder: Path, refs: list[Reference]) -> dict[str, list[Outline]]:
+    from pipeline.dataset import category_names, read_manifest
+
+    names = category_names(read_manifest(folder).get("job") or {})
+    wanted: dict[str, set[str]] = {}
+    for r in refs:
+        wanted.setdefault(r.image, set()).add(r.key)
+    out = {}
+    for tar, keys in sorted(wanted.items()):
+        for sample in wds.WebDataset(tar, shardshuffle=False, empty_check=False):
+            if sample["__key__"] in keys:
+                record = json.loads(sample["json"])
+                out[sample["__key__"]] = [
+                    Outline(i + 1, names.get(a["category_id"], str(a["category_id"])), (), a["segmentation"])
+                    for i, a in enumerate(record.get("annotations") or [])]
+    return out
+
+
+@dataclass(frozen=True)
+class InpaintReferences:
+    """What ``references.mode: inpaint`` works from: the instances to repaint, in (key, id) order, and every
+    non-crowd annotation of their images by key (the labels each sample carries)."""
+
+    instances: list[Instance]
+    outlines: dict[str, list[Outline]]
+
+
+def inpaint_references(spec: Any) -> InpaintReferences:
+    """The instances of ``references.mode: inpaint``: every annotation of the picked references, or the
+    (key, id) rows of ``references.select.instance_column``. An empty outline, one that covers the image,
+    an unknown id or a picked image without annotations: ReferenceDataError."""
+    cfg = spec.references
+    refs = list_references(spec)
+    folder = Path(cfg.path)
+    keys = {r.key for r in refs}
+    outlines = (_coco_outlines(folder, keys) if (folder / ANNOTATIONS).is_file()
+                else _output_outlines(folder, refs))
+    picked = _picked_instances(cfg.select) if cfg.select is not None and cfg.select.instance_column else None
+    classes = {c.name for c in spec.classes}
+    instances = []
+    for ref in refs:
+        found = outlines.get(ref.key) or []
+        if not found:
+            raise ReferenceDataError("references.path", f"reference {ref.key!r} has no annotations to inpaint; "
+                                     "leave it out with references.select")
+        by_id = {o.id: o for o in found}
+        ids = sorted(picked.get(ref.key, ())) if picked is not None else sorted(by_id)
+        unknown = [i for i in ids if i not in by_id]
+        if unknown:
+            raise ReferenceDataError("references.select.path", f"reference {ref.key!r} has no annotation "
+                                     f"{unknown[0]} (its ids: {sorted(by_id)[:10]})")
+        for i in ids:
+            o = by_id[i]
+            area, size = float(mask_utils.area(o.rle)), o.rle["size"]
+            where = f"reference {ref.key!r} annotation {o.id}"
+            if area == 0:
+                raise ReferenceDataError("references.path", f"{where} has an empty mask; remove it or leave it out "
+                                         "with references.select.instance_column")
+            if area >= WHOLE_IMAGE * size[0] * size[1]:
+                raise ReferenceDataError("references.path", f"{where} covers the whole image, so nothing around it "
+                                         "is kept; leave it out with references.select.instance_column")
+            if o.class_name not in classes:
+                raise ReferenceDataError("references.path", f"{where} is a {o.class_name!r}, which is not in the "
+                                         "job's classes; add it to classes or leave it out with references.select")
+            instances.append(Instance(ref, o))
+    return InpaintReferences(instances, {k: v for k, v in outlines.items() if k in keys})
+
+
+def _picked_instances(sel: Any) -> dict[str, set[int]]:
+    """{key: annotation ids} of a selection file's (key_column, instance_column) rows."""
+    table = _read_table(Path(sel.path), sel.key_column)
+    if sel.instance_column not in table.column_names:
+        raise ReferenceDataError("references.select.path", f"{sel.path} has no column {sel.instance_column!r} "
+                                 f"(columns: {table.column_names}); set references.select.instance_column")
+    picked: dict[str, set[int]] = {}
+    for key, ann in zip(table[sel.key_column].to_pylist(), table[sel.instance_column].to_pylist()):
+        if not isinstance(ann, int) or isinstance(ann, bool):
+            raise ReferenceDataError("references.select.path", f"{sel.path}: key {key!r} has instance id {ann!r}, "
+                                     "not a whole number")
+        picked.setdefault(str(key), set()).add(ann)
+    return picked
+
+
+def fit_mask(rle: dict, height: int, width: int) -> np.ndarray:
+    """An RLE's mask as the reference's pixels are fitted to the generation size (``ReferenceImages``: the
+    same centre crop, nearest-neighbour resize): bool (height, width)."""
+    mask = Image.fromarray(mask_utils.decode(rle).astype(np.uint8) * 255)
+    return np.asarray(ImageOps.fit(mask, (width, height), method=Image.Resampling.NEAREST)) > 127
 
 
 class ReferenceImages:

@@ -13,7 +13,7 @@ from .base import Batch, Stage, passthrough
 from .prompt_words import count_phrase, grouped_positions
 
 if TYPE_CHECKING:  # stages.references imports webdataset, which imports torch (~3 s per worker)
-    from .references import Reference
+    from .references import Instance, Reference
 
 OBJECTS = "{objects}"
 EMBEDDING_STREAM = 1  # numpy seed-sequence word that separates embedding draws from prompt draws
@@ -72,16 +72,24 @@ class SamplingStage(Stage):
         self.max_instances = int(getattr(prompts, "max_instances_per_class", 1) or 1)
         self.count_style = getattr(prompts, "count_style", "number")
         self.reference_counts: dict[str, int] = {}
-        self.references: list[Reference] = []
+        self.references: list[Reference] = []  # one per unit: the reference image (inpaint: of each instance)
+        self.instances: list[Instance] = []
         refs = getattr(spec, "references", None)
         if refs is not None:
             from .references import list_references
 
-            self.references = list_references(spec)
             self.strengths = sorted(refs.strengths, reverse=True)  # level 0: least image guidance
             self.seeds_per_level = refs.seeds_per_level
+            if refs.mode == "inpaint":  # the units are instances: every annotation repainted in its outline
+                from .references import inpaint_references
+
+                found = inpaint_references(spec)
+                self.instances, self.outlines = found.instances, found.outlines
+                self.references = [i.ref for i in self.instances]
+            else:
+                self.references = list_references(spec)
             total = len(self.references) * len(self.strengths) * self.seeds_per_level
-            if self.max_instances > 1:
+            if self.max_instances > 1 and refs.mode != "inpaint":
                 self.reference_counts = _reference_counts(refs, self.references)
             if spec.samples != total:
                 raise ValueError(f"samples is {spec.samples} but the references give {total} variations")
@@ -128,14 +136,36 @@ class SamplingStage(Stage):
         """Token positions of each class: all tokens of all its words ('a ring and a ring': both)."""
         return grouped_positions(lambda flat: class_token_positions(self.tokenizer, prompt, flat), spans)
 
-    def variation(self, index: int) -> tuple[Reference, int, float]:
-        """(reference, level, strength) of a sample: index = (level x references + reference) x
-        seeds_per_level + seed number, so consecutive indices share a level (and a pipeline call)."""
+    def variation(self, index: int) -> tuple[int, int, float]:
+        """(unit, level, strength) of a sample: index = (level x units + unit) x seeds_per_level + seed
+        number, so consecutive indices share a level (and a pipeline call). A unit is a reference
+        (``self.references[unit]``) or, inpainting, an instance (``self.instances[unit]``)."""
         per_level = len(self.references) * self.seeds_per_level
         level, rest = divmod(index, per_level)
         if level >= len(self.strengths):
             raise ValueError(f"index {index} is beyond the {per_level * len(self.strengths)} variations")
-        return self.references[rest // self.seeds_per_level], level, self.strengths[level]
+        return rest // self.seeds_per_level, level, self.strengths[level]
+
+    def inpaint_prompt(self, seed: int, instance: Instance) -> tuple[str, list[Any], list[list[tuple[int, int]]],
+                                                                     str | None]:
+        """(prompt, classes, spans, attribute) of an inpainting sample: the instance's class first (a template
+        with a new attribute: one of its class's attributes the instance does not have, within the palette
+        when the outline is filled from it), then the image's other classes (not in the prompt: no spans).
+        With ``inpaint.prompt: empty`` the prompt is empty and no class has a span."""
+        opts = self.spec.references.inpaint
+        rng = np.random.default_rng(seed)
+        cls = next(c for c in self.classes if c.name == instance.outline.class_name)
+        others = [next(c for c in self.classes if c.name == name) for name in dict.fromkeys(
+            o.class_name for o in self.outlines[instance.key]) if name != cls.name]
+        usable = [a for a in (getattr(cls, "attributes", None) or []) if opts.fill != "palette" or a in opts.palette]
+        fresh = [a for a in usable if a not in instance.outline.attributes] or usable
+        attribute = str(fresh[int(rng.integers(len(fresh)))]) if fresh else None
+        if opts.prompt == "empty":
+            return "", [cls, *others], [[] for _ in range(1 + len(others))], attribute
+        prefix, suffix = self.templates[int(rng.integers(len(self.templates)))].split(OBJECTS)
+        phrase, at = count_phrase(1, attribute, str(rng.choice([cls.name, *cls.synonyms])), self.count_style)
+        spans = [[(len(prefix) + a, len(prefix) + b) for a, b in at]] + [[] for _ in others]
+        return prefix + phrase + suffix, [cls, *others], spans, attribute
 
     def reference_prompt(self, seed: int, ref: Reference) -> tuple[str, list[Any], list[list[tuple[int, int]]]]:
         """A template filled with the reference's class (and its attribute if the class lists it)."""
@@ -173,13 +203,23 @@ class SamplingStage(Stage):
         cond: dict[str, Any] = {}
         curriculum: dict[str, Any] = {}
         if self.references:
-            ref, level, strength = self.variation(index)
-            prompt, classes, spans = self.reference_prompt(seed, ref)
-            guidance = round(1.0 - strength, 6)
+            unit, level, strength = self.variation(index)
+            ref = self.references[unit]
             cond["reference"] = {"key": ref.key, "strength": strength}
+            if self.instances:
+                opts = self.spec.references.inpaint
+                prompt, classes, spans, attribute = self.inpaint_prompt(seed, self.instances[unit])
+                cond["reference"].update(mode="inpaint", instance=self.instances[unit].outline.id,
+                                         dilation=opts.dilation, prompt=opts.prompt, fill=opts.fill)
+                if opts.fill == "palette":
+                    cond["reference"]["fill_rgb"] = list(opts.palette[attribute]) if attribute else None
+                counts = [1] * len(classes)
+            else:
+                prompt, classes, spans = self.reference_prompt(seed, ref)
+                counts = [self.reference_count(ref)]
+            guidance = round(1.0 - strength, 6)
             curriculum = {"level": level, "strength": strength, "image_guidance": guidance, "group_id": ref.key,
                           "source": "synthetic", "difficulty": guidance}
-            counts = [self.reference_count(ref)]
         else:
             prompt, classes, spans = self._compose(seed)
             counts = self.counts(seed, len(classes))

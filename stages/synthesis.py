@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import finite
 from .attention import fp16_safe
 from .base import Batch, Stage, passthrough
 from .families import AUTO, FamilyError, all_families, family_class, resolve_family, supported_classes
@@ -100,6 +101,10 @@ class SynthesisStage(Stage):
         if refs is not None:
             self.reference_images = ReferenceImages(list_references(spec), gen.height, gen.width)
             self.img2img_steps = {s: self.family.loop_steps(gen.steps, s) for s in refs.strengths}
+            if refs.mode == "inpaint":
+                from .inpaint import ReferenceOutlines
+
+                self.outlines = ReferenceOutlines(spec)
 
     @property
     def img2img(self):
@@ -110,9 +115,10 @@ class SynthesisStage(Stage):
         """(1, L, D) ``prompt_embeds`` of one row (the family's ``embed`` gives every tensor)."""
         return self.family.embed(cond, prompt)["prompt_embeds"]
 
-    def _generate(self, batch: Batch, rows: list[int], conds: list[dict], strength: float | None) -> Batch:
+    def _generate(self, batch: Batch, rows: list[int], conds: list[dict], strength: float | None,
+                  inpaint: bool = False) -> Batch:
         """Images, ``gen`` and (with capture) maps of ``rows``: one text-to-image call, or one img2img
-        call at ``strength``."""
+        (``inpaint``: inpainting, stages/inpaint.py) call at ``strength``."""
         gen = self.spec.generation
         prompts = [str(batch["prompt"][i]) for i in rows]
         generators = [torch.Generator("cpu").manual_seed(int(batch["seed"][i])) for i in rows]
@@ -124,8 +130,17 @@ class SynthesisStage(Stage):
             if strength not in self.img2img_steps:
                 raise ValueError(f"reference strength {strength} is not in the job's references.strengths")
             steps = self.img2img_steps[strength]
-            gen_json = json.dumps({**json.loads(self.gen_json), "strength": strength})
-            images = [self.reference_images(conds[i]["reference"]["key"]) for i in rows]
+            gen_json = json.dumps({**json.loads(self.gen_json), "strength": strength,
+                                   **({"pipeline": "inpaint"} if inpaint else {})})
+            originals = [self.reference_images(conds[i]["reference"]["key"]) for i in rows]
+            images, repaint = originals, None
+            if inpaint:
+                from .inpaint import prepare
+
+                prepared = [prepare(im, self.outlines.outline(conds[i]["reference"]), conds[i]["reference"])
+                            for im, i in zip(originals, rows)]
+                images = [p[0] for p in prepared]
+                repaint = np.stack([p[1] for p in prepared])
             image = np.stack(images).astype(np.float32) / 255.0
         callback = None
         if self.capture is not None:
@@ -135,26 +150,41 @@ class SynthesisStage(Stage):
                 classes = json.loads(batch["class_names"][i])
                 if len(groups) != len(classes):
                     raise ValueError(f"row {i}: {len(classes)} class names but {len(groups)} token groups")
+                if inpaint:  # only the repainted class is prompted (the others are labels): its map, if named
+                    groups = [g for g in groups[:1] if g]
                 token_index.append(self.family.capture_token_index(prompt, groups))
             self.capture.begin(token_index, self.max_classes, steps)
             callback = self.capture.on_step_end
         out = self.family.run(kwargs, generators, gen.steps, gen.guidance_scale, gen.height, gen.width,
-                              callback, image=image, strength=strength)
+                              callback, image=image, strength=strength,
+                              mask=None if not inpaint else repaint.astype(np.float32))
+        bad, out = finite.bad_rows(out), finite.zeroed(out)  # non-finite rows: marked in gen, never labelled
         images = (np.clip(out, 0.0, 1.0) * 255).round().astype(np.uint8)
+        if inpaint:  # outside the repaint mask: the reference's own pixels, exactly
+            from .inpaint import paste_back
+
+            images = paste_back(images, np.stack(originals), repaint)
         new = {"image": images, "gen": np.full(len(rows), gen_json)}
         if self.capture is not None:
             maps = self.capture.finish()
+            for v in maps.values():
+                bad |= finite.bad_rows(v)
+            maps = {k: finite.zeroed(v) for k, v in maps.items()}
             # float32 maps, narrow ones stretched to [0, 1] before the float16 hand-over (stages/attention.py)
             new.update({k: fp16_safe(v.float()).to(torch.float16).cpu().numpy() for k, v in maps.items()})
+        new["gen"] = finite.mark(new["gen"], bad)
         return new
 
     def __call__(self, batch: Batch) -> Batch:
         n = len(batch["prompt"])
         conds = [json.loads(str(c)) if str(c) else {} for c in batch.get("cond", [""] * n)]
-        groups: dict[float | None, list[int]] = {}  # strength (None: text-to-image) -> rows, in row order
+        # (strength (None: text-to-image), inpainting) -> rows, in row order
+        groups: dict[tuple[float | None, bool], list[int]] = {}
         for i, cond in enumerate(conds):
-            groups.setdefault(cond["reference"]["strength"] if "reference" in cond else None, []).append(i)
-        parts = [(rows, self._generate(batch, rows, conds, strength)) for strength, rows in groups.items()]
+            ref = cond.get("reference", {})
+            groups.setdefault((ref.get("strength"), ref.get("mode") == "inpaint"), []).append(i)
+        parts = [(rows, self._generate(batch, rows, conds, strength, inpaint))
+                 for (strength, inpaint), rows in groups.items()]
         inverse = np.argsort(np.concatenate([rows for rows, _ in parts]), kind="stable")
         new = {col: np.concatenate([out[col] for _, out in parts])[inverse] for col in parts[0][1]}
         return passthrough(batch, **new)

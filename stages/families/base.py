@@ -101,6 +101,7 @@ class ModelFamily:
     optional: ClassVar[tuple[str, ...]] = ()
     tokenizers: ClassVar[tuple[str, ...]] = ("tokenizer",)
     vae: ClassVar[str] = "vae"
+    inpaint_class_name: ClassVar[str] = ""  # diffusers' inpainting pipeline on the same components
 
     # --- class level: configs only, no torch ------------------------------------------------------
     @classmethod
@@ -154,14 +155,26 @@ class ModelFamily:
     def img2img(self):
         """The image-to-image pipeline on the same components (same weights, same capture)."""
         if self._img2img is None:
-            import inspect
-
-            cls = self._img2img_class()
-            params = inspect.signature(cls.__init__).parameters
-            extra = {"requires_safety_checker": False} if "requires_safety_checker" in params else {}
-            self._img2img = cls(**{k: v for k, v in self.pipe.components.items() if k in params}, **extra)
-            self._img2img.set_progress_bar_config(disable=True)
+            self._img2img = self._on_components(self._img2img_class())
         return self._img2img
+
+    def inpaint(self):
+        """The inpainting pipeline (``inpaint_class_name``) on the same components: a plain text-to-image
+        denoiser inpaints by blending the reference's latents outside the mask at every step."""
+        if getattr(self, "_inpaint", None) is None:
+            import diffusers
+
+            self._inpaint = self._on_components(getattr(diffusers, self.inpaint_class_name))
+        return self._inpaint
+
+    def _on_components(self, cls):
+        import inspect
+
+        params = inspect.signature(cls.__init__).parameters
+        extra = {"requires_safety_checker": False} if "requires_safety_checker" in params else {}
+        pipe = cls(**{k: v for k, v in self.pipe.components.items() if k in params}, **extra)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
 
     def encode(self, text: str) -> dict[str, "torch.Tensor"]:
         raise NotImplementedError
@@ -230,12 +243,16 @@ class ModelFamily:
 
     def run(self, kwargs: dict[str, Any], generators: list, steps: int, guidance_scale: float, height: int,
             width: int, callback: Callable | None = None, image: "np.ndarray | None" = None,
-            strength: float | None = None) -> "np.ndarray":
-        """One pipeline call; float images (B, H, W, 3) in [0, 1] as the pipeline returns them."""
+            strength: float | None = None, mask: "np.ndarray | None" = None) -> "np.ndarray":
+        """One pipeline call; float images (B, H, W, 3) in [0, 1] as the pipeline returns them. ``image``:
+        img2img from it; with ``mask`` (float (B, H, W), 1 = repaint) inpainting inside the mask."""
         call = dict(kwargs, generator=generators)
         if image is None:
             pipe = self.pipe
             call.update(height=height, width=width)
+        elif mask is not None:
+            pipe = self.inpaint()
+            call.update(image=image, mask_image=mask, strength=strength, height=height, width=width)
         else:
             pipe = self.img2img()
             call.update(image=image, strength=strength)

@@ -28,6 +28,7 @@ class FluxFamily(MMDiTFamily):
     max_sequence_length = 512
     pipeline_class_name = "FluxPipeline"
     img2img_class_name = "FluxImg2ImgPipeline"
+    inpaint_class_name = "FluxInpaintPipeline"
 
     def _load(self, path: str, dtype: str, device: str, scheduler: str | None):
         pipe = super()._load(path, dtype, device, scheduler)

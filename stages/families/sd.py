@@ -18,6 +18,7 @@ class SDFamily(UNetFamily):
     tokenizers = ("tokenizer",)
     pipeline_class_name = "StableDiffusionPipeline"
     img2img_class_name = "StableDiffusionImg2ImgPipeline"
+    inpaint_class_name = "StableDiffusionInpaintPipeline"
 
     @classmethod
     def mismatch(cls, index: dict, denoiser_config: dict | None) -> str | None:

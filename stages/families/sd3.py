@@ -29,6 +29,7 @@ class SD3Family(MMDiTFamily):
     max_sequence_length = 256
     pipeline_class_name = "StableDiffusion3Pipeline"
     img2img_class_name = "StableDiffusion3Img2ImgPipeline"
+    inpaint_class_name = "StableDiffusion3InpaintPipeline"
 
     def clip_length(self) -> int:
         return int(self.pipe.tokenizer.model_max_length)

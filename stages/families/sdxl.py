@@ -23,6 +23,7 @@ class SDXLFamily(UNetFamily):
     tokenizers = ("tokenizer", "tokenizer_2")
     pipeline_class_name = "StableDiffusionXLPipeline"
     img2img_class_name = "StableDiffusionXLImg2ImgPipeline"
+    inpaint_class_name = "StableDiffusionXLInpaintPipeline"
 
     @classmethod
     def mismatch(cls, index: dict, denoiser_config: dict | None) -> str | None:

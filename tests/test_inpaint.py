@@ -1,0 +1,272 @@
+"""Outline-guided inpainting (``references.mode: inpaint``, stages/inpaint.py): the reference's masks and
+annotations are carried exactly, every pixel outside the repaint mask is the reference's own, each sample records
+what it repainted, the attention check scores what it claims, every family inpaints, and bad input is one line."""
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from pycocotools import mask as mask_utils
+
+from conftest import write_job
+from pipeline.cli import main
+from pipeline.dataset import read_manifest
+from pipeline.runner import run_job
+from pipeline.shapes.coco import render_coco
+from pipeline.shapes.world import CLASSES, COLORS, HELD_OUT_SEED, render_scene
+from pipeline.spec import load_spec
+from stages.filters import outline_verdict
+from stages.inpaint import outline_check, repaint_mask
+
+PALETTE = {name: list(rgb) for name, rgb in COLORS.items()}
+FIRST = HELD_OUT_SEED + 7_000_000
+
+
+@pytest.fixture(scope="module")
+def real(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("inpaint") / "real"
+    render_coco(folder, 3, first_seed=FIRST)
+    return folder
+
+
+def inpaint_job(folder: Path, model: str, real: Path, samples: int, **extra) -> Path:
+    references = {"path": str(real), "mode": "inpaint", "strengths": [0.5], "seeds_per_level": 1,
+                  "inpaint": {"dilation": 2, "fill": "palette", "palette": PALETTE}}
+    references.update(extra.pop("references", {}))
+    sections = dict(classes=[{"name": c, "attributes": list(COLORS)} for c in CLASSES], samples=samples,
+                    prompts={"templates": ["{objects}"], "max_classes_per_image": 1},
+                    generation={"steps": 4, "guidance_scale": 5.0, "height": 64, "width": 64, "batch_size": 2,
+                                "scheduler": "default"},
+                    masks={"capture_resolutions": [16, 8], "threshold": "otsu"},
+                    filters={"dedup_threshold": None}, output={"dir": str(folder / "out"), "shard_size": 4},
+                    references=references)
+    sections.update(extra)
+    return write_job(folder, model, **sections)
+
+
+def instances(real: Path) -> list[tuple[str, int]]:
+    coco = json.loads((real / "annotations.json").read_text())
+    files = {im["id"]: Path(im["file_name"]).stem for im in coco["images"]}
+    return sorted((files[a["image_id"]], a["id"]) for a in coco["annotations"])
+
+
+def committed(out: Path) -> list[dict]:
+    rows = []
+    for shard in read_manifest(out)["shards"]:
+        with tarfile.open(out / shard["tar"]) as tar:
+            members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+        for name in sorted(n for n in members if n.endswith(".json")):
+            key = name[:-5]
+            rows.append({"record": json.loads(members[name]),
+                         "seg": np.asarray(Image.open(io.BytesIO(members[key + ".seg.png"])))})
+    return rows
+
+
+def test_a_run_carries_the_reference_labels_exactly_and_records_what_it_repainted(tmp_path, tiny_model, real):
+    units = instances(real)
+    job = inpaint_job(tmp_path, tiny_model, real, len(units),
+                      references={"inpaint": {"dilation": 2, "fill": "palette", "palette": PALETTE,
+                                              "min_mass_inside": 0.0}})
+    spec = load_spec(job)
+    run_job(spec, use_ray=False, progress=False)
+    rows = committed(tmp_path / "out")
+    assert len(rows) == len(units)  # the check is off: every sample kept
+    scenes = {f"{FIRST + i:08d}": render_scene(FIRST + i, 64) for i in range(3)}
+    for row, (key, ann_id) in zip(rows, units):
+        rec, seg = row["record"], row["seg"]
+        ref = rec["cond"]["reference"]
+        assert (ref["key"], ref["instance"], ref["mode"], ref["dilation"], ref["prompt"], ref["fill"]) == \
+            (key, ann_id, "inpaint", 2, "template", "palette")
+        assert ref["strength"] == 0.5 and rec["curriculum"]["group_id"] == key and rec["gen"]["pipeline"] == "inpaint"
+        scene = scenes[key]
+        # annotations: every object of the scene, its exact mask, the repainted one first and marked
+        masks = [mask_utils.decode(a["segmentation"]).astype(bool) for a in rec["annotations"]]
+        assert len(masks) == len(scene.objects) and sum(a["inpainted"] for a in rec["annotations"]) == 1
+        assert rec["annotations"][0]["inpainted"] and rec["annotations"][0]["instance_id"] == ann_id
+        truth = sorted((o.mask for o in scene.objects), key=lambda m: m.tobytes())
+        assert all(np.array_equal(a, b) for a, b in zip(sorted(masks, key=lambda m: m.tobytes()), truth))
+        # the prompt names the repainted class in a colour it did not have
+        obj = next(o for o, m in zip(scene.objects, [o.mask for o in scene.objects])
+                   if np.array_equal(m, masks[0]))
+        assert rec["class_names"][0] == obj.cls and obj.color not in rec["prompt"] and obj.cls in rec["prompt"]
+        # seg.png: the scene's semantic mask in the record's class order (largest painted first)
+        names = rec["class_names"]
+        expected = np.zeros((64, 64), np.uint8)
+        for m, a in sorted(zip(masks, rec["annotations"]), key=lambda p: -int(p[0].sum())):
+            expected[m] = names.index(CLASSES[a["category_id"] - 1]) + 1
+        assert np.array_equal(seg, expected)
+        check = rec["scores"]["outline"]
+        assert check["class"] == obj.cls and 0.0 <= check["mass_inside"] <= 1.0 and 0.0 <= check["iou"] <= 1.0
+
+
+def test_outside_the_repaint_mask_every_pixel_is_the_reference_s_own(tmp_path, tiny_model, real):
+    from stages.inpaint import ReferenceOutlines
+    from stages.references import ReferenceImages, list_references
+    from stages.sampling import SamplingStage
+    from stages.synthesis import SynthesisStage
+
+    units = instances(real)
+    spec = load_spec(inpaint_job(tmp_path, tiny_model, real, len(units)))
+    batch = SamplingStage(spec)({"index": np.arange(4)})
+    out = SynthesisStage(spec)(batch)
+    refs = ReferenceImages(list_references(spec), 64, 64)
+    outlines = ReferenceOutlines(spec)
+    changed = 0
+    for i in range(4):
+        ref = json.loads(batch["cond"][i])["reference"]
+        outline = outlines.outline(ref)
+        repaint = repaint_mask(outline, 2)
+        original = refs(ref["key"])
+        assert np.array_equal(out["image"][i][~repaint], original[~repaint])  # exact: pasted back
+        changed += int((out["image"][i][repaint] != original[repaint]).any())
+    assert changed == 4  # and inside it the model drew
+    assert out["attn"].shape[:2] == (4, 1) and np.isfinite(out["attn"]).all()
+
+
+def test_the_outline_check_scores_what_it_claims():
+    outline = np.zeros((32, 32), bool)
+    outline[8:16, 8:16] = True
+    repaint = repaint_mask(outline, 2)
+    assert repaint.sum() == 12 * 12 and repaint[6, 6] and not repaint[5, 5]
+    inside = np.where(outline, 1.0, 0.0).astype(np.float32)
+    outside = np.where(repaint, 0.0, 1.0).astype(np.float32)
+    assert outline_check(inside, outline, outline, repaint) == {"mass_inside": 1.0, "iou": 1.0}
+    assert outline_check(outside, outside > 0.5, outline, repaint) == {"mass_inside": 0.0, "iou": 0.0}
+    assert outline_check(np.zeros_like(inside), np.zeros_like(outline), outline, repaint)["mass_inside"] == 0.0
+    opts = type("O", (), {"min_mass_inside": 0.5, "min_iou": 0.3})
+    scores = {"outline": {"class": "star", "mass_inside": 0.4, "iou": 0.9}, "outline_empty": False}
+    assert outline_verdict(scores, opts) == "outline:star"
+    assert outline_verdict({**scores, "outline": {"class": "star", "mass_inside": 0.6, "iou": 0.2}}, opts) == \
+        "outline:star"
+    assert outline_verdict({**scores, "outline": {"class": "star", "mass_inside": 0.6, "iou": 0.4}}, opts) == ""
+    assert outline_verdict({"outline": None, "outline_empty": False}, opts) == ""  # empty prompt: no check
+    assert outline_verdict({"outline": None, "outline_empty": True}, opts) == "outline-empty"
+
+
+def coco_with(real: Path, folder: Path, edit) -> Path:
+    """A copy of the COCO folder ``real`` whose annotations ``edit(data)`` changed."""
+    import shutil
+
+    shutil.copytree(real, folder)
+    data = json.loads((folder / "annotations.json").read_text())
+    edit(data)
+    (folder / "annotations.json").write_text(json.dumps(data))
+    return folder
+
+
+def _empty_first(data):
+    rle = mask_utils.encode(np.asfortranarray(np.zeros((64, 64), np.uint8)))
+    data["annotations"][0]["segmentation"] = {"size": [64, 64], "counts": rle["counts"].decode()}
+
+
+def _whole_first(data):
+    rle = mask_utils.encode(np.asfortranarray(np.ones((64, 64), np.uint8)))
+    data["annotations"][0]["segmentation"] = {"size": [64, 64], "counts": rle["counts"].decode()}
+
+
+def _no_annotations(data):
+    data["annotations"] = []
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("empty", "has an empty mask"),
+    ("whole", "covers the whole image"),
+    ("unannotated", "has no annotated images"),
+    ("unknown id", "has no annotation 999"),
+    ("options without mode", "inpaint options are set but mode is img2img"),
+    ("palette missing", "fill: palette needs palette"),
+    ("wrong count", "instances x 1 strengths x 1 seeds_per_level"),
+])
+def test_bad_inpaint_input_is_one_line_and_exit_2_before_anything_is_written(case, expected, tmp_path, tiny_model,
+                                                                             real, capsys):
+    n = len(instances(real))
+    refs: dict = {}
+    folder = real
+    if case == "empty":
+        folder = coco_with(real, tmp_path / "coco", _empty_first)
+    elif case == "whole":
+        folder = coco_with(real, tmp_path / "coco", _whole_first)
+    elif case == "unannotated":
+        folder = coco_with(real, tmp_path / "coco", _no_annotations)
+    elif case == "unknown id":
+        key = instances(real)[0][0]
+        (tmp_path / "pick.csv").write_text(f"key,ann\n{key},999\n")
+        refs = {"select": {"path": str(tmp_path / "pick.csv"), "instance_column": "ann"}}
+        n = 1
+    elif case == "options without mode":
+        refs = {"mode": "img2img"}
+    elif case == "palette missing":
+        refs = {"inpaint": {"fill": "palette"}}
+    elif case == "wrong count":
+        n += 1
+    job = inpaint_job(tmp_path, tiny_model, folder, n, references={"path": str(folder), **refs})
+    for command in (["validate", str(job)], ["run", str(job), "--no-ray"]):
+        assert main(command) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and expected in err[0], err
+    assert not (tmp_path / "out").exists()
+
+
+def test_select_instance_column_picks_single_instances(tmp_path, tiny_model, real):
+    from stages.references import inpaint_references
+
+    units = instances(real)
+    (tmp_path / "pick.csv").write_text("key,ann\n" + "".join(f"{k},{a}\n" for k, a in units[::2]))
+    spec = load_spec(inpaint_job(tmp_path, tiny_model, real, len(units[::2]),
+                                 references={"select": {"path": str(tmp_path / "pick.csv"), "instance_column": "ann"}}))
+    picked = inpaint_references(spec).instances
+    assert [(i.key, i.outline.id) for i in picked] == units[::2]
+
+
+@pytest.fixture(scope="module")
+def family_models(tmp_path_factory) -> dict[str, Path]:
+    from family_models import BUILDERS
+    from mmdit_models import build_flux, build_sd3
+
+    root = tmp_path_factory.mktemp("inpaint-families")
+    return {**{name: build(root / name) for name, build in BUILDERS.items()},
+            "sd3": build_sd3(root / "sd3"), "flux": build_flux(root / "flux")}
+
+
+@pytest.mark.parametrize("family", ["sd15", "sd2", "sdxl", "sd3", "flux"])
+def test_every_family_inpaints_with_random_weights(family, family_models, tmp_path, real):
+    """Each family's inpainting pipeline (diffusers' on the same components) runs one batch: outside the repaint
+    mask the reference's pixels, exactly; a map of the recorded grid; the reference's annotations as labels."""
+    from stages.labels import LabelStage
+    from stages.masks import MaskStage
+    from stages.references import ReferenceImages, list_references
+    from stages.sampling import SamplingStage
+    from stages.synthesis import SynthesisStage
+
+    units = instances(real)
+    job = inpaint_job(tmp_path, str(family_models[family]), real, len(units),
+                      generation={"steps": 3, "guidance_scale": 4.0, "height": 64, "width": 64, "batch_size": 2,
+                                  "scheduler": "default"},
+                      masks={"capture_resolutions": [16] if family in ("sd3", "flux") else ["1/2"],
+                             "threshold": "otsu"},
+                      references={"strengths": [0.7]})
+    spec = load_spec(job)
+    batch = SamplingStage(spec)({"index": np.arange(2)})
+    out = SynthesisStage(spec)(batch)
+    out = LabelStage(spec)(MaskStage(spec)(out))
+    refs = ReferenceImages(list_references(spec), 64, 64)
+    for i in range(2):
+        ref = json.loads(batch["cond"][i])["reference"]
+        repaint = repaint_mask(_outline(spec, ref), 2)
+        original = refs(ref["key"])
+        assert np.array_equal(out["image"][i][~repaint], original[~repaint])
+        anns = json.loads(out["annotations"][i])
+        assert anns[0]["instance_id"] == ref["instance"] and anns[0]["inpainted"]
+    grid = json.loads(out["gen"][0])["capture"]["map_grid"]
+    assert out["attn"].shape[2:] == tuple(grid) and np.isfinite(out["attn"]).all()
+
+
+def _outline(spec, ref: dict) -> np.ndarray:
+    from stages.inpaint import ReferenceOutlines
+
+    return ReferenceOutlines(spec).outline(ref)
