@@ -8,16 +8,21 @@ class-token columns of the softmax over the whole joint key set.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
+import math
 from collections import defaultdict
 
 import pytest
 import torch
 from diffusers import FluxPipeline, FluxTransformer2DModel, SD3Transformer2DModel
 from diffusers.models.embeddings import apply_rotary_emb
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from stages.families import joint_attention
 from stages.families.joint_attention import (FluxCaptureProcessor, JointAttentionCapture, JointCaptureConfig,
-                                             SD3CaptureProcessor, block_names, default_blocks, middle_blocks)
+                                             SD3CaptureProcessor, attention_with_lse, block_names, default_blocks,
+                                             joint_logsumexp, middle_blocks)
 
 GRID = (4, 6)  # image-token grid (non-square): latent 8×12 for SD3, packed 4×6 for Flux
 N = GRID[0] * GRID[1]
@@ -59,6 +64,14 @@ def flux_inputs(model, batch: int, seed: int) -> dict:
 
 
 FAMILIES = {"sd3": (sd3, sd3_inputs), "flux": (flux, flux_inputs)}
+
+
+def in_dtype(inputs, dtype: torch.dtype):
+    """``inputs`` with its float tensors in ``dtype`` (Flux's position ids stay float32, as the pipeline makes them)."""
+    def make(model, batch: int, seed: int) -> dict:
+        return {k: v.to(dtype) if v.is_floating_point() and not k.endswith("_ids") else v
+                for k, v in inputs(model, batch, seed).items()}
+    return make
 
 
 def reference_probs(model) -> dict[int, list[torch.Tensor]]:
@@ -216,3 +229,100 @@ def test_misuse_fails_loudly():
         model(**sd3_inputs(model, 2 * B, 0))
     with pytest.raises(ValueError, match=r"within \[0, 10\)"):
         capture.begin([[[10]]], K, GRID, 1, TEXT)
+
+
+# --- text columns + row normaliser (no image × joint probability matrix) -----------------------------------------
+def explicit_logsumexp(query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    return (query.double() @ key.double().transpose(-1, -2) / math.sqrt(query.shape[-1])).logsumexp(dim=-1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_fused_attention_gives_sdpa_output_and_its_logsumexp(dtype):
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, 3, n, 16, generator=g).mul(2).to(dtype) for n in (37, 45, 45))
+    q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))  # (B, S, H, D) views, as Flux's
+    out, lse = attention_with_lse(q, k, v)
+    assert torch.equal(out, torch.nn.functional.scaled_dot_product_attention(q, k, v))
+    assert lse is not None and lse.dtype == torch.float32 and lse.shape == (2, 3, 37)  # CPU flash returns it
+    torch.testing.assert_close(lse.double(), explicit_logsumexp(q, k), rtol=0, atol=1e-4)
+    with sdpa_kernel([SDPBackend.MATH]):  # a kernel without a logsumexp: SDPA's output alone
+        out, lse = attention_with_lse(q, k, v)
+        assert lse is None and torch.equal(out, torch.nn.functional.scaled_dot_product_attention(q, k, v))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("chunk_bytes", [1, 4 * 2 * 24 * 7, 2**20], ids=["one-key", "seven-keys", "one-chunk"])
+def test_chunked_logsumexp_equals_explicit(dtype, chunk_bytes):
+    g = torch.Generator().manual_seed(2)
+    q, k = torch.randn(2, 3, 24, 8, generator=g).mul(3).to(dtype), torch.randn(2, 3, 50, 8, generator=g).to(dtype)
+    lse = joint_logsumexp(q, k, chunk_bytes)  # one-key / seven-keys: more keys than one chunk, heads one at a time
+    assert lse.dtype == torch.float32 and lse.shape == (2, 3, 24)
+    torch.testing.assert_close(lse.double(), explicit_logsumexp(q, k), rtol=0, atol=1e-5)
+
+
+def test_a_fused_kernel_that_disagrees_with_sdpa_is_dropped(monkeypatch):
+    monkeypatch.setattr(joint_attention, "_LSE_OK", {})
+    wrong = dict(joint_attention._LSE_OPS)
+    wrong["cpu", "FLASH_ATTENTION"] = lambda q, k, v: (lambda o: (o[0], o[1] + 0.01))(
+        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v))
+    monkeypatch.setattr(joint_attention, "_LSE_OPS", wrong)
+    q = k = v = torch.randn(1, 2, 9, 8)
+    with pytest.warns(UserWarning, match="row normaliser separately"):
+        out, lse = attention_with_lse(q, k, v)
+    assert lse is None and torch.equal(out, torch.nn.functional.scaled_dot_product_attention(q, k, v))
+    assert attention_with_lse(q, k, v)[1] is None  # remembered: no second check
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("normaliser", ["fused", "chunked"])
+def test_text_columns_and_normaliser_equal_the_explicit_softmax(family, dtype, normaliser, monkeypatch):
+    """The maps (fp32 and bf16 models) equal the explicit fp64 softmax over the whole joint key set within 1e-3,
+    with the normaliser from the fused kernel's logsumexp or (math kernel) chunked one key at a time; every
+    transformer output is bitwise the same as without capture."""
+    build, inputs = FAMILIES[family]
+    model, inputs = build().to(dtype), in_dtype(inputs, dtype)
+    copies = 2 if family == "sd3" else 1
+    given = []
+    record = JointAttentionCapture.record
+
+    def spy(self, *args, lse=None, **kwargs):
+        given.append(lse is not None)
+        return record(self, *args, lse=lse, **kwargs)
+
+    monkeypatch.setattr(JointAttentionCapture, "record", spy)
+    kernel = sdpa_kernel([SDPBackend.MATH]) if normaliser == "chunked" else contextlib.nullcontext()
+    with kernel:
+        bare = run(model, inputs, None, steps=1, copies=copies)
+        blocks = tuple(range(len(block_names(model))))
+        capture = JointAttentionCapture(model, JointCaptureConfig(blocks=blocks),
+                                        chunk_bytes=1 if normaliser == "chunked" else joint_attention.CHUNK_BYTES)
+        reference = reference_probs(model)
+        captured = run(model, inputs, capture, steps=1, copies=copies)
+    assert len(bare) == len(captured) == 1 and torch.equal(bare[0], captured[0])
+    assert given == [normaliser == "fused"] * len(blocks)
+    maps = capture.finish()["attn_raw"]
+    expected = class_maps([reference[b][0] for b in blocks])
+    torch.testing.assert_close(maps, expected, rtol=0, atol=1e-3)
+    assert maps.dtype == torch.float32
+
+
+def test_the_fp32_output_matmul_is_checked_once_and_dropped_when_missing_or_wrong(monkeypatch):
+    """The CUDA path of the class logits (fp32 output from bf16 queries), exercised on the CPU: an op that raises
+    (the CPU has none) or disagrees with the fp32 path is dropped for good; one that agrees is used."""
+    g = torch.Generator().manual_seed(3)
+    q, k = torch.randn(2, 3, 20, 8, generator=g).bfloat16(), torch.randn(2, 3, 4, 8, generator=g).bfloat16()
+    lse = joint_logsumexp(q, torch.cat([k, q], dim=2))
+    expected = joint_attention._class_log_probs_fp32(q, k, lse, 8 ** -0.5)
+    monkeypatch.setattr(joint_attention, "_FP32_OUT_DEVICES", ("cpu",))
+    for op, used in [(None, False),  # the real op: not on the CPU
+                     (lambda bias, a, b, alpha, out: out.copy_(torch.baddbmm(bias, a.float(), b.float(), alpha=alpha)),
+                      True),
+                     (lambda bias, a, b, alpha, out: out.fill_(0.0), False)]:
+        monkeypatch.setattr(joint_attention, "_FP32_OUT_OK", {})
+        if op is not None:
+            monkeypatch.setattr(joint_attention, "_baddbmm_fp32_out", op)
+        for _ in range(2):
+            torch.testing.assert_close(joint_attention._class_log_probs(q, k, lse, 8 ** -0.5), expected,
+                                       rtol=0, atol=1e-5)
+        assert joint_attention._FP32_OUT_OK == {torch.bfloat16: used}

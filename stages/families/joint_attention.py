@@ -4,11 +4,19 @@ An MM-DiT block attends over one joint sequence of image and text tokens. ``Join
 installs a capture processor on the joint attention of the chosen blocks; the processor computes
 the layer's output exactly as diffusers' own processor does (same projections, same q/k norms, same
 RoPE for Flux, the fused ``scaled_dot_product_attention`` / ``dispatch_attention_fn`` call), so the
-output is bitwise the same with capture on or off. From the same q/k (after RoPE) it computes, in
-fp32 and per chunk of heads, the image-query rows of softmax(QKᵀ/√d) over the WHOLE joint key set
-(text, T5 padding and image keys, as the model attends), keeps only the text columns that name a
-class, means over heads and adds into a preallocated running sum per block: memory does not grow with
-steps, and the (N × N+L) probability matrix exists only one head chunk at a time.
+output is bitwise the same with capture on or off. From the same q/k (after RoPE) it computes the
+image-query rows of softmax(QKᵀ/√d) over the WHOLE joint key set (text, T5 padding and image keys, as
+the model attends), but only in the text columns that name a class: those few logits in fp32, minus
+the row normaliser logsumexp_j(q·k_j/√d) over every joint key, exponentiated, meaned over heads and
+added into a preallocated running sum per block (memory does not grow with steps). The (N × N+L)
+probability matrix is never formed. The normaliser comes from the layer's own attention call where the
+fused kernel SDPA picks returns it (``attention_with_lse``: CPU flash; CUDA flash, memory-efficient,
+cuDNN), so that call gives both the layer's output (the same kernel call SDPA makes: bitwise the same)
+and the normaliser, and the capture adds only the class columns. Elsewhere (the math kernel, another
+diffusers attention backend on Flux) ``joint_logsumexp`` computes it in chunks of heads and keys with
+fp32 accumulation (TF32 for half-precision inputs on CUDA, exact for their values): as many FLOPs as
+the QKᵀ of the image rows, but never the whole score matrix at once. Self-attention refinement still
+needs the image→image probabilities, one head chunk at a time (small grids only).
 
 Joint sequence layouts (diffusers 0.42):
 
@@ -37,8 +45,10 @@ call of the step (Flux's true CFG calls the transformer twice per step, the cond
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
+import warnings
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -49,8 +59,163 @@ import torch.nn.functional as F
 from ..attention import token_weights
 from .mmdit import MAX_AFFINITY_TOKENS, default_blocks, middle_blocks  # noqa: F401  (torch-free half)
 
-#: image-query × joint-key probabilities are computed this many bytes (fp32) at a time, a chunk of heads each
+#: the row normaliser computed without a fused kernel's logsumexp, and the refinement's image columns, are computed
+#: this many bytes (fp32 scores) at a time: a chunk of heads, and of keys within a head
 CHUNK_BYTES = 256 * 2**20
+#: a fused kernel's logsumexp must match the chunked one within this (natural log) on its first use
+LSE_TOLERANCE = 1e-3
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _sdpa_choice(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> str:
+    """The fused kernel ``F.scaled_dot_product_attention`` picks for these inputs (no mask, no dropout), by name."""
+    from torch.nn.attention import SDPBackend
+
+    try:
+        return SDPBackend(torch._fused_sdp_choice(query, key, value)).name
+    except (AttributeError, RuntimeError, ValueError):  # a torch without the private chooser, or a new backend
+        return "UNKNOWN"
+
+
+def _flash_cpu(q, k, v):
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v)[:2]
+
+
+def _flash_cuda(q, k, v):
+    return torch.ops.aten._scaled_dot_product_flash_attention(q, k, v)[:2]
+
+
+def _efficient_cuda(q, k, v):
+    return torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True)[:2]
+
+
+def _cudnn_cuda(q, k, v):
+    return torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True)[:2]
+
+
+#: (device type, SDPA's choice) → the aten op F.scaled_dot_product_attention calls there, returning (out, logsumexp)
+_LSE_OPS = {("cpu", "FLASH_ATTENTION"): _flash_cpu, ("cuda", "FLASH_ATTENTION"): _flash_cuda,
+            ("cuda", "EFFICIENT_ATTENTION"): _efficient_cuda, ("cuda", "CUDNN_ATTENTION"): _cudnn_cuda}
+#: (device type, dtype, choice, head dim) → whether the op's output was bitwise SDPA's and its logsumexp right
+_LSE_OK: dict[tuple, bool] = {}
+
+
+def attention_with_lse(query: torch.Tensor, key: torch.Tensor,
+                       value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``F.scaled_dot_product_attention(query, key, value)`` on (B, H, L, D) tensors, and the row normaliser of its
+    softmax, logsumexp_j(q·k_j/√d) (B, H, L) float32, where the fused kernel SDPA picks returns one (CPU flash;
+    CUDA flash, memory-efficient, cuDNN); None otherwise. The output is the very kernel call SDPA makes, so it is
+    bitwise SDPA's: the first use of each (device, dtype, kernel, head size) checks that against SDPA itself, and
+    the logsumexp against ``joint_logsumexp``, and falls back to SDPA without a normaliser if either differs."""
+    choice = _sdpa_choice(query, key, value)
+    op = _LSE_OPS.get((query.device.type, choice))
+    dim = query.shape[-1]
+    signature = (query.device.type, query.dtype, choice, dim)
+    if op is None or _LSE_OK.get(signature) is False or (query.is_cuda and dim % 8):  # SDPA pads odd head sizes
+        return F.scaled_dot_product_attention(query, key, value), None
+    out, lse = op(query, key, value)
+    lse = (lse.squeeze(-1) if lse.dim() == 4 else lse)[..., :query.shape[-2]].float()  # mem-efficient pads rows
+    if signature not in _LSE_OK:
+        reference = F.scaled_dot_product_attention(query, key, value)
+        ok = (out.shape == reference.shape and torch.equal(out, reference) and lse.shape == query.shape[:-1]
+              and bool((lse - joint_logsumexp(query, key)).abs().max() <= LSE_TOLERANCE))
+        _LSE_OK[signature] = ok
+        if not ok:
+            warnings.warn(f"joint-attention capture: {choice} on {query.device.type} {query.dtype} does not give "
+                          "SDPA's output and logsumexp: computing the row normaliser separately", stacklevel=2)
+            return reference, None
+    return out, lse
+
+
+@contextlib.contextmanager
+def _tf32_for(dtype: torch.dtype, device: torch.device):
+    """TF32 matmuls inside, on CUDA for half-precision inputs only: their values are exact in TF32, and products
+    accumulate in fp32, so the fp32 scores lose nothing; fp32 inputs keep full fp32 matmuls."""
+    matmul = torch.backends.cuda.matmul
+    try:
+        before = matmul.allow_tf32 if device.type == "cuda" and dtype in _HALF else None
+    except (AttributeError, RuntimeError):
+        before = None
+    if before is None:
+        yield
+        return
+    matmul.allow_tf32 = True
+    try:
+        yield
+    finally:
+        matmul.allow_tf32 = before
+
+
+def _scores(query: torch.Tensor, key: torch.Tensor, scale: float) -> torch.Tensor:
+    """query·keyᵀ·scale in fp32, (B, h, N, D) × (B, h, M, D) → (B, h, N, M), from inputs of any float dtype."""
+    with _tf32_for(query.dtype, query.device):
+        return torch.matmul(query.float() * scale, key.float().transpose(-1, -2))
+
+
+#: devices with an fp32-output batched matmul on half-precision inputs (``aten::baddbmm.dtype``; not the CPU)
+_FP32_OUT_DEVICES = ("cuda",)
+#: dtype → whether that matmul ran and agreed with the fp32 path on its first use
+_FP32_OUT_OK: dict[torch.dtype, bool] = {}
+
+
+def _baddbmm_fp32_out(bias: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float, out: torch.Tensor) -> None:
+    torch.ops.aten.baddbmm.dtype_out(bias, a, b, torch.float32, alpha=alpha, out=out)
+
+
+def _class_log_probs_fp32(query: torch.Tensor, key: torch.Tensor, lse: torch.Tensor, scale: float) -> torch.Tensor:
+    batch, heads, n, dim = query.shape
+    return torch.baddbmm(-lse.reshape(batch * heads, 1, n), key.float().reshape(batch * heads, -1, dim),
+                         query.float().reshape(batch * heads, n, dim).transpose(-1, -2),
+                         alpha=scale).view(batch, heads, -1, n)
+
+
+def _class_log_probs(query: torch.Tensor, key: torch.Tensor, lse: torch.Tensor, scale: float) -> torch.Tensor:
+    """log softmax at a few keys: key·queryᵀ·scale − lse in fp32, (B, H, N, D) image queries × (B, H, M, D) keys,
+    lse (B, H, N) → (B, H, M, N). On CUDA with half-precision inputs one fp32-output matmul per image reads the
+    queries as they are (no fp32 copy) and writes the result once; elsewhere via fp32 copies."""
+    if query.device.type in _FP32_OUT_DEVICES and query.dtype in _HALF and _FP32_OUT_OK.get(query.dtype, True):
+        out = torch.empty(*key.shape[:3], query.shape[2], dtype=torch.float32, device=query.device)
+        try:
+            for q, k, row, o in zip(query, key, lse, out):
+                _baddbmm_fp32_out((-row[:, None, :]).expand(o.shape), k, q.transpose(-1, -2), scale, o)
+        except RuntimeError:  # no such matmul for this device / dtype
+            _FP32_OUT_OK[query.dtype] = False
+        else:
+            if query.dtype not in _FP32_OUT_OK:  # first use: the same numbers as the fp32 path
+                reference = _class_log_probs_fp32(query, key, lse, scale)
+                _FP32_OUT_OK[query.dtype] = bool((out - reference).abs().max() <= 1e-4 * (1 + reference.abs().max()))
+            if _FP32_OUT_OK[query.dtype]:
+                return out
+    return _class_log_probs_fp32(query, key, lse, scale)
+
+
+def joint_logsumexp(query: torch.Tensor, key: torch.Tensor, chunk_bytes: int = CHUNK_BYTES) -> torch.Tensor:
+    """logsumexp_j(q·k_j/√d) over every key, (B, H, N, D) × (B, H, S, D) → (B, H, N) float32, without the whole
+    (N × S) score matrix: chunks of heads and keys of at most ``chunk_bytes`` fp32 scores each, combined exactly
+    (running max and sum). Inputs of any float dtype; products accumulate in fp32 (TF32 for half inputs on CUDA)."""
+    batch, heads, n, dim = query.shape
+    seq = key.shape[2]
+    scale = 1.0 / math.sqrt(dim)
+    row = 4 * batch * n  # bytes of one key column of one head's scores
+    h_chunk = max(1, min(heads, chunk_bytes // max(1, row * seq)))
+    k_chunk = max(1, min(seq, chunk_bytes // max(1, row * h_chunk)))
+    out = torch.empty(batch, heads, n, dtype=torch.float32, device=query.device)
+    with _tf32_for(query.dtype, query.device):
+        for h in range(0, heads, h_chunk):
+            q = query[:, h:h + h_chunk].float() * scale
+            top = total = None
+            for j in range(0, seq, k_chunk):
+                s = torch.matmul(q, key[:, h:h + h_chunk, j:j + k_chunk].float().transpose(-1, -2))
+                m = s.amax(dim=-1)
+                if top is None:
+                    top, total = m, s.sub_(m[..., None]).exp_().sum(dim=-1)
+                else:
+                    new = torch.maximum(top, m)
+                    total = total * (top - new).exp() + s.sub_(new[..., None]).exp_().sum(dim=-1)
+                    top = new
+            out[:, h:h + h_chunk] = top + total.log()
+    return out
 
 SD3_CLASSES = ("SD3Transformer2DModel",)
 FLUX_CLASSES = ("FluxTransformer2DModel",)
@@ -141,9 +306,12 @@ class SD3CaptureProcessor:
         value = torch.cat([value, context_value], dim=2)
 
         n_image = residual.shape[1]
-        self.capture.record(self.block, query[:, :, :n_image], key, image_start=0,
-                            text_start=n_image, text_length=key.shape[2] - n_image)
-        hidden_states = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
+        if self.capture.recording():
+            hidden_states, lse = attention_with_lse(query, key, value)
+            self.capture.record(self.block, query[:, :, :n_image], key, image_start=0, text_start=n_image,
+                                text_length=key.shape[2] - n_image, lse=None if lse is None else lse[:, :, :n_image])
+        else:
+            hidden_states = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
         hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
         hidden_states = hidden_states.to(query.dtype)
         hidden_states, encoder_hidden_states = hidden_states[:, :n_image], hidden_states[:, n_image:]
@@ -171,6 +339,17 @@ class FluxCaptureProcessor:
         # keep the backend the layer was set to (set_attention_backend stores it on the processor)
         self._attention_backend = getattr(original, "_attention_backend", None)
         self._parallel_config = getattr(original, "_parallel_config", None)
+
+    def _native(self) -> bool:
+        """Whether ``dispatch_attention_fn`` would run diffusers' native backend (plain SDPA) on one device."""
+        from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
+
+        if self._parallel_config is not None:
+            return False
+        backend = self._attention_backend
+        name = (_AttentionBackendRegistry.get_active_backend()[0] if backend is None
+                else AttentionBackendName(backend))
+        return name == AttentionBackendName.NATIVE
 
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None,
@@ -206,12 +385,23 @@ class FluxCaptureProcessor:
             text_length = encoder_hidden_states.shape[1]
         if attention_mask is not None:
             raise NotImplementedError("joint-attention capture does not support attention masks")
-        # (B, S, H, D) → (B, H, S, D) views: the capture reads them, the attention call below gets the originals
-        self.capture.record(self.block, query[:, text_length:].transpose(1, 2), key.transpose(1, 2),
-                            image_start=text_length, text_start=0, text_length=text_length)
-
-        hidden_states = dispatch_attention_fn(query, key, value, attn_mask=attention_mask,
-                                              backend=self._attention_backend, parallel_config=self._parallel_config)
+        if not self.capture.recording():
+            hidden_states = dispatch_attention_fn(query, key, value, attn_mask=attention_mask,
+                                                  backend=self._attention_backend,
+                                                  parallel_config=self._parallel_config)
+        elif self._native():
+            # diffusers' native backend: SDPA on (B, H, S, D) views, permuted back; here with its normaliser
+            hidden_states, lse = attention_with_lse(*(t.permute(0, 2, 1, 3) for t in (query, key, value)))
+            hidden_states = hidden_states.permute(0, 2, 1, 3)
+        else:
+            hidden_states, lse = dispatch_attention_fn(query, key, value, attn_mask=attention_mask,
+                                                       backend=self._attention_backend,
+                                                       parallel_config=self._parallel_config), None
+        if self.capture.recording():
+            # (B, S, H, D) → (B, H, S, D) views of the q/k the attention call got
+            self.capture.record(self.block, query[:, text_length:].transpose(1, 2), key.transpose(1, 2),
+                                image_start=text_length, text_start=0, text_length=text_length,
+                                lse=None if lse is None else lse[:, :, text_length:])
         hidden_states = hidden_states.flatten(2, 3)
         hidden_states = hidden_states.to(query.dtype)
         if encoder_hidden_states is not None:
@@ -319,14 +509,20 @@ class JointAttentionCapture:
             raise RuntimeError("joint-attention capture is installed but begin() was not called for this call")
         return self._run
 
+    def recording(self) -> bool:
+        """Whether the current transformer call is captured: inside the step window, and the step's first call."""
+        run = self._require_run()
+        return run["step"] in run["window"] and run["call"] <= 1
+
     @torch.no_grad()
     def record(self, block: int, query: torch.Tensor, key: torch.Tensor, image_start: int, text_start: int,
-               text_length: int) -> None:
+               text_length: int, lse: torch.Tensor | None = None) -> None:
         """Add one layer call: ``query`` (B', H, N, D) the image queries, ``key`` (B', H, S, D) every joint key;
         the text keys are ``key[:, :, text_start:text_start + text_length]``, the image keys start at
-        ``image_start``."""
+        ``image_start``. ``lse`` (B', H, N): the image rows' logsumexp of the scaled scores over all S keys, from
+        the attention call (``attention_with_lse``); None: computed here (``joint_logsumexp``)."""
         run = self._require_run()
-        if run["step"] not in run["window"] or run["call"] > 1:
+        if not self.recording():
             return  # outside the window, or a second (unconditional / guidance-layer) call of this step
         batch = run["batch"]
         if query.shape[0] not in (batch, 2 * batch):
@@ -339,21 +535,20 @@ class JointAttentionCapture:
                                f"{run['text_length']}")
         # the conditional half is the second half of a CFG batch: [uncond, cond]
         query, key = query[-batch:], key[-batch:]
-        heads, seq, dim = query.shape[1], key.shape[2], query.shape[3]
+        heads, dim = query.shape[1], query.shape[3]
         scale = 1.0 / math.sqrt(dim)  # scaled_dot_product_attention's default
-        index = (run["positions"] + text_start)[:, None, None, :]
-        chunk = max(1, min(heads, self.chunk_bytes // max(1, 4 * batch * n * seq)))
-        total = run["sums"][block]
+        lse = joint_logsumexp(query, key, self.chunk_bytes) if lse is None else lse[-batch:].float()
+        # the class tokens' keys only: (B, H, slots, D)
+        index = (run["positions"] + text_start)[:, None, :, None].expand(-1, heads, -1, dim)
+        log_probs = _class_log_probs(query, key.gather(2, index), lse, scale)  # (B, H, slots, N)
+        run["sums"][block] += log_probs.exp_().sum(dim=1)
         affinity = run["affinity"]
-        for h in range(0, heads, chunk):
-            q, k = query[:, h:h + chunk].float(), key[:, h:h + chunk].float()
-            scores = torch.matmul(q, k.transpose(-1, -2)) * scale  # (B, h, N, S)
-            lse = scores.logsumexp(dim=-1, keepdim=True)
-            cols = scores.gather(-1, index.expand(-1, scores.shape[1], n, -1))  # (B, h, N, slots)
-            total += (cols - lse).exp().sum(dim=1).transpose(1, 2)
-            if affinity is not None:
-                affinity += (scores[..., image_start:image_start + n] - lse).exp().sum(dim=1)
-        # mean over heads, accumulated per head chunk
+        if affinity is not None:  # the image→image probabilities, a chunk of heads at a time
+            chunk = max(1, min(heads, self.chunk_bytes // max(1, 4 * batch * n * n)))
+            for h in range(0, heads, chunk):
+                scores = _scores(query[:, h:h + chunk], key[:, h:h + chunk, image_start:image_start + n], scale)
+                affinity += scores.sub_(lse[:, h:h + chunk, :, None]).exp_().sum(dim=1)
+        # mean over heads, accumulated per call
         run["calls"][block] += 1
         run["heads"] = heads
 
