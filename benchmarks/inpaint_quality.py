@@ -87,8 +87,8 @@ def measure(spec, out: Path, right_iou: float, opts) -> dict:
                      })
     summary = summarise(rows)
     sweep = []
-    for mass in (0.0, 0.3, 0.4, 0.5, 0.6, 0.7):
-        for iou in (0.0, 0.2, 0.3, 0.4, 0.5):
+    for mass in (0.0, 0.5, 0.6, 0.7):
+        for iou in (0.0, 0.3, 0.4, 0.5, 0.6, 0.7):
             t = SimpleNamespace(min_mass_inside=mass, min_iou=iou)
             moved = [dict(r, keep=not outline_verdict(r["scores"], t)) for r in rows]
             sweep.append({"min_mass_inside": mass, "min_iou": iou, **{k: summarise(moved)[k] for k in SWEPT}})

@@ -140,6 +140,7 @@ def check_model(spec: JobSpec, source: str) -> None:
         raise SpecError(f"{source}: model.path: {folder} has no model_index.json; expected a diffusers Stable "
                         "Diffusion folder (save_pretrained layout)")
     family = check_layout(folder, source, getattr(spec.model, "family", "auto"))
+    check_inpainting_model(spec, folder, family, source)
     index = _read_json(folder / "model_index.json", source)
     schedulers = getattr(family, "schedulers", None)
     if schedulers is not None and spec.generation.scheduler not in schedulers:
@@ -156,6 +157,22 @@ def check_model(spec: JobSpec, source: str) -> None:
         check_count_words(spec, tokenizer, source, name)
         check_prompt_length(spec, tokenizer, source, name)
     check_capture(spec, folder, family, source)
+
+
+#: input channels of the UNet of an inpainting checkpoint: 4 latent + 1 mask + 4 masked-image latent
+INPAINTING_UNET_CHANNELS = 9
+
+
+def check_inpainting_model(spec: JobSpec, folder: Path, family: type[ModelFamily], source: str) -> None:
+    """An inpainting checkpoint (a 9-channel UNet: SD / SDXL inpainting) only repaints masked regions: it takes
+    ``references.mode: inpaint`` jobs and no other."""
+    if family.denoiser != "unet":
+        return
+    channels = _read_json(folder / family.denoiser / "config.json", source).get("in_channels")
+    refs = getattr(spec, "references", None)
+    if channels == INPAINTING_UNET_CHANNELS and (refs is None or refs.mode != "inpaint"):
+        raise SpecError(f"{source}: model.path: {folder} is an inpainting checkpoint (unet in_channels 9): it only "
+                        "repaints masked regions; set references.mode: inpaint, or use a text-to-image checkpoint")
 
 
 #: a job side outside [native / FAR, native x FAR] is far from what the model was trained at

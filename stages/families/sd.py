@@ -11,7 +11,7 @@ from .unet import UNetFamily
 class SDFamily(UNetFamily):
     name = "sd"
     title = "Stable Diffusion 1.x/2.x"
-    pipeline_classes = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline")
+    pipeline_classes = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline")
     components = {"unet": "config.json", "vae": "config.json", "text_encoder": "config.json",
                   "tokenizer": "tokenizer_config.json", "scheduler": "scheduler_config.json"}
     weighted = ("unet", "vae", "text_encoder")

@@ -15,7 +15,8 @@ from .unet import UNetFamily
 class SDXLFamily(UNetFamily):
     name = "sdxl"
     title = "Stable Diffusion XL"
-    pipeline_classes = ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline")
+    pipeline_classes = ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline",
+                        "StableDiffusionXLInpaintPipeline")
     components = {"unet": "config.json", "vae": "config.json", "text_encoder": "config.json",
                   "text_encoder_2": "config.json", "tokenizer": "tokenizer_config.json",
                   "tokenizer_2": "tokenizer_config.json", "scheduler": "scheduler_config.json"}
