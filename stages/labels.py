@@ -31,7 +31,7 @@ from pycocotools import mask as mask_utils
 from scipy import ndimage
 
 from .base import Batch, Stage, passthrough
-from .masks import IGNORE, class_maps, inpaint_outlines, inpainted, refined_maps, thresholds
+from .masks import IGNORE, _class_maps_reused, class_maps, inpaint_outlines, inpainted, refined_maps, thresholds
 
 
 def categories(spec: Any) -> list[dict]:
@@ -52,6 +52,18 @@ def components(region: np.ndarray, min_area: float, max_area: float) -> tuple[li
     areas = np.bincount(lab.ravel(), minlength=count + 1)[1:]
     keep = [k + 1 for k, a in enumerate(areas) if min_area <= a <= max_area]
     return [lab == k for k in keep], count
+
+
+def _components_boxed(region: np.ndarray, min_area: float, max_area: float
+                      ) -> tuple[list[tuple[tuple[slice, slice], np.ndarray]], int]:
+    """:func:`components` as (bounding-box slices, the instance's mask inside its box) pairs, same order:
+    what is done per instance then costs its box, not the image."""
+    lab, count = ndimage.label(region)
+    if count == 0:
+        return [], 0
+    areas = np.bincount(lab.ravel(), minlength=count + 1)[1:]
+    boxes = ndimage.find_objects(lab)
+    return [(boxes[k], lab[boxes[k]] == k + 1) for k, a in enumerate(areas) if min_area <= a <= max_area], count
 
 
 SPLIT_MERGE = 0.9  # pieces whose border thickness is >= this fraction of the thinner centre are one object
@@ -243,11 +255,61 @@ def encode_mask(mask: np.ndarray) -> dict:
     return mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
 
 
+ENCODE_CHUNK_BYTES = 64 << 20  # pycocotools encodes at most this many mask bytes at once
+
+
 def encode_instances(masks: list[np.ndarray]) -> list[dict]:
     """:func:`rle_fields` (COCO RLE, bbox, area) of each bool mask."""
     if not masks:
         return []
-    return [rle_fields(rle) for rle in mask_utils.encode(np.asfortranarray(np.stack(masks, axis=-1).astype(np.uint8)))]
+    # each mask written once, transposed, into a zeroed (N, W, H) buffer: pycocotools' Fortran-order (H, W, N)
+    # without the copies of a stack along the last axis
+    height, width = masks[0].shape
+    step = max(1, ENCODE_CHUNK_BYTES // max(1, height * width))
+    out = []
+    for start in range(0, len(masks), step):
+        part = masks[start:start + step]
+        buf = np.zeros((len(part), width, height), np.uint8)
+        for j, mask in enumerate(part):
+            buf[j] = mask.T
+        out += [rle_fields(rle) for rle in mask_utils.encode(buf.transpose(2, 1, 0))]
+    return out
+
+
+def _box_rle_counts(box: tuple[slice, slice], mask: np.ndarray, height: int, width: int) -> np.ndarray:
+    """The uncompressed COCO RLE counts (column-major runs, starting with the zeros before the first pixel,
+    pycocotools' ``rleEncode``) of an HxW mask that is ``mask`` inside ``box`` and empty outside, computed
+    from the box alone."""
+    (y0, y1, _), (x0, _, _) = box[0].indices(height), box[1].indices(width)
+    if 0 < y0 and y1 < height:  # each column of the box between a zero above and below it (real pixels)
+        flat = np.zeros((mask.shape[1], mask.shape[0] + 2), np.int8)
+        flat[:, 1:-1] = mask.T
+        flat = flat.ravel()
+        column_len = mask.shape[0] + 2
+    else:  # the box's columns at full height: a contiguous stretch of the column-major order, zero-padded
+        flat = np.zeros(mask.shape[1] * height + 2, np.int8)
+        flat[1:-1].reshape(mask.shape[1], height)[:, y0:y1] = mask.T
+        column_len = 0
+    step = np.diff(flat)
+    edges = np.flatnonzero(step) + 1  # index in ``flat`` of each run's first pixel: starts and ends alternate
+    if column_len:
+        edges = (x0 + edges // column_len) * height + (y0 - 1) + edges % column_len
+    else:
+        edges = x0 * height + edges - 1
+    counts = np.diff(edges, prepend=0, append=height * width)
+    return counts[:-1] if counts[-1] == 0 else counts
+
+
+def _encode_boxed(boxed: list[tuple[tuple[slice, slice], np.ndarray]], shape: tuple[int, int]) -> list[dict]:
+    """:func:`encode_instances` of masks given as (box slices, the mask inside its box) in an image of
+    ``shape``: the runs are found in the box (:func:`_box_rle_counts`), pycocotools compresses them: the same
+    RLE as encoding the whole mask, at the cost of the box."""
+    if not boxed:
+        return []
+    height, width = shape
+    rles = mask_utils.frPyObjects([{"size": [height, width], "counts": _box_rle_counts(box, mask, height, width)}
+                                   for box, mask in boxed], height, width)
+    return [rle_fields(rle) for rle in rles]
 
 
 def _r(x: float) -> float:
@@ -295,17 +357,25 @@ class LabelStage(Stage):
         unknown = [n for n in names if n not in self.ids]
         if unknown:
             raise ValueError(f"class_names {unknown} are not in the job's classes")
-        raw, norm = class_maps(attn, len(names), sem.shape)
+        # the mask stage's upsampled maps when it ran on this row in this worker (it keeps them), else upsampled
+        raw, norm = _class_maps_reused(attn, len(names), sem.shape)
         pixels = sem.size
         f = self.spec.filters
         ignore = sem == IGNORE
+        labelled = pixels - np.count_nonzero(ignore)  # pixels that are not ignore
+        not_ignore = None
         anns, per_class = [], []
         segments = None
         for i, name in enumerate(names):
             region = sem == i + 1
-            outside = ~region & ~ignore
-            mean_in = norm[i][region].mean() if region.any() else 0.0
-            mean_out = norm[i][outside].mean() if outside.any() else 0.0
+            area = np.count_nonzero(region)
+            mean_in = norm[i][region].mean() if area else 0.0
+            if labelled > (area if i + 1 != IGNORE else 0):  # outside: pixels neither this class nor ignore
+                if not_ignore is None:
+                    not_ignore = ~ignore
+                mean_out = norm[i][not_ignore & ~region].mean()
+            else:
+                mean_out = 0.0
             prompted = int(counts[i]) if counts else names.count(name)
             if prompted > 1 and image is not None:
                 if segments is None:
@@ -315,20 +385,23 @@ class LabelStage(Stage):
                                             min_size=max(1, int(self.spec.masks.superpixel_min_area * pixels)))
                 found, n_comp = split_instances(region, image, prompted, f.min_area_fraction * pixels,
                                                 f.max_area_fraction * pixels, segments, background=sem == 0)
-            else:
-                found, n_comp = components(region, f.min_area_fraction * pixels, f.max_area_fraction * pixels)
-            for inst, enc in zip(found, encode_instances(found)):
-                inst_mean = _r(norm[i][inst].mean())
+                boxed = [((slice(None), slice(None)), m) for m in found]
+                encoded = encode_instances(found)
+            else:  # each instance within its bounding box (the same pixels, in the same order)
+                boxed, n_comp = _components_boxed(region, f.min_area_fraction * pixels, f.max_area_fraction * pixels)
+                encoded = _encode_boxed(boxed, sem.shape)
+            for (box, inst), enc in zip(boxed, encoded):
+                inst_mean = _r(norm[i][box][inst].mean())
                 anns.append({"category_id": self.ids[name], **enc, "iscrowd": 0, "score": inst_mean,
-                             "attn_peak": _r(raw[i][inst].max()), "attn_mean_in": inst_mean,
+                             "attn_peak": _r(raw[i][box][inst].max()), "attn_mean_in": inst_mean,
                              "attn_mean_out": _r(mean_out)})
             per_class.append({"name": name, "category_id": self.ids[name], "peak": _r(raw[i].max()),
-                              "contrast": _r(mean_in - mean_out), "area_fraction": _r(region.sum() / pixels),
-                              "n_components": n_comp, "n_instances": len(found),
+                              "contrast": _r(mean_in - mean_out), "area_fraction": _r(area / pixels),
+                              "n_components": n_comp, "n_instances": len(boxed),
                               "n_prompted": prompted})
         scores = {
             "per_class": per_class,
-            "ignore_fraction": _r(ignore.sum() / pixels),
+            "ignore_fraction": _r((pixels - labelled) / pixels),
             "min_contrast": min((c["contrast"] for c in per_class), default=0.0),
             "n_instances": len(anns),
             "n_prompted": sum(c["n_prompted"] for c in per_class),

@@ -21,10 +21,16 @@ Per row, for the first ``n = len(class_names)`` maps of ``attn`` (or ``attn_raw`
    the maps at or above their own ``t_fg``; background (0) when no map reaches its ``t_ign``;
    ignore (255) when no map reaches ``t_fg`` but one reaches ``t_ign`` (uncertain extent) or
    when the two best foreground maps are within ``spec.masks.ambiguity_margin`` (uncertain class).
+
+The label stage needs the same upsampled maps (step 1-2); the stage keeps each row's for it (``_MapCache``,
+by content: the two stages run in one worker, one batch after the other), so they are upsampled once.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import threading
+from collections import OrderedDict
 from typing import Any
 
 import numpy as np
@@ -54,6 +60,23 @@ def inpainted(conds: Any, row: int) -> dict | None:
     return reference if reference.get("mode") == "inpaint" else None
 
 
+def _pixels(image: Image.Image) -> np.ndarray:
+    """A mode-"F" image's pixels, float32 (H, W): a view of its memory through Pillow's Arrow export (Pillow
+    >= 11.2; no copy), else ``np.asarray`` (which encodes the image to bytes first: at 1024² a copy that
+    costs more than the bicubic resize itself)."""
+    try:
+        import pyarrow as pa
+    except ImportError:
+        return np.asarray(image, np.float32)
+    try:
+        flat = pa.array(image).to_numpy(zero_copy_only=True)
+    except (TypeError, ValueError, NotImplementedError, pa.ArrowException):
+        flat = None  # an older Pillow, or an image not in one block of memory (large ones): the copy
+    if flat is None or flat.dtype != np.float32 or flat.size != image.width * image.height:
+        return np.asarray(image, np.float32)
+    return flat.reshape(image.height, image.width)
+
+
 def class_maps(attn: np.ndarray, n: int, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
     """Upsampled maps of the first ``n`` classes of one row's ``attn`` (K, h, w).
 
@@ -69,12 +92,81 @@ def class_maps(attn: np.ndarray, n: int, size: tuple[int, int]) -> tuple[np.ndar
     raw = np.empty((n, height, width), np.float32)
     for i in range(n):
         small = Image.fromarray(np.asarray(attn[i], np.float32))  # mode "F"
-        raw[i] = np.asarray(small.resize((width, height), Image.BICUBIC), np.float32)
+        raw[i] = _pixels(small.resize((width, height), Image.BICUBIC))
     np.maximum(raw, 0.0, out=raw)
     lo = raw.min(axis=(1, 2), keepdims=True)
     span = raw.max(axis=(1, 2), keepdims=True) - lo
-    norm = np.where(span > 1e-12, (raw - lo) / np.maximum(span, 1e-12), 0.0).astype(np.float32)
+    # (raw - lo) / max(span, 1e-12) where span > 1e-12, else 0: the same float32 operations, class by class
+    # and in place (no (n, H, W) temporaries beyond ``norm`` itself)
+    spread, den = span > 1e-12, np.maximum(span, 1e-12)
+    norm = np.empty_like(raw)
+    for i in range(n):
+        if spread[i, 0, 0]:
+            np.subtract(raw[i], lo[i], out=norm[i])
+            np.divide(norm[i], den[i], out=norm[i])
+        else:
+            norm[i] = 0.0
     return raw, norm
+
+
+MAP_CACHE_BYTES = 128 << 20  # class_maps kept for the label stage: at most this many bytes (a 1024² batch of 4)
+
+
+class _MapCache:
+    """:func:`class_maps` of the rows the mask stage just labelled, by content (the attention row's bytes,
+    the class count and the size), for the label stage, which needs the same upsampled maps: in a run the
+    two stages are one operator (one worker, one batch after the other), so the maps are upsampled once.
+    An entry is handed out once (:meth:`take` removes it); the oldest go first beyond ``MAP_CACHE_BYTES``."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes, self.bytes = max_bytes, 0
+        self.entries: OrderedDict[bytes, tuple[np.ndarray, np.ndarray]] = OrderedDict()
+        self.lock = threading.Lock()
+
+    @staticmethod
+    def key(attn: np.ndarray, n: int, size: tuple[int, int]) -> bytes:
+        maps = np.ascontiguousarray(attn[:n])
+        head = f"{maps.dtype.str}|{maps.shape}|{tuple(int(s) for s in size)}|".encode()
+        return hashlib.blake2b(head + maps.tobytes(), digest_size=20).digest()
+
+    def put(self, key: bytes, maps: tuple[np.ndarray, np.ndarray]) -> None:
+        size = maps[0].nbytes + maps[1].nbytes
+        if size > self.max_bytes:
+            return
+        with self.lock:
+            if key in self.entries:
+                return
+            self.entries[key] = maps
+            self.bytes += size
+            while self.bytes > self.max_bytes:
+                _, (raw, norm) = self.entries.popitem(last=False)
+                self.bytes -= raw.nbytes + norm.nbytes
+
+    def take(self, key: bytes) -> tuple[np.ndarray, np.ndarray] | None:
+        with self.lock:
+            maps = self.entries.pop(key, None)
+            if maps is not None:
+                self.bytes -= maps[0].nbytes + maps[1].nbytes
+            return maps
+
+
+_MAPS = _MapCache(MAP_CACHE_BYTES)
+
+
+def _class_maps_kept(attn: np.ndarray, n: int, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`class_maps`, kept for :func:`_class_maps_reused` (the mask stage's rows)."""
+    raw, norm = class_maps(attn, n, size)
+    _MAPS.put(_MapCache.key(attn, n, size), (raw, norm))
+    return raw, norm
+
+
+def _class_maps_reused(attn: np.ndarray, n: int, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`class_maps`: the mask stage's, when it kept them for this row (the label stage), else computed."""
+    if attn.ndim == 3 and n <= attn.shape[0]:
+        kept = _MAPS.take(_MapCache.key(attn, n, size))
+        if kept is not None:
+            return kept
+    return class_maps(attn, n, size)
 
 
 def superpixel_pool(norm: np.ndarray, image: np.ndarray, scale: float, min_area: float) -> np.ndarray:
@@ -100,15 +192,38 @@ def superpixel_pool(norm: np.ndarray, image: np.ndarray, scale: float, min_area:
 
 def refined_maps(attn: np.ndarray, image: np.ndarray, n: int, masks: Any) -> np.ndarray:
     """The normalised (and, if configured, image-refined) maps the thresholds are applied to."""
-    _, norm = class_maps(attn, n, image.shape[:2])
+    return _refined(attn, image, n, masks, class_maps)
+
+
+def _refined(attn: np.ndarray, image: np.ndarray, n: int, masks: Any, upsample: Any) -> np.ndarray:
+    """:func:`refined_maps` with ``upsample`` in place of :func:`class_maps`."""
+    _, norm = upsample(attn, n, image.shape[:2])
     if masks.image_refine == "superpixels" and n:
         norm = superpixel_pool(norm, image, masks.superpixel_scale, masks.superpixel_min_area)
     return norm
 
 
+def unit_histogram(values: np.ndarray, bins: int) -> tuple[np.ndarray, np.ndarray]:
+    """``np.histogram(values, bins=bins, range=(0.0, 1.0))``, counted in half numpy's passes over the data
+    when ``bins`` is a power of two and ``values`` float32 / float64: the edges are then exactly ``i / bins``,
+    so ``floor(v * bins)`` (an exact product) is the bin of every ``v`` in [0, 1), 1.0 goes to the last bin
+    and values outside [0, 1] to none, as numpy counts them (other inputs: ``np.histogram`` itself)."""
+    edges = np.histogram_bin_edges(values, bins=bins, range=(0.0, 1.0))
+    v = np.asarray(values)
+    if bins < 1 or bins & (bins - 1) or v.dtype not in (np.float32, np.float64):
+        return np.histogram(v, bins=bins, range=(0.0, 1.0))
+    v = v.ravel()
+    scaled = v * v.dtype.type(bins)
+    if not (v.size == 0 or (0.0 <= v.min() and v.max() <= 1.0)):  # outside [0, 1] or NaN: not counted
+        scaled = scaled[(v >= 0.0) & (v <= 1.0)]
+    index = scaled.astype(np.intp)
+    np.minimum(index, bins - 1, out=index)
+    return np.bincount(index, minlength=bins).astype(np.int64), edges
+
+
 def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
     """Otsu's threshold of values in [0, 1]: the cut maximising the between-class variance."""
-    hist, edges = np.histogram(values, bins=bins, range=(0.0, 1.0))
+    hist, edges = unit_histogram(values, bins)
     centers = (edges[:-1] + edges[1:]) / 2
     w0 = np.cumsum(hist, dtype=np.float64)
     w1 = w0[-1] - w0
@@ -138,15 +253,32 @@ def label_pixels(norm: np.ndarray, t_fg: np.ndarray, t_ign: np.ndarray, margin: 
     sem = np.zeros((height, width), np.uint8)
     if n == 0:
         return sem
-    fg = norm >= t_fg[:, None, None]
-    cand = np.where(fg, norm, -1.0)
-    best = cand.argmax(axis=0)
-    best_val = np.take_along_axis(cand, best[None], axis=0)[0]
+    # one pass over the classes, keeping the best candidate (the first of equal ones, as argmax), its class
+    # and the second best (the (n-1)-th order statistic, as np.partition): the same values, compared the same way
+    two = n > 1 and margin > 0
+    best_val = np.where(norm[0] >= t_fg[0], norm[0], np.float32(-1.0))  # candidate: the map where >= t_fg
+    best = np.zeros((height, width), np.uint8 if n <= 256 else np.intp)  # 1 + best wraps in uint8, as before
+    second = np.full((height, width), -np.inf, np.float32) if two else None
+    above_ign = norm[0] >= t_ign[0]
+    cand = np.empty_like(best_val)
+    higher = np.empty((height, width), bool)
+    for i in range(1, n):
+        np.greater_equal(norm[i], t_fg[i], out=higher)
+        np.copyto(cand, np.float32(-1.0))
+        np.copyto(cand, norm[i], where=higher)
+        if two:
+            np.maximum(second, np.minimum(best_val, cand), out=second)
+        np.greater(cand, best_val, out=higher)
+        best[higher] = i
+        np.maximum(best_val, cand, out=best_val)
+        above_ign |= norm[i] >= t_ign[i]
     has_fg = best_val >= 0
-    sem[has_fg] = (best[has_fg] + 1).astype(np.uint8)
-    uncertain = ~has_fg & (norm >= t_ign[:, None, None]).any(axis=0)
-    if n > 1 and margin > 0:
-        second = np.partition(cand, n - 2, axis=0)[n - 2]
+    if best.dtype == np.uint8:
+        np.add(best, 1, out=sem, where=has_fg)
+    else:
+        sem[has_fg] = (best[has_fg] + 1).astype(np.uint8)
+    uncertain = ~has_fg & above_ign
+    if two:
         uncertain |= has_fg & (second >= 0) & (best_val - second < margin)
     sem[uncertain] = IGNORE
     return sem
@@ -184,7 +316,8 @@ class MaskStage(Stage):
 
                 masks[row] = semantic_mask(self.outlines.labels(reference["key"]), names)
                 continue
-            norm = refined_maps(attn[row], images[row], len(names), self.spec.masks)
+            # the upsampled maps are kept for the label stage (the next in this worker), which needs them too
+            norm = _refined(attn[row], images[row], len(names), self.spec.masks, _class_maps_kept)
             t_fg, t_ign = self.thresholds(names, norm)
             masks[row] = label_pixels(norm, t_fg, t_ign, float(self.spec.masks.ambiguity_margin))
         return passthrough(batch, semantic_mask=masks)
