@@ -127,6 +127,7 @@ def check_model(spec: JobSpec, source: str) -> None:
     folder = model_folder(spec)
     if folder is None:
         check_hub_offline(spec.model.path, source)
+        check_guidance_cutoff(spec, job_family(spec), source)
         return
     if not folder.is_dir():
         given = spec.given("model.path") or ""
@@ -140,6 +141,7 @@ def check_model(spec: JobSpec, source: str) -> None:
         raise SpecError(f"{source}: model.path: {folder} has no model_index.json; expected a diffusers Stable "
                         "Diffusion folder (save_pretrained layout)")
     family = check_layout(folder, source, getattr(spec.model, "family", "auto"))
+    check_guidance_cutoff(spec, family, source)
     check_inpainting_model(spec, folder, family, source)
     index = _read_json(folder / "model_index.json", source)
     schedulers = getattr(family, "schedulers", None)
@@ -157,6 +159,16 @@ def check_model(spec: JobSpec, source: str) -> None:
         check_count_words(spec, tokenizer, source, name)
         check_prompt_length(spec, tokenizer, source, name)
     check_capture(spec, folder, family, source)
+
+
+def check_guidance_cutoff(spec: JobSpec, family: type[ModelFamily] | None, source: str) -> None:
+    """``generation.guidance_cutoff`` needs a CFG batch the step-end callback can cut: refused on Flux
+    (guidance-distilled) and on SD3 with references (its img2img pipelines withhold ``pooled_prompt_embeds``)."""
+    if family is None or getattr(spec.generation, "guidance_cutoff", None) is None:
+        return
+    problem = family.guidance_cutoff_problem(image_guided=getattr(spec, "references", None) is not None)
+    if problem:
+        raise SpecError(f"{source}: generation.guidance_cutoff: {problem}")
 
 
 #: input channels of the UNet of an inpainting checkpoint: 4 latent + 1 mask + 4 masked-image latent

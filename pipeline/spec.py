@@ -208,6 +208,9 @@ class GenerationSpec(_Strict):
     scheduler: Literal["default", "ddim", "dpm++", "euler", "pndm"] = Field(
         default="default", description="default: the model folder's own scheduler")
     batch_size: PositiveInt = Field(default=8, description="images per pipeline call")
+    guidance_cutoff: Annotated[float, Field(gt=0.0, le=1.0)] | None = Field(
+        default=None, description="stop CFG after this fraction of the steps (then only the conditional half runs: "
+        "fewer denoiser calls); null: CFG throughout; not on flux")
 
     @field_validator("height", "width")
     @classmethod
@@ -574,6 +577,8 @@ class JobSpec(_Strict):
             exclude["prompts"] = {*exclude.get("prompts", ()), "count_style"}
         if self.masks.capture_blocks is None:
             exclude["masks"] = {*exclude["masks"], "capture_blocks"}
+        if self.generation.guidance_cutoff is None:  # new field at its default: fingerprints as before
+            exclude["generation"] = {*exclude.get("generation", ()), "guidance_cutoff"}
         if self.filters.max_missing_instances is None:
             exclude["filters"] = {*exclude.get("filters", ()), "max_missing_instances"}
         if self.references is None:

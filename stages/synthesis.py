@@ -96,6 +96,8 @@ class SynthesisStage(Stage):
         }
         if self.family.name != "sd":  # SD 1.x/2.x records stay as they were before families
             record["family"] = self.family.name
+        if getattr(gen, "guidance_cutoff", None) is not None:  # only when set: records without it stay as before
+            record["guidance_cutoff"] = gen.guidance_cutoff
         self.gen_json = json.dumps(record)
         refs = getattr(spec, "references", None)
         if refs is not None:
@@ -155,9 +157,11 @@ class SynthesisStage(Stage):
                 token_index.append(self.family.capture_token_index(prompt, groups))
             self.capture.begin(token_index, self.max_classes, steps)
             callback = self.capture.on_step_end
+        cutoff = getattr(gen, "guidance_cutoff", None)  # chained after the capture's callback (family.step_end)
         out = self.family.run(kwargs, generators, gen.steps, gen.guidance_scale, gen.height, gen.width,
                               callback, image=image, strength=strength,
-                              mask=None if not inpaint else repaint.astype(np.float32))
+                              mask=None if not inpaint else repaint.astype(np.float32),
+                              **({} if cutoff is None else {"guidance_cutoff": cutoff}))
         bad, out = finite.bad_rows(out), finite.zeroed(out)  # non-finite rows: marked in gen, never labelled
         images = (np.clip(out, 0.0, 1.0) * 255).round().astype(np.uint8)
         if inpaint:  # outside the repaint mask: the reference's own pixels, exactly

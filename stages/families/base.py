@@ -33,8 +33,10 @@ Instance level (loads the weights; torch and diffusers imported inside the metho
     ``capture_token_index(prompt, token_index)`` maps the sampler's positions (in ``tokenizer``,
     BOS = 0) to positions in the key sequence the capture sees (identity for the UNet families);
   * ``run(kwargs, generators, steps, guidance_scale, height, width, callback, image=None,
-    strength=None)``: one batch, text-to-image (``image`` None) or img2img, one CPU generator per
-    row, ``callback`` as ``callback_on_step_end``; returns float images (B, H, W, 3) in [0, 1];
+    strength=None, guidance_cutoff=None)``: one batch, text-to-image (``image`` None) or img2img, one CPU
+    generator per row, ``callback`` as ``callback_on_step_end``; returns float images (B, H, W, 3) in
+    [0, 1]. ``guidance_cutoff`` (``generation.guidance_cutoff``) chains a :class:`GuidanceCutoff` after
+    ``callback``: CFG stops after that fraction of the steps (``cfg_tensors``: what it halves);
   * ``loop_steps(steps, strength=None)``: step-end callbacks one call makes;
   * ``attach_capture(masks, height, width)``: installs the attention capture and returns an object
     with ``begin(token_index, num_classes, num_steps)``, ``on_step_end`` (the callback),
@@ -87,6 +89,41 @@ def read_json(path: Path) -> dict:
     return data
 
 
+#: callback tensors that an inpainting pipeline doubles for CFG besides the family's ``cfg_tensors``
+INPAINT_CFG_TENSORS = ("mask", "masked_image_latents")
+
+
+def chain(*callbacks: "Callable | None") -> "Callable | None":
+    """One ``callback_on_step_end`` that calls each given callback in turn on the dict the previous one returned."""
+    given = [c for c in callbacks if c is not None]
+    if len(given) <= 1:
+        return given[0] if given else None
+
+    def chained(pipe, step: int, timestep, callback_kwargs: dict) -> dict:
+        for callback in given:
+            callback_kwargs = callback(pipe, step, timestep, callback_kwargs)
+        return callback_kwargs
+    return chained
+
+
+class GuidanceCutoff:
+    """``callback_on_step_end`` that stops classifier-free guidance, diffusers' documented pattern: at the end of
+    step ``int(pipe.num_timesteps × cutoff)`` it sets ``pipe._guidance_scale = 0.0`` (the pipeline's
+    ``do_classifier_free_guidance`` turns false: the denoiser then sees the B latents, not their [uncond, cond]
+    pair) and keeps the conditional (second) half of every CFG-batched tensor in ``tensors``. A call that runs
+    without CFG from the start (guidance_scale ≤ 1) is left alone; ``cutoff`` 1 never stops it."""
+
+    def __init__(self, cutoff: float, tensors: Sequence[str]):
+        self.cutoff, self.tensors = float(cutoff), tuple(tensors)
+
+    def __call__(self, pipe, step: int, timestep, callback_kwargs: dict) -> dict:
+        if step == int(pipe.num_timesteps * self.cutoff) and pipe.do_classifier_free_guidance:
+            for name in self.tensors:
+                callback_kwargs[name] = callback_kwargs[name].chunk(2)[-1]
+            pipe._guidance_scale = 0.0
+        return callback_kwargs
+
+
 class ModelFamily:
     """Base class (see the module docstring). Subclasses set the class attributes and implement
     ``encode``, ``_load``, ``_img2img_class``, ``capture_plan`` and ``attach_capture``."""
@@ -102,6 +139,9 @@ class ModelFamily:
     tokenizers: ClassVar[tuple[str, ...]] = ("tokenizer",)
     vae: ClassVar[str] = "vae"
     inpaint_class_name: ClassVar[str] = ""  # diffusers' inpainting pipeline on the same components
+    #: the step-end callback tensors that carry the [uncond, cond] CFG batch (halved by a guidance cut-off);
+    #: None: the family has no CFG batch (``generation.guidance_cutoff`` is refused)
+    cfg_tensors: ClassVar[tuple[str, ...] | None] = ("prompt_embeds",)
 
     # --- class level: configs only, no torch ------------------------------------------------------
     @classmethod
@@ -128,6 +168,14 @@ class ModelFamily:
     @classmethod
     def capture_plan(cls, folder: Path, masks: Any, height: int, width: int) -> list[CaptureLevel]:
         raise NotImplementedError
+
+    @classmethod
+    def guidance_cutoff_problem(cls, image_guided: bool = False) -> str | None:
+        """Why this family cannot take ``generation.guidance_cutoff`` (``image_guided``: the job's img2img /
+        inpainting calls too); None when it can."""
+        if cls.cfg_tensors is None:
+            return f"{cls.title} ({cls.name}) has no classifier-free guidance batch to cut; remove the option"
+        return None
 
     # --- instance level: weights --------------------------------------------------------------------
     def __init__(self, path: str, dtype: str = "float32", device: str = "cpu", scheduler: str | None = None):
@@ -241,11 +289,30 @@ class ModelFamily:
         start = max(steps - min(int(steps * strength), steps), 0)
         return len(scheduler.timesteps[start * scheduler.order:])
 
+    def step_end(self, pipe, callback: Callable | None, guidance_cutoff: float | None) -> dict[str, Any]:
+        """The call's step-end kwargs: ``callback`` (the capture's), then with ``guidance_cutoff`` a
+        :class:`GuidanceCutoff` over the CFG-batched tensors ``pipe`` lists, with the tensor inputs it needs.
+        ValueError (one line) when ``pipe`` does not hand every CFG-batched tensor to its callback."""
+        if guidance_cutoff is None:
+            return {} if callback is None else {"callback_on_step_end": callback}
+        if self.cfg_tensors is None:
+            raise ValueError(f"generation.guidance_cutoff: {self.guidance_cutoff_problem()}")
+        listed = list(getattr(pipe, "_callback_tensor_inputs", ()))
+        tensors = [*self.cfg_tensors, *(t for t in INPAINT_CFG_TENSORS if t in listed)]
+        missing = [t for t in tensors if t not in listed]
+        if missing:
+            raise ValueError(f"generation.guidance_cutoff: {type(pipe).__name__} does not pass {', '.join(missing)} "
+                             "to its step-end callback, so its CFG batch cannot be cut")
+        return {"callback_on_step_end": chain(callback, GuidanceCutoff(guidance_cutoff, tensors)),
+                "callback_on_step_end_tensor_inputs": ["latents", *tensors]}
+
     def run(self, kwargs: dict[str, Any], generators: list, steps: int, guidance_scale: float, height: int,
             width: int, callback: Callable | None = None, image: "np.ndarray | None" = None,
-            strength: float | None = None, mask: "np.ndarray | None" = None) -> "np.ndarray":
+            strength: float | None = None, mask: "np.ndarray | None" = None,
+            guidance_cutoff: float | None = None) -> "np.ndarray":
         """One pipeline call; float images (B, H, W, 3) in [0, 1] as the pipeline returns them. ``image``:
-        img2img from it; with ``mask`` (float (B, H, W), 1 = repaint) inpainting inside the mask."""
+        img2img from it; with ``mask`` (float (B, H, W), 1 = repaint) inpainting inside the mask;
+        ``guidance_cutoff``: CFG stops after that fraction of the steps (``step_end``)."""
         call = dict(kwargs, generator=generators)
         if image is None:
             pipe = self.pipe
@@ -256,8 +323,7 @@ class ModelFamily:
         else:
             pipe = self.img2img()
             call.update(image=image, strength=strength)
-        if callback is not None:
-            call["callback_on_step_end"] = callback
+        call.update(self.step_end(pipe, callback, guidance_cutoff))
         return pipe(num_inference_steps=steps, guidance_scale=guidance_scale, output_type="np", **call).images
 
     def attach_capture(self, masks: Any, height: int, width: int):

@@ -29,6 +29,7 @@ class FluxFamily(MMDiTFamily):
     pipeline_class_name = "FluxPipeline"
     img2img_class_name = "FluxImg2ImgPipeline"
     inpaint_class_name = "FluxInpaintPipeline"
+    cfg_tensors = None  # guidance-distilled: one conditional batch, no CFG pair to cut (guidance_cutoff refused)
 
     def _load(self, path: str, dtype: str, device: str, scheduler: str | None):
         pipe = super()._load(path, dtype, device, scheduler)

@@ -225,16 +225,16 @@ class MMDiTFamily(ModelFamily):
     # --- running ------------------------------------------------------------------------------------
     def run(self, kwargs: dict[str, Any], generators: list, steps: int, guidance_scale: float, height: int,
             width: int, callback: Callable | None = None, image=None, strength: float | None = None,
-            mask=None):
-        """One call; unlike SD's img2img, SD3's and Flux's take the size too (else they use the model default)."""
+            mask=None, guidance_cutoff: float | None = None):
+        """One call; unlike SD's img2img, SD3's and Flux's take the size too (else they use the model default).
+        ``guidance_cutoff``: CFG stops after that fraction of the steps (``step_end``; not on Flux)."""
         call = dict(kwargs, generator=generators, height=height, width=width,
                     max_sequence_length=self.max_sequence_length)
         pipe = self.pipe
         if image is not None:
             pipe = self.img2img() if mask is None else self.inpaint()
             call.update(image=image, strength=strength, **({} if mask is None else {"mask_image": mask}))
-        if callback is not None:
-            call["callback_on_step_end"] = callback
+        call.update(self.step_end(pipe, callback, guidance_cutoff))
         return pipe(num_inference_steps=steps, guidance_scale=guidance_scale, output_type="np", **call).images
 
     def attach_capture(self, masks: Any, height: int, width: int) -> JointCapture:

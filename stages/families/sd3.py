@@ -30,6 +30,16 @@ class SD3Family(MMDiTFamily):
     pipeline_class_name = "StableDiffusion3Pipeline"
     img2img_class_name = "StableDiffusion3Img2ImgPipeline"
     inpaint_class_name = "StableDiffusion3InpaintPipeline"
+    cfg_tensors = ("prompt_embeds", "pooled_prompt_embeds")  # each [uncond, cond] under CFG
+
+    @classmethod
+    def guidance_cutoff_problem(cls, image_guided: bool = False) -> str | None:
+        """diffusers' SD3 img2img / inpainting pipelines do not pass ``pooled_prompt_embeds`` to the step-end
+        callback, so their CFG batch cannot be cut: refused for a job with references."""
+        if image_guided:
+            return (f"{cls.title} ({cls.name}) img2img / inpainting pipelines do not hand pooled_prompt_embeds to "
+                    "the step-end callback, so their CFG batch cannot be cut; remove the option or the references")
+        return super().guidance_cutoff_problem(image_guided)
 
     def clip_length(self) -> int:
         return int(self.pipe.tokenizer.model_max_length)

@@ -25,6 +25,7 @@ class SDXLFamily(UNetFamily):
     pipeline_class_name = "StableDiffusionXLPipeline"
     img2img_class_name = "StableDiffusionXLImg2ImgPipeline"
     inpaint_class_name = "StableDiffusionXLInpaintPipeline"
+    cfg_tensors = ("prompt_embeds", "add_text_embeds", "add_time_ids")  # each [uncond, cond] under CFG
 
     @classmethod
     def mismatch(cls, index: dict, denoiser_config: dict | None) -> str | None:
