@@ -5,7 +5,7 @@ import pickle
 import sys
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from typing import Any
 
@@ -140,7 +140,8 @@ def recover(writer: DatasetWriter, e: BaseException, at_s: float) -> dict:
 def run_job(spec: JobSpec, *, overwrite: bool = False, verify: bool = False, use_ray: bool = True,
             address: str | None = None,
             resource_wait_s: float = 0.0, verbose: bool = False, progress: bool = True,
-            stages: Sequence[type[Stage]] | None = None, writer_mode: str = "auto") -> dict[str, Any]:
+            stages: Sequence[type[Stage]] | None = None, writer_mode: str = "auto",
+            on_progress: Callable[[str, int], None] | None = None) -> dict[str, Any]:
     """Generate every sample of the job that is not yet committed in its output dir; returns the summary.
 
     Raises OutputError / ResourceError (before anything is written) when the output dir or the
@@ -151,7 +152,10 @@ def run_job(spec: JobSpec, *, overwrite: bool = False, verify: bool = False, use
     nothing to generate imports no stage (no torch) and starts no Ray: its summary lists no stages.
     ``writer_mode`` (Ray runner): where shards are written,
     "workers", "driver" or "auto" (:func:`workers_write`); the summary says which (``writer``) and how many
-    bytes of records or commit records the driver received (``driver_bytes``).
+    bytes of records or commit records the driver received (``driver_bytes``). ``on_progress`` (for timing:
+    benchmarks/throughput.py) is called as each unit reaches the driver, with its kind ("shard": a shard the
+    workers committed; "batch": a record batch) and its rows, and once with ("ready", 0) when the runner
+    (Ray included) is up and generation starts.
     """
     plan = JobPlan(spec, stages=stages)
     writer = prepare(plan, overwrite, verify)
@@ -175,6 +179,8 @@ def run_job(spec: JobSpec, *, overwrite: bool = False, verify: bool = False, use
         received = 0
         total = writer.plan.count(pending)
         recoveries: list[dict] = []
+        if on_progress is not None:
+            on_progress("ready", 0)
         if progress and on_workers:
             print(f"{spec.name}: {total} samples in {len(pending)} shards; the workers load the model, then the bar "
                   f"moves as each shard commits", file=sys.stderr)
@@ -193,6 +199,8 @@ def run_job(spec: JobSpec, *, overwrite: bool = False, verify: bool = False, use
                         received += len(pickle.dumps(result))
                         stats.add_shard(result["stats"])
                         writer.commit_staged(result["k"], result["record"])
+                        if on_progress is not None:
+                            on_progress("shard", result["stats"]["processed"])
                         bar.update(result["stats"]["processed"])
                         bar.set_postfix(kept=f"{100 * stats.kept / max(stats.processed, 1):.0f}%",
                                         shards=f"{len(writer.committed)}/{writer.plan.num_shards}")
@@ -206,6 +214,8 @@ def run_job(spec: JobSpec, *, overwrite: bool = False, verify: bool = False, use
                 if stats.first_batch_s is None:
                     stats.first_batch_s = time.perf_counter() - t0
                 received += payload_bytes(batch)
+                if on_progress is not None:
+                    on_progress("batch", len(batch["index"]))
                 stats.add(batch)
                 writer.add(batch)
                 bar.update(len(batch["index"]))
