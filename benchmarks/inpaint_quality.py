@@ -11,14 +11,17 @@ did not have. The oracle reads each generated image, with everything outside the
   outline), on kept samples and on all;
 * **outside**: pixels outside the repaint mask. Before encoding they equal the reference's exactly (the
   synthesis stage pastes them back; ``tests/test_inpaint.py`` checks the bytes); here the PSNR of the
-  decoded JPEG against the reference over those pixels;
+  decoded JPEG against the reference over those pixels, beside the PSNR of the reference's own JPEG at the
+  job's quality (the codec's loss alone);
+* **ceiling**: the same reading of each sample's starting silhouette, as is and after the model's VAE round
+  trip: what the oracle finds when the model draws nothing new;
 * **filter**: precision (kept samples that are right) and recall (right samples that are kept), where
   right = found with IoU >= ``--right-iou``. Every sample is generated and stored (the run's outline check
   is off), then the job's check (``stages.filters.outline_verdict``, its ``references.inpaint``
   thresholds) is applied to the recorded scores: the verdict is the one a run makes, and a sweep of
   ``min_mass_inside`` x ``min_iou`` needs no new images.
 
-    python -m benchmarks.inpaint_quality [--n 60] [--set references.strengths=[0.7]]
+    python -m benchmarks.inpaint_quality [--n 30] [--set references.strengths=[0.7]]
 """
 from __future__ import annotations
 
@@ -37,6 +40,7 @@ from benchmarks.common import REPO, generate_cached, run_header, write_result
 from pipeline.shapes.coco import render_coco
 from pipeline.shapes.oracle import find_objects
 from pipeline.shapes.world import COLORS, HELD_OUT_SEED
+from stages.encode import encode_image
 from stages.filters import outline_verdict
 from stages.inpaint import ReferenceOutlines, repaint_mask
 from stages.references import ReferenceImages, list_references
@@ -64,7 +68,39 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     return float("inf") if mse == 0 else 10 * np.log10(255.0 ** 2 / mse)
 
 
+def ceilings(spec, out: Path, outlines, refs) -> dict:
+    """What the oracle reads when nothing is drawn: each sample's starting image (its outline filled with the
+    prompt's colour, the silhouette the model starts from) as it is, and after the model's VAE round trip
+    (the most a latent-space model can keep of it)."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(spec.model.path, subfolder="vae").eval()
+    found = {"silhouette": [], "vae": []}
+    iou = {"silhouette": [], "vae": []}
+    for rec, _ in read_samples(out):
+        ref = rec["cond"]["reference"]
+        if not ref.get("fill_rgb"):
+            continue
+        outline = outlines.outline(ref)
+        repaint = repaint_mask(outline, int(ref["dilation"]))
+        start = refs(ref["key"]).copy()
+        start[outline] = ref["fill_rgb"]
+        with torch.no_grad():
+            x = torch.from_numpy(start).float().permute(2, 0, 1)[None] / 127.5 - 1
+            y = vae.decode(vae.encode(x).latent_dist.mode()).sample[0]
+        decoded = ((y.permute(1, 2, 0).clamp(-1, 1) + 1) * 127.5).round().byte().numpy()
+        for name, image in (("silhouette", start), ("vae", decoded)):
+            inside = np.where(repaint[..., None], image, 128).astype(np.uint8)
+            obj = find_objects(inside, [prompt_colour(rec["prompt"])])[0]
+            found[name].append(obj.cls == rec["class_names"][0])
+            iou[name].append(float((obj.mask & outline).sum() / max((obj.mask | outline).sum(), 1)))
+    return {name: {"found": round(float(np.mean(found[name])), 3), "iou": round(float(np.mean(iou[name])), 3)}
+            for name in found if found[name]}
+
+
 def measure(spec, out: Path, right_iou: float, opts) -> dict:
+    quality = spec.output.jpeg_quality
     outlines = ReferenceOutlines(spec)
     refs = ReferenceImages(list_references(spec), spec.generation.height, spec.generation.width)
     rows = []
@@ -81,11 +117,18 @@ def measure(spec, out: Path, right_iou: float, opts) -> dict:
             iou = float((found.mask & outline).sum() / max((found.mask | outline).sum(), 1))
         ok = found is not None and found.cls == cls
         original = refs(ref["key"])
+        codec = np.asarray(Image.open(io.BytesIO(encode_image(original, "JPEG", quality=quality))).convert("RGB"))
         rows.append({"key": rec["key"], "class": cls, "found": ok, "iou": iou, "right": ok and iou >= right_iou,
                      "keep": not outline_verdict(rec["scores"], opts), "scores": rec["scores"],
                      "psnr_outside": psnr(image[~repaint], original[~repaint]),
+                     "psnr_outside_codec": psnr(codec[~repaint], original[~repaint]),
                      })
-    summary = summarise(rows)
+    checked = [r for r in rows if (r["scores"] or {}).get("outline")]
+    oracle = np.array([r["iou"] for r in checked])
+    agreement = {name: round(float(np.corrcoef([r["scores"]["outline"][name] for r in checked], oracle)[0, 1]), 3)
+                 for name in ("iou", "mass_inside")} if len(checked) > 2 and oracle.std() > 0 else {}
+    summary = {**summarise(rows), "ceiling": ceilings(spec, out, outlines, refs),
+               "check_vs_oracle_iou_correlation": agreement}
     sweep = []
     for mass in (0.0, 0.5, 0.6, 0.7):
         for iou in (0.0, 0.3, 0.4, 0.5, 0.6, 0.7):
@@ -107,6 +150,7 @@ def summarise(rows: list[dict]) -> dict:
         per_class[cls] = {"n": len(mine), "found": round(np.mean([r["found"] for r in mine]), 3),
                           "iou": round(float(np.mean([r["iou"] for r in mine])), 3)}
     finite = [r["psnr_outside"] for r in rows if np.isfinite(r["psnr_outside"])]
+    codec = [r["psnr_outside_codec"] for r in rows if np.isfinite(r["psnr_outside_codec"])]
     return {
         "samples": len(rows), "kept": len(kept), "kept_fraction": round(len(kept) / max(len(rows), 1), 3),
         "found_all": round(float(np.mean([r["found"] for r in rows])), 3),
@@ -118,6 +162,7 @@ def summarise(rows: list[dict]) -> dict:
         "filter_recall": round(sum(r["keep"] for r in right) / len(right), 3) if right else None,
         "psnr_outside_min_db": round(min(finite), 2) if finite else None,
         "psnr_outside_mean_db": round(float(np.mean(finite)), 2) if finite else None,
+        "psnr_outside_codec_mean_db": round(float(np.mean(codec)), 2) if codec else None,
         "per_class": per_class,
     }
 
@@ -125,7 +170,7 @@ def summarise(rows: list[dict]) -> dict:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.inpaint_quality", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--n", type=int, default=60, help="real scenes (each gives one sample per object per "
+    ap.add_argument("--n", type=int, default=30, help="real scenes (each gives one sample per object per "
                     "strength and seed)")
     ap.add_argument("--job", default=str(REPO / "jobs" / "shapes-inpaint.yaml"))
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="job overrides")

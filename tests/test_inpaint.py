@@ -310,3 +310,21 @@ def test_a_9_channel_inpainting_checkpoint_runs_inpaint_jobs_and_refuses_the_oth
     assert main(["validate", str(text)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "inpainting checkpoint (unet in_channels 9)" in err[0]
+
+
+def test_the_quality_benchmark_reads_every_sample_with_the_oracle(tmp_path):
+    """benchmarks.inpaint_quality at a tiny size: every sample read, numbers in range, the sweep applied to the
+    recorded scores, and the job's own verdict among them."""
+    from benchmarks.inpaint_quality import main as quality
+
+    out = tmp_path / "q.json"
+    assert quality(["--n", "2", "--set", "generation.steps=4", "--cache", str(tmp_path / "cache"),
+                    "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["samples"] == result["instances"] * 2 > 0  # 1 strength x 2 seeds per instance
+    for key in ("found_all", "iou_all", "kept_fraction", "right_and_kept_of_all"):
+        assert 0.0 <= result[key] <= 1.0
+    assert set(result["ceiling"]) == {"silhouette", "vae"} and result["ceiling"]["silhouette"]["iou"] > 0.5
+    assert result["psnr_outside_codec_mean_db"] > 20
+    job = next(r for r in result["sweep"] if (r["min_mass_inside"], r["min_iou"]) == (0.5, 0.0))
+    assert 0.0 <= job["kept_fraction"] <= 1.0
