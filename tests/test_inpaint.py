@@ -328,3 +328,17 @@ def test_the_quality_benchmark_reads_every_sample_with_the_oracle(tmp_path):
     assert result["psnr_outside_codec_mean_db"] > 20
     job = next(r for r in result["sweep"] if (r["min_mass_inside"], r["min_iou"]) == (0.5, 0.0))
     assert 0.0 <= job["kept_fraction"] <= 1.0
+
+
+def test_eval_with_coco_truth_runs_an_inpainting_job_one_case_per_instance(tmp_path, tiny_model, real):
+    """``synthgen eval --truth coco:DIR`` on an inpainting job: each case repaints one instance with the job's
+    options, and its outline is the truth; the labels are that outline, so their mask IoU is 1."""
+    from pipeline.evaluate import CocoTruth, evaluate
+
+    units = instances(real)
+    spec = load_spec(inpaint_job(tmp_path, tiny_model, real, len(units)))
+    result = evaluate(spec, 3, progress=False, truth=CocoTruth(real, strength=0.5))
+    refined = result["refined"]
+    assert refined["samples"] == 3 and refined["gt_objects"] == 3
+    assert refined["semantic"]["miou"] == 1.0 and refined["instance_mask_iou_mean"] == 1.0
+    assert refined["missing_object_rate"] == 0.0
