@@ -66,17 +66,26 @@ MODELS = {
 }
 
 
-def clip_tokenizer(folder: Path):
-    """A CLIPTokenizer (77 tokens): the real CLIP BPE from the open_clip_torch wheel's files when installed."""
+def _clip_bpe() -> Path | None:
+    """CLIP's BPE merges file from an installed package (read, not imported), if any."""
+    for package in ("openai-clip", "open_clip_torch"):
+        try:
+            files = importlib.metadata.files(package) or []
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        for f in files:
+            if f.name == "bpe_simple_vocab_16e6.txt.gz" and Path(f.locate()).is_file():
+                return Path(f.locate())
+    return None
+
+
+def clip_tokenizer(folder: Path, pad_token: str = "<|endoftext|>"):
+    """A CLIPTokenizer (77 tokens) saved to ``folder``: the real CLIP BPE when an installed package ships it,
+    else the bundled shapes model's vocabulary."""
     from transformers import CLIPTokenizer
 
     src = Path(tempfile.mkdtemp())
-    gz = None
-    try:
-        gz = next((Path(f.locate()) for f in importlib.metadata.files("open_clip_torch") or []
-                   if f.name == "bpe_simple_vocab_16e6.txt.gz"), None)
-    except importlib.metadata.PackageNotFoundError:
-        pass
+    gz = _clip_bpe()
     if gz is not None:
         bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
         cs, n = bs[:], 0
@@ -95,7 +104,7 @@ def clip_tokenizer(folder: Path):
         (src / "vocab.json").write_text(json.dumps(data["model"]["vocab"]))
         (src / "merges.txt").write_text("#version: 0.2\n" + "\n".join(
             m if isinstance(m, str) else " ".join(m) for m in data["model"]["merges"]) + "\n")
-    tok = CLIPTokenizer(str(src / "vocab.json"), str(src / "merges.txt"), model_max_length=77)
+    tok = CLIPTokenizer(str(src / "vocab.json"), str(src / "merges.txt"), pad_token=pad_token, model_max_length=77)
     tok.save_pretrained(str(folder))
     return tok
 

@@ -36,8 +36,6 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUME
     os.environ.setdefault(_var, "1")
 
 import argparse  # noqa: E402
-import gzip  # noqa: E402
-import importlib.metadata  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import tempfile  # noqa: E402
@@ -74,52 +72,6 @@ def job_spec(size: int, model: str | None = None, extra: tuple[str, ...] = ()):
 
 # ---- sdxl: real synthesis outputs of a random-weight, tiny-width SDXL --------------------------------------
 
-def _clip_bpe() -> Path | None:
-    """CLIP's BPE merges file from an installed package (read, not imported), if any."""
-    for package in ("openai-clip", "open_clip_torch"):
-        try:
-            files = importlib.metadata.files(package) or []
-        except importlib.metadata.PackageNotFoundError:
-            continue
-        for f in files:
-            if f.name == "bpe_simple_vocab_16e6.txt.gz" and Path(f.locate()).is_file():
-                return Path(f.locate())
-    return None
-
-
-def clip_tokenizer(folder: Path, pad_token: str = "<|endoftext|>"):
-    """A 77-token CLIPTokenizer saved to ``folder``: the real CLIP BPE when a package ships it, else the
-    bundled shapes model's vocabulary."""
-    from transformers import CLIPTokenizer
-
-    src = Path(tempfile.mkdtemp())
-    gz = _clip_bpe()
-    if gz is not None:
-        bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
-        cs, n = bs[:], 0
-        for b in range(256):
-            if b not in bs:
-                bs.append(b)
-                cs.append(256 + n)
-                n += 1
-        merges = [tuple(m.split()) for m in gzip.open(gz).read().decode().split("\n")[1:49152 - 256 - 2 + 1]]
-        chars = [chr(c) for c in cs]
-        vocab = (chars + [c + "</w>" for c in chars] + ["".join(m) for m in merges]
-                 + ["<|startoftext|>", "<|endoftext|>"])
-        (src / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
-        (src / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
-    else:
-        data = json.loads((REPO / "pipeline/models/shapes-tiny-sd/tokenizer/tokenizer.json").read_text())
-        (src / "vocab.json").write_text(json.dumps(data["model"]["vocab"]))
-        (src / "merges.txt").write_text("#version: 0.2\n" + "\n".join(
-            m if isinstance(m, str) else " ".join(m) for m in data["model"]["merges"]) + "\n")
-    tok = CLIPTokenizer(str(src / "vocab.json"), str(src / "merges.txt"), bos_token="<|startoftext|>",
-                        eos_token="<|endoftext|>", unk_token="<|endoftext|>", pad_token=pad_token,
-                        model_max_length=77)
-    tok.save_pretrained(str(folder))
-    return tok
-
-
 def build_sdxl(folder: Path) -> Path:
     """A random-weight SDXL folder of the real layout at tiny widths (as tests/family_models.py's)."""
     import contextlib
@@ -140,6 +92,8 @@ def build_sdxl(folder: Path) -> Path:
                              num_attention_heads=4, max_position_embeddings=77, projection_dim=width,
                              bos_token_id=vocab - 2, eos_token_id=vocab - 1, pad_token_id=vocab - 1, hidden_act="gelu")
         return (CLIPTextModelWithProjection if projection else CLIPTextModel)(cfg).eval()
+
+    from benchmarks.family_capture import clip_tokenizer
 
     tok, tok2 = clip_tokenizer(folder / "_tok"), clip_tokenizer(folder / "_tok2", pad_token="!")
     torch.manual_seed(3)
