@@ -178,7 +178,7 @@ def submission(args: argparse.Namespace) -> dict:
     the working dir: the package is unpacked into a temporary folder on the cluster.
     """
     from .package import build_package
-    from .spec import check_references
+    from .spec import check_judge, check_references
 
     source = str(Path(args.job))
     spec = load_spec(args.job, args.overrides, args.out, check_files=False)
@@ -187,6 +187,8 @@ def submission(args: argparse.Namespace) -> dict:
     refs = spec.references
     if refs is not None and Path(refs.path).exists() and (refs.select is None or Path(refs.select.path).exists()):
         check_references(spec, source)
+    if spec.judge is not None and spec.judge.path and Path(spec.judge.path).is_dir():
+        check_judge(spec, source)
     workdir = Path(args.working_dir).resolve()
     job = Path(args.job).resolve()
     if not job.is_relative_to(workdir):

@@ -13,6 +13,8 @@ The package holds exactly:
   - ``references.path``: what the reference reader opens (``stages.references``): a COCO folder's
     ``annotations.json`` and the images it lists, or a synthgen output dir's ``index.parquet``, the
     ``manifest.json`` that confirms its shard names, and the shards of its records;
+  - ``judge.path``: the classifier's ``config.json``, ``model.safetensors`` and ``preprocessor_config.json``
+    (``stages.identity.JUDGE_FILES``, what the judge loads and fingerprints);
   - ``masks.calibration``, ``references.select.path``: that one file;
 
 - the project code the cluster runs: ``pyproject.toml``, ``pipeline/`` and ``stages/`` without the
@@ -259,6 +261,13 @@ def input_files(name: str, path: Path, source: str) -> list[Path]:
             raise UsageError(f"{source}: model.path: {path} is not a diffusers model folder ({type(e).__name__}: "
                              f"{str(e).splitlines()[0] if str(e) else ''}); point it at a save_pretrained folder"
                              ) from None
+    if name == "judge.path":
+        from stages.identity import JUDGE_FILES
+
+        if not path.is_dir():
+            raise UsageError(f"{source}: judge.path: {path} is not a folder; it names a transformers "
+                             "image-classification folder")
+        return [path / f for f in JUDGE_FILES if (path / f).is_file()]
     if name == "references.path":
         try:
             return reference_files(path)

@@ -34,11 +34,12 @@ from .plan import shard_count_problem
 
 PositiveInt = Annotated[int, Field(ge=1)]
 #: path fields: resolved to absolute local paths to be used; recorded as given (``JobSpec.public_dump``)
-PATH_FIELDS = ("model.path", "output.dir", "masks.calibration", "references.path", "references.select.path")
+PATH_FIELDS = ("model.path", "output.dir", "masks.calibration", "references.path", "references.select.path",
+               "judge.path")
 #: job fields no fingerprint covers (``JobSpec.fingerprint``): a run may change them on a dataset it resumes
 #: (the references' locations: their content is covered, by its digest)
 UNFINGERPRINTED = ("resources", "samples", "retries", "output.dir", "output.index", "model.path", "masks.calibration",
-                   "references.path", "references.select.path")
+                   "references.path", "references.select.path", "judge.path")
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
 STAGES = registry.stage_names()
 
@@ -211,6 +212,9 @@ class GenerationSpec(_Strict):
     guidance_cutoff: Annotated[float, Field(gt=0.0, le=1.0)] | None = Field(
         default=None, description="stop CFG after this fraction of the steps (then only the conditional half runs: "
         "fewer denoiser calls); null: CFG throughout; not on flux")
+    redraws: Annotated[int, Field(ge=0, le=100)] = Field(
+        default=0, description="a sample the checks reject (judge, masks, labels, filters but dedup) is drawn "
+        "again from new noise, up to this many times; every attempt is recorded (stages/redraw.py)")
 
     @field_validator("height", "width")
     @classmethod
@@ -290,6 +294,28 @@ class FiltersSpec(_Strict):
         if self.min_area_fraction > self.max_area_fraction:
             raise ValueError(f"min_area_fraction ({self.min_area_fraction}) is larger than "
                              f"max_area_fraction ({self.max_area_fraction})")
+        return self
+
+
+class JudgeSpec(_Strict):
+    """What judges a sample's image (stages/judges.py); below ``min_score`` the filters reject it."""
+
+    kind: Literal["classifier", "shapes-oracle"] = Field(default="classifier", description="classifier: a "
+        "transformers image-classification folder; shapes-oracle: the shapes world's oracle (a bound, not a measure)")
+    path: PathText | None = Field(default=None, description="kind classifier: the folder (config.json with id2label, "
+                                  "model.safetensors, preprocessor_config.json)")
+    min_score: Fraction = Field(default=0.5, description="reject ('judge:<class>') a prompted class scored below it")
+    region: Literal["image", "attention"] = Field(default="image", description="image: the whole image, once; "
+        "attention: each prompted class on the crop around its own attention (a classifier of single objects)")
+    labels: dict[str, str] | None = Field(default=None, description="job class -> the classifier's label name, "
+                                          "where they differ")
+
+    @model_validator(mode="after")
+    def _path(self) -> JudgeSpec:
+        if self.kind == "classifier" and not self.path:
+            raise ValueError("kind classifier needs path: the classifier's folder")
+        if self.kind != "classifier" and (self.path or self.labels):
+            raise ValueError(f"kind {self.kind} takes no path or labels")
         return self
 
 
@@ -434,6 +460,7 @@ class JobSpec(_Strict):
                                      "stages with equal resources share one worker")
     references: ReferencesSpec | None = Field(default=None, description="img2img variations of real "
                                               "images; null: text-to-image")
+    judge: JudgeSpec | None = Field(default=None, description="judges each image (stages/judges.py); null: none")
     retries: int = Field(default=3, ge=0, description="recoveries within one Ray run from a lost node, actor, "
                          "worker or object: the pipeline is rebuilt over the shards not yet committed (same bytes); "
                          "0: stop at the first")
@@ -579,6 +606,10 @@ class JobSpec(_Strict):
             exclude["masks"] = {*exclude["masks"], "capture_blocks"}
         if self.generation.guidance_cutoff is None:  # new field at its default: fingerprints as before
             exclude["generation"] = {*exclude.get("generation", ()), "guidance_cutoff"}
+        if self.generation.redraws == 0:
+            exclude["generation"] = {*exclude.get("generation", ()), "redraws"}
+        if self.judge is None:
+            exclude["judge"] = True
         if self.filters.max_missing_instances is None:
             exclude["filters"] = {*exclude.get("filters", ()), "max_missing_instances"}
         if self.references is None:
@@ -603,6 +634,10 @@ class JobSpec(_Strict):
             from stages.references import references_digest
 
             payload["references"] = references_digest(self.references)
+        if self.judge is not None and self.judge.path:  # the classifier by content, not by location
+            from stages.identity import judge_identity
+
+            payload["judge"] = judge_identity(self.judge.path)
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
@@ -750,6 +785,9 @@ def _resolve_paths(data: dict, base: Path) -> None:
     masks = data.get("masks")
     if isinstance(masks, dict) and isinstance(masks.get("calibration"), str):
         masks["calibration"] = str((base / Path(masks["calibration"]).expanduser()).resolve())
+    judge = data.get("judge")
+    if isinstance(judge, dict) and isinstance(judge.get("path"), str):
+        judge["path"] = str((base / Path(judge["path"]).expanduser()).resolve())
 
 
 def _is_uri(text: str) -> bool:
@@ -833,6 +871,16 @@ def check_paths(spec: JobSpec, source: str) -> None:
         raise SpecError(f"{source}: output.dir: {out} is a file, not a directory; choose another output.dir")
     if spec.references is not None:
         check_references(spec, source)
+    check_judge(spec, source)
+
+
+def check_judge(spec: JobSpec, source: str) -> None:
+    """The judge's folder is a classifier whose weights fit its config and which names every job class."""
+    from stages.judges import judge_problem
+
+    problem = judge_problem(spec)
+    if problem:
+        raise SpecError(f"{source}: {problem}")
 
 
 def load_spec(path: str | Path, overrides: Sequence[str] = (), out: str | None = None,

@@ -4,6 +4,8 @@ Checks, in order; the first that fails names the reason (stable strings, grouped
 
   ``non-finite``       the synthesis output (image or attention maps) held a NaN or an inf: the row's
                        ``gen`` says ``"non_finite": true`` (stages/finite.py); its labels are never kept
+  ``judge:<class>``    the job's judge (stages/judges.py) scored a prompted class below ``judge.min_score``
+                       (the scores the synthesis stage recorded in ``gen["judge"]``)
   ``missing:<class>``  a prompted class has no pixel in the semantic mask
   ``area:<class>``     a prompted class has pixels but no component within the area bounds
   ``count:<class>``    a class has more than ``n_prompted + spec.filters.max_extra_instances``
@@ -20,6 +22,11 @@ Checks, in order; the first that fails names the reason (stable strings, grouped
                        reference's, stages/inpaint.py)
   ``duplicate``        the image's perceptual hash is within ``spec.filters.dedup_threshold`` bits
                        (Hamming) of a kept image earlier in the same shard (index order)
+
+:func:`row_verdict` is every check but dedup, for one row: the synthesis stage's redraws (stages/redraw.py)
+call it too, so a redrawn sample passes exactly what the filters will check. A redrawn sample's ``attempt``
+and ``rejected`` (its earlier attempts' noise seeds and reasons) and the judge's scores are copied from
+``gen`` into ``scores``, so the index holds them.
 
 Dedup is scoped to a shard (``index // output.shard_size``) so that the verdict is the same in an
 uninterrupted and a resumed run (a resumed run starts at a shard boundary). The pipeline feeds a
@@ -88,13 +95,37 @@ def outline_verdict(scores: dict, opts: Any) -> str:
     return ""
 
 
+def row_verdict(spec: Any, gen: Any, scores: Any, class_names: Any) -> str:
+    """The reason one row fails every check but dedup ("" when it passes), from its ``gen`` and ``scores``
+    JSON and its class names: non-finite, then the judge, then the inpainting or the mask checks."""
+    if is_marked(gen):
+        return NON_FINITE
+    g = json.loads(str(gen)) if str(gen) else {}
+    judge = getattr(spec, "judge", None)
+    if judge is not None and "judge" in g:
+        from .judges import verdict as judged
+
+        reason = judged(g["judge"], json.loads(str(class_names)), judge.min_score)
+        if reason:
+            return reason
+    sc = json.loads(str(scores))
+    if "outline" in sc:  # inpainting: labels by construction, the attention check decides
+        return outline_verdict(sc, spec.references.inpaint)
+    f = spec.filters
+    return verdict(sc, f.min_contrast, f.max_extra_instances, getattr(f, "max_missing_instances", None))
+
+
+#: ``gen`` keys copied into ``scores`` (so the index holds them): the judge's scores, a redrawn sample's attempts
+GEN_TO_SCORES = ("judge", "attempt", "rejected")
+
+
 class FilterStage(Stage):
     """Adds ``keep`` (bool) and ``reject_reason`` (str); adds ``phash`` to ``scores``."""
 
     name = "filters"
     kind = "actor"  # holds the current shard's kept hashes between batches
-    reads = ("filters", "references")  # references.inpaint: the outline check's thresholds
-    inputs = ("index", "image", "scores", "gen")
+    reads = ("filters", "references", "judge")  # references.inpaint: the outline check's thresholds
+    inputs = ("index", "image", "scores", "gen", "class_names")
     outputs = ("keep", "reject_reason", "scores")
 
     def __init__(self, spec: Any):
@@ -106,20 +137,20 @@ class FilterStage(Stage):
         f = self.spec.filters
         dedup = f.dedup_threshold is not None and f.dedup_threshold >= 0
         keep, reasons, scores = [], [], []
-        gens = batch.get("gen", [""] * len(batch["index"]))  # a batch not made by synthesis (tests) has none
-        for index, image, scores_json, gen in zip(batch["index"], batch["image"], batch["scores"], gens):
+        n = len(batch["index"])
+        gens = batch.get("gen", [""] * n)  # a batch not made by synthesis (tests) has none
+        names = batch.get("class_names", ["[]"] * n)
+        for index, image, scores_json, gen, classes in zip(batch["index"], batch["image"], batch["scores"], gens,
+                                                            names):
             shard = int(index) // self.spec.shard_size
             if shard != self.shard:
                 self.shard, self.kept_hashes = shard, []
+            reason = row_verdict(self.spec, gen, scores_json, classes)
             sc = json.loads(str(scores_json))
             h = phash(image)
             sc["phash"] = f"{int(h):016x}"
-            if is_marked(gen):
-                reason = NON_FINITE
-            elif "outline" in sc:  # inpainting: labels by construction, the attention check decides
-                reason = outline_verdict(sc, self.spec.references.inpaint)
-            else:
-                reason = verdict(sc, f.min_contrast, f.max_extra_instances, getattr(f, "max_missing_instances", None))
+            g = json.loads(str(gen)) if str(gen) else {}
+            sc.update({k: g[k] for k in GEN_TO_SCORES if k in g})
             if not reason and dedup:
                 if self.kept_hashes and hamming(h, np.array(self.kept_hashes)).min() <= f.dedup_threshold:
                     reason = "duplicate"

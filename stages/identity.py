@@ -200,6 +200,17 @@ def model_identity(model: str, name: str | None = None) -> dict[str, Any]:
     return {"source": "hub", "model": name, "revision": snapshot.name, **_content(snapshot)}
 
 
+#: the files that make a judge folder (stages/judges.py) the classifier it is
+JUDGE_FILES = ("config.json", "model.safetensors", "preprocessor_config.json")
+
+
+def judge_identity(folder: str | Path) -> str:
+    """One sha256 over a judge folder's ``JUDGE_FILES`` (the ones it has): the judge by content."""
+    paths = {name: Path(folder) / name for name in JUDGE_FILES if (Path(folder) / name).is_file()}
+    digests = cached_sha256_many(list(paths.values()))
+    return digest_of({name: digests[p] for name, p in paths.items()})
+
+
 def short_id(identity: dict[str, Any]) -> str | None:
     """The first 16 hex digits of a model identity's ``id`` (what each sample's ``gen`` records)."""
     return identity["id"][:16] if identity.get("id") else None

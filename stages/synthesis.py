@@ -72,7 +72,7 @@ class SynthesisStage(Stage):
     name = "synthesis"
     kind = "actor"
     fusable = False  # its own actor pool: resources.synthesis sizes it and reserves the GPUs
-    reads = ("model", "generation", "prompts", "masks", "references", "classes")
+    reads = ("model", "generation", "prompts", "masks", "references", "classes", "judge", "filters")
     inputs = ("prompt", "seed", "token_index", "class_names")
     outputs = ("image", "attn", "attn_raw", "gen")
 
@@ -99,6 +99,14 @@ class SynthesisStage(Stage):
         if getattr(gen, "guidance_cutoff", None) is not None:  # only when set: records without it stay as before
             record["guidance_cutoff"] = gen.guidance_cutoff
         self.gen_json = json.dumps(record)
+        from .judges import load_judge
+
+        self.judge = load_judge(spec)
+        self.redraws = None
+        if getattr(gen, "redraws", 0):
+            from .redraw import SampleChecks
+
+            self.redraws = SampleChecks(spec)
         refs = getattr(spec, "references", None)
         if refs is not None:
             self.reference_images = ReferenceImages(list_references(spec), gen.height, gen.width)
@@ -177,9 +185,23 @@ class SynthesisStage(Stage):
             # float32 maps, narrow ones stretched to [0, 1] before the float16 hand-over (stages/attention.py)
             new.update({k: fp16_safe(v.float()).to(torch.float16).cpu().numpy() for k, v in maps.items()})
         new["gen"] = finite.mark(new["gen"], bad)
+        if self.judge is not None:  # each prompted class's score, in class order (the filters' verdict reads it)
+            classes = [json.loads(batch["class_names"][i]) for i in rows]
+            scores = self.judge.scores(images, prompts, classes, new.get("attn"))
+            new["gen"] = np.array([json.dumps({**json.loads(g), "judge": [round(x, 4) for x in sc]})
+                                   for g, sc in zip(new["gen"], scores)], dtype=str)
         return new
 
     def __call__(self, batch: Batch) -> Batch:
+        drawn = self.draw(batch)
+        if self.redraws is not None:  # generation.redraws: rejected rows drawn again (stages/redraw.py)
+            from .redraw import redraw
+
+            drawn = redraw(self.spec, batch, drawn, self.draw, self.redraws)
+        return passthrough(batch, **drawn)
+
+    def draw(self, batch: Batch) -> Batch:
+        """The synthesis outputs of every row of ``batch`` (one attempt, each row from its ``seed``)."""
         n = len(batch["prompt"])
         conds = [json.loads(str(c)) if str(c) else {} for c in batch.get("cond", [""] * n)]
         # (strength (None: text-to-image), inpainting) -> rows, in row order
@@ -190,6 +212,5 @@ class SynthesisStage(Stage):
         parts = [(rows, self._generate(batch, rows, conds, strength, inpaint))
                  for (strength, inpaint), rows in groups.items()]
         inverse = np.argsort(np.concatenate([rows for rows, _ in parts]), kind="stable")
-        new = {col: np.concatenate([out[col] for _, out in parts])[inverse] for col in parts[0][1]}
-        return passthrough(batch, **new)
+        return {col: np.concatenate([out[col] for _, out in parts])[inverse] for col in parts[0][1]}
 

@@ -113,6 +113,24 @@ def copy_dir(src: Path, rel: str) -> Setup:
     return setup
 
 
+@functools.lru_cache(maxsize=None)
+def built_judge() -> Path:
+    """A random-weight judge of the bundled judge's architecture (pipeline/shapes/judge.py), built once."""
+    from pipeline.shapes.judge import save_judge
+
+    return save_judge(Path(tempfile.mkdtemp(prefix="sg-bad-judge-")) / "judge")
+
+
+def judge_folder(*edits: Setup) -> Setup:
+    """A judge folder at ``judge/`` of the model copy (the job names it ``../model/judge``), then ``edits``."""
+    def setup(root: Path) -> None:
+        shutil.copytree(built_judge(), root / "judge")
+        for edit in edits:
+            edit(root)
+    return setup
+
+
+JUDGE = {"judge": {"path": "../model/judge"}}
 UNET_WEIGHTS = "unet/diffusion_pytorch_model.safetensors"
 FAMILY_JOB = {"masks": {"capture_resolutions": ["1/2", "1/4"]}}  # levels every family model has at 64²
 LONG = "x" * 300
@@ -285,6 +303,18 @@ CASES = [
     Case("job: 10**12 samples", ("samples: 1000000000000 samples in shards of 4 make 250000000000 shards, over the "
                                  "limit of 1000000", "raise output.shard_size to at least 1000000"),
          args=("--set", "samples=1000000000000")),
+    # the judge (stages/judges.py)
+    Case("judge: folder missing", ("judge.path", "no config.json there"), job={"judge": {"path": "../nowhere"}}),
+    Case("judge: weights of another shape", ("judge.path", "its weights must match its config.json"), job=JUDGE,
+         model=judge_folder(edit_json("judge/config.json", hidden_sizes=[16, 32, 64, 96]))),
+    Case("judge: no weights", ("judge.path", "no model.safetensors"), job=JUDGE,
+         model=judge_folder(remove("judge/model.safetensors"))),
+    Case("judge: other class names", ("judge.path", "does not name the job's class(es) ['star']"), job=JUDGE,
+         model=judge_folder(edit_json("judge/config.json", id2label={"0": "circle", "1": "square", "2": "triangle",
+                                                                      "3": "hexagon", "4": "ring", "5": "cross"}))),
+    Case("judge: labels for a class the job lacks", "judge.labels: ['hexagon'] are not classes of this job",
+         job={"judge": {"path": "../model/judge", "labels": {"hexagon": "star"}}}, model=judge_folder()),
+    Case("judge: classifier without a path", "judge: kind classifier needs path", job={"judge": {"min_score": 0.5}}),
 ]
 BY_ID = {case.id: case for case in CASES}
 assert len(BY_ID) == len(CASES) >= 40

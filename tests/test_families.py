@@ -168,6 +168,13 @@ def test_the_same_job_resolves_the_same_grids_on_sd15_sd21_and_sdxl_configs(tmp_
 
 
 @pytest.mark.parametrize("name", list(BUILDERS))
+def test_a_judge_and_redraws_run_on_every_unet_family(name, models, tmp_path):
+    from test_redraw import assert_every_attempt_is_drawn_on
+
+    assert_every_attempt_is_drawn_on(family_job(tmp_path, models[name], f"judged-{name}"), CLASSES, tmp_path)
+
+
+@pytest.mark.parametrize("name", list(BUILDERS))
 def test_multi_token_class_words_map_to_all_their_tokens_in_every_tokenizer(name, models):
     from transformers import CLIPTokenizer
 

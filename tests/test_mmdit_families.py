@@ -101,6 +101,13 @@ def test_a_killed_run_resumes_to_the_uninterrupted_bytes(family, runner, models,
 
 
 @pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_a_judge_and_redraws_run_on_every_mm_dit_family(family, models, tmp_path):
+    from test_redraw import assert_every_attempt_is_drawn_on
+
+    assert_every_attempt_is_drawn_on(mm_job(tmp_path, models[family], family), CLASSES, tmp_path)
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
 def test_synthesis_maps_have_the_recorded_grid_and_multi_token_words_map_to_all_tokens(family, models, tmp_path):
     from stages.sampling import SamplingStage
     from stages.synthesis import SynthesisStage
