@@ -297,9 +297,17 @@ def truth_source(text: str | None, spec: JobSpec, strength: float = 0.3) -> Trut
     raise SpecError(f"--truth {text!r}: expected 'oracle' or 'coco:DIR' (a COCO folder of annotated images)")
 
 
+def one_draw(spec: JobSpec) -> JobSpec:
+    """``spec`` without redraws: eval and calibration measure the labels of one draw per case, as drawn, not
+    the draws a job's redraws would pick (stages/redraw.py)."""
+    if not spec.generation.redraws:
+        return spec
+    return spec.model_copy(update={"generation": spec.generation.model_copy(update={"redraws": 0})})
+
+
 class Generator:
-    """The job's stages in process: synthesis once, then masks/labels/filters for refined and raw
-    (chained by :class:`pipeline.graph.Chain`, as the in-process runner chains them)."""
+    """The job's stages in process: synthesis once (one draw per case: :func:`one_draw`), then masks/labels/filters
+    for refined and raw (chained by :class:`pipeline.graph.Chain`, as the in-process runner chains them)."""
 
     def __init__(self, spec: JobSpec, truth: Truth):
         from stages.filters import FilterStage
@@ -310,6 +318,7 @@ class Generator:
         from .graph import Chain
         from .jobplan import JobPlan
 
+        spec = one_draw(spec)
         self.spec, self.truth = spec, truth
         self.synthesis = SynthesisStage(spec)
         plan = JobPlan(spec)
@@ -579,7 +588,7 @@ def calibrate(spec: JobSpec, n: int, progress: bool = True, truth: Truth | None 
     spec, prompts = truth.job(spec, n, calibration=True)
     from stages.synthesis import SynthesisStage
 
-    synthesis = SynthesisStage(spec)
+    synthesis = SynthesisStage(one_draw(spec))
     column = "attn_raw" if spec.masks.use_raw else "attn"
     names = [c.name for c in spec.classes]
     inter = {c: np.zeros(len(CALIBRATION_GRID)) for c in names}
