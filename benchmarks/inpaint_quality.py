@@ -21,7 +21,11 @@ did not have. The oracle reads each generated image, with everything outside the
   thresholds) is applied to the recorded scores: the verdict is the one a run makes, and a sweep of
   ``min_mass_inside`` x ``min_iou`` needs no new images.
 
-    python -m benchmarks.inpaint_quality [--n 30] [--set references.strengths=[0.7]]
+With ``--redraws N`` the run keeps the job's check and draws a rejected sample again up to N times
+(``generation.redraws``, stages/redraw.py): only kept samples are stored, and a sample still rejected after
+its last attempt counts as not found in ``delivered.found_of_all`` (found over every index of the job).
+
+    python -m benchmarks.inpaint_quality [--n 30] [--set references.strengths=[0.7]] [--redraws 3]
 """
 from __future__ import annotations
 
@@ -138,6 +142,24 @@ def measure(spec, out: Path, right_iou: float, opts) -> dict:
     return {**summary, "sweep": sweep}
 
 
+def delivered(out: Path, stored: dict) -> dict:
+    """With redraws (only kept samples stored): found / right / IoU over every index of the job, a sample
+    rejected after its last attempt counting as not found (IoU 0), and the draws the run made (each
+    index's ``attempt`` + 1 from the index)."""
+    import pyarrow.parquet as pq
+
+    from pipeline.dataset import INDEX
+
+    rows = pq.read_table(out / INDEX, columns=["keep", "scores"]).to_pylist()
+    total, n = len(rows), stored["samples"]
+    draws = sum(json.loads((r["scores"] or {}).get("other") or "{}").get("attempt", 0) + 1 for r in rows)
+    return {"samples": total, "kept": n, "kept_fraction": round(n / total, 3),
+            "found_of_all": round(stored["found_all"] * n / total, 3),
+            "iou_of_all": round(stored["iou_all"] * n / total, 3),
+            "right_of_all": round(stored["right_and_kept_of_all"] * n / total, 3),
+            "draws": int(draws), "draws_per_sample": round(draws / total, 3)}
+
+
 SWEPT = ("kept_fraction", "found_kept", "iou_kept", "right_and_kept_of_all", "filter_precision", "filter_recall")
 
 
@@ -174,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
                     "strength and seed)")
     ap.add_argument("--job", default=str(REPO / "jobs" / "shapes-inpaint.yaml"))
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="job overrides")
+    ap.add_argument("--redraws", type=int, default=0, help="keep the job's check and redraw rejected samples up to "
+                    "this many times (generation.redraws); 0: every sample stored once, the check applied after")
     ap.add_argument("--right-iou", type=float, default=0.5, help="oracle IoU from which a found object is right")
     ap.add_argument("--cache", type=Path, default=REPO / "out" / "inpaint-quality")
     ap.add_argument("--json", type=Path, default=REPO / "benchmarks" / "results" / "inpaint_quality.json")
@@ -191,13 +215,17 @@ def main(argv: list[str] | None = None) -> int:
     units = len(inpaint_references(probe).instances)
     overrides.append(f"samples={units * len(refs.strengths) * refs.seeds_per_level}")
     opts = load_spec(args.job, overrides, out=tempfile.mkdtemp(), check_files=False).references.inpaint
-    # every sample stored: the check is applied below, from the recorded scores
-    made = generate_cached(args.job, overrides + ["references.inpaint.min_mass_inside=0",
-                                                  "references.inpaint.min_iou=0"], args.cache)
+    if args.redraws:  # the job's check decides in the run; rejected samples are drawn again
+        made = generate_cached(args.job, overrides + [f"generation.redraws={args.redraws}"], args.cache)
+    else:  # every sample stored: the check is applied below, from the recorded scores
+        made = generate_cached(args.job, overrides + ["references.inpaint.min_mass_inside=0",
+                                                      "references.inpaint.min_iou=0"], args.cache)
     result = {**header, "job": Path(args.job).name, "overrides": args.set, "scenes": args.n,
               "first_seed": FIRST_SEED, "instances": units, "generate_s": round(made.wall_s, 1),
-              "min_mass_inside": opts.min_mass_inside, "min_iou": opts.min_iou,
+              "min_mass_inside": opts.min_mass_inside, "min_iou": opts.min_iou, "redraws": args.redraws,
               **measure(made.spec, made.out, args.right_iou, opts)}
+    if args.redraws:
+        result["delivered"] = delivered(made.out, result)
     print(json.dumps({k: v for k, v in result.items() if k not in ("per_class", "sweep")}, indent=1))
     for cls, v in result["per_class"].items():
         print(f"  {cls:9s} n={v['n']:3d}  found {v['found']:.2f}  IoU {v['iou']:.2f}")
