@@ -135,6 +135,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--generated", type=int, default=0, help="also crops of this many generated 3-object images per "
+                    "--generated-seeds job seed, labelled by the oracle (an annotator's labels; 0: rendered only)")
+    ap.add_argument("--generated-seeds", type=int, nargs="*", default=[101, 102])
+    ap.add_argument("--generated-repeat", type=int, default=4, help="each generated crop this many times per epoch")
+    ap.add_argument("--cache", type=Path, help="keep / reuse the generated crops here (generated-N-SEED.npz)")
     args = ap.parse_args(argv)
     from diffusers import AutoencoderKL
 
@@ -144,7 +149,19 @@ def main(argv: list[str] | None = None) -> None:
     half = args.scenes // 2
     a, la = scene_crops(FIRST_SEED, half, vae, seed=args.seed)
     b, lb = scene_crops(FIRST_SEED + half, args.scenes - half, None, seed=args.seed + 1)
-    x_all, y_all = tensor(a + b), torch.from_numpy(np.concatenate([la, lb]))
+    crops, labels = a + b, [la, lb]
+    for job_seed in args.generated_seeds if args.generated else []:
+        cached = args.cache / f"generated-{args.generated}-{job_seed}.npz" if args.cache else None
+        if cached is not None and cached.is_file():
+            data = np.load(cached)
+            g, lg = list(data["crops"]), data["labels"]
+        else:
+            g, lg = generated_crops(args.generated, job_seed)
+            if cached is not None:
+                cached.parent.mkdir(parents=True, exist_ok=True)
+                np.savez(cached, crops=np.stack(g), labels=lg)
+        crops, labels = crops + g * args.generated_repeat, labels + [np.tile(lg, args.generated_repeat)]
+    x_all, y_all = tensor(crops), torch.from_numpy(np.concatenate(labels))
     test, test_y = scene_crops(FIRST_SEED + args.scenes, 1000, vae, seed=args.seed + 2)
     x_test = tensor(test)
     net = model()
@@ -173,6 +190,7 @@ def main(argv: list[str] | None = None) -> None:
     (out / "training.json").write_text(json.dumps({
         "command": "python -m pipeline.shapes.judge " + " ".join(sys.argv[1:] if argv is None else argv),
         "scenes": args.scenes, "crops": len(x_all), "first_seed": FIRST_SEED, "vae_scenes": half,
+        "generated_per_seed": args.generated, "generated_repeat": args.generated_repeat, "generated_job_seeds": args.generated_seeds if args.generated else [],
         "epochs": args.epochs, "lr": args.lr, "seed": args.seed, "held_out_crop_accuracy": acc,
         "seconds": round(time.time() - start, 1)}, indent=2) + "\n")
     print(f"wrote {out} ({acc:.3f} accuracy on held-out rendered crops)")
