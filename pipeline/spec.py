@@ -300,21 +300,21 @@ class FiltersSpec(_Strict):
 class JudgeSpec(_Strict):
     """What judges a sample's image (stages/judges.py); below ``min_score`` the filters reject it."""
 
-    kind: Literal["classifier", "shapes-oracle"] = Field(default="classifier", description="classifier: a "
-        "transformers image-classification folder; shapes-oracle: the shapes world's oracle (a bound, not a measure)")
-    path: PathText | None = Field(default=None, description="kind classifier: the folder (config.json with id2label, "
-                                  "model.safetensors, preprocessor_config.json)")
+    kind: Literal["classifier", "clip", "shapes-oracle"] = Field(default="classifier", description="classifier: a "
+        "transformers image classifier; clip: a transformers CLIP, zero-shot; shapes-oracle: the shapes oracle (a bound)")
+    path: PathText | None = Field(default=None, description="the model's folder (config.json, model.safetensors, "
+                                  "preprocessor_config.json; a classifier's id2label, a CLIP's tokenizer)")
     min_score: Fraction = Field(default=0.5, description="reject ('judge:<class>') a prompted class scored below it")
     region: Literal["image", "attention"] = Field(default="image", description="image: the whole image, once; "
         "attention: each prompted class on the crop around its own attention (a classifier of single objects)")
-    labels: dict[str, str] | None = Field(default=None, description="job class -> the classifier's label name, "
-                                          "where they differ")
+    labels: dict[str, str] | None = Field(default=None, description="job class -> the classifier's label (clip: "
+                                          "the words in 'a photo of a ...'), where they differ")
 
     @model_validator(mode="after")
     def _path(self) -> JudgeSpec:
-        if self.kind == "classifier" and not self.path:
-            raise ValueError("kind classifier needs path: the classifier's folder")
-        if self.kind != "classifier" and (self.path or self.labels):
+        if self.kind in ("classifier", "clip") and not self.path:
+            raise ValueError(f"kind {self.kind} needs path: the model's folder")
+        if self.kind == "shapes-oracle" and (self.path or self.labels):
             raise ValueError(f"kind {self.kind} takes no path or labels")
         return self
 

@@ -201,7 +201,8 @@ def model_identity(model: str, name: str | None = None) -> dict[str, Any]:
 
 
 #: the files that make a judge folder (stages/judges.py) the classifier it is
-JUDGE_FILES = ("config.json", "model.safetensors", "preprocessor_config.json")
+JUDGE_FILES = ("config.json", "model.safetensors", "preprocessor_config.json", "tokenizer.json", "tokenizer_config.json",
+               "vocab.json", "merges.txt", "special_tokens_map.json")
 
 
 def judge_identity(folder: str | Path) -> str:

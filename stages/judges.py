@@ -11,6 +11,10 @@ rejects (stages/redraw.py). Two kinds:
                 sigmoid, any other by its softmax. ``judge.labels`` maps job classes to the model's label
                 names (default: the same names). The bundled ``pipeline/models/shapes-judge`` is one,
                 trained on rendered shapes-world scenes only (pipeline/shapes/judge.py).
+``clip``        a transformers CLIP folder (``CLIPModel``: ``config.json``, ``model.safetensors``, its tokenizer
+                and ``preprocessor_config.json``), zero-shot: each job class is the text
+                :data:`CLIP_TEMPLATE` of its name (or of its ``judge.labels`` entry), and an object's score is
+                the softmax, over the job's classes, of the image's similarity to each text.
 ``shapes-oracle``  the shapes world's oracle (pipeline/shapes/oracle.py): an object scores 1 when the colour
                 the prompt gives it is drawn as its class. It is the truth the benchmarks measure with, so
                 a job judged by it measures nothing; it is here to bound what a perfect judge would give.
@@ -32,6 +36,8 @@ import numpy as np
 REASON = "judge:"
 
 
+#: the text a ``clip`` judge compares an image with, per job class
+CLIP_TEMPLATE = "a photo of a {}"
 #: ``judge.region: attention``: the crop around a class's attention is this much wider than the region's box
 CROP_MARGIN = 0.2
 #: ... and the region is where the class's normalised attention map is at least this
@@ -87,7 +93,67 @@ class Judge:
         raise NotImplementedError
 
 
-class ClassifierJudge(Judge):
+class _Regions(Judge):
+    """A judge of images or of each prompted class's attention crop: ``probabilities(images)`` over ``self.index``."""
+
+    region = "image"
+    index: dict[str, int]
+    labels: dict[str, str]
+
+    def probabilities(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        raise NotImplementedError
+
+    def scores(self, images: np.ndarray, prompts: Sequence[str], classes: Sequence[list[str]],
+               maps: np.ndarray | None = None) -> list[list[float]]:
+        if self.region == "image":
+            probs = self.probabilities(images)
+            return [[float(p[self.index[self.labels.get(c, c)]]) for c in names] for p, names in zip(probs, classes)]
+        if maps is None:
+            raise ValueError("judge.region attention needs the attention maps (the synthesis stage's capture)")
+        crops, where = [], []
+        for i, (image, names) in enumerate(zip(images, classes)):
+            for k, name in enumerate(names):
+                region = attention_region(maps[i, k], image.shape[:2])
+                crops.append(crop(image, square_box(region, CROP_MARGIN)))
+                where.append((i, self.index[self.labels.get(name, name)]))
+        probs = self.probabilities(crops) if crops else np.zeros((0, 1))
+        out: list[list[float]] = [[] for _ in classes]
+        for (i, label), p in zip(where, probs):
+            out[i].append(float(p[label]))
+        return out
+
+
+class ClipJudge(_Regions):
+    kind = "clip"
+
+    def __init__(self, path: str | Path, classes: Sequence[str], labels: dict[str, str] | None = None,
+                 device: str = "cpu", region: str = "image"):
+        import torch
+        from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
+
+        self.model = CLIPModel.from_pretrained(str(path)).eval().to(device)
+        self.processor = AutoImageProcessor.from_pretrained(str(path), backend="pil")
+        self.labels, self.region, self.torch = dict(labels or {}), region, torch
+        names = [self.labels.get(c, c) for c in classes]
+        self.index = {name: i for i, name in enumerate(names)}
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+        text = tokenizer([CLIP_TEMPLATE.format(n) for n in names], padding=True, return_tensors="pt")
+        with torch.no_grad():
+            features = self.model.get_text_features(**{k: v.to(device) for k, v in text.items()})
+            features = getattr(features, "pooler_output", features)
+        self.text = torch.nn.functional.normalize(features.float(), dim=-1)
+
+    def probabilities(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        torch = self.torch
+        with torch.no_grad():
+            pixels = self.processor(images=list(images), return_tensors="pt")["pixel_values"]
+            features = self.model.get_image_features(pixel_values=pixels.to(self.model.device, self.model.dtype))
+            features = torch.nn.functional.normalize(getattr(features, "pooler_output", features).float(), dim=-1)
+            logits = self.model.logit_scale.exp().float() * features @ self.text.T
+            return torch.softmax(logits, -1).cpu().numpy()
+
+
+class ClassifierJudge(_Regions):
     kind = "classifier"
 
     def __init__(self, path: str | Path, labels: dict[str, str] | None = None, device: str = "cpu",
@@ -110,25 +176,6 @@ class ClassifierJudge(Judge):
             pixels = self.processor(images=list(images), return_tensors="pt")["pixel_values"]
             logits = self.model(pixel_values=pixels.to(self.model.device, self.model.dtype)).logits.float()
             return (torch.sigmoid(logits) if self.multi_label else torch.softmax(logits, -1)).cpu().numpy()
-
-    def scores(self, images: np.ndarray, prompts: Sequence[str], classes: Sequence[list[str]],
-               maps: np.ndarray | None = None) -> list[list[float]]:
-        if self.region == "image":
-            probs = self.probabilities(images)
-            return [[float(p[self.index[self.labels.get(c, c)]]) for c in names] for p, names in zip(probs, classes)]
-        if maps is None:
-            raise ValueError("judge.region attention needs the attention maps (the synthesis stage's capture)")
-        crops, where = [], []
-        for i, (image, names) in enumerate(zip(images, classes)):
-            for k, name in enumerate(names):
-                region = attention_region(maps[i, k], image.shape[:2])
-                crops.append(crop(image, square_box(region, CROP_MARGIN)))
-                where.append((i, self.index[self.labels.get(name, name)]))
-        probs = self.probabilities(crops) if crops else np.zeros((0, 1))
-        out: list[list[float]] = [[] for _ in classes]
-        for (i, label), p in zip(where, probs):
-            out[i].append(float(p[label]))
-        return out
 
 
 class ShapesOracleJudge(Judge):
@@ -164,6 +211,8 @@ def load_judge(spec: Any) -> Judge | None:
     if j.kind == "shapes-oracle":
         return ShapesOracleJudge()
     device = spec.model.device if spec.model.device != "auto" else _auto_device()
+    if j.kind == "clip":
+        return ClipJudge(j.path, [c.name for c in spec.classes], j.labels, device, j.region)
     return ClassifierJudge(j.path, j.labels, device, j.region)
 
 
@@ -185,45 +234,54 @@ def judge_problem(spec: Any) -> str | None:
     """Why the job's judge cannot be used (one line: what, where, how to fix), or None. Reads the folder's
     config and its weights' header and shapes (no diffusion model, no generation)."""
     j = getattr(spec, "judge", None)
-    if j is None or j.kind != "classifier":
+    if j is None or j.kind == "shapes-oracle":
         return None
     folder = Path(j.path)
     where = f"judge.path {j.path}"
+    what = "a transformers image-classification folder" if j.kind == "classifier" else "a transformers CLIP folder"
     if not (folder / "config.json").is_file():
-        return f"{where}: no config.json there; give a transformers image-classification folder (save_pretrained)"
+        return f"{where}: no config.json there; give {what} (save_pretrained)"
     try:
         config = json.loads((folder / "config.json").read_text())
     except (OSError, ValueError) as err:
         return f"{where}: config.json is not JSON ({err})"
+    if j.kind == "clip" and config.get("model_type") != "clip":
+        return f"{where}: config.json is a {config.get('model_type')!r} model, not 'clip'; judge.kind clip takes a CLIPModel folder"
     names = list((config.get("id2label") or {}).values())
-    if not names:
+    if j.kind == "classifier" and not names:
         return f"{where}: config.json has no id2label; the judge must name its classes"
     if not (folder / "model.safetensors").is_file():
-        return f"{where}: no model.safetensors there; save the classifier with safe_serialization=True"
+        return f"{where}: no model.safetensors there; save the model with safe_serialization=True"
     if not (folder / "preprocessor_config.json").is_file():
         return f"{where}: no preprocessor_config.json there; save the model's image processor beside it"
-    missing = [c.name for c in spec.classes if (j.labels or {}).get(c.name, c.name) not in names]
-    if missing:
-        return (f"{where}: the classifier does not name the job's class(es) {missing} (it names {names}); "
-                "map them with judge.labels: {job class: classifier label}")
+    if j.kind == "clip" and not any((folder / f).is_file() for f in ("tokenizer.json", "vocab.json")):
+        return f"{where}: no tokenizer there (tokenizer.json or vocab.json); save the CLIP tokenizer beside the model"
     wrong_keys = [k for k in (j.labels or {}) if k not in {c.name for c in spec.classes}]
     if wrong_keys:
         return f"judge.labels: {wrong_keys} are not classes of this job; map only the job's classes"
+    missing = [c.name for c in spec.classes if (j.labels or {}).get(c.name, c.name) not in names]
+    if j.kind == "classifier" and missing:
+        return (f"{where}: the classifier does not name the job's class(es) {missing} (it names {names}); "
+                "map them with judge.labels: {job class: classifier label}")
     try:
         from safetensors import safe_open
-        from transformers import AutoConfig, AutoModelForImageClassification
+        from transformers import AutoConfig, AutoModel, AutoModelForImageClassification
 
-        expected = {k: tuple(v.shape) for k, v in AutoModelForImageClassification.from_config(
+        build = AutoModelForImageClassification if j.kind == "classifier" else AutoModel
+        expected = {k: tuple(v.shape) for k, v in build.from_config(
             AutoConfig.from_pretrained(str(folder))).state_dict().items()}
         with safe_open(str(folder / "model.safetensors"), "pt") as f:
             stored = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     except Exception as err:  # noqa: BLE001 -- transformers / safetensors raise many kinds; show the first line
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        return f"{where}: the classifier does not load ({first}); its config.json must be a transformers image classifier's"
+        return f"{where}: the model does not load ({first}); its config.json must be {what}'s"
     absent = sorted(set(expected) - set(stored), key=list(expected).index)
+    unused = [k for k in absent if k.endswith("position_ids")]  # buffers some versions do not save
+    absent = [k for k in absent if k not in unused]
     if absent:
-        return f"{where}: model.safetensors lacks {len(absent)} of the model's tensors (first: {absent[0]}); its weights must match its config.json"
-    wrong = [k for k in expected if stored[k] != expected[k]]
+        return (f"{where}: model.safetensors lacks {len(absent)} of the model's tensors (first: {absent[0]}); its "
+                "weights must match its config.json")
+    wrong = [k for k in expected if k in stored and stored[k] != expected[k]]
     if wrong:
         k = wrong[0]
         return (f"{where}: model.safetensors holds {k} as {list(stored[k])}, its config.json says {list(expected[k])}; "

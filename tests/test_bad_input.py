@@ -314,6 +314,8 @@ CASES = [
                                                                       "3": "hexagon", "4": "ring", "5": "cross"}))),
     Case("judge: labels for a class the job lacks", "judge.labels: ['hexagon'] are not classes of this job",
          job={"judge": {"path": "../model/judge", "labels": {"hexagon": "star"}}}, model=judge_folder()),
+    Case("judge: clip kind on a classifier's folder", ("judge.path", "is a 'resnet' model, not 'clip'"),
+         job={"judge": {"kind": "clip", "path": "../model/judge"}}, model=judge_folder()),
     Case("judge: classifier without a path", "judge: kind classifier needs path", job={"judge": {"min_score": 0.5}}),
 ]
 BY_ID = {case.id: case for case in CASES}

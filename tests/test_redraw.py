@@ -146,3 +146,48 @@ def assert_every_attempt_is_drawn_on(job: Path, classes: list[str], tmp: Path) -
     assert all(g["attempt"] == 1 and [r["attempt"] for r in g["rejected"]] == [0] for g in gens), gens
     assert all(g["rejected"][0]["reason"].startswith("judge:") and len(g["judge"]) >= 1 for g in gens)
     assert np.isfinite(out["image"]).all() and out["image"].shape[0] == spec.generation.batch_size
+
+
+def tiny_clip(folder: Path) -> Path:
+    """A random-weight transformers CLIP at tiny widths, with the bundled model's CLIP tokenizer."""
+    import shutil
+
+    from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel
+    from transformers.utils import logging
+
+    tokenizer = Path("pipeline/models/shapes-tiny-sd/tokenizer")
+    vocab = len(json.loads((tokenizer / "tokenizer.json").read_text())["model"]["vocab"])
+    config = CLIPConfig(text_config={"vocab_size": vocab, "hidden_size": 32, "intermediate_size": 37,
+                                     "num_hidden_layers": 1, "num_attention_heads": 2, "max_position_embeddings": 77,
+                                     "bos_token_id": vocab - 2, "eos_token_id": vocab - 1},
+                        vision_config={"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 1,
+                                       "num_attention_heads": 2, "image_size": 32, "patch_size": 8},
+                        projection_dim=16)
+    logging.disable_progress_bar()
+    try:
+        CLIPModel(config).save_pretrained(folder, safe_serialization=True)
+    finally:
+        logging.enable_progress_bar()
+    for f in tokenizer.iterdir():
+        shutil.copy(f, folder / f.name)
+    CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
+    return folder
+
+
+def test_a_clip_judge_scores_each_prompted_class_against_the_jobs_classes(redraw_job, tmp_path):
+    from stages.judges import judge_problem, load_judge
+
+    folder = tiny_clip(tmp_path / "clip")
+    spec = load_spec(redraw_job, [f"judge={{kind: clip, path: {folder}, region: attention}}"])
+    assert judge_problem(spec) is None
+    judge = load_judge(spec)
+    batch = sampled(spec, 4)
+    out = SynthesisStage(spec).draw(batch)
+    names = [json.loads(c) for c in batch["class_names"]]
+    scores = judge.scores(out["image"], list(batch["prompt"]), names, out["attn"])
+    assert [len(s) for s in scores] == [len(n) for n in names]
+    assert all(0.0 <= x <= 1.0 for s in scores for x in s)
+    probs = judge.probabilities(list(out["image"]))  # a softmax over the job's 4 classes
+    assert probs.shape == (4, len(spec.classes)) and np.allclose(probs.sum(1), 1.0, atol=1e-5)
+    gens = [json.loads(g) for g in SynthesisStage(spec).draw(batch)["gen"]]
+    assert all(len(g["judge"]) == len(n) for g, n in zip(gens, names))
