@@ -42,14 +42,30 @@ IGNORE = 255
 SUPERPIXEL_MAX_SIDE = 256  # Felzenszwalb runs on at most 256 px a side (a 512² image: ~0.3 s, not ~1.5 s)
 
 
+#: one ReferenceOutlines per references section and generation size in a process: the synthesis stage (and its
+#: redraw checks), the masks and the label stages of one worker read the COCO file once and share the fitted masks
+_OUTLINES: dict[str, Any] = {}
+
+
 def inpaint_outlines(spec: Any):
-    """The reference annotations of an inpainting job (``stages.inpaint.ReferenceOutlines``), else None."""
+    """The reference annotations of an inpainting job (``stages.inpaint.ReferenceOutlines``, shared by every stage
+    of the process), else None."""
     refs = getattr(spec, "references", None)
     if refs is None or getattr(refs, "mode", "img2img") != "inpaint":
         return None
     from .inpaint import ReferenceOutlines
 
-    return ReferenceOutlines(spec)
+    from pathlib import Path
+
+    from .references import ANNOTATIONS, INDEX
+
+    section = refs.model_dump(mode="json") if hasattr(refs, "model_dump") else repr(refs)
+    listing = next((Path(refs.path) / n for n in (ANNOTATIONS, INDEX) if (Path(refs.path) / n).is_file()), None)
+    stat = (listing.stat().st_size, listing.stat().st_mtime_ns) if listing is not None else None  # an edit: reread
+    key = json.dumps([section, stat, spec.generation.height, spec.generation.width], sort_keys=True, default=str)
+    if key not in _OUTLINES:
+        _OUTLINES[key] = ReferenceOutlines(spec)
+    return _OUTLINES[key]
 
 
 def inpainted(conds: Any, row: int) -> dict | None:

@@ -112,9 +112,9 @@ class SynthesisStage(Stage):
             self.reference_images = ReferenceImages(list_references(spec), gen.height, gen.width)
             self.img2img_steps = {s: self.family.loop_steps(gen.steps, s) for s in refs.strengths}
             if refs.mode == "inpaint":
-                from .inpaint import ReferenceOutlines
+                from .masks import inpaint_outlines
 
-                self.outlines = ReferenceOutlines(spec)
+                self.outlines = inpaint_outlines(spec)
 
     @property
     def img2img(self):
