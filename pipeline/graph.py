@@ -416,6 +416,9 @@ def _write_shard(out: str, shards: ShardPlan, k: int, categories: dict[int, str]
             if column in batch:
                 rows[name] += hi - lo
                 busy[name] += float(np.sum(batch[column]))
+    from stages.redraw import redraws_of
+
+    redraws = sum(redraws_of(r["scores"]) for r in records)
     for r in records:
         if bool(r["keep"]):
             kept += 1
@@ -423,7 +426,8 @@ def _write_shard(out: str, shards: ShardPlan, k: int, categories: dict[int, str]
             reasons[str(r["reject_reason"])] = reasons.get(str(r["reject_reason"]), 0) + 1
     record = stage_shard(out, shards, k, records, categories)
     return {"k": k, "record": record,
-            "stats": {"processed": len(records), "kept": kept, "reasons": reasons, "rows": rows, "busy": busy}}
+            "stats": {"processed": len(records), "kept": kept, "reasons": reasons, "rows": rows, "busy": busy,
+                      "redraws": redraws}}
 
 
 def _where(refs: list) -> object:

@@ -43,7 +43,8 @@ def format_summary(summary: dict[str, Any]) -> str:
     processed = summary["processed"]
     kept_pct = f" ({100 * summary['kept'] / processed:.1f}%)" if processed else ""
     out.append(f"this run: {processed} samples, {summary['kept']} kept{kept_pct}, {summary['rejected']} rejected"
-               + "".join(f"\n  rejected {reason}: {n}" for reason, n in summary["rejected_by_reason"].items()))
+               + "".join(f"\n  rejected {reason}: {n}" for reason, n in summary["rejected_by_reason"].items())
+               + (f"\n  redrawn: {summary['redraws']} extra draws (generation.redraws)" if summary.get("redraws") else ""))
     data = summary["dataset"]
     out.append(f"dataset: {data.get('samples', 0)} samples kept of {data.get('indices', 0)}, "
                f"{summary['shards_complete']}/{summary['shards_total']} shards complete "

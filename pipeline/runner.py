@@ -33,7 +33,7 @@ class RunStats:
         self.rows = Counter()
         self.busy = Counter()
         self.reasons: Counter = Counter()
-        self.processed = self.kept = 0
+        self.processed = self.kept = self.redraws = 0
         self.first_batch_s: float | None = None
 
     def add(self, batch: Batch) -> None:
@@ -42,6 +42,10 @@ class RunStats:
         keep = np.asarray(batch["keep"], dtype=bool)
         self.kept += int(keep.sum())
         self.reasons.update(str(r) for r in np.asarray(batch["reject_reason"])[~keep])
+        if "scores" in batch:
+            from stages.redraw import redraws_of
+
+            self.redraws += sum(redraws_of(s) for s in batch["scores"])
         for cls in self.stages:
             column = TIME_PREFIX + cls.name
             if column in batch:
@@ -53,6 +57,7 @@ class RunStats:
         self.processed += stats["processed"]
         self.kept += stats["kept"]
         self.reasons.update(stats["reasons"])
+        self.redraws += stats.get("redraws", 0)
         for name, rows in stats["rows"].items():
             self.rows[name] += rows
             self.busy[name] += stats["busy"][name]
@@ -74,7 +79,7 @@ class RunStats:
         return {
             "runner": runner, "started": started.isoformat(timespec="seconds"), "wall_s": round(wall_s, 2),
             "processed": self.processed, "kept": self.kept, "rejected": self.processed - self.kept,
-            "rejected_by_reason": dict(sorted(self.reasons.items())),
+            "rejected_by_reason": dict(sorted(self.reasons.items())), "redraws": self.redraws,
             "images_per_s": round(self.processed / wall_s, 3) if wall_s > 0 else None,
             "first_batch_s": None if self.first_batch_s is None else round(self.first_batch_s, 2),
             "shards_written": writer.written, "shards_complete": len(writer.committed),

@@ -919,7 +919,8 @@ def load_spec(path: str | Path, overrides: Sequence[str] = (), out: str | None =
     for field in PATH_FIELDS:
         section, _, name = field.rpartition(".")
         holder = _lookup(data, section)
-        if isinstance(holder, dict) and name in holder and holder[name] is None and field != "masks.calibration":
+        if isinstance(holder, dict) and name in holder and holder[name] is None and field not in ("masks.calibration",
+                                                                                                 "judge.path"):
             raise SpecError(f"{source}: {field}: is null (YAML reads a bare ~ as null); write the path in quotes, "
                             f"e.g. '~/datasets/out' or '~'")
     load_calibration(data, source)

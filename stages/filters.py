@@ -115,8 +115,9 @@ def row_verdict(spec: Any, gen: Any, scores: Any, class_names: Any) -> str:
     return verdict(sc, f.min_contrast, f.max_extra_instances, getattr(f, "max_missing_instances", None))
 
 
-#: ``gen`` keys copied into ``scores`` (so the index holds them): the judge's scores, a redrawn sample's attempts
-GEN_TO_SCORES = ("judge", "attempt", "rejected")
+#: ``gen`` keys copied into ``scores`` (so the index holds them): the judge's scores (in ``class_names`` order), a
+#: redrawn sample's attempt, its noise seed (when not the sample's own) and its rejected attempts
+GEN_TO_SCORES = ("judge", "attempt", "noise_seed", "rejected")
 
 
 class FilterStage(Stage):

@@ -234,8 +234,14 @@ def judge_problem(spec: Any) -> str | None:
     """Why the job's judge cannot be used (one line: what, where, how to fix), or None. Reads the folder's
     config and its weights' header and shapes (no diffusion model, no generation)."""
     j = getattr(spec, "judge", None)
-    if j is None or j.kind == "shapes-oracle":
+    if j is None:
         return None
+    if j.kind == "shapes-oracle":
+        from pipeline.shapes.world import CLASSES
+
+        other = [c.name for c in spec.classes if c.name not in CLASSES]
+        return (f"judge: kind shapes-oracle reads only the shapes world's classes {list(CLASSES)}, not {other}; "
+                "use a classifier or clip judge" if other else None)
     folder = Path(j.path)
     where = f"judge.path {j.path}"
     what = "a transformers image-classification folder" if j.kind == "classifier" else "a transformers CLIP folder"
@@ -259,8 +265,13 @@ def judge_problem(spec: Any) -> str | None:
     wrong_keys = [k for k in (j.labels or {}) if k not in {c.name for c in spec.classes}]
     if wrong_keys:
         return f"judge.labels: {wrong_keys} are not classes of this job; map only the job's classes"
-    missing = [c.name for c in spec.classes if (j.labels or {}).get(c.name, c.name) not in names]
+    mapped = {c.name: (j.labels or {}).get(c.name, c.name) for c in spec.classes}
+    missing = [c for c, label in mapped.items() if label not in names]
     if j.kind == "classifier" and missing:
+        given = [c for c in missing if c in (j.labels or {})]
+        if given:
+            return (f"judge.labels: maps {given[0]!r} to {mapped[given[0]]!r}, a label the classifier at {j.path} "
+                    f"does not have (it names {names})")
         return (f"{where}: the classifier does not name the job's class(es) {missing} (it names {names}); "
                 "map them with judge.labels: {job class: classifier label}")
     try:

@@ -54,6 +54,12 @@ class SampleChecks:
                 for gen, scores, names in zip(rows["gen"], rows["scores"], rows["class_names"])]
 
 
+def redraws_of(scores: Any) -> int:
+    """How many times a record's sample was drawn again (its ``scores`` JSON's ``attempt``; 0 without redraws)."""
+    text = scores.decode() if isinstance(scores, bytes) else str(scores)
+    return int(json.loads(text).get("attempt", 0)) if text else 0
+
+
 def take(batch: Batch, rows: list[int]) -> Batch:
     """The given rows of every column."""
     return {k: np.asarray(v)[rows] for k, v in batch.items()}

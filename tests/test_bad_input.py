@@ -316,6 +316,10 @@ CASES = [
          job={"judge": {"path": "../model/judge", "labels": {"hexagon": "star"}}}, model=judge_folder()),
     Case("judge: clip kind on a classifier's folder", ("judge.path", "is a 'resnet' model, not 'clip'"),
          job={"judge": {"kind": "clip", "path": "../model/judge"}}, model=judge_folder()),
+    Case("judge: a label the classifier lacks", "judge.labels: maps 'circle' to 'hexagon', a label the classifier",
+         job={"judge": {"path": "../model/judge", "labels": {"circle": "hexagon"}}}, model=judge_folder()),
+    Case("judge: the oracle on classes outside the shapes world", "judge: kind shapes-oracle reads only the shapes",
+         job={"judge": {"kind": "shapes-oracle"}, "classes": ["circle", "dog"]}),
     Case("judge: classifier without a path", "judge: kind classifier needs path", job={"judge": {"min_score": 0.5}}),
 ]
 BY_ID = {case.id: case for case in CASES}
