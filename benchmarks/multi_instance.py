@@ -17,11 +17,17 @@ default ``--first-seed`` starts a held-out range.
 its own colour, and at most 20% of the image's object-coloured pixels lie outside the (2 px dilated) true
 instances. Scores are reported on those images ("drawn") and on all images.
 
-    python -m benchmarks.multi_instance [--n 200] [--strengths 0.1 0.2]
+With ``--redraws N`` each case is drawn again (new noise, same reference and prompt) while the job's checks
+reject it, up to N times (``generation.redraws``, with ``filters.max_missing_instances: 0`` so that too few
+objects is a reject as too many already is); the scores are those of the delivered draw of every case, the
+ones rejected after their last attempt included.
+
+    python -m benchmarks.multi_instance [--n 200] [--strengths 0.1 0.2] [--redraws 3]
 """
 from __future__ import annotations
 
 import argparse
+import json
 import datetime
 import platform
 import sys
@@ -71,9 +77,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-count", type=int, default=3, help="most instances of the class in a scene")
     ap.add_argument("--strengths", type=float, nargs="+", default=[0.1, 0.2])
     ap.add_argument("--kept", type=float, default=0.6, help="share of an instance's pixels in its colour")
+    ap.add_argument("--redraws", type=int, default=0, help="draw a rejected case again up to this many times")
+    ap.add_argument("--set", dest="extra", action="append", default=[], metavar="KEY=VALUE", help="job overrides")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "multi_instance.json"))
     args = ap.parse_args(argv)
-    spec = load_spec(args.job, overrides(args.max_count))
+    redraw = [f"generation.redraws={args.redraws}", "filters.max_missing_instances=0"] if args.redraws else []
+    spec = load_spec(args.job, overrides(args.max_count) + redraw + args.extra)
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "multi"
@@ -82,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
             truth = CocoTruth(folder, strength)
             run, prompts = truth.job(spec, args.n, calibration=False)
             ids = category_ids(run)
-            refined, raw, batches, seconds = generate(run, prompts, truth, progress=False)
+            refined, raw, batches, seconds = generate(run, prompts, truth, progress=False, redraws=bool(args.redraws))
             images = [im for b in batches for im in b["image"]]
             colors = [[truth.coco.anns[int(tag)]["attributes"]["color"] for tag, _ in p.objects] for p in prompts]
             ok = [drawn(s, im, c, args.kept) for s, im, c in zip(refined, images, colors)]
@@ -92,6 +101,9 @@ def main(argv: list[str] | None = None) -> int:
                 "drawn": {"images": len(sub), "of": len(refined), **instance_scores(sub, ids)},
                 "all": instance_scores(refined, ids),
                 "all_raw_attention": {k: v for k, v in instance_scores(raw, ids).items() if k != "per_class"},
+                "kept": int(sum(s.keep for s in refined)),
+                "draws_per_case": round(float(np.mean([json.loads(str(g)).get("attempt", 0) + 1
+                                                        for b in batches for g in b["gen"]])), 3),
                 "seconds": round(seconds, 1)})
             d, every = runs[-1]["drawn"], runs[-1]["all"]
             print(f"strength {strength}: drawn {len(sub)}/{len(refined)}: mask AP50 {d['AP50']}, AP {d['AP']}, "
@@ -103,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python -m benchmarks.multi_instance " + " ".join(argv if argv is not None else sys.argv[1:]),
         "date": datetime.date.today().isoformat(),
         "machine": {"platform": platform.platform(), "processor": platform.machine(), "device": spec.model.device},
-        "job": Path(args.job).name, "overrides": overrides(args.max_count),
+        "job": Path(args.job).name, "overrides": overrides(args.max_count) + redraw + args.extra,
+        "redraws": args.redraws,
         "scenes": {"n": args.n, "first_seed": args.first_seed, "tuned_on": [TUNED_SEED, TUNED_SEED + 200], "instances_per_scene": f"2-{args.max_count} of one class",
                    "renderer": "pipeline.shapes.coco.render_multi_coco"},
         "targets": {"AP50": 0.85, "count_accuracy": 0.90},

@@ -309,7 +309,7 @@ class Generator:
     """The job's stages in process: synthesis once (one draw per case: :func:`one_draw`), then masks/labels/filters
     for refined and raw (chained by :class:`pipeline.graph.Chain`, as the in-process runner chains them)."""
 
-    def __init__(self, spec: JobSpec, truth: Truth):
+    def __init__(self, spec: JobSpec, truth: Truth, redraws: bool = False):
         from stages.filters import FilterStage
         from stages.labels import LabelStage
         from stages.masks import MaskStage
@@ -318,7 +318,7 @@ class Generator:
         from .graph import Chain
         from .jobplan import JobPlan
 
-        spec = one_draw(spec)
+        spec = spec if redraws else one_draw(spec)
         self.spec, self.truth = spec, truth
         self.synthesis = SynthesisStage(spec)
         plan = JobPlan(spec)
@@ -531,10 +531,11 @@ def _batches(prompts: list[Prompt], size: int, desc: str, progress: bool):
             bar.update(len(chunk))
 
 
-def generate(spec: JobSpec, prompts: list[Prompt], truth: Truth, progress: bool = True):
+def generate(spec: JobSpec, prompts: list[Prompt], truth: Truth, progress: bool = True, redraws: bool = False):
     """Run the stages over ``prompts`` (``spec`` and ``prompts`` from ``truth.job``): (refined samples,
-    raw samples, refined batches, seconds)."""
-    gen = Generator(spec, truth)
+    raw samples, refined batches, seconds). ``redraws``: with the job's ``generation.redraws`` (each case's
+    delivered draw is measured; the default measures one draw per case)."""
+    gen = Generator(spec, truth, redraws)
     refined, raw, batches = [], [], []
     t0 = time.perf_counter()
     for start, chunk in _batches(prompts, spec.generation.batch_size, "eval", progress):
