@@ -267,7 +267,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
     resume += f"; {writer.resize_note()}" if writer.resized else ""
     print(f"ok: job {spec.name!r}: {spec.samples} samples of {len(spec.classes)} classes in {shards} "
           f"shards of {spec.output.shard_size} -> {spec.output.dir}{resume}; model {model} "
-          f"({spec.model.device}, {spec.model.dtype}); synthesis {synth.actors} actor(s) x {synth.num_gpus:g} GPU")
+          f"({spec.model.device}, {spec.model.dtype}); synthesis {synth.actors} actor(s) x {synth.num_gpus:g} GPU"
+          + (f"; judge {spec.judge.kind}" + (f" {spec.given('judge.path')}" if spec.judge.path else "")
+             + f", min_score {spec.judge.min_score:g}" if spec.judge is not None else "")
+          + (f"; up to {spec.generation.redraws} redraws per sample" if spec.generation.redraws else ""))
     return 0
 
 
