@@ -25,6 +25,7 @@ else the bundled shapes model's vocabulary. Writes benchmarks/results/family_cap
 from __future__ import annotations
 
 import argparse
+import functools
 import gzip
 import importlib.metadata
 import json
@@ -66,9 +67,13 @@ MODELS = {
 }
 
 
-def _clip_bpe() -> Path | None:
-    """CLIP's BPE merges file from an installed package (read, not imported), if any."""
-    for package in ("openai-clip", "open_clip_torch"):
+#: installed distributions that ship CLIP's BPE merges file (read, never imported)
+CLIP_BPE_PACKAGES = ("openai-clip", "open_clip_torch")
+
+
+def clip_bpe() -> Path | None:
+    """CLIP's BPE merges file, ``bpe_simple_vocab_16e6.txt.gz``, from an installed package, if any."""
+    for package in CLIP_BPE_PACKAGES:
         try:
             files = importlib.metadata.files(package) or []
         except importlib.metadata.PackageNotFoundError:
@@ -79,26 +84,37 @@ def _clip_bpe() -> Path | None:
     return None
 
 
+@functools.lru_cache(maxsize=None)
+def clip_bpe_files() -> tuple[str, str] | None:
+    """(vocab.json text, merges.txt text) of the real CLIP BPE, as open_clip's SimpleTokenizer builds them;
+    None when no installed package ships it."""
+    gz = clip_bpe()
+    if gz is None:
+        return None
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
+    cs, n = bs[:], 0
+    for b in range(256):  # CLIP's (and GPT-2's) reversible byte -> printable character table
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    merges = [tuple(m.split()) for m in gzip.open(gz).read().decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]]
+    chars = [chr(c) for c in cs]
+    vocab = chars + [c + "</w>" for c in chars] + ["".join(m) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
+    return (json.dumps({t: i for i, t in enumerate(vocab)}),
+            "#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
+
+
 def clip_tokenizer(folder: Path, pad_token: str = "<|endoftext|>"):
     """A CLIPTokenizer (77 tokens) saved to ``folder``: the real CLIP BPE when an installed package ships it,
     else the bundled shapes model's vocabulary."""
     from transformers import CLIPTokenizer
 
     src = Path(tempfile.mkdtemp())
-    gz = _clip_bpe()
-    if gz is not None:
-        bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
-        cs, n = bs[:], 0
-        for b in range(256):
-            if b not in bs:
-                bs.append(b)
-                cs.append(256 + n)
-                n += 1
-        merges = [tuple(m.split()) for m in gzip.open(gz).read().decode().split("\n")[1:49152 - 256 - 2 + 1]]
-        chars = [chr(c) for c in cs]
-        vocab = chars + [c + "</w>" for c in chars] + ["".join(m) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
-        (src / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
-        (src / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
+    files = clip_bpe_files()
+    if files is not None:
+        (src / "vocab.json").write_text(files[0])
+        (src / "merges.txt").write_text(files[1])
     else:
         data = json.loads((REPO / "pipeline/models/shapes-tiny-sd/tokenizer/tokenizer.json").read_text())
         (src / "vocab.json").write_text(json.dumps(data["model"]["vocab"]))

@@ -15,10 +15,6 @@ Shared with the SD3 / Flux builders (they reuse :func:`clip_tokenizer` and :func
 """
 from __future__ import annotations
 
-import gzip
-import importlib.metadata
-import json
-from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -27,46 +23,23 @@ REPO = Path(__file__).resolve().parents[1]
 TEXT_WIDTH = 32  # hidden size of every tiny CLIP text encoder
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """CLIP's (and GPT-2's) reversible byte -> printable character table."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
-
-
-#: installed distributions that ship CLIP's BPE merges file
-VOCAB_PACKAGES = ("openai-clip", "open_clip_torch")
-
-
 def clip_vocab() -> Path:
-    """The real CLIP BPE merges file of an installed package (not imported)."""
-    for package in VOCAB_PACKAGES:
-        try:
-            files = importlib.metadata.files(package) or []
-        except importlib.metadata.PackageNotFoundError:
-            continue
-        for f in files:
-            if f.name == "bpe_simple_vocab_16e6.txt.gz" and Path(f.locate()).is_file():
-                return Path(f.locate())
-    raise FileNotFoundError("no installed package ships CLIP's bpe_simple_vocab_16e6.txt.gz; install the test "
-                            "extra (pip install -c .ci/constraints-cpu.txt -e '.[test]': openai-clip)")
+    """The real CLIP BPE merges file of an installed package (not imported): ``benchmarks.family_capture.clip_bpe``."""
+    from benchmarks.family_capture import clip_bpe
+
+    found = clip_bpe()
+    if found is None:
+        raise FileNotFoundError("no installed package ships CLIP's bpe_simple_vocab_16e6.txt.gz; install the test "
+                                "extra (pip install -c .ci/constraints-cpu.txt -e '.[test]': openai-clip)")
+    return found
 
 
-@lru_cache(maxsize=None)
 def _clip_files() -> tuple[str, str]:
-    """(vocab.json text, merges.txt text) of the real CLIP BPE, as open_clip's SimpleTokenizer builds them."""
-    lines = gzip.open(clip_vocab()).read().decode("utf-8").split("\n")
-    merges = [tuple(m.split()) for m in lines[1:49152 - 256 - 2 + 1]]
-    vocab = list(_bytes_to_unicode().values())
-    vocab = vocab + [v + "</w>" for v in vocab] + ["".join(m) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
-    return (json.dumps({token: i for i, token in enumerate(vocab)}),
-            "#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
+    """(vocab.json text, merges.txt text) of the real CLIP BPE (``benchmarks.family_capture.clip_bpe_files``)."""
+    from benchmarks.family_capture import clip_bpe_files
+
+    clip_vocab()  # the one error a missing test extra gives
+    return clip_bpe_files()
 
 
 def clip_tokenizer(folder: Path, pad_token: str = "<|endoftext|>", model_max_length: int = 77):
