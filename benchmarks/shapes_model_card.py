@@ -31,7 +31,7 @@ from PIL import Image
 from benchmarks.common import REPO, write_result
 from pipeline.evaluate import prompt_batch, shapes_prompts
 from pipeline.shapes.oracle import find_objects
-from pipeline.shapes.tiny_sd import BUNDLED_MODEL
+from pipeline.shapes.tiny_sd import BUNDLED_MODEL, vae_round_trip
 from pipeline.shapes.world import HELD_OUT_SEED, render_scene
 
 
@@ -68,9 +68,7 @@ def oracle_on_reconstructions(vae, readings: list) -> dict:
     hits = {}
     for start in range(0, len(readings), 50):
         chunk = readings[start:start + 50]
-        x = torch.from_numpy(np.stack([s.image for s, _ in chunk])).permute(0, 3, 1, 2).float() / 127.5 - 1
-        rec = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
-        rec = ((rec + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+        rec = vae_round_trip(vae, np.stack([s.image for s, _ in chunk]), batch=len(chunk))
         for (scene, found), image in zip(chunk, rec):
             again = find_objects(image, [o.color for o in scene.objects])
             for obj, a, b in zip(scene.objects, found, again):

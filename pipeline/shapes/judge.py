@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from stages.judges import CROP_MARGIN, crop, square_box
+from .tiny_sd import vae_round_trip
 from .world import CLASSES, render_scene
 
 FIRST_SEED = 3_000_000  # disjoint from the model's training scenes, the held-out (1e6) and calibration (1.2e6) seeds
@@ -41,7 +42,7 @@ def scene_crops(first: int, n: int, vae=None, seed: int = 0) -> tuple[list[np.nd
     scenes = [render_scene(first + i, 64) for i in range(n)]
     images = np.stack([s.image for s in scenes])
     if vae is not None:
-        images = through_vae(vae, images)
+        images = vae_round_trip(vae, images)
     crops, labels = [], []
     for scene, image in zip(scenes, images):
         for o in scene.objects:
@@ -84,17 +85,6 @@ def generated_crops(n: int, job_seed: int, seed: int = 0) -> tuple[list[np.ndarr
                 labels.append(CLASSES.index(o.cls))
         print(f"generated {min(start + spec.generation.batch_size, n)}/{n}", flush=True)
     return crops, np.array(labels)
-
-
-@torch.no_grad()
-def through_vae(vae, images: np.ndarray, batch: int = 256) -> np.ndarray:
-    """The images encoded and decoded by ``vae`` (the latent mean), as uint8."""
-    out = np.empty_like(images)
-    for s in range(0, len(images), batch):
-        x = torch.from_numpy(images[s:s + batch]).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-        y = vae.decode(vae.encode(x).latent_dist.mean).sample
-        out[s:s + batch] = ((y.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
-    return out
 
 
 def model():

@@ -84,6 +84,20 @@ def build_vae() -> AutoencoderKL:
     )
 
 
+@torch.no_grad()
+def vae_round_trip(vae: AutoencoderKL, images, batch: int = 256):
+    """uint8 images (N, H, W, 3) encoded and decoded by ``vae`` (the latent mean), as uint8: what the model's
+    decoder makes of them."""
+    import numpy as np
+
+    out = np.empty_like(images)
+    for s in range(0, len(images), batch):
+        x = torch.from_numpy(np.ascontiguousarray(images[s:s + batch])).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        y = vae.decode(vae.encode(x).latent_dist.mean).sample
+        out[s:s + batch] = ((y.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+    return out
+
+
 def build_unet() -> UNet2DConditionModel:
     return UNet2DConditionModel(
         sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
