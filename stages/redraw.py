@@ -72,16 +72,17 @@ def redraw(spec: Any, batch: Batch, drawn: Batch, draw: Callable[[Batch], Batch]
     drawn = {k: np.array(v, dtype=object) if k == "gen" else np.array(v) for k, v in drawn.items()}
     reasons = check(batch, drawn)
     attempt = [0] * n
+    seeds = [int(s) for s in batch["seed"]]  # each row's current draw's noise seed
     rejected: list[list[dict]] = [[] for _ in range(n)]
     for k in range(1, spec.generation.redraws + 1):
         pending = [i for i in range(n) if reasons[i]]
         if not pending:
             break
         for i in pending:
-            rejected[i].append({"attempt": k - 1, "noise_seed": int(batch["seed"][i]) if k == 1
-                                else noise_seed(spec.seed, int(batch["index"][i]), k - 1), "reason": reasons[i]})
+            rejected[i].append({"attempt": k - 1, "noise_seed": seeds[i], "reason": reasons[i]})
+            seeds[i] = noise_seed(spec.seed, int(batch["index"][i]), k)
         again = take(batch, pending)
-        again["seed"] = np.array([noise_seed(spec.seed, int(batch["index"][i]), k) for i in pending], np.int64)
+        again["seed"] = np.array([seeds[i] for i in pending], np.int64)
         out = draw(again)
         for j, reason in enumerate(check(again, out)):
             i = pending[j]
@@ -92,7 +93,7 @@ def redraw(spec: Any, batch: Batch, drawn: Batch, draw: Callable[[Batch], Batch]
     for i, g in enumerate(drawn["gen"]):
         record = {**json.loads(str(g)), "attempt": attempt[i], "rejected": rejected[i]}
         if attempt[i]:
-            record["noise_seed"] = noise_seed(spec.seed, int(batch["index"][i]), attempt[i])
+            record["noise_seed"] = seeds[i]
         gens.append(json.dumps(record))
     drawn["gen"] = np.array(gens, dtype=str)
     return drawn
