@@ -128,6 +128,7 @@ def check_model(spec: JobSpec, source: str) -> None:
     if folder is None:
         check_hub_offline(spec.model.path, source)
         check_guidance_cutoff(spec, job_family(spec), source)
+        check_cache_interval(spec, job_family(spec), source)
         return
     if not folder.is_dir():
         given = spec.given("model.path") or ""
@@ -142,6 +143,7 @@ def check_model(spec: JobSpec, source: str) -> None:
                         "Diffusion folder (save_pretrained layout)")
     family = check_layout(folder, source, getattr(spec.model, "family", "auto"))
     check_guidance_cutoff(spec, family, source)
+    check_cache_interval(spec, family, source)
     check_inpainting_model(spec, folder, family, source)
     index = _read_json(folder / "model_index.json", source)
     schedulers = getattr(family, "schedulers", None)
@@ -169,6 +171,15 @@ def check_guidance_cutoff(spec: JobSpec, family: type[ModelFamily] | None, sourc
     problem = family.guidance_cutoff_problem(image_guided=getattr(spec, "references", None) is not None)
     if problem:
         raise SpecError(f"{source}: generation.guidance_cutoff: {problem}")
+
+
+def check_cache_interval(spec: JobSpec, family: type[ModelFamily] | None, source: str) -> None:
+    """``generation.cache_interval`` reuses a UNet's deep blocks: refused on the MM-DiT families."""
+    if family is None or getattr(spec.generation, "cache_interval", None) is None:
+        return
+    problem = family.cache_interval_problem()
+    if problem:
+        raise SpecError(f"{source}: generation.cache_interval: {problem}")
 
 
 #: input channels of the UNet of an inpainting checkpoint: 4 latent + 1 mask + 4 masked-image latent

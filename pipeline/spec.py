@@ -212,6 +212,10 @@ class GenerationSpec(_Strict):
     guidance_cutoff: Annotated[float, Field(gt=0.0, le=1.0)] | None = Field(
         default=None, description="stop CFG after this fraction of the steps (then only the conditional half runs: "
         "fewer denoiser calls); null: CFG throughout; not on flux")
+    cache_interval: Annotated[int, Field(ge=2, le=50)] | None = Field(
+        default=None, description="DeepCache-style feature reuse: the UNet's deep blocks run on every N-th denoiser "
+        "call and the calls between reuse their outputs (faster, slightly different images; "
+        "stages/families/feature_reuse.py); null: every block on every call; UNet families only")
     redraws: Annotated[int, Field(ge=0, le=100)] = Field(
         default=0, description="a sample the checks reject (judge, masks, labels, filters but dedup) is drawn "
         "again from new noise, up to this many times; every attempt is recorded (stages/redraw.py)")
@@ -608,6 +612,8 @@ class JobSpec(_Strict):
             exclude["generation"] = {*exclude.get("generation", ()), "guidance_cutoff"}
         if self.generation.redraws == 0:
             exclude["generation"] = {*exclude.get("generation", ()), "redraws"}
+        if self.generation.cache_interval is None:
+            exclude["generation"] = {*exclude.get("generation", ()), "cache_interval"}
         if self.judge is None:
             exclude["judge"] = True
         if self.filters.max_missing_instances is None:

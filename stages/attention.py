@@ -219,6 +219,9 @@ class AttentionCapture:
                 processors[name] = CaptureProcessor(self, kind, level)
         unet.set_attn_processor(processors)
         self._run: dict[str, Any] | None = None
+        #: True when some window steps may skip a level (generation.cache_interval reuses the deep blocks'
+        #: outputs): each level is then averaged over the steps it ran, not over the whole window
+        self.partial_steps = False
 
     @property
     def layer_counts(self) -> dict[str, dict[str, int]]:
@@ -257,7 +260,7 @@ class AttentionCapture:
         zeros = functools.partial(torch.zeros, dtype=torch.float32, device=device)
         self._run = {
             "batch": batch, "latent_hw": tuple(latent_hw), "grids": grids, "num_steps": num_steps,
-            "window": self.config.captured_steps(num_steps), "step": 0, "calls": Counter(),
+            "window": self.config.captured_steps(num_steps), "step": 0, "calls": Counter(), "ran": {},
             "positions": positions.to(device), "weights": weights.to(device),
             "cross": {lv: zeros(batch, slots, math.prod(grids[lv])) for lv in self.cross_levels},
             "self": (zeros(batch, *(2 * [math.prod(grids[self.self_level])]))
@@ -295,6 +298,7 @@ class AttentionCapture:
         else:
             run["self"] += probs.mean(dim=1)  # (B, N, N)
         run["calls"][(kind, level)] += 1
+        run["ran"].setdefault((kind, level), set()).add(run["step"])
 
     @torch.no_grad()
     def finish(self) -> dict[str, torch.Tensor]:
@@ -311,21 +315,25 @@ class AttentionCapture:
         if run["step"] != run["num_steps"]:
             raise RuntimeError(f"saw {run['step']} of {run['num_steps']} step-end callbacks: pass "
                                "callback_on_step_end=capture.on_step_end to the pipeline")
-        steps = len(run["window"])
+        window = len(run["window"])
+        steps = {}  # (kind, level) -> the window steps it ran
         for key, n in sorted(self._captured_counts().items()):
-            if run["calls"][key] != n * steps:
+            steps[key] = len(run["ran"].get(key, ())) if self.partial_steps else window
+            if run["calls"][key] != n * steps[key] or not steps[key]:
                 raise RuntimeError(f"{key[0]} capture at level {key[1]} ran {run['calls'][key]} times, expected "
-                                   f"{n} layers × {steps} steps: were the UNet's attention processors replaced?")
+                                   f"{n} layers × {steps[key] or window} steps: were the UNet's attention processors "
+                                   "replaced" + (", or did feature reuse skip it on every step of masks.step_window?"
+                                                 if self.partial_steps else "?"))
         batch, latent_hw, weights = run["batch"], run["latent_hw"], run["weights"]
         levels = []
         for level in self.cross_levels:
-            tokens = run["cross"][level] / (self.expected[("attn2", level)] * steps)
+            tokens = run["cross"][level] / (self.expected[("attn2", level)] * steps[("attn2", level)])
             classes = torch.bmm(weights, tokens).view(batch, -1, *run["grids"][level])
             levels.append(_max_normalise(_resize(classes, latent_hw).clamp_min(0)))
         raw = torch.stack(levels).mean(dim=0)
         refined = raw
         if self.self_level is not None:
-            affinity = run["self"] / (self.expected[("attn1", self.self_level)] * steps)
+            affinity = run["self"] / (self.expected[("attn1", self.self_level)] * steps[("attn1", self.self_level)])
             grid = run["grids"][self.self_level]
             maps = _resize(raw, grid).flatten(2).transpose(1, 2)  # (B, N, K)
             for _ in range(self.config.refine_power):

@@ -85,6 +85,11 @@ class SynthesisStage(Stage):
         self.max_classes = spec.prompts.max_classes_per_image
         self.loop_steps = self.family.loop_steps(gen.steps)  # callbacks per call (PNDM runs steps + 1)
         self.capture = self.family.attach_capture(spec.masks, gen.height, gen.width) if capture else None
+        interval = getattr(gen, "cache_interval", None)
+        if interval is not None:  # DeepCache-style reuse of the UNet's deep blocks (stages/families/feature_reuse.py)
+            self.family.reuse_features(interval)
+            if self.capture is not None:
+                self.capture.allow_partial_steps()
         # the model by content and by the name the user gave it: no local path, so two checkouts write the same bytes
         name = getattr(spec, "model_name", None) or public_path(model.path)
         record = {
@@ -98,6 +103,8 @@ class SynthesisStage(Stage):
             record["family"] = self.family.name
         if getattr(gen, "guidance_cutoff", None) is not None:  # only when set: records without it stay as before
             record["guidance_cutoff"] = gen.guidance_cutoff
+        if interval is not None:
+            record["cache_interval"] = interval
         self.gen_json = json.dumps(record)
         from .judges import load_judge
 

@@ -38,6 +38,8 @@ Instance level (loads the weights; torch and diffusers imported inside the metho
     [0, 1]. ``guidance_cutoff`` (``generation.guidance_cutoff``) chains a :class:`GuidanceCutoff` after
     ``callback``: CFG stops after that fraction of the steps (``cfg_tensors``: what it halves);
   * ``loop_steps(steps, strength=None)``: step-end callbacks one call makes;
+  * ``reuse_features(interval)`` (``generation.cache_interval``, UNet families): DeepCache-style reuse of the
+    denoiser's deep blocks (stages/families/feature_reuse.py), reset at the start of every ``run``;
   * ``attach_capture(masks, height, width)``: installs the attention capture and returns an object
     with ``begin(token_index, num_classes, num_steps)``, ``on_step_end`` (the callback),
     ``finish() -> {"attn_raw": (B, K, h, w), "attn": ...}`` float32 maps, min-max normalised per
@@ -177,11 +179,20 @@ class ModelFamily:
             return f"{cls.title} ({cls.name}) has no classifier-free guidance batch to cut; remove the option"
         return None
 
+    @classmethod
+    def cache_interval_problem(cls) -> str | None:
+        """Why this family cannot take ``generation.cache_interval`` (feature reuse); None when it can."""
+        if cls.denoiser != "unet":
+            return (f"{cls.title} ({cls.name}) has a transformer, not a UNet with deep blocks to reuse "
+                    "(stages/families/feature_reuse.py); remove the option")
+        return None
+
     # --- instance level: weights --------------------------------------------------------------------
     def __init__(self, path: str, dtype: str = "float32", device: str = "cpu", scheduler: str | None = None):
         self.path, self.dtype_name = path, dtype
         self.pipe = self._load(path, dtype, device, scheduler)
         self._img2img = None
+        self.reuse = None  # generation.cache_interval's schedule (reuse_features)
 
     def _load(self, path: str, dtype: str, device: str, scheduler: str | None):
         raise NotImplementedError
@@ -306,6 +317,16 @@ class ModelFamily:
         return {"callback_on_step_end": chain(callback, GuidanceCutoff(guidance_cutoff, tensors)),
                 "callback_on_step_end_tensor_inputs": ["latents", *tensors]}
 
+    def reuse_features(self, interval: int) -> None:
+        """``generation.cache_interval``: the denoiser's deep blocks run on every ``interval``-th call of each
+        pipeline call (stages/families/feature_reuse.py); the img2img / inpainting pipelines share the UNet."""
+        problem = self.cache_interval_problem()
+        if problem:
+            raise ValueError(f"generation.cache_interval: {problem}")
+        from .feature_reuse import install
+
+        self.reuse = install(self.pipe.unet, interval)
+
     def run(self, kwargs: dict[str, Any], generators: list, steps: int, guidance_scale: float, height: int,
             width: int, callback: Callable | None = None, image: "np.ndarray | None" = None,
             strength: float | None = None, mask: "np.ndarray | None" = None,
@@ -324,6 +345,8 @@ class ModelFamily:
             pipe = self.img2img()
             call.update(image=image, strength=strength)
         call.update(self.step_end(pipe, callback, guidance_cutoff))
+        if self.reuse is not None:  # every call starts with a full denoiser pass: an image depends on its call only
+            self.reuse.reset()
         return pipe(num_inference_steps=steps, guidance_scale=guidance_scale, output_type="np", **call).images
 
     def attach_capture(self, masks: Any, height: int, width: int):

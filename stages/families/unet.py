@@ -32,6 +32,11 @@ class UNetCapture:
     def finish(self):
         return self.capture.finish()
 
+    def allow_partial_steps(self) -> None:
+        """Feature reuse (generation.cache_interval) skips the deep levels on some steps: average each level over
+        the steps it ran."""
+        self.capture.partial_steps = True
+
     def remove(self) -> None:
         self.capture.remove()
 
