@@ -18,7 +18,8 @@ image, as synthgen draws them):
   synthgen   the job's stages chained in this process (``pipeline.graph.Chain``, as ``synthgen run --no-ray``
              runs them: sampling, ``SynthesisStage`` with capture, masks, labels, filters, encode) on the same
              indices; also the synthesis stage alone (its own busy time), which is the rate a Ray run sustains
-             when the CPU stages keep up on other workers
+             when the CPU stages keep up on other workers; with ``--compile`` again with the job's
+             ``model.compile`` (``synthgen_compiled``)
 
 Each: one warm-up batch, then ``--batches`` timed batches; images/s = images / wall time; peak GPU memory
 (``torch.cuda.max_memory_allocated``) over the timed batches. Ratios: synthgen / optimized (target on a GPU:
@@ -265,6 +266,11 @@ def main(argv=None) -> int:
                                  args.compile_mode if args.compile else None, timer, batches, extra))
             print("  synthgen (every stage, in process) ...", flush=True)
             row["synthgen"] = synthgen_run(spec, timer, batches)
+            if args.compile:  # (c) again with the job's own model.compile (the capture's bookkeeping stays eager)
+                print("  synthgen with model.compile ...", flush=True)
+                compiled = load_spec(JOBS[name], [*overrides, f"samples={batches[-1][1]}", "model.compile=true"],
+                                     out=str(Path(tmp) / f"{name}-compiled"))
+                row["synthgen_compiled"] = synthgen_run(compiled, timer, batches)
             best = max((row[k] for k in ("optimized", "optimized_compiled") if row.get(k, {}).get("images_per_s")),
                        key=lambda r: r["images_per_s"])
             synth_rate = {"images_per_s": row["synthgen"]["synthesis_images_per_busy_s"]}
@@ -272,6 +278,8 @@ def main(argv=None) -> int:
                 "synthgen_over_optimized": ratio(row["synthgen"], row["optimized"]),
                 "synthgen_synthesis_over_optimized": ratio(synth_rate, row["optimized"]),
                 "synthgen_over_optimized_compiled": ratio(row["synthgen"], row.get("optimized_compiled")),
+                "synthgen_compiled_over_optimized_compiled": ratio(row.get("synthgen_compiled"),
+                                                                   row.get("optimized_compiled")),
                 "synthgen_synthesis_over_optimized_compiled": ratio(synth_rate, row.get("optimized_compiled")),
                 "optimized_over_stock": ratio(best, row["stock"]),
                 "optimized_eager_over_stock": ratio(row["optimized"], row["stock"])}

@@ -273,6 +273,7 @@ class AttentionCapture:
             self._run["step"] = step + 1
         return callback_kwargs
 
+    @torch.compiler.disable  # model.compile: the bookkeeping stays eager (a graph break), the layers compile
     @torch.no_grad()
     def record(self, kind: str, level: int, query: torch.Tensor, key: torch.Tensor, scale: float,
                mask: torch.Tensor | None) -> None:

@@ -90,6 +90,8 @@ class SynthesisStage(Stage):
             self.family.reuse_features(interval)
             if self.capture is not None:
                 self.capture.allow_partial_steps()
+        if getattr(model, "compile", False):  # after the capture and the hooks: the compiled call runs them all
+            self.family.compile_denoiser()
         # the model by content and by the name the user gave it: no local path, so two checkouts write the same bytes
         name = getattr(spec, "model_name", None) or public_path(model.path)
         record = {
@@ -105,6 +107,8 @@ class SynthesisStage(Stage):
             record["guidance_cutoff"] = gen.guidance_cutoff
         if interval is not None:
             record["cache_interval"] = interval
+        if getattr(model, "compile", False):
+            record["compiled"] = True
         self.gen_json = json.dumps(record)
         from .judges import load_judge
 

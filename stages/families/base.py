@@ -38,6 +38,7 @@ Instance level (loads the weights; torch and diffusers imported inside the metho
     [0, 1]. ``guidance_cutoff`` (``generation.guidance_cutoff``) chains a :class:`GuidanceCutoff` after
     ``callback``: CFG stops after that fraction of the steps (``cfg_tensors``: what it halves);
   * ``loop_steps(steps, strength=None)``: step-end callbacks one call makes;
+  * ``compile_denoiser()`` (``model.compile``): ``torch.compile`` of the denoiser, in place;
   * ``reuse_features(interval)`` (``generation.cache_interval``, UNet families): DeepCache-style reuse of the
     denoiser's deep blocks (stages/families/feature_reuse.py), reset at the start of every ``run``;
   * ``attach_capture(masks, height, width)``: installs the attention capture and returns an object
@@ -67,6 +68,11 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar, Sequence
 if TYPE_CHECKING:  # torch is imported inside methods: pre-flight imports this module without it
     import numpy as np
     import torch
+
+
+#: torch.compile's backend for ``model.compile`` (PyTorch's default; tests on CPU use "aot_eager", which traces
+#: the same graphs and breaks without generating C++)
+COMPILE_BACKEND = "inductor"
 
 
 class FamilyError(ValueError):
@@ -326,6 +332,11 @@ class ModelFamily:
         from .feature_reuse import install
 
         self.reuse = install(self.pipe.unet, interval)
+
+    def compile_denoiser(self) -> None:
+        """``model.compile``: ``torch.compile`` the denoiser in place (``nn.Module.compile``: the pipeline keeps the
+        same module, its capture processors and hooks); ``COMPILE_BACKEND`` chooses the backend."""
+        getattr(self.pipe, self.denoiser).compile(backend=COMPILE_BACKEND)
 
     def run(self, kwargs: dict[str, Any], generators: list, steps: int, guidance_scale: float, height: int,
             width: int, callback: Callable | None = None, image: "np.ndarray | None" = None,

@@ -509,11 +509,13 @@ class JointAttentionCapture:
             raise RuntimeError("joint-attention capture is installed but begin() was not called for this call")
         return self._run
 
+    @torch.compiler.disable  # model.compile: read eagerly, not guarded on (a graph break, no recompiles per step)
     def recording(self) -> bool:
         """Whether the current transformer call is captured: inside the step window, and the step's first call."""
         run = self._require_run()
         return run["step"] in run["window"] and run["call"] <= 1
 
+    @torch.compiler.disable  # model.compile: the bookkeeping stays eager (a graph break), the blocks compile
     @torch.no_grad()
     def record(self, block: int, query: torch.Tensor, key: torch.Tensor, image_start: int, text_start: int,
                text_length: int, lse: torch.Tensor | None = None) -> None:
