@@ -174,12 +174,22 @@ def check_guidance_cutoff(spec: JobSpec, family: type[ModelFamily] | None, sourc
 
 
 def check_cache_interval(spec: JobSpec, family: type[ModelFamily] | None, source: str) -> None:
-    """``generation.cache_interval`` reuses a UNet's deep blocks: refused on the MM-DiT families."""
-    if family is None or getattr(spec.generation, "cache_interval", None) is None:
+    """``generation.cache_interval`` reuses a UNet's deep blocks, and ``generation.excite`` reads a UNet's
+    cross-attention: both refused on the MM-DiT families; excitation also on image-guided jobs and with reuse."""
+    gen = spec.generation
+    if family is not None and getattr(gen, "cache_interval", None) is not None:
+        problem = family.cache_interval_problem()
+        if problem:
+            raise SpecError(f"{source}: generation.cache_interval: {problem}")
+    if getattr(gen, "excite", None) is None:
         return
-    problem = family.cache_interval_problem()
+    problem = family.excite_problem() if family is not None else None
+    if problem is None and getattr(spec, "references", None) is not None:
+        problem = "it nudges text-to-image draws; a job with references (img2img, inpainting) cannot take it"
+    if problem is None and getattr(gen, "cache_interval", None) is not None:
+        problem = "its extra UNet call would count as a step of generation.cache_interval's reuse; use one of the two"
     if problem:
-        raise SpecError(f"{source}: generation.cache_interval: {problem}")
+        raise SpecError(f"{source}: generation.excite: {problem}; remove the option")
 
 
 #: input channels of the UNet of an inpainting checkpoint: 4 latent + 1 mask + 4 masked-image latent

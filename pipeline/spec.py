@@ -207,6 +207,13 @@ Samples = Annotated[
 ]
 
 
+class ExciteSpec(_Strict):
+    steps: Annotated[float, Field(gt=0.0, le=1.0)] = Field(
+        default=0.25, description="the first fraction of the steps whose end nudges the latent")
+    scale: Annotated[float, Field(ge=0.0)] = Field(
+        default=20.0, description="step size of the nudge (the paper's 20); 0 measures the loss without nudging")
+
+
 class GenerationSpec(_Strict):
     steps: PositiveInt = Field(default=25, description="denoising steps")
     guidance_scale: float = Field(default=7.5, ge=0.0, description="classifier-free guidance scale")
@@ -222,6 +229,9 @@ class GenerationSpec(_Strict):
         default=None, description="DeepCache-style feature reuse: the UNet's deep blocks run on every N-th denoiser "
         "call and the calls between reuse their outputs (faster, slightly different images; "
         "stages/families/feature_reuse.py); null: every block on every call; UNet families only")
+    excite: ExciteSpec | None = Field(
+        default=None, description="Attend-and-Excite: each prompted class's cross-attention peak is raised in the "
+        "first steps (stages/families/excite.py); text-to-image on the UNet families")
     redraws: Annotated[int, Field(ge=0, le=100)] = Field(
         default=0, description="a sample the checks reject (judge, masks, labels, filters but dedup) is drawn "
         "again from new noise, up to this many times; every attempt is recorded (stages/redraw.py)")
@@ -620,6 +630,8 @@ class JobSpec(_Strict):
             exclude["generation"] = {*exclude.get("generation", ()), "redraws"}
         if self.generation.cache_interval is None:
             exclude["generation"] = {*exclude.get("generation", ()), "cache_interval"}
+        if self.generation.excite is None:
+            exclude["generation"] = {*exclude.get("generation", ()), "excite"}
         if self.judge is None:
             exclude["judge"] = True
         if self.filters.max_missing_instances is None:

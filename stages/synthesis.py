@@ -90,6 +90,9 @@ class SynthesisStage(Stage):
             self.family.reuse_features(interval)
             if self.capture is not None:
                 self.capture.allow_partial_steps()
+        self.excite = None
+        if getattr(gen, "excite", None) is not None:  # Attend-and-Excite (stages/families/excite.py)
+            self.excite, self.excite_grid = self.family.excitation(gen.excite, spec.masks, gen.height, gen.width)
         if getattr(model, "compile", False):  # after the capture and the hooks: the compiled call runs them all
             self.family.compile_denoiser()
         # the model by content and by the name the user gave it: no local path, so two checkouts write the same bytes
@@ -109,6 +112,8 @@ class SynthesisStage(Stage):
             record["cache_interval"] = interval
         if getattr(model, "compile", False):
             record["compiled"] = True
+        if self.excite is not None:
+            record["excite"] = gen.excite.model_dump(mode="json")
         self.gen_json = json.dumps(record)
         from .judges import load_judge
 
@@ -163,24 +168,29 @@ class SynthesisStage(Stage):
                 images = [p[0] for p in prepared]
                 repaint = np.stack([p[1] for p in prepared])
             image = np.stack(images).astype(np.float32) / 255.0
-        callback = None
+        callback = excite = None
+        token_index = []
+        for i, prompt in zip(rows, prompts) if self.capture is not None or self.excite is not None else ():
+            groups = json.loads(batch["token_index"][i])
+            classes = json.loads(batch["class_names"][i])
+            if len(groups) != len(classes):
+                raise ValueError(f"row {i}: {len(classes)} class names but {len(groups)} token groups")
+            if inpaint:  # only the repainted class is prompted (the others are labels): its map, if named
+                groups = [g for g in groups[:1] if g]
+            token_index.append(self.family.capture_token_index(prompt, groups))
         if self.capture is not None:
-            token_index = []
-            for i, prompt in zip(rows, prompts):
-                groups = json.loads(batch["token_index"][i])
-                classes = json.loads(batch["class_names"][i])
-                if len(groups) != len(classes):
-                    raise ValueError(f"row {i}: {len(classes)} class names but {len(groups)} token groups")
-                if inpaint:  # only the repainted class is prompted (the others are labels): its map, if named
-                    groups = [g for g in groups[:1] if g]
-                token_index.append(self.family.capture_token_index(prompt, groups))
             self.capture.begin(token_index, self.max_classes, steps)
             callback = self.capture.on_step_end
+        if self.excite is not None and strength is None:
+            lengths = [len(self.pipe.tokenizer(p, truncation=True).input_ids) for p in prompts]
+            self.excite.begin(token_index, lengths, steps, self.excite_grid)
+            excite = self.excite
         cutoff = getattr(gen, "guidance_cutoff", None)  # chained after the capture's callback (family.step_end)
         out = self.family.run(kwargs, generators, gen.steps, gen.guidance_scale, gen.height, gen.width,
                               callback, image=image, strength=strength,
                               mask=None if not inpaint else repaint.astype(np.float32),
-                              **({} if cutoff is None else {"guidance_cutoff": cutoff}))
+                              **({} if cutoff is None else {"guidance_cutoff": cutoff}),
+                              **({} if excite is None else {"excite": excite}))
         bad, out = finite.bad_rows(out), finite.zeroed(out)  # non-finite rows: marked in gen, never labelled
         images = (np.clip(out, 0.0, 1.0) * 255).round().astype(np.uint8)
         if inpaint:  # outside the repaint mask: the reference's own pixels, exactly
@@ -188,6 +198,10 @@ class SynthesisStage(Stage):
 
             images = paste_back(images, np.stack(originals), repaint)
         new = {"image": images, "gen": np.full(len(rows), gen_json)}
+        if excite is not None:  # each row's loss at every excited step: did its neglected subjects wake?
+            new["gen"] = np.array([json.dumps({**json.loads(gen_json), "excite": {**json.loads(gen_json)["excite"],
+                                                                                  "loss": loss}})
+                                   for loss in excite.finish()], dtype=str)
         if self.capture is not None:
             maps = self.capture.finish()
             for v in maps.values():

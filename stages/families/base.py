@@ -38,6 +38,8 @@ Instance level (loads the weights; torch and diffusers imported inside the metho
     [0, 1]. ``guidance_cutoff`` (``generation.guidance_cutoff``) chains a :class:`GuidanceCutoff` after
     ``callback``: CFG stops after that fraction of the steps (``cfg_tensors``: what it halves);
   * ``loop_steps(steps, strength=None)``: step-end callbacks one call makes;
+  * ``excitation(excite, masks, height, width)`` (``generation.excite``, UNet families): the Attend-and-Excite
+    step-end callback (stages/families/excite.py) that ``run(..., excite=)`` chains before ``callback``;
   * ``compile_denoiser()`` (``model.compile``): ``torch.compile`` of the denoiser, in place;
   * ``reuse_features(interval)`` (``generation.cache_interval``, UNet families): DeepCache-style reuse of the
     denoiser's deep blocks (stages/families/feature_reuse.py), reset at the start of every ``run``;
@@ -193,6 +195,14 @@ class ModelFamily:
                     "(stages/families/feature_reuse.py); remove the option")
         return None
 
+    @classmethod
+    def excite_problem(cls) -> str | None:
+        """Why this family cannot take ``generation.excite`` (attention excitation); None when it can."""
+        if cls.denoiser != "unet":
+            return (f"{cls.title} ({cls.name}) has joint attention, not the UNet cross-attention the excitation "
+                    "reads (stages/families/excite.py)")
+        return None
+
     # --- instance level: weights --------------------------------------------------------------------
     def __init__(self, path: str, dtype: str = "float32", device: str = "cpu", scheduler: str | None = None):
         self.path, self.dtype_name = path, dtype
@@ -306,10 +316,19 @@ class ModelFamily:
         start = max(steps - min(int(steps * strength), steps), 0)
         return len(scheduler.timesteps[start * scheduler.order:])
 
-    def step_end(self, pipe, callback: Callable | None, guidance_cutoff: float | None) -> dict[str, Any]:
-        """The call's step-end kwargs: ``callback`` (the capture's), then with ``guidance_cutoff`` a
-        :class:`GuidanceCutoff` over the CFG-batched tensors ``pipe`` lists, with the tensor inputs it needs.
+    def step_end(self, pipe, callback: Callable | None, guidance_cutoff: float | None,
+                 excite: Callable | None = None) -> dict[str, Any]:
+        """The call's step-end kwargs: ``excite`` (``generation.excite``: it moves the latents, reading the
+        conditional embeddings), ``callback`` (the capture's), then with ``guidance_cutoff`` a
+        :class:`GuidanceCutoff` over the CFG-batched tensors ``pipe`` lists, with the tensor inputs they need.
         ValueError (one line) when ``pipe`` does not hand every CFG-batched tensor to its callback."""
+        if excite is not None:
+            listed = list(getattr(pipe, "_callback_tensor_inputs", ()))
+            inputs = ["latents", "prompt_embeds", *(t for t in ("add_text_embeds", "add_time_ids") if t in listed)]
+            kwargs = self.step_end(pipe, callback, guidance_cutoff)
+            inputs += [t for t in kwargs.get("callback_on_step_end_tensor_inputs", []) if t not in inputs]
+            return {"callback_on_step_end": chain(excite, kwargs.get("callback_on_step_end")),
+                    "callback_on_step_end_tensor_inputs": inputs}
         if guidance_cutoff is None:
             return {} if callback is None else {"callback_on_step_end": callback}
         if self.cfg_tensors is None:
@@ -341,7 +360,7 @@ class ModelFamily:
     def run(self, kwargs: dict[str, Any], generators: list, steps: int, guidance_scale: float, height: int,
             width: int, callback: Callable | None = None, image: "np.ndarray | None" = None,
             strength: float | None = None, mask: "np.ndarray | None" = None,
-            guidance_cutoff: float | None = None) -> "np.ndarray":
+            guidance_cutoff: float | None = None, excite: Callable | None = None) -> "np.ndarray":
         """One pipeline call; float images (B, H, W, 3) in [0, 1] as the pipeline returns them. ``image``:
         img2img from it; with ``mask`` (float (B, H, W), 1 = repaint) inpainting inside the mask;
         ``guidance_cutoff``: CFG stops after that fraction of the steps (``step_end``)."""
@@ -355,7 +374,7 @@ class ModelFamily:
         else:
             pipe = self.img2img()
             call.update(image=image, strength=strength)
-        call.update(self.step_end(pipe, callback, guidance_cutoff))
+        call.update(self.step_end(pipe, callback, guidance_cutoff, excite))
         if self.reuse is not None:  # every call starts with a full denoiser pass: an image depends on its call only
             self.reuse.reset()
         return pipe(num_inference_steps=steps, guidance_scale=guidance_scale, output_type="np", **call).images

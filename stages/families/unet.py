@@ -113,6 +113,15 @@ class UNetFamily(ModelFamily):
     def context_length(self) -> int:
         return int(self.pipe.tokenizer.model_max_length)
 
+    def excitation(self, excite: Any, masks: Any, height: int, width: int):
+        """``generation.excite``'s step-end callback, reading the job's first captured cross-attention level."""
+        from .excite import Excite
+
+        config = unet_config(self.pipe.unet.config)
+        level = self.plan_from_config(config, masks, self.latent_hw(height, width), height, width)[0]
+        return Excite(self.pipe.unet, level.index, len(config.down_block_types), excite.steps, excite.scale), \
+            tuple(level.grid)
+
     def attach_capture(self, masks: Any, height: int, width: int) -> UNetCapture:
         from ..attention import AttentionCapture, CaptureConfig
 
