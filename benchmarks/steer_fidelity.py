@@ -10,7 +10,8 @@ per kept image and its ratio to no option (same run, same machine).
 Option sets: ``none``; ``redraws`` (generation.redraws: a sample the masks / labels / filters checks reject
 is drawn again); ``judge`` (the bundled judge, pipeline/models/shapes-judge, on each class's attention
 crop, ``judge.region: attention``) without and with redraws; ``oracle`` (the oracle as the judge: a bound
-on what a perfect judge gives, circular as a measure). The judge's own error is measured first, on one
+on what a perfect judge gives, circular as a measure); ``excite`` (``generation.excite``, Attend-and-Excite) alone
+and with the demo's judge and redraws. The judge's own error is measured first, on one
 draw of each prompt: per object and per image, against the oracle.
 
     python -m benchmarks.steer_fidelity [--n 100] [--objects 3] [--redraws 3]
@@ -30,6 +31,8 @@ from benchmarks.common import REPO, run_header, write_result
 from pipeline.spec import load_spec
 
 JUDGE = REPO / "pipeline" / "models" / "shapes-judge"
+#: Attend-and-Excite at the bundled model's scale (tests/test_excite.py: 20, the paper's for SD 1.5, overshoots it)
+EXCITE = "generation.excite={steps: 0.5, scale: 5}"
 HELD_OUT_JOB_SEED = 11  # the demo job's seed is 0; the judge, the calibration and the defaults never saw this one
 
 
@@ -44,6 +47,8 @@ def option_sets(redraws: int) -> dict[str, list[str]]:
         "judge+redraws": [*judge, again],
         "strict-judge+redraws": [f"judge={{path: {JUDGE}, region: attention, min_score: 0.9}}", again],
         "oracle+redraws": ["judge={kind: shapes-oracle}", again],
+        "excite": [*off, "generation.redraws=0", EXCITE],
+        "excite+judge+redraws": [*judge, again, EXCITE],
     }
 
 
