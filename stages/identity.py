@@ -81,6 +81,21 @@ def _save(path: Path, entries: dict[str, tuple[int, int, str]]) -> None:
         pass  # read-only home: every run hashes again
 
 
+#: content-keyed checks that passed on this machine (``passed_before`` / ``remember_pass``), beside the digests
+CHECKS_NAME = "checks.json"
+
+
+def passed_before(key: str) -> bool:
+    """Whether a check keyed by content (a judge folder's weights against its config, keyed by its digest) passed
+    here before: pre-flight then skips the check's imports. Only passes are remembered; a failure is always
+    checked again."""
+    return key in _load(cache_file().with_name(CHECKS_NAME))
+
+
+def remember_pass(key: str) -> None:
+    _save(cache_file().with_name(CHECKS_NAME), {key: ("ok",)})
+
+
 def cached_sha256_many(paths: list[Path]) -> dict[Path, str]:
     """{path: sha256} of ``paths``, from the cache where size and mtime_ns still match."""
     started = time.time_ns()

@@ -191,3 +191,29 @@ def test_a_clip_judge_scores_each_prompted_class_against_the_jobs_classes(redraw
     assert probs.shape == (4, len(spec.classes)) and np.allclose(probs.sum(1), 1.0, atol=1e-5)
     gens = [json.loads(g) for g in SynthesisStage(spec).draw(batch)["gen"]]
     assert all(len(g["judge"]) == len(n) for g, n in zip(gens, names))
+
+
+def test_a_judge_folder_that_passed_is_not_loaded_again_until_its_files_change(tmp_path, monkeypatch, tiny_model):
+    """Pre-flight remembers a judge folder whose weights fit its config, by content: the next check skips building
+    the model (~3 s of torch and transformers imports in a fresh driver); changed weights are checked again."""
+    import shutil
+
+    import transformers
+
+    from stages.judges import judge_problem
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    folder = tmp_path / "judge"
+    shutil.copytree(BUNDLED_JUDGE, folder)
+    spec = load_spec(write_job(tmp_path / "job", str(tiny_model), judge={"path": str(folder)}))
+    assert judge_problem(spec) is None  # checked and remembered
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("built again")
+
+    monkeypatch.setattr(transformers.AutoModelForImageClassification, "from_config", refuse)
+    assert judge_problem(spec) is None  # the same files: remembered, not built
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes() + b"\0")  # other content (a digest the cache has not seen)
+    problem = judge_problem(spec)
+    assert problem is not None and "does not load (built again)" in problem
