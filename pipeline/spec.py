@@ -396,6 +396,10 @@ class InpaintSpec(_Strict):
                                       "class's attention mass lies inside the dilated outline")
     min_iou: Fraction = Field(default=0.0, description="... or when the class's attention mask (masks.threshold "
                               "rule) overlaps the outline less (IoU)")
+    redraw_strengths: list[Annotated[float, Field(gt=0.0, le=1.0)]] | None = Field(
+        default=None, min_length=1, description="with generation.redraws: redraw k of a rejected sample uses the "
+        "k-th strength (the last for later ones), e.g. [0.45, 0.35]: a lower one keeps more of the outline's "
+        "silhouette; null: the sample's own strength")
 
     @model_validator(mode="after")
     def _palette(self) -> InpaintSpec:
@@ -546,10 +550,17 @@ class JobSpec(_Strict):
     def _check_variations(self) -> None:
         """Img2img strengths that run at least one step; a partner class for embedding interpolation."""
         steps = self.generation.steps
-        for s in self.references.strengths if self.references else ():
-            if int(s * steps) < 1:  # diffusers' img2img runs int(steps x strength) steps
-                raise FieldError("references.strengths", f"strength {s} x generation.steps {steps} is less than "
-                                 f"one denoising step; use generation.steps >= {math.ceil(1 / s)} or a larger strength")
+        ladder = (self.references.inpaint.redraw_strengths if self.references and self.references.mode == "inpaint"
+                  else None) or []
+        for field, values in (("references.strengths", self.references.strengths if self.references else ()),
+                              ("references.inpaint.redraw_strengths", ladder)):
+            for s in values:
+                if int(s * steps) < 1:  # diffusers' img2img runs int(steps x strength) steps
+                    raise FieldError(field, f"strength {s} x generation.steps {steps} is less than one denoising "
+                                     f"step; use generation.steps >= {math.ceil(1 / s)} or a larger strength")
+        if ladder and not self.generation.redraws:
+            raise FieldError("references.inpaint.redraw_strengths", "only redraws use it, and generation.redraws is "
+                             "0; set generation.redraws (e.g. to the list's length) or remove it")
         embedding = self.prompts.embedding
         per_image = 1 if self.references else self.prompts.max_classes_per_image
         if embedding and embedding.mode == "interpolate" and len(self.classes) <= per_image:
@@ -642,6 +653,8 @@ class JobSpec(_Strict):
             exclude["references"] = {"path": True, "select": {"path"}}
             if self.references.mode == "img2img":  # new fields at their defaults: fingerprints as before
                 exclude["references"].update(mode=True, inpaint=True)
+            elif self.references.inpaint.redraw_strengths is None:
+                exclude["references"]["inpaint"] = {"redraw_strengths"}
             if self.references.select is not None and self.references.select.instance_column is None:
                 exclude["references"]["select"] = {"path", "instance_column"}
         spec = self.model_dump(mode="json", exclude=exclude)

@@ -98,3 +98,26 @@ def outline_check(raw: np.ndarray, attention_mask: np.ndarray, outline: np.ndarr
     union = int((attention_mask | outline).sum())
     iou = int((attention_mask & outline).sum()) / union if union else 0.0
     return {"mass_inside": round(inside, 4), "iou": round(iou, 4)}
+
+
+def redraw_strength(spec: Any, attempt: int) -> float | None:
+    """The strength redraw ``attempt`` (1, 2, ...) of an inpainting sample uses (``references.inpaint.
+    redraw_strengths``: the attempt-th, the last for later ones), or None: the sample's own."""
+    refs = getattr(spec, "references", None)
+    ladder = refs.inpaint.redraw_strengths if refs is not None and refs.mode == "inpaint" else None
+    if not ladder or attempt < 1:
+        return None
+    return ladder[min(attempt, len(ladder)) - 1]
+
+
+def restrengthen(cond: str, curriculum: str, strength: float) -> tuple[str, str]:
+    """An inpainting row's ``cond`` and ``curriculum`` JSON at another strength (its level and group stay)."""
+    import json
+
+    from .sampling import variation_curriculum
+
+    c, cur = json.loads(cond), json.loads(curriculum)
+    c["reference"]["strength"] = strength
+    return (json.dumps(c, sort_keys=True),
+            json.dumps(variation_curriculum(cur["level"], strength, cur["group_id"]), sort_keys=True))
+

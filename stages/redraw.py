@@ -6,7 +6,9 @@ filters' verdict without dedup, ``stages.filters.row_verdict``) and draws a reje
 times. Attempt k of sample ``index`` starts from the noise seed :func:`noise_seed` (job seed, index, k):
 attempt 0 is the sample's own seed, so a job without rejects makes the same bytes with or without
 redraws, and the result depends only on the sample, never on its batch neighbours, the worker or a
-resume. The prompt, the classes and the conditioning stay those of the sample; only the noise changes.
+resume. The prompt, the classes and the conditioning stay those of the sample; only the noise changes, and for
+inpainting (``references.inpaint.redraw_strengths``) the strength: redraw k repaints at the k-th strength of that
+list, and a row delivered from such a redraw carries it in its ``cond`` and ``curriculum`` as in its ``gen``.
 
 The delivered attempt is the first that passes, or the last one (which the filters then reject with its
 reason). Its ``gen`` records ``attempt`` (0 = the first draw), ``noise_seed`` (when not the sample's own)
@@ -23,6 +25,7 @@ from typing import Any, Callable
 import numpy as np
 
 from .base import Batch, passthrough
+from .inpaint import redraw_strength, restrengthen
 
 
 def noise_seed(job_seed: int, index: int, attempt: int) -> int:
@@ -74,6 +77,7 @@ def redraw(spec: Any, batch: Batch, drawn: Batch, draw: Callable[[Batch], Batch]
     attempt = [0] * n
     seeds = [int(s) for s in batch["seed"]]  # each row's current draw's noise seed
     rejected: list[list[dict]] = [[] for _ in range(n)]
+    restrengthened: dict[int, tuple[str, str]] = {}  # row -> (cond, curriculum) of its delivered draw's strength
     for k in range(1, spec.generation.redraws + 1):
         pending = [i for i in range(n) if reasons[i]]
         if not pending:
@@ -83,12 +87,19 @@ def redraw(spec: Any, batch: Batch, drawn: Batch, draw: Callable[[Batch], Batch]
             seeds[i] = noise_seed(spec.seed, int(batch["index"][i]), k)
         again = take(batch, pending)
         again["seed"] = np.array([seeds[i] for i in pending], np.int64)
+        strength = redraw_strength(spec, k)  # inpainting: references.inpaint.redraw_strengths
+        if strength is not None:
+            moved = [restrengthen(str(c), str(cur), strength) for c, cur in zip(again["cond"], again["curriculum"])]
+            again["cond"] = np.array([m[0] for m in moved], dtype=str)
+            again["curriculum"] = np.array([m[1] for m in moved], dtype=str)
         out = draw(again)
         for j, reason in enumerate(check(again, out)):
             i = pending[j]
             for col, values in out.items():
                 drawn[col][i] = values[j]
             reasons[i], attempt[i] = reason, k
+            if strength is not None:
+                restrengthened[i] = (str(again["cond"][j]), str(again["curriculum"][j]))
     gens = []
     for i, g in enumerate(drawn["gen"]):
         record = {**json.loads(str(g)), "attempt": attempt[i], "rejected": rejected[i]}
@@ -96,4 +107,10 @@ def redraw(spec: Any, batch: Batch, drawn: Batch, draw: Callable[[Batch], Batch]
             record["noise_seed"] = seeds[i]
         gens.append(json.dumps(record))
     drawn["gen"] = np.array(gens, dtype=str)
+    if restrengthened:  # the delivered draws' own strength in their cond and curriculum
+        for col, part in (("cond", 0), ("curriculum", 1)):
+            values = [str(v) for v in batch[col]]
+            for i, pair in restrengthened.items():
+                values[i] = pair[part]
+            drawn[col] = np.array(values, dtype=str)
     return drawn

@@ -41,6 +41,13 @@ def class_token_positions(tokenizer, prompt: str, spans: list[tuple[int, int]]) 
     return positions
 
 
+def variation_curriculum(level: int, strength: float, group_id: str) -> dict[str, Any]:
+    """The ``curriculum`` record of an image-guided variation: image guidance (and difficulty) = 1 - strength."""
+    guidance = round(1.0 - strength, 6)
+    return {"level": level, "strength": strength, "image_guidance": guidance, "group_id": group_id,
+            "source": "synthetic", "difficulty": guidance}
+
+
 class SamplingStage(Stage):
     """Deterministic per-sample prompts: 1..max classes, one template, exact class token positions.
 
@@ -217,9 +224,7 @@ class SamplingStage(Stage):
             else:
                 prompt, classes, spans = self.reference_prompt(seed, ref)
                 counts = [self.reference_count(ref)]
-            guidance = round(1.0 - strength, 6)
-            curriculum = {"level": level, "strength": strength, "image_guidance": guidance, "group_id": ref.key,
-                          "source": "synthetic", "difficulty": guidance}
+            curriculum = variation_curriculum(level, strength, ref.key)
         else:
             prompt, classes, spans = self._compose(seed)
             counts = self.counts(seed, len(classes))

@@ -126,7 +126,8 @@ class SynthesisStage(Stage):
         refs = getattr(spec, "references", None)
         if refs is not None:
             self.reference_images = ReferenceImages(list_references(spec), gen.height, gen.width)
-            self.img2img_steps = {s: self.family.loop_steps(gen.steps, s) for s in refs.strengths}
+            ladder = (refs.inpaint.redraw_strengths or []) if refs.mode == "inpaint" else []
+            self.img2img_steps = {s: self.family.loop_steps(gen.steps, s) for s in [*refs.strengths, *ladder]}
             if refs.mode == "inpaint":
                 from .masks import inpaint_outlines
 

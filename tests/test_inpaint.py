@@ -342,3 +342,29 @@ def test_eval_with_coco_truth_runs_an_inpainting_job_one_case_per_instance(tmp_p
     assert refined["samples"] == 3 and refined["gt_objects"] == 3
     assert refined["semantic"]["miou"] == 1.0 and refined["instance_mask_iou_mean"] == 1.0
     assert refined["missing_object_rate"] == 0.0
+
+
+def test_a_redraw_repaints_at_the_next_strength_of_the_ladder_and_the_row_says_so(tmp_path, tiny_model, real):
+    """``references.inpaint.redraw_strengths``: with a check nothing passes (attention IoU ≥ 1), each sample is
+    drawn 3 times, at 0.5 (its own), then 0.4, then 0.3 (the last, again); the delivered row's gen, cond and
+    curriculum all say 0.3, its rejected attempts are recorded, and without redraws the field is refused."""
+    from pipeline.spec import SpecError
+    from stages.sampling import SamplingStage
+    from stages.synthesis import SynthesisStage
+
+    references = {"inpaint": {"dilation": 2, "fill": "palette", "palette": PALETTE, "min_iou": 1.0,
+                              "redraw_strengths": [0.4, 0.3]}}
+    spec = load_spec(inpaint_job(tmp_path / "a", str(tiny_model), real, 8, references=references,
+                                 generation={"steps": 10, "guidance_scale": 5.0, "height": 64, "width": 64,
+                                             "batch_size": 2, "scheduler": "default", "redraws": 3}))
+    rows = SamplingStage(spec)({"index": np.arange(4, dtype=np.int64)})
+    out = SynthesisStage(spec)(rows)
+    for i in range(4):
+        gen, cond, cur = (json.loads(str(out[c][i])) for c in ("gen", "cond", "curriculum"))
+        assert gen["attempt"] == 3 and [r["attempt"] for r in gen["rejected"]] == [0, 1, 2]
+        assert all(r["reason"].startswith("outline:") for r in gen["rejected"])
+        assert gen["strength"] == cond["reference"]["strength"] == cur["strength"] == 0.3
+        assert cur["image_guidance"] == cur["difficulty"] == 0.7 and cur["level"] == 0
+        assert json.loads(str(rows["cond"][i]))["reference"]["strength"] == 0.5  # the sample's own, as sampled
+    with pytest.raises(SpecError, match="references.inpaint.redraw_strengths"):
+        load_spec(inpaint_job(tmp_path / "b", str(tiny_model), real, 8, references=references))
