@@ -270,8 +270,18 @@ def cmd_validate(args: argparse.Namespace) -> int:
           f"({spec.model.device}, {spec.model.dtype}); synthesis {synth.actors} actor(s) x {synth.num_gpus:g} GPU"
           + (f"; judge {spec.judge.kind}" + (f" {spec.given('judge.path')}" if spec.judge.path else "")
              + f", min_score {spec.judge.min_score:g}" if spec.judge is not None else "")
-          + (f"; up to {spec.generation.redraws} redraws per sample" if spec.generation.redraws else ""))
+          + (f"; up to {spec.generation.redraws} redraws per sample" if spec.generation.redraws else "")
+          + "".join(f"; {name}" for name in options_on(spec)))
     return 0
+
+
+def options_on(spec) -> list[str]:
+    """The speed and steering options a job turns on, as validate's ok line names them."""
+    gen = spec.generation
+    return [*([f"guidance_cutoff {gen.guidance_cutoff:g}"] if gen.guidance_cutoff is not None else []),
+            *([f"cache_interval {gen.cache_interval}"] if gen.cache_interval is not None else []),
+            *([f"excite (steps {gen.excite.steps:g}, scale {gen.excite.scale:g})"] if gen.excite is not None else []),
+            *(["model.compile"] if spec.model.compile else [])]
 
 
 def cmd_verify(args: argparse.Namespace) -> int:

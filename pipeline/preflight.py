@@ -187,9 +187,11 @@ def check_cache_interval(spec: JobSpec, family: type[ModelFamily] | None, source
     if problem is None and getattr(spec, "references", None) is not None:
         problem = "it nudges text-to-image draws; a job with references (img2img, inpainting) cannot take it"
     if problem is None and getattr(gen, "cache_interval", None) is not None:
-        problem = "its extra UNet call would count as a step of generation.cache_interval's reuse; use one of the two"
+        problem = ("its extra UNet call would count as a step of generation.cache_interval's reuse; set one of the "
+                   "two to null")
     if problem:
-        raise SpecError(f"{source}: generation.excite: {problem}; remove the option")
+        raise SpecError(f"{source}: generation.excite: {problem}" + ("" if "null" in problem else
+                                                                     "; set generation.excite: null"))
 
 
 #: input channels of the UNet of an inpainting checkpoint: 4 latent + 1 mask + 4 masked-image latent

@@ -209,9 +209,11 @@ Samples = Annotated[
 
 class ExciteSpec(_Strict):
     steps: Annotated[float, Field(gt=0.0, le=1.0)] = Field(
-        default=0.25, description="the first fraction of the steps whose end nudges the latent")
+        default=0.25, description="fraction of the denoising steps, from the first, after which the latent is "
+        "nudged (0.25 of 20 steps: after steps 1 to 5)")
     scale: Annotated[float, Field(ge=0.0)] = Field(
-        default=20.0, description="step size of the nudge (the paper's 20); 0 measures the loss without nudging")
+        default=20.0, description="step size of the nudge: the paper's 20 for SD 1.5; the bundled model wants 5 "
+        "(20 overshoots it); 0 measures the loss (gen's excite.loss) without nudging")
 
 
 class GenerationSpec(_Strict):
@@ -231,7 +233,14 @@ class GenerationSpec(_Strict):
         "stages/families/feature_reuse.py); null: every block on every call; UNet families only")
     excite: ExciteSpec | None = Field(
         default=None, description="Attend-and-Excite: each prompted class's cross-attention peak is raised in the "
-        "first steps (stages/families/excite.py); text-to-image on the UNet families")
+        "first steps (stages/families/excite.py); true: the defaults; text-to-image on the UNet families; each "
+        "sample's gen records excite.loss, 1 - its weakest class's peak at each nudged step")
+
+    @field_validator("excite", mode="before")
+    @classmethod
+    def _excite_shorthand(cls, v: Any) -> Any:
+        """``excite: true`` turns it on with the defaults, ``false`` leaves it off."""
+        return {} if v is True else None if v is False else v
     redraws: Annotated[int, Field(ge=0, le=100)] = Field(
         default=0, description="a sample the checks reject (judge, masks, labels, filters but dedup) is drawn "
         "again from new noise, up to this many times; every attempt is recorded (stages/redraw.py)")

@@ -130,16 +130,29 @@ def _flat(node: Any, prefix: str = "") -> dict[str, Any]:
     return {k: v for key, value in node.items() for k, v in _flat(value, f"{prefix}{key}.").items()}
 
 
+_UNSET = object()  # a field one job records and the other leaves out
+
+
 def spec_changes(old: dict, origin: Origin, limit: int = 3) -> list[str]:
-    """What differs between a manifest's job and this one, as 'generation.steps: 20 → 25' (fields both record;
-    resources, samples and locations left out), then the model's name and content."""
+    """What differs between a manifest's job and this one, as 'generation.steps: 20 → 25' (a field one side leaves
+    out, as jobs do with options at their defaults: 'model.compile: unset → true'; resources, samples and
+    locations left out), then the model's name and content."""
     def shown(value: Any) -> str:
+        if value is _UNSET:
+            return "unset"
         text = json.dumps(value)
         return text if len(text) <= 40 else text[:39] + "…"
 
     before, now = _flat(old.get("job") or {}), _flat(origin.job)
-    changes = [f"{k}: {shown(before[k])} → {shown(now[k])}" for k in before
-               if k in now and before[k] != now[k] and not k.startswith(UNFINGERPRINTED)]
+    def differs(a: Any, b: Any) -> bool:  # unset vs off (null, false): an older job without the field, the same
+        if a is _UNSET or b is _UNSET:
+            other = b if a is _UNSET else a
+            return other is not _UNSET and other is not None and other is not False
+        return a != b
+
+    keys = [*before, *(k for k in now if k not in before)]
+    changes = [f"{k}: {shown(before.get(k, _UNSET))} → {shown(now.get(k, _UNSET))}" for k in keys
+               if differs(before.get(k, _UNSET), now.get(k, _UNSET)) and not k.startswith(UNFINGERPRINTED)]
     model_before, model_now = old.get("model") or {}, origin.model
     if model_before.get("model") != model_now.get("model"):
         changes.append(f"model: {shown(model_before.get('model'))} → {shown(model_now.get('model'))}")

@@ -97,3 +97,14 @@ def test_what_cannot_take_it_is_one_line_at_validate(case, tmp_path, tiny_model,
     assert main(["validate", str(path), *extra]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "generation.excite" in err, err
+
+
+def test_true_turns_it_on_with_the_defaults_and_validate_names_it(tmp_path, tiny_model, capsys):
+    path = job(tmp_path, tiny_model, None)
+    spec = load_spec(path, ["generation.excite=true"])
+    assert spec.generation.excite.steps == 0.25 and spec.generation.excite.scale == 20
+    assert load_spec(path, ["generation.excite=false"]).generation.excite is None
+    capsys.readouterr()
+    assert main(["validate", str(path), "--set", "generation.excite=true", "--set", "generation.guidance_cutoff=0.5"]) == 0
+    out = capsys.readouterr().out
+    assert "excite (steps 0.25, scale 20)" in out and "guidance_cutoff 0.5" in out, out

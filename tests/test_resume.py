@@ -268,6 +268,10 @@ def test_a_changed_spec_names_the_fields_that_differ(dataset, tmp_path, capsys):
                  "--set", "prompts.templates=[\"{objects}\"]"]) == 2
     err = capsys.readouterr().err
     assert 'generation.steps: 4 → 5' in err and 'prompts.templates: ["{objects} on noise", ' in err, err
+    # an option the stored job leaves out at its default is named too, not just "fingerprint differs"
+    assert main(["run", str(dataset.job), "--no-ray", "--out", str(out), "--set", "model.compile=true"]) == 2
+    err = capsys.readouterr().err
+    assert "model.compile: unset → true" in err and "fingerprint differs" not in err, err
 
 
 def test_a_dataset_with_the_fingerprint_of_an_earlier_synthgen_resumes(dataset, tmp_path):
