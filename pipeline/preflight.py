@@ -127,8 +127,10 @@ def check_model(spec: JobSpec, source: str) -> None:
     folder = model_folder(spec)
     if folder is None:
         check_hub_offline(spec.model.path, source)
-        check_guidance_cutoff(spec, job_family(spec), source)
-        check_cache_interval(spec, job_family(spec), source)
+        family = job_family(spec)
+        check_guidance_cutoff(spec, family, source)
+        check_cache_interval(spec, family, source)
+        check_excite(spec, family, source)
         return
     if not folder.is_dir():
         given = spec.given("model.path") or ""
@@ -144,6 +146,7 @@ def check_model(spec: JobSpec, source: str) -> None:
     family = check_layout(folder, source, getattr(spec.model, "family", "auto"))
     check_guidance_cutoff(spec, family, source)
     check_cache_interval(spec, family, source)
+    check_excite(spec, family, source)
     check_inpainting_model(spec, folder, family, source)
     index = _read_json(folder / "model_index.json", source)
     schedulers = getattr(family, "schedulers", None)
@@ -174,24 +177,28 @@ def check_guidance_cutoff(spec: JobSpec, family: type[ModelFamily] | None, sourc
 
 
 def check_cache_interval(spec: JobSpec, family: type[ModelFamily] | None, source: str) -> None:
-    """``generation.cache_interval`` reuses a UNet's deep blocks, and ``generation.excite`` reads a UNet's
-    cross-attention: both refused on the MM-DiT families; excitation also on image-guided jobs and with reuse."""
+    """``generation.cache_interval`` reuses a UNet's deep blocks: refused on the MM-DiT families."""
+    if family is None or getattr(spec.generation, "cache_interval", None) is None:
+        return
+    problem = family.cache_interval_problem()
+    if problem:
+        raise SpecError(f"{source}: generation.cache_interval: {problem}")
+
+
+def check_excite(spec: JobSpec, family: type[ModelFamily] | None, source: str) -> None:
+    """``generation.excite`` reads a UNet's cross-attention in text-to-image calls: refused on the MM-DiT families,
+    on image-guided jobs, and beside ``cache_interval`` (its extra UNet call would count as a reuse step)."""
     gen = spec.generation
-    if family is not None and getattr(gen, "cache_interval", None) is not None:
-        problem = family.cache_interval_problem()
-        if problem:
-            raise SpecError(f"{source}: generation.cache_interval: {problem}")
     if getattr(gen, "excite", None) is None:
         return
-    problem = family.excite_problem() if family is not None else None
+    problem, fix = family.excite_problem() if family is not None else None, "set generation.excite: null"
     if problem is None and getattr(spec, "references", None) is not None:
         problem = "it nudges text-to-image draws; a job with references (img2img, inpainting) cannot take it"
     if problem is None and getattr(gen, "cache_interval", None) is not None:
-        problem = ("its extra UNet call would count as a step of generation.cache_interval's reuse; set one of the "
-                   "two to null")
+        problem = "its extra UNet call would count as a step of generation.cache_interval's reuse"
+        fix = "set one of the two to null"
     if problem:
-        raise SpecError(f"{source}: generation.excite: {problem}" + ("" if "null" in problem else
-                                                                     "; set generation.excite: null"))
+        raise SpecError(f"{source}: generation.excite: {problem}; {fix}")
 
 
 #: input channels of the UNet of an inpainting checkpoint: 4 latent + 1 mask + 4 masked-image latent

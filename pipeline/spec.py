@@ -448,6 +448,11 @@ class ReferencesSpec(_Strict):
             raise ValueError(f"strengths {strengths} repeat a value")
         return strengths
 
+    @property
+    def redraw_ladder(self) -> list[float]:
+        """The strengths redraws 1, 2, ... of an inpainting sample use (``inpaint.redraw_strengths``); [] for none."""
+        return list(self.inpaint.redraw_strengths or []) if self.mode == "inpaint" else []
+
 
 class StageResources(_Strict):
     num_cpus: float = Field(default=1.0, gt=0, description="per actor or task; on CPU also its torch threads")
@@ -559,8 +564,7 @@ class JobSpec(_Strict):
     def _check_variations(self) -> None:
         """Img2img strengths that run at least one step; a partner class for embedding interpolation."""
         steps = self.generation.steps
-        ladder = (self.references.inpaint.redraw_strengths if self.references and self.references.mode == "inpaint"
-                  else None) or []
+        ladder = self.references.redraw_ladder if self.references else []
         for field, values in (("references.strengths", self.references.strengths if self.references else ()),
                               ("references.inpaint.redraw_strengths", ladder)):
             for s in values:

@@ -104,7 +104,7 @@ def redraw_strength(spec: Any, attempt: int) -> float | None:
     """The strength redraw ``attempt`` (1, 2, ...) of an inpainting sample uses (``references.inpaint.
     redraw_strengths``: the attempt-th, the last for later ones), or None: the sample's own."""
     refs = getattr(spec, "references", None)
-    ladder = refs.inpaint.redraw_strengths if refs is not None and refs.mode == "inpaint" else None
+    ladder = refs.redraw_ladder if refs is not None else []
     if not ladder or attempt < 1:
         return None
     return ladder[min(attempt, len(ladder)) - 1]

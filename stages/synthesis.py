@@ -126,8 +126,7 @@ class SynthesisStage(Stage):
         refs = getattr(spec, "references", None)
         if refs is not None:
             self.reference_images = ReferenceImages(list_references(spec), gen.height, gen.width)
-            ladder = (refs.inpaint.redraw_strengths or []) if refs.mode == "inpaint" else []
-            self.img2img_steps = {s: self.family.loop_steps(gen.steps, s) for s in [*refs.strengths, *ladder]}
+            self.img2img_steps = {s: self.family.loop_steps(gen.steps, s) for s in [*refs.strengths, *refs.redraw_ladder]}
             if refs.mode == "inpaint":
                 from .masks import inpaint_outlines
 
@@ -200,8 +199,8 @@ class SynthesisStage(Stage):
             images = paste_back(images, np.stack(originals), repaint)
         new = {"image": images, "gen": np.full(len(rows), gen_json)}
         if excite is not None:  # each row's loss at every excited step: did its neglected subjects wake?
-            new["gen"] = np.array([json.dumps({**json.loads(gen_json), "excite": {**json.loads(gen_json)["excite"],
-                                                                                  "loss": loss}})
+            record = json.loads(gen_json)
+            new["gen"] = np.array([json.dumps({**record, "excite": {**record["excite"], "loss": loss}})
                                    for loss in excite.finish()], dtype=str)
         if self.capture is not None:
             maps = self.capture.finish()

@@ -34,13 +34,12 @@ class ReuseSchedule:
 
     def reset(self) -> None:
         """A new pipeline call: its first denoiser call is full."""
-        self.calls, self.full, self.shape, self.full_calls = 0, True, None, 0
+        self.calls, self.full, self.shape = 0, True, None
 
     def next_call(self, shape: tuple[int, ...]) -> None:
         self.full = self.calls % self.interval == 0 or shape != self.shape
         if self.full:
             self.shape = shape
-            self.full_calls += 1
         self.calls += 1
 
 
