@@ -11,7 +11,8 @@ Option sets: ``none``; ``redraws`` (generation.redraws: a sample the masks / lab
 is drawn again); ``judge`` (the bundled judge, pipeline/models/shapes-judge, on each class's attention
 crop, ``judge.region: attention``) without and with redraws; ``oracle`` (the oracle as the judge: a bound
 on what a perfect judge gives, circular as a measure); ``excite`` (``generation.excite``, Attend-and-Excite) alone
-and with the demo's judge and redraws. The judge's own error is measured first, on one
+and with the demo's judge and redraws; with ``--class-tokens FILE`` (``synthgen tune-tokens``) ``tokens`` alone and
+with the judge and redraws. The judge's own error is measured first, on one
 draw of each prompt: per object and per image, against the oracle.
 
     python -m benchmarks.steer_fidelity [--n 100] [--objects 3] [--redraws 3]
@@ -36,11 +37,15 @@ EXCITE = "generation.excite={steps: 0.5, scale: 5}"
 HELD_OUT_JOB_SEED = 11  # the demo job's seed is 0; the judge, the calibration and the defaults never saw this one
 
 
-def option_sets(redraws: int) -> dict[str, list[str]]:
-    """Each set states every option (the demo job itself turns the judge and redraws on)."""
+def option_sets(redraws: int, class_tokens: str | None = None) -> dict[str, list[str]]:
+    """Each set states every option (the demo job itself turns the judge and redraws on); with ``class_tokens``
+    (a ``synthgen tune-tokens`` file) also ``tokens`` and ``tokens+judge+redraws``."""
     judge = [f"judge={{path: {JUDGE}, region: attention}}"]
     off, again = ["judge=null"], f"generation.redraws={redraws}"
-    return {
+    tokens = {} if class_tokens is None else {
+        "tokens": [*off, "generation.redraws=0", f"model.class_tokens={class_tokens}"],
+        "tokens+judge+redraws": [*judge, again, f"model.class_tokens={class_tokens}"]}
+    return {**tokens, 
         "none": [*off, "generation.redraws=0"],
         "redraws": [*off, again],
         "judge": [*judge, "generation.redraws=0"],
@@ -117,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--redraws", type=int, default=3)
     ap.add_argument("--seed", type=int, default=HELD_OUT_JOB_SEED, help="job seed (held out)")
     ap.add_argument("--only", nargs="*", help="option sets to run (default: all)")
+    ap.add_argument("--class-tokens", metavar="FILE", help="a `synthgen tune-tokens` file: also run the option sets "
+                    "tokens and tokens+judge+redraws with it as model.class_tokens")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="another job override for every run (e.g. generation.steps=4 for a quick look)")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "steer_fidelity.json"))
@@ -131,7 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     result["judge_error"] = judge_error(args.job, base, args.n)
     print("judge vs oracle:", json.dumps(result["judge_error"]), flush=True)
     runs = {}
-    for name, extra in option_sets(args.redraws).items():
+    sets = option_sets(args.redraws, None if args.class_tokens is None else str(Path(args.class_tokens).resolve()))
+    for name, extra in sorted(sets.items(), key=lambda item: item[0] != "none"):  # none first: the cost's base
         if args.only and name not in args.only:
             continue
         runs[name] = {"overrides": extra, **run_option(args.job, base, extra)}

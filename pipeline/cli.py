@@ -146,6 +146,23 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--jpeg-quality", type=int, default=95)
     imp.add_argument("--overwrite", action="store_true", help="replace an output dir made from other data")
     imp.set_defaults(func=cmd_import_coco)
+
+    tune = sub.add_parser("tune-tokens", help="tune each class name's token embeddings with the job's judge "
+                          "(discriminative class tokens) and write the file model.class_tokens names")
+    tune.add_argument("job", help="job file (YAML) with a classifier judge")
+    tune.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                      help="override a job field (value parsed as YAML)")
+    tune.add_argument("--tokens", metavar="FILE", help="file to write (default: the job's model.class_tokens)")
+    tune.add_argument("--iterations", type=int, default=40, help="gradient steps, each on a new batch (default 40)")
+    tune.add_argument("--batch", type=int, default=6, help="prompts per iteration (default 6)")
+    tune.add_argument("--lr", type=float, default=0.01, help="the largest move of a token vector in one iteration "
+                      "(SGD on its gradient clipped to norm 1, decaying to 0 on a cosine; default 0.01)")
+    tune.add_argument("--seed", type=int, default=12345, help="the sampler's seed for the tuning prompts and noise "
+                      "(default 12345; not the job's, so tuning never sees its samples)")
+    tune.add_argument("--init", metavar="FILE", help="start from this class-token file's vectors (default: the "
+                      "model's own)")
+    tune.add_argument("--overwrite", action="store_true", help="replace an existing file")
+    tune.set_defaults(func=cmd_tune_tokens)
     return parser
 
 
@@ -281,7 +298,8 @@ def options_on(spec) -> list[str]:
     return [*([f"guidance_cutoff {gen.guidance_cutoff:g}"] if gen.guidance_cutoff is not None else []),
             *([f"cache_interval {gen.cache_interval}"] if gen.cache_interval is not None else []),
             *([f"excite (steps {gen.excite.steps:g}, scale {gen.excite.scale:g})"] if gen.excite is not None else []),
-            *(["model.compile"] if spec.model.compile else [])]
+            *(["model.compile"] if spec.model.compile else []),
+            *([f"class tokens {spec.given('model.class_tokens')}"] if spec.model.class_tokens is not None else [])]
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -364,6 +382,34 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.json:
         evaluate.write_json(Path(args.json), result)
         print(f"wrote {args.json}")
+    return 0
+
+
+def cmd_tune_tokens(args: argparse.Namespace) -> int:
+    from .tune_tokens import TuneSettings, check, tune
+
+    named = load_spec(args.job, args.overrides, check_files=False).model.class_tokens
+    if args.tokens is None and named is None:
+        raise UsageError(f"tune-tokens: {args.job} sets no model.class_tokens; give --tokens FILE (and name that "
+                         "file as model.class_tokens in the job)")
+    dest = Path(args.tokens or named).expanduser().absolute()
+    spec = load_spec(args.job, [*args.overrides, "model.class_tokens=null"])  # every check but the file it writes
+    settings = TuneSettings(args.iterations, args.lr, args.batch, args.seed)
+    check(spec, settings, dest, args.overwrite)
+    start = None if args.init is None else Path(args.init).expanduser().absolute()
+    if start is not None:  # the checks a job naming it gets (stages/class_tokens.py)
+        from stages.class_tokens import problem
+
+        from .preflight import job_family
+
+        found = problem(spec.model_copy(update={"model": spec.model.model_copy(update={"class_tokens": str(start)})}),
+                        job_family(spec), model_folder(spec))
+        if found:
+            raise UsageError(f"tune-tokens: --init: {found}")
+    record = tune(spec, dest, settings, start, log=lambda line: print(line, file=sys.stderr))
+    first, last = record["history"][0], record["history"][-1]
+    print(f"wrote {dest}: {len(spec.classes)} classes, {settings.iterations} iterations in {record['wall_s']:g} s; "
+          f"judge score {first['judge_score']:.3f} -> {last['judge_score']:.3f}")
     return 0
 
 

@@ -278,9 +278,18 @@ def dtype_warning(spec: JobSpec) -> str:
             "rejected as 'non-finite'; set model.dtype: bfloat16")
 
 
+def compile_warning(spec: JobSpec) -> str:
+    """One line for ``model.compile`` on a CPU: each worker's first batch compiles the denoiser (minutes) and the
+    compiled CPU graph was measured slower than eager (docs/history.md); '' otherwise."""
+    if not spec.model.compile or spec.model.device != "cpu":
+        return ""
+    return ("warning: model.compile: on a CPU each synthesis worker's first batch compiles the denoiser (minutes, "
+            "without output) and the compiled graph ran slower than eager here; set model.compile: false on CPU")
+
+
 def job_warnings(spec: JobSpec) -> list[str]:
     """Every pre-flight warning of a job (one line each), computed here once for ``validate`` and ``run``."""
-    return [w for w in (size_warning(spec), dtype_warning(spec)) if w]
+    return [w for w in (size_warning(spec), dtype_warning(spec), compile_warning(spec)) if w]
 
 
 def check_layout(folder: Path, source: str, override: str = "auto") -> type[ModelFamily]:

@@ -99,7 +99,18 @@ def inspect_text(out: Path, n: int = 3) -> str:
                   f"  prompt {rec.get('prompt')!r}, classes {rec.get('class_names')}, "
                   f"{rec.get('width')}x{rec.get('height')}",
                   f"  annotations (category_id, bbox, area): {anns}"]
+        if isinstance(rec.get("gen"), dict):
+            lines.append(f"  gen: {_gen_line(rec['gen'])}")
     return "\n".join(lines)
+
+
+def _gen_line(gen: dict) -> str:
+    """A sample's ``gen`` in one line: the settings and options as recorded, the capture's layout and each rejected
+    attempt's detail shortened (the full record is the sample's .json)."""
+    short = {k: v for k, v in gen.items() if k not in ("capture", "rejected")}
+    if gen.get("rejected"):
+        short["rejected"] = [r.get("reason") for r in gen["rejected"]]
+    return json.dumps(short, separators=(", ", ": "))
 
 
 def _duration(seconds: float) -> str:

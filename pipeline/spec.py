@@ -35,11 +35,13 @@ from .plan import shard_count_problem
 PositiveInt = Annotated[int, Field(ge=1)]
 #: path fields: resolved to absolute local paths to be used; recorded as given (``JobSpec.public_dump``)
 PATH_FIELDS = ("model.path", "output.dir", "masks.calibration", "references.path", "references.select.path",
-               "judge.path")
+               "judge.path", "model.class_tokens")
 #: job fields no fingerprint covers (``JobSpec.fingerprint``): a run may change them on a dataset it resumes
 #: (the references' locations: their content is covered, by its digest)
 UNFINGERPRINTED = ("resources", "samples", "retries", "output.dir", "output.index", "model.path", "masks.calibration",
-                   "references.path", "references.select.path", "judge.path")
+                   "references.path", "references.select.path", "judge.path", "model.class_tokens")
+#: path fields that may be null (unset)
+OPTIONAL_PATHS = ("masks.calibration", "judge.path", "model.class_tokens")
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
 STAGES = registry.stage_names()
 
@@ -90,16 +92,21 @@ class ModelSpec(_Strict):
     compile: bool = Field(default=False, description="torch.compile the denoiser (UNet or transformer) in each "
                           "synthesis worker; its first batch pays the compilation; the capture's bookkeeping runs "
                           "outside the compiled graphs; images and maps equal eager's within float tolerance")
+    class_tokens: PathText | None = Field(
+        default=None, description="file of class-name token embeddings tuned with the job's judge (`synthgen "
+        "tune-tokens`, discriminative class tokens): written into the text encoder before the first draw; SD 1.x/2.x")
 
     @model_serializer(mode="wrap")
     def _omit_auto_family(self, handler: Any) -> dict[str, Any]:
-        """``family: auto`` and ``compile: false`` are left out of dumps, so jobs written before those fields keep
-        their fingerprint."""
+        """``family: auto``, ``compile: false`` and ``class_tokens: null`` are left out of dumps, so jobs written
+        before those fields keep their fingerprint."""
         data = handler(self)
         if isinstance(data, dict) and data.get("family") == "auto":
             data.pop("family")
         if isinstance(data, dict) and data.get("compile") is False:
             data.pop("compile")
+        if isinstance(data, dict) and "class_tokens" in data and data["class_tokens"] is None:
+            data.pop("class_tokens")
         return data
 
 
@@ -688,6 +695,10 @@ class JobSpec(_Strict):
             from stages.identity import judge_identity
 
             payload["judge"] = judge_identity(self.judge.path)
+        if self.model.class_tokens is not None:  # the tuned tokens by content, not by location
+            from stages.identity import cached_sha256
+
+            payload["class_tokens"] = cached_sha256(self.model.class_tokens)
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
@@ -787,7 +798,16 @@ def _format_error(err: ValidationError) -> str:
     msg = first["msg"].removeprefix("Value error, ")
     got = first.get("input")
     shown = "" if isinstance(got, (dict, list)) or got is None else f" (got {got!r})"
+    if first["type"] in RANGE_WORDS:  # a number out of range: say the range and the fix
+        word, key = RANGE_WORDS[first["type"]]
+        limit = first.get("ctx", {}).get(key)
+        return f"{loc}: must be {word} {limit}{shown}; set {loc} to a number {word} {limit}{more}"
     return f"{loc or 'job'}: {msg}{shown}{more}"
+
+
+#: pydantic's range error types -> (words, its ctx key)
+RANGE_WORDS = {"greater_than_equal": ("at least", "ge"), "greater_than": ("above", "gt"),
+               "less_than_equal": ("at most", "le"), "less_than": ("below", "lt")}
 
 
 def validate_spec(data: Any, source: str = "job") -> JobSpec:
@@ -829,6 +849,8 @@ def _resolve_paths(data: dict, base: Path) -> None:
     model = data.get("model")
     if isinstance(model, dict) and isinstance(model.get("path"), str) and looks_local(model["path"], base):
         model["path"] = str((base / Path(model["path"]).expanduser()).resolve())
+    if isinstance(model, dict) and isinstance(model.get("class_tokens"), str):
+        model["class_tokens"] = str((base / Path(model["class_tokens"]).expanduser()).resolve())
     output = data.get("output")
     if isinstance(output, dict) and isinstance(output.get("dir"), str) and not _is_uri(output["dir"]):
         output["dir"] = str((base / Path(output["dir"]).expanduser()).resolve())  # s3://... stays a URI
@@ -922,6 +944,20 @@ def check_paths(spec: JobSpec, source: str) -> None:
     if spec.references is not None:
         check_references(spec, source)
     check_judge(spec, source)
+    check_class_tokens(spec, source)
+
+
+def check_class_tokens(spec: JobSpec, source: str) -> None:
+    """``model.class_tokens`` is a class-token file for this job's classes and model (stages/class_tokens.py)."""
+    if spec.model.class_tokens is None:
+        return
+    from stages.class_tokens import problem
+
+    from .preflight import job_family, model_folder
+
+    found = problem(spec, job_family(spec), model_folder(spec))
+    if found:
+        raise SpecError(f"{source}: {found}")
 
 
 def check_judge(spec: JobSpec, source: str) -> None:
@@ -959,7 +995,8 @@ def load_spec(path: str | Path, overrides: Sequence[str] = (), out: str | None =
     _resolve_paths(data, path.resolve().parent)
     _resolve_reference_paths(data, path.resolve().parent)
     for keys, value, item in cli:
-        if keys in (["model", "path"], ["output", "dir"], ["masks", "calibration"]) and isinstance(value, str):
+        if keys in (["model", "path"], ["output", "dir"], ["masks", "calibration"], ["model", "class_tokens"]) \
+                and isinstance(value, str):
             holder = {keys[0]: {keys[1]: value}}
             _resolve_paths(holder, Path.cwd())
             value = holder[keys[0]][keys[1]]
@@ -969,8 +1006,7 @@ def load_spec(path: str | Path, overrides: Sequence[str] = (), out: str | None =
     for field in PATH_FIELDS:
         section, _, name = field.rpartition(".")
         holder = _lookup(data, section)
-        if isinstance(holder, dict) and name in holder and holder[name] is None and field not in ("masks.calibration",
-                                                                                                 "judge.path"):
+        if isinstance(holder, dict) and name in holder and holder[name] is None and field not in OPTIONAL_PATHS:
             raise SpecError(f"{source}: {field}: is null (YAML reads a bare ~ as null); write the path in quotes, "
                             f"e.g. '~/datasets/out' or '~'")
     load_calibration(data, source)

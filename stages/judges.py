@@ -58,13 +58,22 @@ def square_box(mask: np.ndarray, margin: float, shift: tuple[float, float] = (0.
     return int(round(cy - side / 2)), int(round(cx - side / 2)), max(side, 1)
 
 
+def box_pixels(box: tuple[int, int, int], h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
+    """The rows and columns of a square ``box`` in an h × w image, edge pixels repeated where it leaves it."""
+    top, left, side = box
+    return np.clip(np.arange(top, top + side), 0, h - 1), np.clip(np.arange(left, left + side), 0, w - 1)
+
+
 def crop(image: np.ndarray, box: tuple[int, int, int]) -> np.ndarray:
     """The square ``box`` of ``image`` (uint8 H, W, 3), edge pixels repeated where it leaves the image."""
-    top, left, side = box
-    h, w = image.shape[:2]
-    rows = np.clip(np.arange(top, top + side), 0, h - 1)
-    cols = np.clip(np.arange(left, left + side), 0, w - 1)
+    rows, cols = box_pixels(box, *image.shape[:2])
     return image[rows][:, cols]
+
+
+def attention_box(amap: np.ndarray, size: tuple[int, int]) -> tuple[int, int, int]:
+    """The square a ``region: attention`` judge reads for one class: around its :func:`attention_region`,
+    :data:`CROP_MARGIN` wider."""
+    return square_box(attention_region(amap, size), CROP_MARGIN)
 
 
 def attention_region(amap: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -113,8 +122,7 @@ class _Regions(Judge):
         crops, where = [], []
         for i, (image, names) in enumerate(zip(images, classes)):
             for k, name in enumerate(names):
-                region = attention_region(maps[i, k], image.shape[:2])
-                crops.append(crop(image, square_box(region, CROP_MARGIN)))
+                crops.append(crop(image, attention_box(maps[i, k], image.shape[:2])))
                 where.append((i, self.index[self.labels.get(name, name)]))
         probs = self.probabilities(crops) if crops else np.zeros((0, 1))
         out: list[list[float]] = [[] for _ in classes]
@@ -176,6 +184,21 @@ class ClassifierJudge(_Regions):
             pixels = self.processor(images=list(images), return_tensors="pt")["pixel_values"]
             logits = self.model(pixel_values=pixels.to(self.model.device, self.model.dtype)).logits.float()
             return (torch.sigmoid(logits) if self.multi_label else torch.softmax(logits, -1)).cpu().numpy()
+
+    def logits_of(self, crops: Sequence[Any]) -> Any:
+        """(N, labels) logits of float crops (3, h, w) in [0, 1], differentiable: each resized to the processor's
+        size (bilinear with antialiasing, as PIL's resize) and normalised by its mean and std. The class-token
+        tuner's path (pipeline/tune_tokens.py); :meth:`probabilities` is the pipeline's."""
+        torch = self.torch
+        p = self.processor
+        size = (int(p.size["height"]), int(p.size["width"]))
+        pixels = torch.cat([torch.nn.functional.interpolate(c[None].float(), size=size, mode="bilinear",
+                                                            antialias=True, align_corners=False) for c in crops])
+        if getattr(p, "do_normalize", True):
+            mean = torch.tensor(p.image_mean, dtype=pixels.dtype).view(1, -1, 1, 1)
+            std = torch.tensor(p.image_std, dtype=pixels.dtype).view(1, -1, 1, 1)
+            pixels = (pixels - mean) / std
+        return self.model(pixel_values=pixels.to(self.model.device, self.model.dtype)).logits.float()
 
 
 class ShapesOracleJudge(Judge):

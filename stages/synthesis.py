@@ -82,6 +82,12 @@ class SynthesisStage(Stage):
         model, gen = spec.model, spec.generation
         self.family = model_family(model)(model.path, model.dtype, model.device, gen.scheduler)
         self.pipe = self.family.pipe
+        tokens = getattr(model, "class_tokens", None)
+        if tokens is not None:  # tuned class-name tokens (stages/class_tokens.py), before anything encodes a prompt
+            from . import class_tokens
+
+            vectors, meta = class_tokens.read(tokens)
+            class_tokens.apply(self.pipe.text_encoder, vectors, meta["token_ids"])
         self.max_classes = spec.prompts.max_classes_per_image
         self.loop_steps = self.family.loop_steps(gen.steps)  # callbacks per call (PNDM runs steps + 1)
         self.capture = self.family.attach_capture(spec.masks, gen.height, gen.width) if capture else None
@@ -112,6 +118,8 @@ class SynthesisStage(Stage):
             record["cache_interval"] = interval
         if getattr(model, "compile", False):
             record["compiled"] = True
+        if tokens is not None:
+            record["class_tokens"] = class_tokens.digest(tokens)
         if self.excite is not None:
             record["excite"] = gen.excite.model_dump(mode="json")
         self.gen_json = json.dumps(record)

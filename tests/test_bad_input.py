@@ -276,7 +276,7 @@ CASES = [
     Case("cli: --set into a number", "seed: Input should be a valid integer", args=("--set", "seed.x=1")),
     Case("cli: --set past the list", "--set classes.9.name=x: classes has no item '9'",
          args=("--set", "classes.9.name=x")),
-    Case("cli: --set a bad value", "generation.steps: Input should be greater than or equal to 1",
+    Case("cli: --set a bad value", "generation.steps: must be at least 1 (got 0); set generation.steps to a number at least 1",
          args=("--set", "generation.steps=0")),
     Case("cli: unknown flag", "unrecognized arguments: --stepz 3 (see `synthgen validate --help`)",
          args=("--stepz", "3")),

@@ -76,3 +76,14 @@ def test_the_compiled_transformer_matches_eager_with_the_joint_capture_on(family
                                       for name, flag in (("eager", None), ("compiled", True)))
     assert graphs > 0
     assert_close(eager, compiled)
+
+
+def test_validate_warns_that_a_cpu_compiles_first_and_gains_nothing(tmp_path, tiny_model, capsys):
+    from pipeline.cli import main
+
+    capsys.readouterr()
+    assert main(["validate", str(job(tmp_path, tiny_model, True))]) == 0
+    err = capsys.readouterr().err
+    assert err.startswith("warning: model.compile: on a CPU") and len(err.strip().splitlines()) == 1, err
+    assert main(["validate", str(job(tmp_path / "eager", tiny_model, None))]) == 0
+    assert "model.compile" not in capsys.readouterr().err

@@ -130,6 +130,8 @@ def test_inspect_and_preview(dataset, tmp_path, capsys):
     assert main(["inspect", str(dataset.out), "-n", "2"]) == 0
     text = capsys.readouterr().out
     assert "job 'tiny'" in text and "complete" in text and "synthesis" in text and "rows/busy s" in text
+    gens = [line for line in text.splitlines() if line.startswith("  gen: ")]
+    assert len(gens) == 2 and all(json.loads(g[len("  gen: "):])["steps"] == 4 for g in gens)  # each sample's settings
     assert main(["preview", str(dataset.out), "-o", str(tmp_path / "p.png"), "-n", "6"]) == 0
     sheet = Image.open(tmp_path / "p.png")
     assert sheet.size == (4 * 2 * 192, 2 * 192) and np.asarray(sheet).std() > 0  # 6 tiles of image | overlay

@@ -203,6 +203,15 @@ class ModelFamily:
                     "reads (stages/families/excite.py)")
         return None
 
+    @classmethod
+    def class_tokens_problem(cls) -> str | None:
+        """Why this family cannot take ``model.class_tokens`` (tuned class-name tokens, stages/class_tokens.py); None
+        when it can: they are tuned for the single CLIP text encoder of SD 1.x/2.x."""
+        if tuple(cls.tokenizers) != ("tokenizer",):
+            return (f"{cls.title} ({cls.name}) encodes prompts with {len(cls.tokenizers)} text encoders; class tokens "
+                    "are tuned for the one CLIP text encoder of SD 1.x/2.x")
+        return None
+
     # --- instance level: weights --------------------------------------------------------------------
     def __init__(self, path: str, dtype: str = "float32", device: str = "cpu", scheduler: str | None = None):
         self.path, self.dtype_name = path, dtype
