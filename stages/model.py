@@ -83,4 +83,21 @@ def load_pipeline(model: str, dtype: str = "float32", device: str = "cpu",
     for component in pipe.components.values():
         if isinstance(component, torch.nn.Module) and getattr(component, "dtype", torch_dtype) != torch_dtype:
             component.to(dtype=torch_dtype)
-    return pipe.to(resolve_device(device))
+    pipe = pipe.to(resolve_device(device))
+    if pipe.device.type == "cuda":
+        convolutions_channels_last(pipe)
+    return pipe
+
+
+#: the components whose convolutions run faster in channels_last on a GPU (a transformer has none that matter)
+CONV_COMPONENTS = ("unet", "vae")
+
+
+def convolutions_channels_last(pipe: Any) -> None:
+    """The UNet's and VAE's weights in channels_last (NHWC), where cuDNN's tensor-core convolutions want them (the
+    published SD recipe: with compile, 1.59 → 1.07 s per image on an A100); on CUDA only: on a CPU the bytes stay
+    as they were. The attention capture reads (B, N, C) sequences, which the layout does not change."""
+    for name in CONV_COMPONENTS:
+        module = getattr(pipe, name, None)
+        if isinstance(module, torch.nn.Module):
+            module.to(memory_format=torch.channels_last)

@@ -1,4 +1,5 @@
-"""Issue 35's paths to a first GPU run: non-finite outputs rejected, fp16 on MM-DiT warned, ``actors: auto``."""
+"""Issue 35's paths to a first GPU run: non-finite outputs rejected, fp16 on MM-DiT warned, ``actors: auto``,
+channels_last convolutions under the capture."""
 from __future__ import annotations
 
 import json
@@ -196,3 +197,23 @@ def test_a_no_ray_run_with_auto_makes_the_same_dataset(dataset, tmp_path, capsys
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["job"]["resources"]["synthesis"]["actors"] == "auto"
     assert {s["name"]: s["workers"] for s in manifest["summary"]["stages"]}["synthesis"] == 1
+
+
+# --- channels_last: the GPU layout of the convolutions leaves images and maps as they were -------
+
+def test_channels_last_convolutions_keep_the_images_and_the_captured_maps(tiny_model, tmp_path):
+    from pipeline.spec import load_spec
+    from stages.model import convolutions_channels_last
+    from stages.sampling import SamplingStage
+    from stages.synthesis import SynthesisStage
+
+    spec = load_spec(write_job(tmp_path, tiny_model, output={"dir": str(tmp_path / "out")}))
+    rows = SamplingStage(spec)({"index": np.arange(2, dtype=np.int64)})
+    plain, nhwc = SynthesisStage(spec), SynthesisStage(spec)
+    convolutions_channels_last(nhwc.pipe)
+    conv = next(m for m in nhwc.pipe.unet.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    a, b = plain.draw(rows), nhwc.draw(rows)
+    assert np.abs(a["image"].astype(int) - b["image"].astype(int)).max() <= 1
+    for col in ("attn", "attn_raw"):
+        assert np.abs(a[col].astype(np.float32) - b[col].astype(np.float32)).max() < 1e-3, col
