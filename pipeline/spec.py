@@ -342,7 +342,8 @@ class JudgeSpec(_Strict):
                                   "preprocessor_config.json; a classifier's id2label, a CLIP's tokenizer)")
     min_score: Fraction = Field(default=0.5, description="reject ('judge:<class>') a prompted class scored below it")
     region: Literal["image", "attention"] = Field(default="image", description="image: the whole image, once; "
-        "attention: each prompted class on the crop around its own attention (a classifier of single objects)")
+        "attention: each prompted class on the crop around its own attention (a classifier of single objects); "
+        "inpainting: the repainted instance on the crop around its outline, either way")
     labels: dict[str, str] | None = Field(default=None, description="job class -> the classifier's label (clip: "
                                           "the words in 'a photo of a ...'), where they differ")
 

@@ -93,12 +93,14 @@ def attention_region(amap: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 class Judge:
     """Scores of prompted objects: ``scores(images, prompts, classes, maps)`` → per image, one score per class
-    name. ``maps`` (B, K, h, w): each prompted class's attention, for a judge that looks at its region."""
+    name. ``maps`` (B, K, h, w): each prompted class's attention, for a judge that looks at its region;
+    ``region`` overrides the judge's own; ``mask``: ``maps`` are the objects' masks (an inpainting sample's
+    outline), each read on the crop around its whole mask."""
 
     kind = ""
 
     def scores(self, images: np.ndarray, prompts: Sequence[str], classes: Sequence[list[str]],
-               maps: np.ndarray | None = None) -> list[list[float]]:
+               maps: np.ndarray | None = None, region: str | None = None) -> list[list[float]]:
         raise NotImplementedError
 
 
@@ -113,8 +115,8 @@ class _Regions(Judge):
         raise NotImplementedError
 
     def scores(self, images: np.ndarray, prompts: Sequence[str], classes: Sequence[list[str]],
-               maps: np.ndarray | None = None) -> list[list[float]]:
-        if self.region == "image":
+               maps: np.ndarray | None = None, region: str | None = None) -> list[list[float]]:
+        if (region or self.region) == "image":
             probs = self.probabilities(images)
             return [[float(p[self.index[self.labels.get(c, c)]]) for c in names] for p, names in zip(probs, classes)]
         if maps is None:
@@ -122,7 +124,9 @@ class _Regions(Judge):
         crops, where = [], []
         for i, (image, names) in enumerate(zip(images, classes)):
             for k, name in enumerate(names):
-                crops.append(crop(image, attention_box(maps[i, k], image.shape[:2])))
+                box = (square_box(maps[i, k] > 0.5, CROP_MARGIN) if region == "mask"
+                       else attention_box(maps[i, k], image.shape[:2]))
+                crops.append(crop(image, box))
                 where.append((i, self.index[self.labels.get(name, name)]))
         probs = self.probabilities(crops) if crops else np.zeros((0, 1))
         out: list[list[float]] = [[] for _ in classes]
@@ -205,7 +209,7 @@ class ShapesOracleJudge(Judge):
     kind = "shapes-oracle"
 
     def scores(self, images: np.ndarray, prompts: Sequence[str], classes: Sequence[list[str]],
-               maps: np.ndarray | None = None) -> list[list[float]]:
+               maps: np.ndarray | None = None, region: str | None = None) -> list[list[float]]:
         from pipeline.shapes.oracle import find_objects
 
         out = []

@@ -157,7 +157,7 @@ class SynthesisStage(Stage):
         prompts = [str(batch["prompt"][i]) for i in rows]
         generators = [torch.Generator("cpu").manual_seed(int(batch["seed"][i])) for i in rows]
         kwargs = self.family.conditioning(prompts, [conds[i] for i in rows])
-        image = None
+        image = outlines = None
         if strength is None:
             steps, gen_json = self.loop_steps, self.gen_json
         else:
@@ -171,8 +171,9 @@ class SynthesisStage(Stage):
             if inpaint:
                 from .inpaint import prepare
 
-                prepared = [prepare(im, self.outlines.outline(conds[i]["reference"]), conds[i]["reference"])
-                            for im, i in zip(originals, rows)]
+                outlines = [self.outlines.outline(conds[i]["reference"]) for i in rows]
+                prepared = [prepare(im, outline, conds[i]["reference"])
+                            for im, outline, i in zip(originals, outlines, rows)]
                 images = [p[0] for p in prepared]
                 repaint = np.stack([p[1] for p in prepared])
             image = np.stack(images).astype(np.float32) / 255.0
@@ -220,7 +221,11 @@ class SynthesisStage(Stage):
         new["gen"] = finite.mark(new["gen"], bad)
         if self.judge is not None:  # each prompted class's score, in class order (the filters' verdict reads it)
             classes = [json.loads(batch["class_names"][i]) for i in rows]
-            scores = self.judge.scores(images, prompts, classes, new.get("attn"))
+            maps, region = new.get("attn"), None
+            if inpaint:  # the repainted instance on the crop around its outline; the others are the reference's
+                classes, region = [c[:1] for c in classes], "mask"
+                maps = np.stack(outlines).astype(np.float32)[:, None]
+            scores = self.judge.scores(images, prompts, classes, maps, region)
             new["gen"] = np.array([json.dumps({**json.loads(g), "judge": [round(x, 4) for x in sc]})
                                    for g, sc in zip(new["gen"], scores)], dtype=str)
         return new

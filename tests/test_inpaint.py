@@ -368,3 +368,23 @@ def test_a_redraw_repaints_at_the_next_strength_of_the_ladder_and_the_row_says_s
         assert json.loads(str(rows["cond"][i]))["reference"]["strength"] == 0.5  # the sample's own, as sampled
     with pytest.raises(SpecError, match="references.inpaint.redraw_strengths"):
         load_spec(inpaint_job(tmp_path / "b", str(tiny_model), real, 8, references=references))
+
+
+def test_a_judge_reads_the_repainted_instance_on_its_outline_crop(tmp_path, tiny_model, real):
+    """With a judge, an inpainting sample's ``gen["judge"]`` holds one score, the repainted class's, read on the crop
+    around its outline (the label): the other classes are the reference's own objects, not judged."""
+    from stages.judges import CROP_MARGIN, ClassifierJudge, crop, square_box
+    from stages.sampling import SamplingStage
+    from stages.synthesis import SynthesisStage
+
+    judge_path = Path(__file__).resolve().parents[1] / "pipeline" / "models" / "shapes-judge"
+    spec = load_spec(inpaint_job(tmp_path, str(tiny_model), real, 8, judge={"path": str(judge_path)}))
+    rows = SamplingStage(spec)({"index": np.arange(4, dtype=np.int64)})
+    out = SynthesisStage(spec).draw(rows)
+    judge = ClassifierJudge(judge_path)
+    assert any(len(json.loads(str(c))) > 1 for c in rows["class_names"])  # scenes with other objects
+    for i in range(4):
+        name = json.loads(str(rows["class_names"][i]))[0]
+        outline = _outline(spec, json.loads(str(rows["cond"][i]))["reference"])
+        expected = judge.probabilities([crop(out["image"][i], square_box(outline, CROP_MARGIN))])[0]
+        assert json.loads(str(out["gen"][i]))["judge"] == [round(float(expected[judge.index[name]]), 4)]
