@@ -15,7 +15,8 @@ did not have. The oracle reads each generated image, with everything outside the
   job's quality (the codec's loss alone);
 * **ceiling**: the same reading of each sample's starting silhouette, as is and after the model's VAE round
   trip: what the oracle finds when the model draws nothing new;
-* **filter**: precision (kept samples that are right) and recall (right samples that are kept), where
+* **filter**: precision (kept samples that are right) and recall (right samples that are kept) of the job's
+  checks (the outline check; with a ``judge``, also its score of the repainted class on its outline crop), where
   right = found with IoU >= ``--right-iou``. Every sample is generated and stored (the run's outline check
   is off), then the job's check (``stages.filters.outline_verdict``, its ``references.inpaint``
   thresholds) is applied to the recorded scores: the verdict is the one a run makes, and a sweep of
@@ -103,7 +104,14 @@ def ceilings(spec, out: Path, outlines, refs) -> dict:
             for name in found if found[name]}
 
 
-def measure(spec, out: Path, right_iou: float, opts) -> dict:
+def kept(scores: dict, opts, min_score: float | None) -> bool:
+    """The run's verdict from a sample's recorded scores: the outline check at ``opts``' thresholds and, with a
+    judge (``min_score`` not None), its score of the repainted class at least ``min_score``."""
+    judged = (scores or {}).get("judge")
+    return not outline_verdict(scores, opts) and (min_score is None or judged is None or judged[0] >= min_score)
+
+
+def measure(spec, out: Path, right_iou: float, opts, min_score: float | None = None) -> dict:
     quality = spec.output.jpeg_quality
     outlines = ReferenceOutlines(spec)
     refs = ReferenceImages(list_references(spec), spec.generation.height, spec.generation.width)
@@ -123,7 +131,7 @@ def measure(spec, out: Path, right_iou: float, opts) -> dict:
         original = refs(ref["key"])
         codec = np.asarray(Image.open(io.BytesIO(encode_image(original, "JPEG", quality=quality))).convert("RGB"))
         rows.append({"key": rec["key"], "class": cls, "found": ok, "iou": iou, "right": ok and iou >= right_iou,
-                     "keep": not outline_verdict(rec["scores"], opts), "scores": rec["scores"],
+                     "keep": kept(rec["scores"], opts, min_score), "scores": rec["scores"],
                      "psnr_outside": psnr(image[~repaint], original[~repaint]),
                      "psnr_outside_codec": psnr(codec[~repaint], original[~repaint]),
                      })
@@ -137,9 +145,18 @@ def measure(spec, out: Path, right_iou: float, opts) -> dict:
     for mass in (0.0, 0.5, 0.6, 0.7):
         for iou in (0.0, 0.3, 0.4, 0.5, 0.6, 0.7):
             t = SimpleNamespace(min_mass_inside=mass, min_iou=iou)
-            moved = [dict(r, keep=not outline_verdict(r["scores"], t)) for r in rows]
+            moved = [dict(r, keep=kept(r["scores"], t, min_score)) for r in rows]
             sweep.append({"min_mass_inside": mass, "min_iou": iou, **{k: summarise(moved)[k] for k in SWEPT}})
-    return {**summary, "sweep": sweep}
+    if min_score is None:
+        return {**summary, "sweep": sweep}
+    judge_sweep = []  # the judge's own threshold, beside the job's outline check and without it
+    for outline in ("job", "off"):
+        t = opts if outline == "job" else SimpleNamespace(min_mass_inside=0.0, min_iou=0.0)
+        for score in (0.0, 0.3, 0.5, 0.7, 0.9):
+            moved = [dict(r, keep=kept(r["scores"], t, score)) for r in rows]
+            judge_sweep.append({"outline_check": outline, "min_score": score,
+                                **{k: summarise(moved)[k] for k in SWEPT}})
+    return {**summary, "sweep": sweep, "judge_sweep": judge_sweep}
 
 
 def delivered(out: Path, stored: dict) -> dict:
@@ -214,16 +231,20 @@ def main(argv: list[str] | None = None) -> int:
     refs = probe.references
     units = len(inpaint_references(probe).instances)
     overrides.append(f"samples={units * len(refs.strengths) * refs.seeds_per_level}")
-    opts = load_spec(args.job, overrides, out=tempfile.mkdtemp(), check_files=False).references.inpaint
+    asked = load_spec(args.job, overrides, out=tempfile.mkdtemp(), check_files=False)
+    opts, judge = asked.references.inpaint, asked.judge
     if args.redraws:  # the job's check decides in the run; rejected samples are drawn again
         made = generate_cached(args.job, overrides + [f"generation.redraws={args.redraws}"], args.cache)
-    else:  # every sample stored: the check is applied below, from the recorded scores
+    else:  # every sample stored: the checks are applied below, from the recorded scores
         made = generate_cached(args.job, overrides + ["references.inpaint.min_mass_inside=0",
-                                                      "references.inpaint.min_iou=0"], args.cache)
+                                                      "references.inpaint.min_iou=0",
+                                                      *(["judge.min_score=0"] if judge is not None else [])],
+                               args.cache)
     result = {**header, "job": Path(args.job).name, "overrides": args.set, "scenes": args.n,
               "first_seed": FIRST_SEED, "instances": units, "generate_s": round(made.wall_s, 1),
               "min_mass_inside": opts.min_mass_inside, "min_iou": opts.min_iou, "redraws": args.redraws,
-              **measure(made.spec, made.out, args.right_iou, opts)}
+              "judge": None if judge is None else {"kind": judge.kind, "min_score": judge.min_score},
+              **measure(made.spec, made.out, args.right_iou, opts, None if judge is None else judge.min_score)}
     if args.redraws:
         result["delivered"] = delivered(made.out, result)
     print(json.dumps({k: v for k, v in result.items() if k not in ("per_class", "sweep")}, indent=1))
@@ -232,6 +253,8 @@ def main(argv: list[str] | None = None) -> int:
     print("min_mass_inside min_iou  " + "  ".join(SWEPT))
     for row in result["sweep"]:
         print(f"{row['min_mass_inside']:15.1f} {row['min_iou']:7.1f}  " + "  ".join(f"{row[k]}" for k in SWEPT))
+    for row in result.get("judge_sweep", []):
+        print(f"outline {row['outline_check']:3s} judge {row['min_score']:.1f}  " + "  ".join(f"{row[k]}" for k in SWEPT))
     write_result(args.json, result)
     return 0
 

@@ -313,13 +313,14 @@ def test_a_9_channel_inpainting_checkpoint_runs_inpaint_jobs_and_refuses_the_oth
 
 
 def test_the_quality_benchmark_reads_every_sample_with_the_oracle(tmp_path):
-    """benchmarks.inpaint_quality at a tiny size: every sample read, numbers in range, the sweep applied to the
-    recorded scores, and the job's own verdict among them."""
+    """benchmarks.inpaint_quality at a tiny size, with the bundled judge: every sample read, numbers in range, the
+    sweeps applied to the recorded scores, and the job's own verdict (outline check and judge) among them."""
     from benchmarks.inpaint_quality import main as quality
 
     out = tmp_path / "q.json"
-    assert quality(["--n", "2", "--set", "generation.steps=4", "--cache", str(tmp_path / "cache"),
-                    "--json", str(out)]) == 0
+    judge = Path(__file__).resolve().parents[1] / "pipeline" / "models" / "shapes-judge"
+    assert quality(["--n", "2", "--set", "generation.steps=4", "--set", f"judge={{path: {judge}}}",
+                    "--cache", str(tmp_path / "cache"), "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["samples"] == result["instances"] * 2 > 0  # 1 strength x 2 seeds per instance
     for key in ("found_all", "iou_all", "kept_fraction", "right_and_kept_of_all"):
@@ -328,6 +329,9 @@ def test_the_quality_benchmark_reads_every_sample_with_the_oracle(tmp_path):
     assert result["psnr_outside_codec_mean_db"] > 20
     job = next(r for r in result["sweep"] if (r["min_mass_inside"], r["min_iou"]) == (0.5, 0.0))
     assert 0.0 <= job["kept_fraction"] <= 1.0
+    sweep = {(r["outline_check"], r["min_score"]): r["kept_fraction"] for r in result["judge_sweep"]}
+    assert result["judge"]["min_score"] == 0.5 and sweep[("job", 0.5)] == result["kept_fraction"]
+    assert sweep[("off", 0.0)] >= sweep[("job", 0.0)] >= sweep[("job", 0.5)] >= sweep[("job", 0.9)]
 
 
 def test_eval_with_coco_truth_runs_an_inpainting_job_one_case_per_instance(tmp_path, tiny_model, real):
