@@ -15,7 +15,7 @@ The package holds exactly:
     ``manifest.json`` that confirms its shard names, and the shards of its records;
   - ``judge.path``: the classifier's ``config.json``, ``model.safetensors`` and ``preprocessor_config.json``
     (``stages.identity.JUDGE_FILES``, what the judge loads and fingerprints);
-  - ``masks.calibration``, ``references.select.path``: that one file;
+  - ``masks.calibration``, ``references.select.path``, ``model.class_tokens``: that one file;
 
 - the project code the cluster runs: ``pyproject.toml``, ``pipeline/`` and ``stages/`` without the
   bundled models (``pipeline/models/``: a job that uses one names it, which sends that one). In a git

@@ -375,3 +375,10 @@ def test_a_real_submit_uploads_exactly_the_package(project, job_files, ray_clust
     # there, and stopped at the output dir, a file here
     logs = next(ray_temp.glob(f"session_2*/logs/job-driver-{job_id}.log")).read_text()
     assert info["status"] == "FAILED" and f"output.dir: {not_a_dir} is a file" in logs, logs[-2000:]
+
+
+def test_the_class_token_file_a_job_names_travels(project, job_files):
+    """``model.class_tokens`` (``synthgen tune-tokens``' file) is one input file: sent as the others are."""
+    (project / "jobs" / "tokens.safetensors").write_bytes(b"\0" * 64)
+    package = build_package(project, project / "jobs" / "job.yaml", ["model.class_tokens=jobs/tokens.safetensors"])
+    assert set(package.files) == TRACKED_CODE | job_files | {"jobs/tokens.safetensors"}
