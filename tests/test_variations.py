@@ -266,3 +266,8 @@ def test_example_job_validates(tmp_path):
     assert spec.output.shard_size % spec.generation.batch_size == 0
     with pytest.raises(SpecError, match="references.path: .* is not a directory"):
         load_spec(REPO / "jobs" / "shapes-curriculum.yaml", [f"references.path={tmp_path / 'none'}"])
+    # the inpainting job on the references its comment renders: every instance x strength x seed, as it says
+    inpaint = tmp_path / "shapes-real-inpaint"
+    render_coco(inpaint, 40, first_seed=1_000_000)
+    spec = load_spec(REPO / "jobs" / "shapes-inpaint.yaml", [f"references.path={inpaint}"], out=str(tmp_path / "i"))
+    assert spec.references.mode == "inpaint" and spec.judge is not None and spec.samples == 168
