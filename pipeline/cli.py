@@ -398,14 +398,13 @@ def cmd_tune_tokens(args: argparse.Namespace) -> int:
     check(spec, settings, dest, args.overwrite)
     start = None if args.init is None else Path(args.init).expanduser().absolute()
     if start is not None:  # the checks a job naming it gets (stages/class_tokens.py)
-        from stages.class_tokens import problem
+        from .spec import check_class_tokens
 
-        from .preflight import job_family
-
-        found = problem(spec.model_copy(update={"model": spec.model.model_copy(update={"class_tokens": str(start)})}),
-                        job_family(spec), model_folder(spec))
-        if found:
-            raise UsageError(f"tune-tokens: --init: {found}")
+        try:
+            check_class_tokens(spec.model_copy(update={"model": spec.model.model_copy(
+                update={"class_tokens": str(start)})}), "--init")
+        except SpecError as e:
+            raise UsageError(f"tune-tokens: {e}") from None
     record = tune(spec, dest, settings, start, log=lambda line: print(line, file=sys.stderr))
     first, last = record["history"][0], record["history"][-1]
     print(f"wrote {dest}: {len(spec.classes)} classes, {settings.iterations} iterations in {record['wall_s']:g} s; "

@@ -954,9 +954,12 @@ def check_class_tokens(spec: JobSpec, source: str) -> None:
         return
     from stages.class_tokens import problem
 
-    from .preflight import job_family, model_folder
+    from .preflight import job_family, load_tokenizer, model_folder
 
-    found = problem(spec, job_family(spec), model_folder(spec))
+    folder = model_folder(spec)
+    tokenizer = load_tokenizer(folder / "tokenizer", source) if folder is not None else None
+    found = problem(spec, job_family(spec), folder,
+                    None if tokenizer is None else lambda name: tokenizer.encode(name, False))
     if found:
         raise SpecError(f"{source}: {found}")
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 FORMAT = "synthgen-class-tokens/1"
 FIELD = "model.class_tokens"
@@ -65,9 +65,11 @@ def write(path: str | Path, tensors: dict[str, Any], model_id: str, ids: dict[st
     os.replace(tmp, path)
 
 
-def problem(spec: Any, family: Any, folder: Path | None) -> str | None:
+def problem(spec: Any, family: Any, folder: Path | None,
+            ids_of: Callable[[str], list[int]] | None = None) -> str | None:
     """Why the job's ``model.class_tokens`` cannot be used (one line: what, where, how to fix), or None.
-    Reads the file's header and the model folder's tokenizer and text-encoder config; no weights."""
+    Reads the file's header and, for a local model ``folder``, its text-encoder config, its identity and the ids
+    ``ids_of`` (its tokenizer, no BOS/EOS) gives each class name; no weights."""
     given = getattr(spec.model, "class_tokens", None)
     if given is None:
         return None
@@ -96,15 +98,11 @@ def problem(spec: Any, family: Any, folder: Path | None) -> str | None:
     if other or set(ids) != set(shapes):
         return (f"{FIELD}: {given} holds tokens for {other or sorted(set(ids) ^ set(shapes))}, not classes of this job "
                 f"({classes}); tune them for this job's classes")
-    if folder is None:  # a hub model: its tokenizer and width are only known to the workers
+    if folder is None or ids_of is None:  # a hub model: its tokenizer and width are only known to the workers
         return None
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder / "tokenizer"))
     width = json.loads((folder / "text_encoder" / "config.json").read_text()).get("hidden_size")
     for name, shape in shapes.items():
-        want = token_ids(tokenizer, name)
+        want = list(ids_of(name))
         if ids[name] != want or shape != (len(want), width):
             return (f"{FIELD}: {given}: class {name!r} holds {shape[0]} vector(s) of width {shape[1]} for tokens "
                     f"{ids[name]}, the model's tokenizer and text encoder need {len(want)} of width {width} for "

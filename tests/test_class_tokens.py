@@ -173,17 +173,20 @@ def test_a_file_that_does_not_fit_is_one_line_at_validate(case, tuned, tmp_path,
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("case", ["no-judge", "exists"])
+@pytest.mark.parametrize("case", ["no-judge", "exists", "bad-init"])
 def test_tune_tokens_refuses_bad_input_in_one_line(case, tuned, tmp_path, tiny_model, capsys):
     dest = tmp_path / "tokens.safetensors"
     path = job(tmp_path, tiny_model)
+    extra = []
     if case == "no-judge":
         path = write_job(tmp_path, tiny_model, name="nojudge.yaml")
-    else:
+    elif case == "exists":
         dest.write_bytes(tuned.read_bytes())
+    else:
+        extra = ["--init", str(bad_file("other-model", tmp_path, tiny_model, tuned))]
     before = dest.read_bytes() if dest.exists() else None
     capsys.readouterr()
-    assert main(["tune-tokens", str(path), "--tokens", str(dest), "--iterations", "1"]) == 2
+    assert main(["tune-tokens", str(path), "--tokens", str(dest), "--iterations", "1", *extra]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "tune-tokens" in err, err
     assert (dest.read_bytes() if dest.exists() else None) == before
