@@ -153,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                       help="override a job field (value parsed as YAML)")
     tune.add_argument("--tokens", metavar="FILE", help="file to write (default: the job's model.class_tokens)")
-    tune.add_argument("--iterations", type=int, default=40, help="gradient steps, each on a new batch (default 40)")
+    tune.add_argument("--iterations", type=int, default=60, help="gradient steps, each on a new batch (default 60)")
     tune.add_argument("--batch", type=int, default=6, help="prompts per iteration (default 6)")
     tune.add_argument("--lr", type=float, default=0.01, help="the largest move of a token vector in one iteration "
                       "(SGD on its gradient clipped to norm 1, decaying to 0 on a cosine; default 0.01)")

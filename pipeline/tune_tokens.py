@@ -32,7 +32,7 @@ from .spec import JobSpec, UsageError
 
 @dataclass(frozen=True)
 class TuneSettings:
-    iterations: int = 40
+    iterations: int = 60
     lr: float = 0.01
     batch: int = 6
     seed: int = 12345
