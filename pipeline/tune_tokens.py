@@ -45,6 +45,9 @@ def check(spec: JobSpec, settings: TuneSettings, dest: Path, overwrite: bool) ->
     family = job_family(spec)
     if family is not None and family.class_tokens_problem():
         raise UsageError(f"tune-tokens: {family.class_tokens_problem()}")
+    if spec.references is not None:
+        raise UsageError("tune-tokens: the job draws from references (img2img, inpainting); tune the tokens on a "
+                         "text-to-image job with the same model and classes and name the file in both")
     if spec.judge is None:
         raise UsageError("tune-tokens: the job has no judge; add judge: {path: <classifier folder>, region: attention}")
     if spec.judge.kind != "classifier":

@@ -173,7 +173,7 @@ def test_a_file_that_does_not_fit_is_one_line_at_validate(case, tuned, tmp_path,
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("case", ["no-judge", "exists", "bad-init"])
+@pytest.mark.parametrize("case", ["no-judge", "exists", "bad-init", "references"])
 def test_tune_tokens_refuses_bad_input_in_one_line(case, tuned, tmp_path, tiny_model, capsys):
     dest = tmp_path / "tokens.safetensors"
     path = job(tmp_path, tiny_model)
@@ -182,8 +182,14 @@ def test_tune_tokens_refuses_bad_input_in_one_line(case, tuned, tmp_path, tiny_m
         path = write_job(tmp_path, tiny_model, name="nojudge.yaml")
     elif case == "exists":
         dest.write_bytes(tuned.read_bytes())
-    else:
+    elif case == "bad-init":
         extra = ["--init", str(bad_file("other-model", tmp_path, tiny_model, tuned))]
+    else:  # an img2img job: its prompts are not the text-to-image draws the tuner makes
+        from pipeline.shapes.coco import render_coco
+
+        render_coco(tmp_path / "refs", 2, classes=("circle", "square", "triangle", "star"))
+        extra = ["--set", f"references={{path: {tmp_path / 'refs'}, strengths: [0.5], seeds_per_level: 1}}",
+                 "--set", "samples=2"]
     before = dest.read_bytes() if dest.exists() else None
     capsys.readouterr()
     assert main(["tune-tokens", str(path), "--tokens", str(dest), "--iterations", "1", *extra]) == 2
