@@ -43,8 +43,9 @@ def check(spec: JobSpec, settings: TuneSettings, dest: Path, overwrite: bool) ->
     from .preflight import job_family
 
     family = job_family(spec)
-    if family is not None and family.class_tokens_problem():
-        raise UsageError(f"tune-tokens: {family.class_tokens_problem()}")
+    problem = family.class_tokens_problem() if family is not None else None
+    if problem:
+        raise UsageError(f"tune-tokens: {problem}")
     if spec.references is not None:
         raise UsageError("tune-tokens: the job draws from references (img2img, inpainting); tune the tokens on a "
                          "text-to-image job with the same model and classes and name the file in both")
@@ -91,13 +92,8 @@ def tune(spec: JobSpec, dest: Path, settings: TuneSettings, start: Path | None =
                          "cannot be tuned for both: rename one class")
     table = pipe.text_encoder.get_input_embeddings().weight
     initial = {n: table[i].detach().clone().float() for n, i in ids.items()}
-    if start is not None:
-        given, meta = class_tokens.read(start)
-        wrong = [n for n in given if meta["token_ids"].get(n) != ids.get(n)]
-        if wrong:
-            raise UsageError(f"tune-tokens: --init {start}: class {wrong[0]!r} is not a class of this job or has other "
-                             "token ids; start from a file tuned for this job's model and classes")
-        initial.update({n: v.float() for n, v in given.items()})
+    if start is not None:  # checked as a job's model.class_tokens is (synthgen tune-tokens --init)
+        initial.update({n: v.float() for n, v in class_tokens.read(start)[0].items()})
     vectors = {n: torch.nn.Parameter(v.clone()) for n, v in initial.items()}
     override = class_tokens.Override(pipe.text_encoder, vectors, ids)
     capture = family.attach_capture(spec.masks, gen.height, gen.width)
@@ -127,7 +123,7 @@ def tune(spec: JobSpec, dest: Path, settings: TuneSettings, start: Path | None =
                 for k, name in enumerate(row):
                     rows, cols = box_pixels(attention_box(maps[i, k], (gen.height, gen.width)), gen.height, gen.width)
                     crops.append(images[i][:, torch.as_tensor(rows)][:, :, torch.as_tensor(cols)])
-                    labels.append(judge.index[judge.labels.get(name, name)])
+                    labels.append(judge.label_index(name))
             target = torch.as_tensor(labels, device=images.device)
             logits = judge.logits_of(crops)
             loss = torch.nn.functional.cross_entropy(logits, target.to(logits.device))
@@ -141,16 +137,16 @@ def tune(spec: JobSpec, dest: Path, settings: TuneSettings, start: Path | None =
             schedule.step()
             pipe.scheduler.set_timesteps(gen.steps)  # drop the scheduler's references to this iteration's graph
             score = float(torch.softmax(logits.detach(), -1)[torch.arange(len(labels)), target.cpu()].mean())
-            history.append({"loss": round(float(loss.detach()), 4), "judge_score": round(score, 4), "objects": len(labels),
-                            "grad_norm": grads})
-            log(f"tune-tokens: iteration {it + 1}/{settings.iterations}: loss {history[-1]['loss']:.3f}, judge score of the "
-                f"prompted classes {score:.3f} ({len(labels)} objects)")
+            history.append({"loss": round(float(loss.detach()), 4), "judge_score": round(score, 4),
+                            "objects": len(labels), "grad_norm": grads})
+            log(f"tune-tokens: iteration {it + 1}/{settings.iterations}: loss {history[-1]['loss']:.3f}, judge score "
+                f"of the prompted classes {score:.3f} ({len(labels)} objects)")
     finally:
         override.remove()
         capture.remove()
     moved = {n: round(float((vectors[n].detach() - initial[n]).norm() / initial[n].norm()), 4) for n in ids}
-    record = {**asdict(settings), "init": None if start is None else class_tokens.digest(start), "steps": gen.steps, "guidance_scale": gen.guidance_scale,
-              "size": [gen.height, gen.width], "history": history, "relative_change": moved,
+    record = {**asdict(settings), "init": None if start is None else class_tokens.digest(start), "steps": gen.steps,
+              "guidance_scale": gen.guidance_scale, "size": [gen.height, gen.width], "history": history, "relative_change": moved,
               "wall_s": round(time.perf_counter() - started, 1)}
     model_id = short_id(model_identity(spec.model.path, spec.model_name))
     class_tokens.write(dest, {n: v.detach() for n, v in vectors.items()}, model_id, ids,

@@ -41,15 +41,15 @@ def shared_tokens(ids: dict[str, list[int]]) -> tuple[str, str, int] | None:
 
 def read(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """(tensors by class, metadata with ``token_ids``/``tuning`` parsed) of a class-token file."""
-    from safetensors.torch import load_file
     from safetensors import safe_open
 
-    with safe_open(str(path), "pt") as f:
+    with safe_open(str(path), "pt") as f:  # header and tensors in one open
         meta = dict(f.metadata() or {})
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
     for key in ("token_ids", "tuning"):
         if key in meta:
             meta[key] = json.loads(meta[key])
-    return load_file(str(path)), meta
+    return tensors, meta
 
 
 def write(path: str | Path, tensors: dict[str, Any], model_id: str, ids: dict[str, list[int]], judge: str,
@@ -74,8 +74,9 @@ def problem(spec: Any, family: Any, folder: Path | None,
     if given is None:
         return None
     retune = "write it with `synthgen tune-tokens JOB`"
-    if family is not None and family.class_tokens_problem():
-        return f"{FIELD}: {family.class_tokens_problem()}; set {FIELD}: null"
+    unfit = family.class_tokens_problem() if family is not None else None
+    if unfit:
+        return f"{FIELD}: {unfit}; set {FIELD}: null"
     path = Path(given)
     if not path.is_file():
         return f"{FIELD}: {given} does not exist; {retune}"

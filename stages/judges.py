@@ -114,11 +114,15 @@ class _Regions(Judge):
     def probabilities(self, images: Sequence[np.ndarray]) -> np.ndarray:
         raise NotImplementedError
 
+    def label_index(self, name: str) -> int:
+        """The model's output index of job class ``name`` (through ``judge.labels`` where it maps it)."""
+        return self.index[self.labels.get(name, name)]
+
     def scores(self, images: np.ndarray, prompts: Sequence[str], classes: Sequence[list[str]],
                maps: np.ndarray | None = None, region: str | None = None) -> list[list[float]]:
         if (region or self.region) == "image":
             probs = self.probabilities(images)
-            return [[float(p[self.index[self.labels.get(c, c)]]) for c in names] for p, names in zip(probs, classes)]
+            return [[float(p[self.label_index(c)]) for c in names] for p, names in zip(probs, classes)]
         if maps is None:
             raise ValueError("judge.region attention needs the attention maps (the synthesis stage's capture)")
         crops, where = [], []
@@ -127,7 +131,7 @@ class _Regions(Judge):
                 box = (square_box(maps[i, k] > 0.5, CROP_MARGIN) if region == "mask"
                        else attention_box(maps[i, k], image.shape[:2]))
                 crops.append(crop(image, box))
-                where.append((i, self.index[self.labels.get(name, name)]))
+                where.append((i, self.label_index(name)))
         probs = self.probabilities(crops) if crops else np.zeros((0, 1))
         out: list[list[float]] = [[] for _ in classes]
         for (i, label), p in zip(where, probs):

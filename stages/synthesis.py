@@ -224,8 +224,8 @@ class SynthesisStage(Stage):
             maps, region = new.get("attn"), None
             if inpaint:  # the repainted instance on the crop around its outline; the others are the reference's
                 classes, region = [c[:1] for c in classes], "mask"
-                maps = np.stack(outlines).astype(np.float32)[:, None]
-            scores = self.judge.scores(images, prompts, classes, maps, **({"region": region} if region else {}))
+                maps = np.stack(outlines)[:, None]
+            scores = self.judge.scores(images, prompts, classes, maps, region=region)
             new["gen"] = np.array([json.dumps({**json.loads(g), "judge": [round(x, 4) for x in sc]})
                                    for g, sc in zip(new["gen"], scores)], dtype=str)
         return new

@@ -32,7 +32,7 @@ def test_attempt_0_is_the_samples_own_seed_and_later_attempts_differ():
 class Never(Judge):
     """Scores every object 0: every draw is rejected."""
 
-    def scores(self, images, prompts, classes, maps=None):
+    def scores(self, images, prompts, classes, maps=None, region=None):
         return [[0.0] * len(c) for c in classes]
 
 
