@@ -107,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     preview = sub.add_parser("preview", help="contact sheet of samples with mask and box overlays")
     preview.add_argument("out", help=OUT_HELP)
-    preview.add_argument("-o", "--output", default="preview.png")
+    preview.add_argument("-o", "--output", default="preview.png", help="PNG file to write (default: preview.png)")
     preview.add_argument("-n", type=int, default=16, help="samples to draw")
     preview.set_defaults(func=cmd_preview)
 
@@ -285,7 +285,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     print(f"ok: job {spec.name!r}: {spec.samples} samples of {len(spec.classes)} classes in {shards} "
           f"shards of {spec.output.shard_size} -> {spec.output.dir}{resume}; model {model} "
           f"({spec.model.device}, {spec.model.dtype}); synthesis {synth.actors} actor(s) x {synth.num_gpus:g} GPU"
-          + (f"; judge {spec.judge.kind}" + (f" {spec.given('judge.path')}" if spec.judge.path else "")
+          + (f"; judge {spec.judge.kind}" + (f" {spec.judge.path}" if spec.judge.path else "")
              + f", min_score {spec.judge.min_score:g}" if spec.judge is not None else "")
           + (f"; up to {spec.generation.redraws} redraws per sample" if spec.generation.redraws else "")
           + "".join(f"; {name}" for name in options_on(spec)))

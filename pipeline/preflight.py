@@ -138,8 +138,8 @@ def check_model(spec: JobSpec, source: str) -> None:
         hint = (f"; {given} exists relative to the current directory, but a relative path in a job file resolves "
                 f"against the job file's folder: write it relative to that folder, or absolute"
                 if given and not here.is_absolute() and here.is_dir() and here.resolve() != folder else "")
-        raise SpecError(f"{source}: model.path: local model folder {folder} does not exist (a hub id looks like "
-                        f"'org/name'){hint}")
+        raise SpecError(f"{source}: model.path: local model folder {folder} does not exist ({spec.origin('model.path')}; "
+                        f"a hub id looks like 'org/name'){hint}")
     if not (folder / "model_index.json").is_file():
         raise SpecError(f"{source}: model.path: {folder} has no model_index.json; expected a diffusers Stable "
                         "Diffusion folder (save_pretrained layout)")

@@ -13,11 +13,14 @@ records) and ``JobSpec.model_name`` (what samples record) never hold an absolute
 """
 from __future__ import annotations
 
+import copy
+import difflib
 import hashlib
 import json
 import math
 import re
 import string
+import typing
 import unicodedata
 from pathlib import Path
 from collections.abc import Sequence
@@ -318,7 +321,7 @@ class FiltersSpec(_Strict):
                                 "contrast is lower")
     max_extra_instances: Annotated[int, Field(ge=0)] | None = Field(
         default=None, description="reject a sample when a class has more than (times prompted + this) "
-        "instances; null = off")
+        "instances (reason 'count:<class>'); null = off")
     max_missing_instances: Annotated[int, Field(ge=0)] | None = Field(
         default=None, description="reject a sample when a class has fewer than (times prompted - this) "
         "instances (reason 'fewer:<class>'); null = off")
@@ -512,6 +515,7 @@ class JobSpec(_Strict):
                          "0: stop at the first")
     #: PATH_FIELDS as the user gave them (job file or command line), before resolving; set by load_spec
     _given: dict[str, str] = PrivateAttr(default_factory=dict)
+    _on_command_line: set[str] = PrivateAttr(default_factory=set)  # path fields set by --set / --out
 
     @model_validator(mode="before")
     @classmethod
@@ -601,6 +605,10 @@ class JobSpec(_Strict):
         for part in field.split("."):
             node = getattr(node, part, None)
         return self._given.get(field, node) if isinstance(node, str) else None
+
+    def origin(self, field: str) -> str:
+        """Where a path field's relative value was resolved: words for an error message."""
+        return ORIGIN[field in self._on_command_line]
 
     @property
     def model_name(self) -> str:
@@ -703,6 +711,11 @@ class JobSpec(_Strict):
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
+#: where a relative path was resolved (set on the command line or not): words for error messages
+ORIGIN = {True: "set on the command line: a relative path there resolves against the current directory",
+          False: "a relative path in a job file resolves against the job file's folder"}
+
+
 #: a Hugging Face hub id: ``org/name`` and nothing else (no leading dot, no second slash, no backslash)
 HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
 
@@ -767,21 +780,27 @@ def _loc(loc: tuple) -> str:
     return out
 
 
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """The first pydantic model inside a field's annotation (through unions and ``Annotated``), or None."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    return next((m for arg in typing.get_args(annotation) if (m := _model_in(arg)) is not None), None)
+
+
 def _allowed_keys(loc: tuple) -> list[str]:
     """Field names of the model at ``loc`` (for 'unknown key' messages)."""
     model: Any = JobSpec
     for part in loc[:-1]:
-        if isinstance(part, int) or model is None:
-            continue
+        if isinstance(part, int) or model is None or not part.isidentifier():
+            continue  # list items, union branch tags
         field = model.model_fields.get(part) if hasattr(model, "model_fields") else None
-        ann = field.annotation if field else None
-        model = next((t for t in (ann, *getattr(ann, "__args__", ())) if isinstance(t, type)
-                      and issubclass(t, BaseModel)), None)
+        model = _model_in(field.annotation) if field else None
     return list(model.model_fields) if model is not None else []
 
 
 def _format_error(err: ValidationError) -> str:
-    errors = err.errors()
+    # an unknown key first: a misspelled field is also reported missing, and the typo is the cause
+    errors = sorted(err.errors(), key=lambda e: e["type"] != "extra_forbidden")
     first = errors[0]
     # a union (samples: N | {per_class: N}) reports one error per branch: count fields, not branches
     others = {_loc(e["loc"]) for e in errors[1:]} - {_loc(first["loc"])}
@@ -792,7 +811,9 @@ def _format_error(err: ValidationError) -> str:
     loc = _loc(first["loc"])
     if first["type"] == "extra_forbidden":
         allowed = _allowed_keys(first["loc"])
-        hint = f"; allowed keys here: {', '.join(allowed)}" if allowed else ""
+        near = difflib.get_close_matches(str(first["loc"][-1]), allowed, n=1)
+        hint = (f" (did you mean {near[0]}?)" if near else "") + \
+            (f"; allowed keys here: {', '.join(allowed)}" if allowed else "")
         return f"{loc}: unknown key{hint}{more}"
     if first["type"] == "missing":
         return f"{loc}: required field is missing{more}"
@@ -907,7 +928,7 @@ def check_references(spec: JobSpec, source: str) -> None:
                         f"strengths x {cfg.seeds_per_level} seeds_per_level = {total} variations; set samples: {total}")
 
 
-def load_calibration(data: dict, source: str) -> None:
+def load_calibration(data: dict, source: str, on_command_line: bool = False) -> None:
     """Copy the per-class thresholds of ``masks.calibration`` (a JSON file) into ``masks.class_thresholds``."""
     masks = data.get("masks")
     if not isinstance(masks, dict) or not isinstance(masks.get("calibration"), str):
@@ -918,8 +939,8 @@ def load_calibration(data: dict, source: str) -> None:
     try:
         thresholds = json.loads(path.read_text())["class_thresholds"]
     except FileNotFoundError:
-        raise SpecError(f"{source}: masks.calibration: {path} does not exist (a relative path in a job file resolves "
-                        f"against the job file's folder); point it at the file, or write one with "
+        raise SpecError(f"{source}: masks.calibration: {path} does not exist ({ORIGIN[on_command_line]}); point "
+                        f"it at the file, or write one with "
                         f"`synthgen eval JOB --calibrate {path}`") from None
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise SpecError(f"{source}: masks.calibration: cannot read class_thresholds from {path} "
@@ -994,18 +1015,19 @@ def load_spec(path: str | Path, overrides: Sequence[str] = (), out: str | None =
     cli = [parse_override(item) + (item,) for item in overrides]
     if out is not None:
         cli.append((["output", "dir"], out, f"--out {out}"))
-    given = {field: value for field, (value, _) in
-             given_paths(data, [(keys, value) for keys, value, _ in cli], path.parent, Path.cwd()).items()}
+    found = given_paths(data, [(keys, value) for keys, value, _ in cli], path.parent, Path.cwd())
+    given = {field: value for field, (value, _) in found.items()}
+    on_command_line = {field for field, (_, base) in found.items() if base == Path.cwd() and any(
+        ".".join(keys) in (field, field.split(".")[0]) for keys, _, _ in cli)}
     _resolve_paths(data, path.resolve().parent)
     _resolve_reference_paths(data, path.resolve().parent)
     for keys, value, item in cli:
-        if keys in (["model", "path"], ["output", "dir"], ["masks", "calibration"], ["model", "class_tokens"]) \
-                and isinstance(value, str):
-            holder = {keys[0]: {keys[1]: value}}
+        if any(field == ".".join(keys) or field.startswith(".".join(keys) + ".") for field in PATH_FIELDS):
+            holder: dict = {}  # a path the override sets (itself, or inside a section it sets): against the cwd
+            _apply(holder, keys, copy.deepcopy(value), item)
             _resolve_paths(holder, Path.cwd())
-            value = holder[keys[0]][keys[1]]
-        if keys in REFERENCE_PATHS and isinstance(value, str):
-            value = str((Path.cwd() / Path(value).expanduser()).resolve())
+            _resolve_reference_paths(holder, Path.cwd())
+            value = _lookup(holder, ".".join(keys))
         _apply(data, keys, value, item)
     for field in PATH_FIELDS:
         section, _, name = field.rpartition(".")
@@ -1013,9 +1035,9 @@ def load_spec(path: str | Path, overrides: Sequence[str] = (), out: str | None =
         if isinstance(holder, dict) and name in holder and holder[name] is None and field not in OPTIONAL_PATHS:
             raise SpecError(f"{source}: {field}: is null (YAML reads a bare ~ as null); write the path in quotes, "
                             f"e.g. '~/datasets/out' or '~'")
-    load_calibration(data, source)
+    load_calibration(data, source, "masks.calibration" in on_command_line)
     spec = validate_spec(data, source)
-    spec._given = given
+    spec._given, spec._on_command_line = given, on_command_line
     if check_files:
         check_paths(spec, source)
     return spec

@@ -274,10 +274,11 @@ def judge_problem(spec: Any) -> str | None:
         return (f"judge: kind shapes-oracle reads only the shapes world's classes {list(CLASSES)}, not {other}; "
                 "use a classifier or clip judge" if other else None)
     folder = Path(j.path)
-    where = f"judge.path {j.path}"
+    where = f"judge.path: {j.path}"
     what = "a transformers image-classification folder" if j.kind == "classifier" else "a transformers CLIP folder"
     if not (folder / "config.json").is_file():
-        return f"{where}: no config.json there; give {what} (save_pretrained)"
+        origin = spec.origin("judge.path") if hasattr(spec, "origin") else ""
+        return f"{where}: no config.json there{f' ({origin})' if origin else ''}; give {what} (save_pretrained)"
     try:
         config = json.loads((folder / "config.json").read_text())
     except (OSError, ValueError) as err:

@@ -73,10 +73,13 @@ def edit_json(rel: str, **changes) -> Setup:
     return setup
 
 
-def job_text(drop: str) -> str:
+def job_text(drop: str, rename: str | None = None) -> str:
+    """The tiny job without section ``drop`` (with ``rename``: the same value under that misspelled key)."""
     job = copy.deepcopy(TINY_JOB)
     job["model"]["path"] = "{model}"
-    del job[drop]
+    value = job.pop(drop)
+    if rename:
+        job[rename] = value
     return yaml.safe_dump(job, sort_keys=False)
 
 
@@ -143,13 +146,14 @@ CASES = [
     Case("yaml: malformed", "malformed YAML", text="name: [unclosed\nseed: 1\n"),
     Case("yaml: not a mapping", "must be a YAML mapping", text="- a\n- list\n"),
     Case("yaml: job file missing", "cannot read job file", argv=("validate", "{tmp}/nope.yaml")),
-    Case("job: unknown key", "generation.stepz: unknown key", job={"generation": {"stepz": 3}}),
+    Case("job: unknown key", "generation.stepz: unknown key (did you mean steps?)", job={"generation": {"stepz": 3}}),
     Case("job: wrong type", "generation.steps: Input should be a valid integer", job={"generation": {"steps": "ten"}}),
     Case("job: section missing", "output: required field is missing", text=job_text("output")),
+    Case("job: section misspelled", "outptu: unknown key (did you mean output?)", text=job_text("output", "outptu")),
     Case("job: name with a space", ": name:", job={"name": "has space"}),
     Case("job: no classes", "classes: List should have at least 1 item", job={"classes": []}),
     Case("job: repeated class", "classes: class names must be unique", job={"classes": ["circle", "circle"]}),
-    Case("job: samples typo", "samples.per_class", job={"samples": {"per_clas": 3}}),
+    Case("job: samples typo", "samples.per_clas: unknown key (did you mean per_class?)", job={"samples": {"per_clas": 3}}),
     Case("job: shard size 0", "output.shard_size:", job={"output": {"shard_size": 0}}),
     Case("job: shard not whole batches", "output.shard_size: 5 is not a multiple", job={"output": {"shard_size": 5}}),
     Case("job: height not /8", "generation.height: must be a multiple of 8", job={"generation": {"height": 60}}),
@@ -304,7 +308,13 @@ CASES = [
                                  "limit of 1000000", "raise output.shard_size to at least 1000000"),
          args=("--set", "samples=1000000000000")),
     # the judge (stages/judges.py)
-    Case("judge: folder missing", ("judge.path", "no config.json there"), job={"judge": {"path": "../nowhere"}}),
+    Case("judge: folder missing", ("judge.path:", "no config.json there (a relative path in a job file resolves"),
+         job={"judge": {"path": "../nowhere"}}),
+    Case("judge: folder missing, from --set", ("judge.path:", "no config.json there (set on the command line: a "
+                                               "relative path there resolves against the current directory)"),
+         args=("--set", "judge.path=nowhere")),
+    Case("model: folder missing, section from --set", ("model.path:", "/nowhere does not exist (set on the command "
+                                                       "line"), args=("--set", "model={path: nowhere}")),
     Case("judge: weights of another shape", ("judge.path", "its weights must match its config.json"), job=JUDGE,
          model=judge_folder(edit_json("judge/config.json", hidden_sizes=[16, 32, 64, 96]))),
     Case("judge: no weights", ("judge.path", "no model.safetensors"), job=JUDGE,
