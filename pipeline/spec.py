@@ -405,6 +405,10 @@ class InpaintSpec(_Strict):
 
     dilation: Annotated[int, Field(ge=0, le=64)] = Field(default=2, description="pixels (at the generation size) "
                                                           "around an instance's outline that are repainted too")
+    crop_padding: Annotated[int, Field(ge=0, le=4096)] | None = Field(
+        default=None, description="repaint a crop instead of the whole image: the repaint mask's box grown by "
+        "this many pixels (and to the image's aspect ratio), at the generation size, then resized back (a small "
+        "outline gets the model's full resolution); null: the whole image")
     prompt: Literal["template", "empty"] = Field(default="template", description="template: the job's templates "
                                                  "with the instance's class (and a new attribute); empty: no text, "
                                                  "the outline alone (no attention check)")
@@ -682,8 +686,9 @@ class JobSpec(_Strict):
             exclude["references"] = {"path": True, "select": {"path"}}
             if self.references.mode == "img2img":  # new fields at their defaults: fingerprints as before
                 exclude["references"].update(mode=True, inpaint=True)
-            elif self.references.inpaint.redraw_strengths is None:
-                exclude["references"]["inpaint"] = {"redraw_strengths"}
+            else:  # options left null: jobs written before them keep their fingerprint
+                exclude["references"]["inpaint"] = {name for name in ("redraw_strengths", "crop_padding")
+                                                    if getattr(self.references.inpaint, name) is None}
             if self.references.select is not None and self.references.select.instance_column is None:
                 exclude["references"]["select"] = {"path", "instance_column"}
         spec = self.model_dump(mode="json", exclude=exclude)

@@ -9,6 +9,12 @@ fits it):
   ``dilation`` pixels (a square structuring element), so the object's edge is repainted too;
 * with ``fill: palette`` the outline is first painted in the colour of the prompt's attribute
   (``fill_rgb``), a silhouette the model re-draws; with ``keep`` the reference's pixels stay;
+* with ``crop_padding`` (``references.inpaint.crop_padding``) the call repaints a crop instead of the whole
+  image: the repaint mask's bounding box grown by that many pixels and widened to the image's aspect ratio
+  (diffusers' ``VaeImageProcessor.get_crop_region``, the box its ``padding_mask_crop`` uses), resized to the
+  generation size, so a small outline gets the model's full resolution (``to_crop``); the result is resized
+  back into its box (``from_crop``) and the captured maps are warped into the whole image's grid
+  (``maps_from_crop``);
 * after the pipeline call every pixel outside the repaint mask is the reference's own, exactly (the
   pipeline's VAE round trip changes them slightly; they are pasted back);
 * the **labels** are the reference's annotations, all of them, at the generation size: the repainted
@@ -73,6 +79,70 @@ def prepare(image: np.ndarray, outline: np.ndarray, reference: dict) -> tuple[np
     if reference.get("fill") == "palette" and reference.get("fill_rgb"):
         start[outline] = np.asarray(reference["fill_rgb"], np.uint8)
     return start, repaint_mask(outline, int(reference["dilation"]))
+
+
+Box = tuple[int, int, int, int]  # x1, y1, x2, y2: pixels [y1:y2, x1:x2]
+
+
+def crop_box(repaint: np.ndarray, padding: int) -> Box:
+    """The crop a repaint mask is inpainted in: its bounding box grown by ``padding`` pixels and widened to
+    the image's aspect ratio, inside the image (diffusers' ``get_crop_region``, as ``padding_mask_crop``)."""
+    from diffusers.image_processor import VaeImageProcessor
+    from PIL import Image
+
+    height, width = repaint.shape
+    return tuple(int(v) for v in VaeImageProcessor.get_crop_region(
+        Image.fromarray(repaint.astype(np.uint8) * 255), width, height, pad=padding))
+
+
+def whole(box: Box, shape: tuple[int, ...]) -> bool:
+    return box == (0, 0, shape[1], shape[0])
+
+
+def to_crop(image: np.ndarray, repaint: np.ndarray, box: Box) -> tuple[np.ndarray, np.ndarray]:
+    """(image uint8 HxWx3, repaint mask bool HxW) of ``box``, resized to the image's own size (Lanczos for the
+    image, nearest for the mask); the image itself when the box is all of it."""
+    from PIL import Image
+
+    if whole(box, repaint.shape):
+        return image, repaint
+    size = (repaint.shape[1], repaint.shape[0])
+    crop = Image.fromarray(image).crop(box).resize(size, Image.Resampling.LANCZOS)
+    mask = Image.fromarray(repaint.astype(np.uint8) * 255).crop(box).resize(size, Image.Resampling.NEAREST)
+    return np.asarray(crop), np.asarray(mask) > 127
+
+
+def from_crop(generated: np.ndarray, box: Box) -> np.ndarray:
+    """A crop's generated image (uint8 HxWx3) resized back into ``box`` of an image of the same size (Lanczos;
+    pixels outside the box are zero: ``paste_back`` keeps only those inside the repaint mask)."""
+    from PIL import Image
+
+    height, width = generated.shape[:2]
+    if whole(box, (height, width)):
+        return generated
+    x1, y1, x2, y2 = box
+    out = np.zeros_like(generated)
+    out[y1:y2, x1:x2] = np.asarray(Image.fromarray(generated).resize((x2 - x1, y2 - y1), Image.Resampling.LANCZOS))
+    return out
+
+
+def maps_from_crop(maps: "torch.Tensor", boxes: list[Box], height: int, width: int) -> "torch.Tensor":
+    """Per-class maps (B, K, h, w) captured on a crop's grid, warped (bilinear, zero outside the box) onto the
+    whole image's grid of the same size and max-normalised again (every map the capture returns is)."""
+    import torch
+    import torch.nn.functional as F
+
+    theta = torch.zeros(len(boxes), 2, 3, dtype=maps.dtype, device=maps.device)
+    for b, (x1, y1, x2, y2) in enumerate(boxes):  # the whole image's [-1, 1] in the crop's [-1, 1]
+        sx, sy = width / (x2 - x1), height / (y2 - y1)
+        theta[b, 0, 0], theta[b, 1, 1] = sx, sy
+        theta[b, 0, 2] = sx * (1 - (x1 + x2) / width)
+        theta[b, 1, 2] = sy * (1 - (y1 + y2) / height)
+    grid = F.affine_grid(theta, list(maps.shape), align_corners=False)
+    warped = F.grid_sample(maps, grid, mode="bilinear", padding_mode="zeros", align_corners=False).clamp_min(0)
+    keep = torch.tensor([whole(box, (height, width)) for box in boxes], device=maps.device)
+    warped = warped / warped.amax(dim=(-2, -1), keepdim=True).clamp_min(1e-12)
+    return torch.where(keep[:, None, None, None], maps, warped)
 
 
 def paste_back(generated: np.ndarray, original: np.ndarray, mask: np.ndarray) -> np.ndarray:

@@ -218,6 +218,8 @@ class SamplingStage(Stage):
                 prompt, classes, spans, attribute = self.inpaint_prompt(seed, self.instances[unit])
                 cond["reference"].update(mode="inpaint", instance=self.instances[unit].outline.id,
                                          dilation=opts.dilation, prompt=opts.prompt, fill=opts.fill)
+                if opts.crop_padding is not None:
+                    cond["reference"]["crop_padding"] = opts.crop_padding
                 if opts.fill == "palette":
                     cond["reference"]["fill_rgb"] = list(opts.palette[attribute]) if attribute else None
                 counts = [1] * len(classes)

@@ -169,13 +169,17 @@ class SynthesisStage(Stage):
             originals = [self.reference_images(conds[i]["reference"]["key"]) for i in rows]
             images, repaint = originals, None
             if inpaint:
-                from .inpaint import prepare
+                from .inpaint import crop_box, prepare, to_crop
 
                 outlines = [self.outlines.outline(conds[i]["reference"]) for i in rows]
                 prepared = [prepare(im, outline, conds[i]["reference"])
                             for im, outline, i in zip(originals, outlines, rows)]
-                images = [p[0] for p in prepared]
                 repaint = np.stack([p[1] for p in prepared])
+                padding = [conds[i]["reference"].get("crop_padding") for i in rows]
+                boxes = [(0, 0, gen.width, gen.height) if pad is None else crop_box(p[1], pad)
+                         for p, pad in zip(prepared, padding)]
+                cropped = [to_crop(*p, box) for p, box in zip(prepared, boxes)]  # the call's view of each
+                images, call_mask = [c[0] for c in cropped], np.stack([c[1] for c in cropped])
             image = np.stack(images).astype(np.float32) / 255.0
         callback = excite = None
         token_index = []
@@ -197,14 +201,15 @@ class SynthesisStage(Stage):
         cutoff = getattr(gen, "guidance_cutoff", None)  # chained after the capture's callback (family.step_end)
         out = self.family.run(kwargs, generators, gen.steps, gen.guidance_scale, gen.height, gen.width,
                               callback, image=image, strength=strength,
-                              mask=None if not inpaint else repaint.astype(np.float32),
+                              mask=None if not inpaint else call_mask.astype(np.float32),
                               **({} if cutoff is None else {"guidance_cutoff": cutoff}),
                               **({} if excite is None else {"excite": excite}))
         bad, out = finite.bad_rows(out), finite.zeroed(out)  # non-finite rows: marked in gen, never labelled
         images = (np.clip(out, 0.0, 1.0) * 255).round().astype(np.uint8)
         if inpaint:  # outside the repaint mask: the reference's own pixels, exactly
-            from .inpaint import paste_back
+            from .inpaint import from_crop, paste_back
 
+            images = np.stack([from_crop(im, box) for im, box in zip(images, boxes)])
             images = paste_back(images, np.stack(originals), repaint)
         new = {"image": images, "gen": np.full(len(rows), gen_json)}
         if excite is not None:  # each row's loss at every excited step: did its neglected subjects wake?
@@ -213,6 +218,10 @@ class SynthesisStage(Stage):
                                    for loss in excite.finish()], dtype=str)
         if self.capture is not None:
             maps = self.capture.finish()
+            if inpaint:  # maps of a crop (references.inpaint.crop_padding) on the whole image's grid
+                from .inpaint import maps_from_crop
+
+                maps = {k: maps_from_crop(v, boxes, gen.height, gen.width) for k, v in maps.items()}
             for v in maps.values():
                 bad |= finite.bad_rows(v)
             maps = {k: finite.zeroed(v) for k, v in maps.items()}

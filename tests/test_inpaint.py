@@ -392,3 +392,44 @@ def test_a_judge_reads_the_repainted_instance_on_its_outline_crop(tmp_path, tiny
         outline = _outline(spec, json.loads(str(rows["cond"][i]))["reference"])
         expected = judge.probabilities([crop(out["image"][i], square_box(outline, CROP_MARGIN))])[0]
         assert json.loads(str(out["gen"][i]))["judge"] == [round(float(expected[judge.index[name]]), 4)]
+
+
+def test_a_crop_repaints_a_small_outline_at_full_size_and_its_maps_land_in_the_box(tmp_path, tiny_model, real):
+    """``references.inpaint.crop_padding``: the call sees the outline's box (diffusers' crop region) resized to
+    the generation size; outside the repaint mask the pixels stay the reference's, the record says the padding,
+    and the maps come back on the whole image's grid, zero outside the box."""
+    from stages.inpaint import ReferenceOutlines, crop_box, maps_from_crop, to_crop
+    from stages.references import ReferenceImages, list_references
+    from stages.sampling import SamplingStage
+    from stages.synthesis import SynthesisStage
+
+    units = instances(real)
+    opts = {"dilation": 0, "fill": "palette", "palette": PALETTE, "crop_padding": 4}
+    spec = load_spec(inpaint_job(tmp_path, tiny_model, real, len(units), references={"inpaint": opts}))
+    batch = SamplingStage(spec)({"index": np.arange(4)})
+    out = SynthesisStage(spec)(batch)
+    refs, outlines = ReferenceImages(list_references(spec), 64, 64), ReferenceOutlines(spec)
+    plain = load_spec(inpaint_job(tmp_path / "plain", tiny_model, real, len(units), references={
+        "inpaint": {**opts, "crop_padding": None}}))
+    plain = SynthesisStage(plain)(SamplingStage(plain)({"index": np.arange(4)}))
+    for i in range(4):
+        ref = json.loads(batch["cond"][i])["reference"]
+        assert ref["crop_padding"] == 4
+        outline, original = outlines.outline(ref), refs(ref["key"])
+        x1, y1, x2, y2 = box = crop_box(outline, 4)
+        ys, xs = np.nonzero(outline)
+        assert x1 <= xs.min() and xs.max() < x2 and y1 <= ys.min() and ys.max() < y2 and x2 - x1 == y2 - y1 < 64
+        image, mask = to_crop(original, outline, box)  # the outline, enlarged: more pixels for the model
+        assert image.shape == original.shape and mask.sum() > 1.5 * outline.sum()
+        assert np.array_equal(out["image"][i][~outline], original[~outline])
+        assert not np.array_equal(out["image"][i][outline], plain["image"][i][outline])  # another call drew it
+        attn = out["attn"][i, 0].astype(np.float32)  # the maps' grid: 64 / its side pixels per cell
+        cell = 64 // attn.shape[0]
+        inside = np.zeros(attn.shape, bool)
+        inside[y1 // cell:-(-y2 // cell), x1 // cell:-(-x2 // cell)] = True
+        assert attn.max() == pytest.approx(1.0, abs=1e-3) and attn[~inside].max() == 0.0
+    # a map that fills its crop fills exactly the box on the whole image's grid
+    import torch
+
+    warped = maps_from_crop(torch.ones(1, 1, 16, 16), [(16, 32, 48, 64)], 64, 64)[0, 0]
+    assert warped[8:16, 4:12].min() == 1.0 and warped.sum() == pytest.approx(64, abs=1e-4)
