@@ -614,7 +614,8 @@ def demo_job(device: str, samples: int, checks: Checks) -> dict:
     out = Path(tempfile.mkdtemp(prefix="synthgen-smoke-demo-"))
     sets = [f"samples={samples}", f"model.device={device}"]
     if device.startswith("cuda"):
-        sets += ["resources.synthesis.num_gpus=1", "resources.synthesis.actors=1"]
+        # batch_size auto: measured on the GPU by a Ray task (pipeline/batch_size.py), its figures in the result
+        sets += ["resources.synthesis.num_gpus=1", "resources.synthesis.actors=1", "generation.batch_size=auto"]
     cli = [sys.executable, "-m", "pipeline.cli"]
     result: dict[str, Any] = {"samples": samples, "overrides": sets}
     try:
@@ -630,7 +631,8 @@ def demo_job(device: str, samples: int, checks: Checks) -> dict:
                 break
         else:
             summary = json.loads((out / "out" / "manifest.json").read_text())["summary"]
-            result.update({k: summary.get(k) for k in ("kept", "rejected", "images_per_s", "first_batch_s")})
+            result.update({k: summary.get(k) for k in ("kept", "rejected", "images_per_s", "first_batch_s",
+                                                       "batch_size_auto")})
     finally:
         shutil.rmtree(out, ignore_errors=True)
     return result

@@ -267,6 +267,14 @@ def cmd_validate(args: argparse.Namespace) -> int:
     check_output_dir(spec, str(Path(args.job)))
     # the writer's own check of the output dir (ownership, fingerprint; writes nothing); a dir that lost its
     # manifest passes: `synthgen repair` adopts it
+    batch = ""
+    if spec.generation.batch_size == "auto":  # an earlier run's measurement, when this dir has one
+        from .batch_size import recorded, with_batch_size
+
+        size = recorded(spec)
+        batch = f"; batch_size auto: {size}, as the first run measured" if size else \
+            "; batch_size auto: measured where the synthesis runs, at the run's start"
+        spec = with_batch_size(spec, size) if size else spec
     writer = prepare(spec, adopt=True)
     synth = spec.resources.synthesis
     shards = ShardPlan.from_spec(spec).num_shards
@@ -287,7 +295,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
           f"({spec.model.device}, {spec.model.dtype}); synthesis {synth.actors} actor(s) x {synth.num_gpus:g} GPU"
           + (f"; judge {spec.judge.kind}" + (f" {spec.judge.path}" if spec.judge.path else "")
              + f", min_score {spec.judge.min_score:g}" if spec.judge is not None else "")
-          + (f"; up to {spec.generation.redraws} redraws per sample" if spec.generation.redraws else "")
+          + (f"; up to {spec.generation.redraws} redraws per sample" if spec.generation.redraws else "") + batch
           + "".join(f"; {name}" for name in options_on(spec)))
     return 0
 

@@ -519,6 +519,13 @@ def _samples(prompts: list[Prompt], out: Batch, truths: list[list[np.ndarray]]) 
                    str(reasons[i])) for i, (p, t) in enumerate(zip(prompts, truths))]
 
 
+def settled_batch_size(spec: JobSpec) -> JobSpec:
+    """``batch_size: auto`` as the job's output dir recorded it, else measured here (pipeline/batch_size.py)."""
+    from .batch_size import settle
+
+    return settle(spec, use_ray=False)[0]
+
+
 def _batches(prompts: list[Prompt], size: int, desc: str, progress: bool):
     """(start, chunk) over ``prompts`` in batches of ``size``, with a progress bar on stderr that counts
     the prompts (images) done."""
@@ -551,6 +558,7 @@ def evaluate(spec: JobSpec, n: int, progress: bool = True, truth: Truth | None =
     """All label-quality numbers for ``n`` cases of ``truth`` (default: the oracle; see the module docstring)."""
     truth = truth or OracleTruth()
     spec, prompts = truth.job(spec, n, calibration=False)
+    spec = settled_batch_size(spec)
     ids = category_ids(spec)
     refined, raw, _, seconds = generate(spec, prompts, truth, progress)
     raw_scores, _ = score(raw, ids)
@@ -587,6 +595,7 @@ def calibrate(spec: JobSpec, n: int, progress: bool = True, truth: Truth | None 
     calibration cases of ``truth`` (default: the oracle)."""
     truth = truth or OracleTruth()
     spec, prompts = truth.job(spec, n, calibration=True)
+    spec = settled_batch_size(spec)
     from stages.synthesis import SynthesisStage
 
     synthesis = SynthesisStage(one_draw(spec))

@@ -142,6 +142,32 @@ def recover(writer: DatasetWriter, e: BaseException, at_s: float) -> dict:
     return {"at_s": round(at_s, 1), "error": f"{name}: {message}"[:300], "committed": len(writer.committed)}
 
 
+def settle_batch_size(spec: JobSpec, use_ray: bool, address: str | None, wait_s: float, verbose: bool,
+                      stages: Sequence[type[Stage]] | None, progress: bool) -> tuple[JobSpec, dict, bool]:
+    """``generation.batch_size: auto`` made a number (pipeline/batch_size.py): (the spec, what decided it, whether
+    Ray was started for the measuring task)."""
+    from .batch_size import describe, settle
+
+    started = []
+    if not use_ray:
+        check_local_device(spec)
+
+    def start_ray(probe: JobSpec) -> None:
+        started.append(init_ray(JobPlan(probe, stages=stages), address, wait_s, verbose))
+
+    try:
+        spec, note = settle(spec, use_ray, start_ray)
+    except BaseException:
+        if any(started):
+            import ray
+
+            ray.shutdown()
+        raise
+    if progress:
+        print(f"{spec.name}: {describe(note)}", file=sys.stderr)
+    return spec, note, any(started)
+
+
 def run_job(spec: JobSpec, *, overwrite: bool = False, verify: bool = False, use_ray: bool = True,
             address: str | None = None,
             resource_wait_s: float = 0.0, verbose: bool = False, progress: bool = True,
@@ -162,6 +188,10 @@ def run_job(spec: JobSpec, *, overwrite: bool = False, verify: bool = False, use
     workers committed; "batch": a record batch) and its rows, and once with ("ready", 0) when the runner
     (Ray included) is up and generation starts.
     """
+    owns_ray, settled = False, None
+    if spec.generation.batch_size == "auto":  # measured where the synthesis runs, or taken from the manifest
+        spec, settled, owns_ray = settle_batch_size(spec, use_ray, address, resource_wait_s, verbose, stages,
+                                                   progress)
     plan = JobPlan(spec, stages=stages)
     writer = prepare(plan, overwrite, verify)
     if writer.resize_note() and progress:
@@ -173,7 +203,7 @@ def run_job(spec: JobSpec, *, overwrite: bool = False, verify: bool = False, use
         check_hub_reachable(spec.model.path)
     if work and not use_ray:
         check_local_device(spec)
-    owns_ray = work and use_ray and init_ray(plan, address, resource_wait_s, verbose)
+    owns_ray = bool(work and use_ray and init_ray(plan, address, resource_wait_s, verbose)) or owns_ray
     opened = False
     try:
         pending = writer.open()
@@ -249,6 +279,8 @@ def run_job(spec: JobSpec, *, overwrite: bool = False, verify: bool = False, use
         summary["writer"] = "workers" if on_workers else "driver"
         summary["driver_bytes"] = received
         summary["recoveries"] = recoveries
+        if settled is not None:
+            summary["batch_size_auto"] = settled
         writer.finish(summary)
         return summary
     except BaseException:

@@ -233,7 +233,10 @@ class GenerationSpec(_Strict):
     width: PositiveInt = Field(default=512, description="image width in pixels, a multiple of 8")
     scheduler: Literal["default", "ddim", "dpm++", "euler", "pndm"] = Field(
         default="default", description="default: the model folder's own scheduler")
-    batch_size: PositiveInt = Field(default=8, description="images per pipeline call")
+    batch_size: PositiveInt | Literal["auto"] = Field(
+        default=8, description="images per pipeline call; auto: the most that fit the synthesis device's free "
+        "memory (measured at the first run's start, a divisor of output.shard_size, at most 64; recorded in the "
+        "manifest, which later runs take it from)")
     guidance_cutoff: Annotated[float, Field(gt=0.0, le=1.0)] | None = Field(
         default=None, description="stop CFG after this fraction of the steps (then only the conditional half runs: "
         "fewer denoiser calls); null: CFG throughout; not on flux")
@@ -548,7 +551,7 @@ class JobSpec(_Strict):
         too_many = shard_count_problem(self.samples, self.output.shard_size)
         if too_many:
             raise FieldError("samples", too_many)
-        if self.output.shard_size % self.generation.batch_size:
+        if self.generation.batch_size != "auto" and self.output.shard_size % self.generation.batch_size:
             raise FieldError("output.shard_size", f"{self.output.shard_size} is not a multiple of "
                            f"generation.batch_size ({self.generation.batch_size}); shards must hold whole "
                            "batches so a resumed run batches samples exactly as an uninterrupted one")

@@ -188,3 +188,14 @@ def test_a_gpu_stage_on_a_gpu_less_cluster_fails_fast(ray_session, tmp_path, tin
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "1 GPU" in err and "0 GPU" in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_batch_size_auto_is_measured_by_a_ray_task_holding_a_synthesis_worker_s_resources(ray_session, tmp_path,
+                                                                                          tiny_model):
+    from pipeline.batch_size import settle
+
+    spec = load_spec(write_job(tmp_path, tiny_model, generation={"batch_size": "auto"}))
+    settled, note = settle(spec, use_ray=True)
+    assert note["from"] == "measured" and note["device"] == "cpu" and note["per_image_bytes"] > 0
+    assert settled.generation.batch_size == note["batch_size"] and 4 % note["batch_size"] == 0
+    assert spec.generation.batch_size == "auto"  # the job as loaded is left as it is
