@@ -172,6 +172,14 @@ def per_class_mean(runs: list[dict]) -> dict:
     return out
 
 
+def real_repeats(share: float | None, n_real: int, n_inpainted: int) -> int:
+    """How many copies of the real scenes the mixed arm trains on so that they are about ``share`` of its images
+    (shuffled epochs over the copies sample them with that weight); 1 (each once) without a share."""
+    if share is None:
+        return 1
+    return max(1, round(share / (1 - share) * n_inpainted / n_real))
+
+
 def run(args: argparse.Namespace) -> dict:
     t_start = time.perf_counter()
     root = args.synthetic_root
@@ -226,8 +234,12 @@ def run(args: argparse.Namespace) -> dict:
             "real_inpainted": {"first_seed": REAL_TRAIN_SEED, "n": args.k, "size": size,
                                "inpainted": str(Path(out).resolve()), "keys": [syn.keys[0], syn.keys[-1]],
                                "n_inpainted": len(syn.keys)}}
+    repeats = real_repeats(args.real_share, args.k, len(syn.keys))
+    if repeats != 1:  # the training data's key (each once: as before the option)
+        data["real_inpainted"]["real_repeats"] = repeats
     sets = {"real": (real_x, real_y),
-            "real_inpainted": (np.concatenate([real_x, syn.images]), np.concatenate([real_y, syn.masks]))}
+            "real_inpainted": (np.concatenate([*[real_x] * repeats, syn.images]),
+                               np.concatenate([*[real_y] * repeats, syn.masks]))}
     results = {}
     for name in ARMS:
         x, y = sets[name]
@@ -262,7 +274,8 @@ def run(args: argparse.Namespace) -> dict:
                   "parameters": sum(p.numel() for p in seg.TinyUNet(width=args.width).parameters())},
         "training": {**cfg.__dict__, "optimizer": "AdamW", "schedule": "one-cycle", "augmentation": "flip, rot90",
                      "loss": f"cross-entropy, ignore {seg.IGNORE}",
-                     "sampling": "uniform shuffled epochs over the arm's images"},
+                     "sampling": "uniform shuffled epochs over the arm's images",
+                     "real_share": args.real_share, "real_repeats": repeats},
         "inpainted": {"dir": str(out), "job": None if args.synthetic is not None else str(args.job),
                       "overrides": overrides, "generated_now": not reused, "references": str(references),
                       "samples": counts.get("indices"), "kept": len(syn.keys), "not_kept_skipped": syn.not_kept,
@@ -308,11 +321,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     """downstream_seg's options (:func:`benchmarks.downstream_seg.parse_args`) with this benchmark's defaults
     given first, so that the command line overrides them."""
     given = list(sys.argv[1:] if argv is None else argv)
+    own = argparse.ArgumentParser(add_help=False)
+    own.add_argument("--real-share", type=float, help="the mixed arm's real scenes repeated to about this share of "
+                                                      "its images (e.g. 0.5); default: each once")
+    mine, rest = own.parse_known_args(given)
+    if mine.real_share is not None and not 0 < mine.real_share < 1:
+        own.error("--real-share must be between 0 and 1")
     defaults = [x for opt, v in DEFAULTS.items() for x in (opt, v)]
     if "--synthetic" not in given and not any(g.startswith("--synthetic=") for g in given):
         defaults += ["--job", str(JOB)]
-    args = seg.parse_args([*defaults, *given], prog="benchmarks.inpaint_downstream", description=__doc__,
+    args = seg.parse_args([*defaults, *rest], prog="benchmarks.inpaint_downstream", description=__doc__,
                           json_default=REPO / "benchmarks" / "results" / "inpaint_downstream.json")
+    args.real_share = mine.real_share
     args.command = " ".join(["python -m benchmarks.inpaint_downstream", *given])
     return args
 

@@ -112,6 +112,17 @@ def to_crop(image: np.ndarray, repaint: np.ndarray, box: Box) -> tuple[np.ndarra
     return np.asarray(crop), np.asarray(mask) > 127
 
 
+def call_views(prepared: list[tuple[np.ndarray, np.ndarray]], paddings: list[int | None]
+               ) -> tuple[list[np.ndarray], np.ndarray, list[Box]]:
+    """What the pipeline call sees of each prepared (image, repaint mask): (images, repaint masks (B, H, W),
+    boxes); the whole image where the row's ``crop_padding`` is None."""
+    height, width = prepared[0][1].shape if prepared else (0, 0)
+    boxes = [(0, 0, width, height) if pad is None else crop_box(mask, pad)
+             for (_, mask), pad in zip(prepared, paddings)]
+    views = [to_crop(image, mask, box) for (image, mask), box in zip(prepared, boxes)]
+    return [v[0] for v in views], np.stack([v[1] for v in views]), boxes
+
+
 def from_crop(generated: np.ndarray, box: Box) -> np.ndarray:
     """A crop's generated image (uint8 HxWx3) resized back into ``box`` of an image of the same size (Lanczos;
     pixels outside the box are zero: ``paste_back`` keeps only those inside the repaint mask)."""
@@ -141,6 +152,8 @@ def maps_from_crop(maps: "torch.Tensor", boxes: list[Box], height: int, width: i
     grid = F.affine_grid(theta, list(maps.shape), align_corners=False)
     warped = F.grid_sample(maps, grid, mode="bilinear", padding_mode="zeros", align_corners=False).clamp_min(0)
     keep = torch.tensor([whole(box, (height, width)) for box in boxes], device=maps.device)
+    if bool(keep.all()):  # no crop in this call
+        return maps
     warped = warped / warped.amax(dim=(-2, -1), keepdim=True).clamp_min(1e-12)
     return torch.where(keep[:, None, None, None], maps, warped)
 

@@ -169,17 +169,14 @@ class SynthesisStage(Stage):
             originals = [self.reference_images(conds[i]["reference"]["key"]) for i in rows]
             images, repaint = originals, None
             if inpaint:
-                from .inpaint import crop_box, prepare, to_crop
+                from .inpaint import call_views, prepare
 
                 outlines = [self.outlines.outline(conds[i]["reference"]) for i in rows]
                 prepared = [prepare(im, outline, conds[i]["reference"])
                             for im, outline, i in zip(originals, outlines, rows)]
                 repaint = np.stack([p[1] for p in prepared])
-                padding = [conds[i]["reference"].get("crop_padding") for i in rows]
-                boxes = [(0, 0, gen.width, gen.height) if pad is None else crop_box(p[1], pad)
-                         for p, pad in zip(prepared, padding)]
-                cropped = [to_crop(*p, box) for p, box in zip(prepared, boxes)]  # the call's view of each
-                images, call_mask = [c[0] for c in cropped], np.stack([c[1] for c in cropped])
+                images, call_mask, boxes = call_views(prepared, [conds[i]["reference"].get("crop_padding")
+                                                                 for i in rows])
             image = np.stack(images).astype(np.float32) / 255.0
         callback = excite = None
         token_index = []

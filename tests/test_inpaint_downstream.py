@@ -66,3 +66,10 @@ def test_the_script_sets_the_references_and_the_sample_count_itself(tmp_path, ca
     assert ipd.main(args) == 2
     assert "sets references.path" in capsys.readouterr().err
     assert not (tmp_path / "r.json").exists()
+
+
+def test_a_real_share_repeats_the_real_scenes_to_about_that_share_of_the_mixed_arm():
+    assert ipd.real_repeats(None, 50, 450) == 1
+    assert ipd.real_repeats(0.5, 50, 450) == 9  # 450 real images beside 450 inpainted ones
+    assert ipd.real_repeats(0.25, 50, 450) == 3
+    assert ipd.real_repeats(0.01, 50, 450) == 1  # never fewer than once
