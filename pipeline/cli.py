@@ -326,6 +326,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def cmd_repair(args: argparse.Namespace) -> int:
     spec = load_spec(args.job, args.overrides, args.out)
+    if spec.generation.batch_size == "auto":  # the number was the lost manifest's: the fingerprint needs it
+        raise UsageError("generation.batch_size: auto, and the number the first run measured was in the lost "
+                         "manifest; give it: --set generation.batch_size=N (the run printed 'generation.batch_size "
+                         "auto: N')")
     from .verify import repair
 
     result = repair(spec)

@@ -52,6 +52,11 @@ def test_a_run_measures_once_records_the_number_and_writes_the_bytes_of_that_num
     assert not measured and more["batch_size_auto"] == {"batch_size": size, "from": "manifest"}
     assert main(["validate", str(job), "--set", "samples=20"]) == 0
     assert f"batch_size auto: {size}, as the first run measured" in capsys.readouterr().out
+    # with the manifest lost, repair cannot know the number: it asks for it (and repairs with it)
+    (Path(spec.output.dir) / "manifest.json").unlink()
+    assert main(["repair", str(job)]) == 2
+    assert "give it: --set generation.batch_size=N" in capsys.readouterr().err
+    assert main(["repair", str(job), "--set", "samples=20", "--set", f"generation.batch_size={size}"]) == 0
 
 
 def test_a_device_too_small_is_one_line_and_exit_2_with_nothing_written(tmp_path, tiny_model, capsys, monkeypatch):
