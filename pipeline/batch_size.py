@@ -103,9 +103,21 @@ def _status(field: str) -> int:
     return int(line.split()[1]) * 1024
 
 
-def measure(spec: JobSpec) -> dict[str, Any]:
-    """Build the synthesis stage as a worker does and measure it (module docstring); the measurement and the
-    batch size it gives (``batch_size``; 0: not even one image fits)."""
+def measure(spec: JobSpec, workers_per_machine: int | None = None) -> dict[str, Any]:
+    """Build the synthesis stage as a worker does (its torch threads too) and measure it (module docstring); the
+    measurement and the batch size it gives (``batch_size``; 0: not even one image fits). On CPU the machine's
+    memory is shared by ``workers_per_machine`` synthesis workers (default: the job's synthesis actors)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, int(spec.resources.synthesis.num_cpus)))  # as pipeline/graph.py's TimedStage
+    try:
+        return _measure(spec, workers_per_machine)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _measure(spec: JobSpec, workers_per_machine: int | None) -> dict[str, Any]:
     import numpy as np
 
     from stages.sampling import SamplingStage
@@ -125,7 +137,8 @@ def measure(spec: JobSpec) -> dict[str, Any]:
     if peak.cuda:  # the worker's share of its GPU (num_gpus 0.5: two workers per GPU)
         share, device = min(synth.num_gpus, 1.0) if synth.num_gpus > 0 else 1.0, "cuda"
     else:  # the synthesis workers of one machine share its memory
-        share, device = 1.0 / (synth.actors if isinstance(synth.actors, int) else 1), "cpu"
+        workers = workers_per_machine or (synth.actors if isinstance(synth.actors, int) else 1)
+        share, device = 1.0 / workers, "cpu"
     free = peak.free() * share
     del stage, sampling  # the synthesis that follows loads its own: give this one's memory back
     gc.collect()
@@ -134,7 +147,9 @@ def measure(spec: JobSpec) -> dict[str, Any]:
 
         torch.cuda.empty_cache()
     return {"batch_size": fit(free, fixed, per_image, spec.output.shard_size), "device": device,
-            "free_bytes": int(free), "fixed_bytes": int(fixed), "per_image_bytes": int(per_image),
+            "free_bytes": int(free), "share": round(share, 4), "fixed_bytes": int(fixed),
+            "per_image_bytes": int(per_image), "fits": max(0, math.floor((HEADROOM * free - fixed)
+                                                                        / max(per_image, MIN_PER_IMAGE))),
             "measure_s": round(time.perf_counter() - started, 2)}
 
 
@@ -156,14 +171,17 @@ def recorded(spec: JobSpec) -> int | None:
     return size if JobPlan(with_batch_size(spec, size)).fingerprint == manifest.get("fingerprint") else None
 
 
-def settle(spec: JobSpec, use_ray: bool, start_ray=None) -> tuple[JobSpec, dict[str, Any] | None]:
-    """``spec`` with a number for ``batch_size: auto`` (and what decided it), or as it is. ``start_ray()`` brings
-    Ray up for the measuring task (the runner's own start: it returns whether it started Ray)."""
+def settle(spec: JobSpec, use_ray: bool, start_ray=None, before=None) -> tuple[JobSpec, dict[str, Any] | None]:
+    """``spec`` with a number for ``batch_size: auto`` (and what decided it), or as it is. ``before()`` runs before
+    a measurement (the runner's output-dir check: bad input fails before the model loads); ``start_ray(spec)``
+    brings Ray up for the measuring task."""
     if spec.generation.batch_size != "auto":
         return spec, None
     size = recorded(spec)
     if size is not None:
         return with_batch_size(spec, size), {"batch_size": size, "from": "manifest"}
+    if before is not None:
+        before()
     if use_ray:
         import ray
 
@@ -173,8 +191,8 @@ def settle(spec: JobSpec, use_ray: bool, start_ray=None) -> tuple[JobSpec, dict[
         # max_calls=1: the worker process exits after it, so no idle process keeps the model or a CUDA context
         task = ray.remote(num_cpus=synth.num_cpus, num_gpus=synth.num_gpus, max_retries=0, max_calls=1)(measure)
         found = ray.get(task.remote(spec))
-    else:
-        found = measure(spec)
+    else:  # one synthesis in this process
+        found = measure(spec, workers_per_machine=1)
     found["from"] = "measured"
     if found["batch_size"] < 1:
         gib = 1 << 30
@@ -192,6 +210,12 @@ def describe(note: dict[str, Any] | None) -> str:
     if note["from"] == "manifest":
         return f"generation.batch_size auto: {note['batch_size']}, as this output dir's first run measured"
     mib = 1 << 20
-    return (f"generation.batch_size auto: {note['batch_size']} (per image {note['per_image_bytes'] / mib:.0f} MiB, "
-            f"fixed {note['fixed_bytes'] / mib:.0f} MiB, {note['free_bytes'] / mib:.0f} MiB free on "
-            f"{note['device']}; measured in {note['measure_s']} s)")
+    share = "" if note["share"] == 1 else f" (this worker's {note['share']:g} of the {note['device']}'s)"
+    line = (f"generation.batch_size auto: {note['batch_size']}, the largest divisor of output.shard_size up to "
+            f"{min(note['fits'], MAX_AUTO)} (memory fits {note['fits']} at {note['per_image_bytes'] / mib:.0f} MiB per "
+            f"image + {note['fixed_bytes'] / mib:.0f} MiB, of {note['free_bytes'] / mib:.0f} MiB free{share} on "
+            f"{note['device']}; at most {MAX_AUTO}); measured in {note['measure_s']} s")
+    if note["batch_size"] * 2 <= min(note["fits"], MAX_AUTO):
+        line += (f"; a shard size with a larger divisor (e.g. a multiple of {min(note['fits'], MAX_AUTO)}) would "
+                 "batch more per call")
+    return line

@@ -333,8 +333,9 @@ def cmd_repair(args: argparse.Namespace) -> int:
     from .verify import repair
 
     result = repair(spec)
+    sets = "".join(f" --set {shlex.quote(item)}" for item in args.overrides)
     print(f"repaired {spec.output.dir}: adopted {len(result['adopted'])} shard(s) ({result['samples']} samples); "
-          f"{result['pending']} shard(s) to generate: `synthgen run {args.job}"
+          f"{result['pending']} shard(s) to generate: `synthgen run {args.job}{sets}"
           f"{' --out ' + args.out if args.out else ''}` resumes")
     if result["left_alone"]:
         print(f"left alone: {', '.join(result['left_alone'])}", file=sys.stderr)

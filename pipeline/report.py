@@ -49,6 +49,10 @@ def format_summary(summary: dict[str, Any]) -> str:
     out.append(f"dataset: {data.get('samples', 0)} samples kept of {data.get('indices', 0)}, "
                f"{summary['shards_complete']}/{summary['shards_total']} shards complete "
                f"({summary['shards_written']} written this run)")
+    auto = summary.get("batch_size_auto")
+    if auto:
+        out.append(f"batch size: {auto['batch_size']} (generation.batch_size auto: "
+                   + ("measured at this run's start)" if auto["from"] == "measured" else "as the first run measured)"))
     for name, problem in (summary.get("redone") or {}).items():
         out.append(f"redone: {name} ({problem})")
     if summary.get("left_alone"):

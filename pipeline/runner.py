@@ -143,9 +143,10 @@ def recover(writer: DatasetWriter, e: BaseException, at_s: float) -> dict:
 
 
 def settle_batch_size(spec: JobSpec, use_ray: bool, address: str | None, wait_s: float, verbose: bool,
-                      stages: Sequence[type[Stage]] | None, progress: bool) -> tuple[JobSpec, dict, bool]:
+                      stages: Sequence[type[Stage]] | None, progress: bool, overwrite: bool,
+                      verify: bool) -> tuple[JobSpec, dict, bool]:
     """``generation.batch_size: auto`` made a number (pipeline/batch_size.py): (the spec, what decided it, whether
-    Ray was started for the measuring task)."""
+    Ray was started for the measuring task). The output dir is checked first, as the job stands (auto)."""
     from .batch_size import describe, settle
 
     started = []
@@ -156,7 +157,8 @@ def settle_batch_size(spec: JobSpec, use_ray: bool, address: str | None, wait_s:
         started.append(init_ray(JobPlan(probe, stages=stages), address, wait_s, verbose))
 
     try:
-        spec, note = settle(spec, use_ray, start_ray)
+        spec, note = settle(spec, use_ray, start_ray, before=lambda: prepare(JobPlan(spec, stages=stages),
+                                                                               overwrite, verify))
     except BaseException:
         if any(started):
             import ray
@@ -191,7 +193,7 @@ def run_job(spec: JobSpec, *, overwrite: bool = False, verify: bool = False, use
     owns_ray, settled = False, None
     if spec.generation.batch_size == "auto":  # measured where the synthesis runs, or taken from the manifest
         spec, settled, owns_ray = settle_batch_size(spec, use_ray, address, resource_wait_s, verbose, stages,
-                                                   progress)
+                                                   progress, overwrite, verify)
     plan = JobPlan(spec, stages=stages)
     writer = prepare(plan, overwrite, verify)
     if writer.resize_note() and progress:

@@ -258,6 +258,16 @@ class GenerationSpec(_Strict):
         default=0, description="a sample the checks reject (judge, masks, labels, filters but dedup) is drawn "
         "again from new noise, up to this many times; every attempt is recorded (stages/redraw.py)")
 
+    @field_validator("batch_size", mode="before")
+    @classmethod
+    def _batch_size_word(cls, v: Any) -> Any:
+        """``auto`` in any case; another word (or a bool, a float) is refused with the two forms it can take."""
+        if isinstance(v, str) and v.strip().lower() == "auto":
+            return "auto"
+        if isinstance(v, (str, bool, float)) or v is None:
+            raise ValueError("must be an integer at least 1 or auto; e.g. batch_size: 8")
+        return v
+
     @field_validator("height", "width")
     @classmethod
     def _multiple_of_8(cls, v: int) -> int:
@@ -408,7 +418,7 @@ class InpaintSpec(_Strict):
 
     dilation: Annotated[int, Field(ge=0, le=64)] = Field(default=2, description="pixels (at the generation size) "
                                                           "around an instance's outline that are repainted too")
-    crop_padding: Annotated[int, Field(ge=0, le=4096)] | None = Field(
+    crop_padding: Annotated[int, Field(ge=0, le=4096, strict=True)] | None = Field(
         default=None, description="repaint a crop instead of the whole image: the repaint mask's box grown by "
         "this many pixels (and to the image's aspect ratio), at the generation size, then resized back (a small "
         "outline gets the model's full resolution); null: the whole image")

@@ -34,7 +34,8 @@ def test_a_run_measures_once_records_the_number_and_writes_the_bytes_of_that_num
     size = note["batch_size"]
     assert note["from"] == "measured" and note["device"] == "cpu" and note["per_image_bytes"] > 0
     assert note["free_bytes"] > 0 and 4 % size == 0  # a divisor of the tiny job's shard size
-    assert f"generation.batch_size auto: {size} (per image" in capsys.readouterr().err
+    assert f"generation.batch_size auto: {size}, the largest divisor of output.shard_size up to" in \
+        capsys.readouterr().err
     manifest = json.loads((Path(spec.output.dir) / "manifest.json").read_text())
     assert manifest["job"]["generation"]["batch_size"] == size
     # an explicit batch size of that number: the same fingerprint and the same bytes
@@ -69,3 +70,13 @@ def test_a_device_too_small_is_one_line_and_exit_2_with_nothing_written(tmp_path
     assert len(err) == 1 and "generation.batch_size: auto, but one image needs" in err[0]
     assert "set a batch_size, or use a device with more memory" in err[0]
     assert not (tmp_path / "out").exists()
+
+
+def test_the_output_dir_is_checked_before_anything_is_measured(tmp_path, tiny_model, capsys, monkeypatch):
+    job = write_job(tmp_path, tiny_model, generation={"batch_size": "auto"})
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "notes.txt").write_text("not synthgen's")
+    monkeypatch.setattr(batch_size, "measure", lambda *a, **k: pytest.fail("measured before the dir check"))
+    assert main(["run", str(job), "--no-ray"]) == 2
+    assert "not a synthgen output" in capsys.readouterr().err
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["notes.txt"]
