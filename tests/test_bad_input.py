@@ -308,9 +308,9 @@ CASES = [
                                  "limit of 1000000", "raise output.shard_size to at least 1000000"),
          args=("--set", "samples=1000000000000")),
     # the judge (stages/judges.py)
-    Case("judge: folder missing", ("judge.path:", "no config.json there (a relative path in a job file resolves"),
+    Case("judge: folder missing", ("judge.path:", "does not exist (a relative path in a job file resolves"),
          job={"judge": {"path": "../nowhere"}}),
-    Case("judge: folder missing, from --set", ("judge.path:", "no config.json there (set on the command line: a "
+    Case("judge: folder missing, from --set", ("judge.path:", "does not exist (set on the command line: a "
                                                "relative path there resolves against the current directory)"),
          args=("--set", "judge.path=nowhere")),
     Case("model: folder missing, section from --set", ("model.path:", "/nowhere does not exist (set on the command "
