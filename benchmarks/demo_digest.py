@@ -51,8 +51,9 @@ def main() -> int:
         return 0
     reference = json.loads(REFERENCE.read_text())
     differing = sorted(n for n in set(current) | set(reference["shards"]) if current.get(n) != reference["shards"].get(n))
-    members = member_digests(out, shards) if differing else {}
-    changed = sorted(m for m in set(members) | set(reference["members"]) if members.get(m) != reference["members"].get(m))
+    members = member_digests(out, shards) if differing else {}  # read only when a shard differs
+    changed = sorted(m for m in set(members) | set(reference["members"])
+                     if members.get(m) != reference["members"].get(m)) if differing else []
     by_kind: dict[str, int] = {}
     for name in changed:
         kind = name.split(".", 1)[1]  # keys hold no '.' (stages/sampling.py)
