@@ -11,8 +11,9 @@ calls above what the loaded stage holds gives a part per image and a fixed part 
 ``free``: on CUDA the device's free memory once the model is loaded (``torch.cuda.mem_get_info``) times the
 worker's GPU share, the peaks from ``torch.cuda.max_memory_allocated``; on CPU the machine's available memory
 (``/proc/meminfo``, within the cgroup's limit) shared by the synthesis workers, the peaks from the process's peak
-resident size (``VmHWM``, reset through ``/proc/self/clear_refs``). A batch must divide the shard size: shards hold
-whole batches, so a resumed run batches samples as an uninterrupted one.
+resident size (``VmHWM``, reset through ``/proc/self/clear_refs`` once glibc's ``malloc_trim`` has given the freed
+heap back). A batch must divide the shard size: shards hold whole batches, so a resumed run batches samples as an
+uninterrupted one.
 
 The number is written into the job's spec, so it is recorded in the manifest like any batch size and is part
 of the fingerprint (the batch size changes the bytes). A later run of the same job over that output dir takes
@@ -84,6 +85,7 @@ class _Peak:
             call()
             torch.cuda.synchronize(self.device)
             return torch.cuda.max_memory_allocated(self.device) - held
+        _trim()  # freed heap back to the system: a call's growth shows in the resident size, not reused holes
         held = _status("VmRSS")
         Path("/proc/self/clear_refs").write_text("5")  # the peak resident size starts again from the current one
         call()
@@ -96,6 +98,17 @@ class _Peak:
             torch.cuda.empty_cache()
             return torch.cuda.mem_get_info(self.device)[0]
         return available_memory()
+
+
+def _trim() -> None:
+    """glibc's ``malloc_trim(0)``: return the heap's free memory to the system (nothing where libc lacks it)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _status(field: str) -> int:
