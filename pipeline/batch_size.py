@@ -39,19 +39,20 @@ MIN_PER_IMAGE = 1 << 20
 
 
 def with_batch_size(spec: JobSpec, batch_size: int) -> JobSpec:
-    """A copy of ``spec`` with ``generation.batch_size`` set (its private load-time state kept)."""
-    out = spec.model_copy(update={"generation": spec.generation.model_copy(update={"batch_size": batch_size})})
-    for name in ("_given", "_on_command_line"):
-        setattr(out, name, getattr(spec, name))
-    return out
+    """A copy of ``spec`` with ``generation.batch_size`` set (``model_copy`` keeps its private load-time state)."""
+    return spec.model_copy(update={"generation": spec.generation.model_copy(update={"batch_size": batch_size})})
+
+
+def fits(free: float, fixed: float, per_image: float) -> int:
+    """How many images one call can hold in ``HEADROOM`` of ``free`` bytes (0 when not even one)."""
+    return max(0, math.floor((HEADROOM * free - fixed) / max(per_image, MIN_PER_IMAGE)))
 
 
 def fit(free: float, fixed: float, per_image: float, shard_size: int) -> int:
     """The largest divisor of ``shard_size`` that is at most MAX_AUTO and whose calls fit ``free`` bytes
     (``HEADROOM`` of them), or 0 when not even one image fits."""
-    per_image = max(per_image, MIN_PER_IMAGE)
-    most = min(MAX_AUTO, math.floor((HEADROOM * free - fixed) / per_image))
-    return max((d for d in range(1, max(most, 0) + 1) if shard_size % d == 0), default=0)
+    most = min(MAX_AUTO, fits(free, fixed, per_image))
+    return max((d for d in range(1, most + 1) if shard_size % d == 0), default=0)
 
 
 def available_memory() -> int:
@@ -161,8 +162,7 @@ def _measure(spec: JobSpec, workers_per_machine: int | None) -> dict[str, Any]:
         torch.cuda.empty_cache()
     return {"batch_size": fit(free, fixed, per_image, spec.output.shard_size), "device": device,
             "free_bytes": int(free), "share": round(share, 4), "fixed_bytes": int(fixed),
-            "per_image_bytes": int(per_image), "fits": max(0, math.floor((HEADROOM * free - fixed)
-                                                                        / max(per_image, MIN_PER_IMAGE))),
+            "per_image_bytes": int(per_image), "fits": fits(free, fixed, per_image),
             "measure_s": round(time.perf_counter() - started, 2)}
 
 
@@ -171,7 +171,6 @@ def recorded(spec: JobSpec) -> int | None:
     manifest, when that manifest is this job's (same fingerprint with that number); None otherwise."""
     from .dataset import load_manifest
     from .jobplan import JobPlan
-
     from .storage import location
 
     try:
@@ -224,11 +223,12 @@ def describe(note: dict[str, Any] | None) -> str:
         return f"generation.batch_size auto: {note['batch_size']}, as this output dir's first run measured"
     mib = 1 << 20
     share = "" if note["share"] == 1 else f" (this worker's {note['share']:g} of the {note['device']}'s)"
+    most = min(note["fits"], MAX_AUTO)
     line = (f"generation.batch_size auto: {note['batch_size']}, the largest divisor of output.shard_size up to "
-            f"{min(note['fits'], MAX_AUTO)} (memory fits {note['fits']} at {note['per_image_bytes'] / mib:.0f} MiB per "
+            f"{most} (memory fits {note['fits']} at {note['per_image_bytes'] / mib:.0f} MiB per "
             f"image + {note['fixed_bytes'] / mib:.0f} MiB, of {note['free_bytes'] / mib:.0f} MiB free{share} on "
             f"{note['device']}; at most {MAX_AUTO}); measured in {note['measure_s']} s")
-    if note["batch_size"] * 2 <= min(note["fits"], MAX_AUTO):
-        line += (f"; a shard size with a larger divisor (e.g. a multiple of {min(note['fits'], MAX_AUTO)}) would "
+    if note["batch_size"] * 2 <= most:
+        line += (f"; a shard size with a larger divisor (e.g. a multiple of {most}) would "
                  "batch more per call")
     return line

@@ -867,6 +867,11 @@ def _lookup(data: Any, field: str) -> Any:
     return data
 
 
+def sets(key: str, field: str) -> bool:
+    """Whether an override of dotted ``key`` sets ``field``: the field itself, or a section holding it."""
+    return field == key or field.startswith(key + ".")
+
+
 def given_paths(data: Any, overrides: Sequence[tuple[list[str], Any]], job_dir: Path,
                 override_dir: Path) -> dict[str, tuple[str, Path]]:
     """The path fields (``PATH_FIELDS``) a job sets, as written: dotted field -> (value, the folder a
@@ -876,7 +881,7 @@ def given_paths(data: Any, overrides: Sequence[tuple[list[str], Any]], job_dir: 
     for keys, value in overrides:
         key = ".".join(keys)
         for field in PATH_FIELDS:
-            if field == key or field.startswith(key + "."):
+            if sets(key, field):
                 found.pop(field, None)
                 inner = value if field == key else _lookup(value, field[len(key) + 1:])
                 if isinstance(inner, str):
@@ -1035,12 +1040,11 @@ def load_spec(path: str | Path, overrides: Sequence[str] = (), out: str | None =
         cli.append((["output", "dir"], out, f"--out {out}"))
     found = given_paths(data, [(keys, value) for keys, value, _ in cli], path.parent, Path.cwd())
     given = {field: value for field, (value, _) in found.items()}
-    on_command_line = {field for field, (_, base) in found.items() if base == Path.cwd() and any(
-        ".".join(keys) in (field, field.split(".")[0]) for keys, _, _ in cli)}
+    on_command_line = {field for field in found if any(sets(".".join(keys), field) for keys, _, _ in cli)}
     _resolve_paths(data, path.resolve().parent)
     _resolve_reference_paths(data, path.resolve().parent)
     for keys, value, item in cli:
-        if any(field == ".".join(keys) or field.startswith(".".join(keys) + ".") for field in PATH_FIELDS):
+        if any(sets(".".join(keys), field) for field in PATH_FIELDS):
             holder: dict = {}  # a path the override sets (itself, or inside a section it sets): against the cwd
             _apply(holder, keys, copy.deepcopy(value), item)
             _resolve_paths(holder, Path.cwd())

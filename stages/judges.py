@@ -277,9 +277,8 @@ def judge_problem(spec: Any) -> str | None:
     where = f"judge.path: {j.path}"
     what = "a transformers image-classification folder" if j.kind == "classifier" else "a transformers CLIP folder"
     if not (folder / "config.json").is_file():
-        origin = spec.origin("judge.path") if hasattr(spec, "origin") else ""
         missing = "does not exist" if not folder.exists() else "no config.json there"
-        return f"{where}: {missing}{f' ({origin})' if origin else ''}; give {what} (save_pretrained)"
+        return f"{where}: {missing} ({spec.origin('judge.path')}); give {what} (save_pretrained)"
     try:
         config = json.loads((folder / "config.json").read_text())
     except (OSError, ValueError) as err:
