@@ -306,6 +306,8 @@ def options_on(spec) -> list[str]:
     return [*([f"guidance_cutoff {gen.guidance_cutoff:g}"] if gen.guidance_cutoff is not None else []),
             *([f"cache_interval {gen.cache_interval}"] if gen.cache_interval is not None else []),
             *([f"excite (steps {gen.excite.steps:g}, scale {gen.excite.scale:g})"] if gen.excite is not None else []),
+            *([f"early_check (step {gen.early_check.step:g}, min_score {gen.early_check.min_score:g})"]
+              if gen.early_check is not None else []),
             *(["model.compile"] if spec.model.compile else []),
             *([f"class tokens {spec.given('model.class_tokens')}"] if spec.model.class_tokens is not None else [])]
 

@@ -131,6 +131,7 @@ def check_model(spec: JobSpec, source: str) -> None:
         check_guidance_cutoff(spec, family, source)
         check_cache_interval(spec, family, source)
         check_excite(spec, family, source)
+        check_early_check(spec, family, None, source)
         return
     if not folder.is_dir():
         given = spec.given("model.path") or ""
@@ -147,6 +148,7 @@ def check_model(spec: JobSpec, source: str) -> None:
     check_guidance_cutoff(spec, family, source)
     check_cache_interval(spec, family, source)
     check_excite(spec, family, source)
+    check_early_check(spec, family, folder, source)
     check_inpainting_model(spec, folder, family, source)
     index = _read_json(folder / "model_index.json", source)
     schedulers = getattr(family, "schedulers", None)
@@ -199,6 +201,33 @@ def check_excite(spec: JobSpec, family: type[ModelFamily] | None, source: str) -
         fix = "set one of the two to null"
     if problem:
         raise SpecError(f"{source}: generation.excite: {problem}; {fix}")
+
+
+def check_early_check(spec: JobSpec, family: type[ModelFamily] | None, folder: Path | None, source: str) -> None:
+    """``generation.early_check`` (stages/early_check.py) is the judge's check on a UNet call's predicted clean image:
+    refused without a judge, on the MM-DiT families, on image-guided jobs and with a scheduler that predicts no clean
+    image (the folder's own, read from its scheduler config, or the one the job names)."""
+    gen = spec.generation
+    if getattr(gen, "early_check", None) is None:
+        return
+    from stages.early_check import clean_problem
+    from stages.model import SCHEDULERS
+
+    problem, fix = family.early_check_problem() if family is not None else None, "set generation.early_check: null"
+    if problem is None and getattr(spec, "references", None) is not None:
+        problem = "it checks text-to-image draws; a job with references (img2img, inpainting) cannot take it"
+    if problem is None and getattr(spec, "judge", None) is None:
+        problem, fix = "it is the judge's check part-way through a draw, and the job has no judge", "add a judge section"
+    if problem is None:
+        if gen.scheduler != "default":
+            cls, overrides = SCHEDULERS[gen.scheduler]
+            problem = clean_problem(cls.__name__, overrides)
+        elif folder is not None and (folder / "scheduler" / "scheduler_config.json").is_file():
+            config = _read_json(folder / "scheduler" / "scheduler_config.json", source)
+            problem = clean_problem(str(config.get("_class_name")), config)
+        fix = "or set generation.early_check: null"
+    if problem:
+        raise SpecError(f"{source}: generation.early_check: {problem}; {fix}")
 
 
 #: input channels of the UNet of an inpainting checkpoint: 4 latent + 1 mask + 4 masked-image latent

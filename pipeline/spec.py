@@ -226,6 +226,15 @@ class ExciteSpec(_Strict):
         "(20 overshoots it); 0 measures the loss (gen's excite.loss) without nudging")
 
 
+class EarlyCheckSpec(_Strict):
+    step: Annotated[float, Field(gt=0.0, lt=1.0)] = Field(
+        default=0.7, description="fraction of the denoising steps after which each sample is checked (0.7 of 20: "
+        "after step 14)")
+    min_score: Annotated[float, Field(ge=0.0, le=1.0)] = Field(
+        default=0.05, description="a sample stops when the judge scores a prompted class below this on its "
+        "predicted clean image (looser than judge.min_score: that image is still blurred)")
+
+
 class GenerationSpec(_Strict):
     steps: PositiveInt = Field(default=25, description="denoising steps")
     guidance_scale: float = Field(default=7.5, ge=0.0, description="classifier-free guidance scale")
@@ -249,10 +258,15 @@ class GenerationSpec(_Strict):
         "first steps (stages/families/excite.py); true: the defaults; text-to-image on the UNet families; each "
         "sample's gen records excite.loss, 1 - its weakest class's peak at each nudged step")
 
-    @field_validator("excite", mode="before")
+    early_check: EarlyCheckSpec | None = Field(
+        default=None, description="early rejection: part-way through each text-to-image draw the judge reads the "
+        "predicted clean image on the attention crops so far; a sample it fails stops there (its redraw starts; "
+        "stages/early_check.py); true: the defaults; needs a judge; UNet families, schedulers dpm++ / ddim / euler")
+
+    @field_validator("excite", "early_check", mode="before")
     @classmethod
-    def _excite_shorthand(cls, v: Any) -> Any:
-        """``excite: true`` turns it on with the defaults, ``false`` leaves it off."""
+    def _section_shorthand(cls, v: Any) -> Any:
+        """``excite: true`` / ``early_check: true`` turn it on with the defaults, ``false`` leaves it off."""
         return {} if v is True else None if v is False else v
     redraws: Annotated[int, Field(ge=0, le=100)] = Field(
         default=0, description="a sample the checks reject (judge, masks, labels, filters but dedup) is drawn "
@@ -689,6 +703,8 @@ class JobSpec(_Strict):
             exclude["generation"] = {*exclude.get("generation", ()), "cache_interval"}
         if self.generation.excite is None:
             exclude["generation"] = {*exclude.get("generation", ()), "excite"}
+        if self.generation.early_check is None:
+            exclude["generation"] = {*exclude.get("generation", ()), "early_check"}
         if self.judge is None:
             exclude["judge"] = True
         if self.filters.max_missing_instances is None:

@@ -316,15 +316,43 @@ class AttentionCapture:
         if run["step"] != run["num_steps"]:
             raise RuntimeError(f"saw {run['step']} of {run['num_steps']} step-end callbacks: pass "
                                "callback_on_step_end=capture.on_step_end to the pipeline")
-        window = len(run["window"])
+        return self._maps(run, run["window"])
+
+    @torch.no_grad()
+    def so_far(self) -> dict[str, torch.Tensor]:
+        """The maps :meth:`finish` would give if the call ended now: the window's steps seen so far (all zeros
+        when none was); the running sums go on (generation.early_check reads them mid-call)."""
+        run = self._run
+        if run is None:
+            raise RuntimeError("so_far() without begin()")
+        window = run["window"]
+        seen = range(window.start, max(window.start, min(window.stop, run["step"])))
+        if not len(seen):
+            k = run["weights"].shape[1]
+            zeros = torch.zeros(run["batch"], k, *run["latent_hw"], device=run["weights"].device)
+            return {"attn_raw": zeros, "attn": zeros}
+        return self._maps(run, seen)
+
+    def keep(self, rows: Sequence[int]) -> None:
+        """Drop every image of the call but ``rows`` (their order) from the running sums: the pipeline goes on
+        with those rows only (generation.early_check stops the others)."""
+        run = self._run
+        index = torch.as_tensor(list(rows), dtype=torch.long, device=run["positions"].device)
+        run["batch"] = len(rows)
+        run["positions"], run["weights"] = run["positions"][index], run["weights"][index]
+        run["cross"] = {lv: v[index] for lv, v in run["cross"].items()}
+        if run["self"] is not None:
+            run["self"] = run["self"][index]
+
+    def _maps(self, run: dict, window: range) -> dict[str, torch.Tensor]:
         steps = {}  # (kind, level) -> the window steps it ran
         for key, n in sorted(self._captured_counts().items()):
-            steps[key] = len(run["ran"].get(key, ())) if self.partial_steps else window
+            steps[key] = len(run["ran"].get(key, ())) if self.partial_steps else len(window)
             if run["calls"][key] != n * steps[key] or not steps[key]:
                 raise RuntimeError(f"{key[0]} capture at level {key[1]} ran {run['calls'][key]} times, expected "
-                                   f"{n} layers × {steps[key] or window} steps: were the UNet's attention processors "
-                                   "replaced" + (", or did feature reuse skip it on every step of masks.step_window?"
-                                                 if self.partial_steps else "?"))
+                                   f"{n} layers × {steps[key] or len(window)} steps: were the UNet's attention "
+                                   "processors replaced" + (", or did feature reuse skip it on every step of "
+                                                            "masks.step_window?" if self.partial_steps else "?"))
         batch, latent_hw, weights = run["batch"], run["latent_hw"], run["weights"]
         levels = []
         for level in self.cross_levels:

@@ -97,10 +97,12 @@ def outline_verdict(scores: dict, opts: Any) -> str:
 
 def row_verdict(spec: Any, gen: Any, scores: Any, class_names: Any) -> str:
     """The reason one row fails every check but dedup ("" when it passes), from its ``gen`` and ``scores``
-    JSON and its class names: non-finite, then the judge, then the inpainting or the mask checks."""
+    JSON and its class names: non-finite, then a stop part-way, the judge, the inpainting or the mask checks."""
     if is_marked(gen):
         return NON_FINITE
     g = json.loads(str(gen)) if str(gen) else {}
+    if "stopped" in g:  # generation.early_check stopped it part-way (stages/early_check.py)
+        return g["stopped"]["reason"]
     judge = getattr(spec, "judge", None)
     if judge is not None and "judge" in g:
         from .judges import verdict as judged

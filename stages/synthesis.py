@@ -122,10 +122,20 @@ class SynthesisStage(Stage):
             record["class_tokens"] = class_tokens.digest(tokens)
         if self.excite is not None:
             record["excite"] = gen.excite.model_dump(mode="json")
+        early = getattr(gen, "early_check", None)
+        if early is not None:
+            record["early_check"] = early.model_dump(mode="json")
         self.gen_json = json.dumps(record)
         from .judges import load_judge
 
         self.judge = load_judge(spec)
+        self.early = None
+        if early is not None:  # the judge on each row's predicted clean image part-way (stages/early_check.py)
+            from .early_check import EarlyCheck
+
+            if self.judge is None:
+                raise ValueError("generation.early_check is the judge's check part-way: the job needs a judge")
+            self.early = EarlyCheck(self.family, self.judge, early.step, early.min_score)
         self.redraws = None
         if getattr(gen, "redraws", 0):
             from .redraw import SampleChecks
@@ -195,12 +205,28 @@ class SynthesisStage(Stage):
             lengths = [len(self.pipe.tokenizer(p, truncation=True).input_ids) for p in prompts]
             self.excite.begin(token_index, lengths, steps, self.excite_grid)
             excite = self.excite
+        early = None
+        if self.early is not None and strength is None:  # generation.early_check: rows may stop part-way
+            early = self.early
+            early.begin(prompts, [json.loads(batch["class_names"][i]) for i in rows], steps, generators,
+                        self.capture, excite)
         cutoff = getattr(gen, "guidance_cutoff", None)  # chained after the capture's callback (family.step_end)
-        out = self.family.run(kwargs, generators, gen.steps, gen.guidance_scale, gen.height, gen.width,
-                              callback, image=image, strength=strength,
-                              mask=None if not inpaint else call_mask.astype(np.float32),
-                              **({} if cutoff is None else {"guidance_cutoff": cutoff}),
-                              **({} if excite is None else {"excite": excite}))
+        from .early_check import AllStopped
+
+        try:
+            out = self.family.run(kwargs, generators, gen.steps, gen.guidance_scale, gen.height, gen.width,
+                                  callback, image=image, strength=strength,
+                                  mask=None if not inpaint else call_mask.astype(np.float32),
+                                  **({} if cutoff is None else {"guidance_cutoff": cutoff}),
+                                  **({} if excite is None else {"excite": excite}),
+                                  **({} if early is None else {"early": early}))
+        except AllStopped:
+            out = None
+        maps = self.capture.finish() if self.capture is not None and out is not None else None
+        stopped: dict[int, tuple] = {}
+        if early is not None:  # the stopped rows' previews in their places
+            out, maps, stopped = early.finish(out, maps)
+            maps = maps if self.capture is not None else None
         bad, out = finite.bad_rows(out), finite.zeroed(out)  # non-finite rows: marked in gen, never labelled
         images = (np.clip(out, 0.0, 1.0) * 255).round().astype(np.uint8)
         if inpaint:  # outside the repaint mask: the reference's own pixels, exactly
@@ -214,7 +240,6 @@ class SynthesisStage(Stage):
             new["gen"] = np.array([json.dumps({**record, "excite": {**record["excite"], "loss": loss}})
                                    for loss in excite.finish()], dtype=str)
         if self.capture is not None:
-            maps = self.capture.finish()
             if inpaint:  # maps of a crop (references.inpaint.crop_padding) on the whole image's grid
                 from .inpaint import maps_from_crop
 
@@ -225,6 +250,10 @@ class SynthesisStage(Stage):
             # float32 maps, narrow ones stretched to [0, 1] before the float16 hand-over (stages/attention.py)
             new.update({k: fp16_safe(v.float()).to(torch.float16).cpu().numpy() for k, v in maps.items()})
         new["gen"] = finite.mark(new["gen"], bad)
+        if stopped:  # the step each stopped row ran to and why (the filters reject it with that reason)
+            new["gen"] = np.array([json.dumps({**json.loads(g), "stopped": {"step": stopped[j][0],
+                                                                            "reason": stopped[j][1]}})
+                                   if j in stopped else g for j, g in enumerate(new["gen"])], dtype=str)
         if self.judge is not None:  # each prompted class's score, in class order (the filters' verdict reads it)
             classes = [json.loads(batch["class_names"][i]) for i in rows]
             maps, region = new.get("attn"), None

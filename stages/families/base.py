@@ -204,6 +204,14 @@ class ModelFamily:
         return None
 
     @classmethod
+    def early_check_problem(cls) -> str | None:
+        """Why this family cannot take ``generation.early_check`` (stages/early_check.py); None when it can."""
+        if cls.denoiser != "unet":
+            return (f"{cls.title} ({cls.name}) is not supported: the check drops stopped rows from a UNet call's "
+                    "batch, and the MM-DiT pipelines' per-call state is not sliced")
+        return None
+
+    @classmethod
     def class_tokens_problem(cls) -> str | None:
         """Why this family cannot take ``model.class_tokens`` (tuned class-name tokens, stages/class_tokens.py); None
         when it can: they are tuned for the single CLIP text encoder of SD 1.x/2.x."""
@@ -326,11 +334,19 @@ class ModelFamily:
         return len(scheduler.timesteps[start * scheduler.order:])
 
     def step_end(self, pipe, callback: Callable | None, guidance_cutoff: float | None,
-                 excite: Callable | None = None) -> dict[str, Any]:
+                 excite: Callable | None = None, early: Callable | None = None) -> dict[str, Any]:
         """The call's step-end kwargs: ``excite`` (``generation.excite``: it moves the latents, reading the
         conditional embeddings), ``callback`` (the capture's), then with ``guidance_cutoff`` a
-        :class:`GuidanceCutoff` over the CFG-batched tensors ``pipe`` lists, with the tensor inputs they need.
-        ValueError (one line) when ``pipe`` does not hand every CFG-batched tensor to its callback."""
+        :class:`GuidanceCutoff` over the CFG-batched tensors ``pipe`` lists, then ``early``
+        (``generation.early_check``: it drops rows from the latents and those tensors), with the tensor inputs
+        they need. ValueError (one line) when ``pipe`` does not hand every CFG-batched tensor to its callback."""
+        if early is not None:
+            kwargs = self.step_end(pipe, callback, guidance_cutoff, excite)
+            listed = list(getattr(pipe, "_callback_tensor_inputs", ()))
+            inputs = list(kwargs.get("callback_on_step_end_tensor_inputs", ["latents"]))
+            inputs += [t for t in ("latents", *(self.cfg_tensors or ())) if t in listed and t not in inputs]
+            return {"callback_on_step_end": chain(kwargs.get("callback_on_step_end"), early),
+                    "callback_on_step_end_tensor_inputs": inputs}
         if excite is not None:
             listed = list(getattr(pipe, "_callback_tensor_inputs", ()))
             inputs = ["latents", "prompt_embeds", *(t for t in ("add_text_embeds", "add_time_ids") if t in listed)]
@@ -351,6 +367,32 @@ class ModelFamily:
         return {"callback_on_step_end": chain(callback, GuidanceCutoff(guidance_cutoff, tensors)),
                 "callback_on_step_end_tensor_inputs": ["latents", *tensors]}
 
+    def decode_latents(self, latents: "torch.Tensor") -> "np.ndarray":
+        """Float images (B, H, W, 3) in [0, 1] of (clean) latents, decoded as the pipeline decodes its last ones
+        (the VAE's scaling, its latents mean / std where its config has them, fp16 VAEs that need it upcast)."""
+        import torch
+
+        vae = self.pipe.vae
+        config = vae.config
+        upcast = vae.dtype == torch.float16 and getattr(config, "force_upcast", False)
+        if upcast:
+            vae.to(dtype=torch.float32)
+        try:
+            z = latents.to(device=vae.device, dtype=vae.dtype)
+            mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
+            if mean is not None and std is not None:
+                shape = (1, -1, 1, 1)
+                z = z * torch.tensor(std, dtype=z.dtype, device=z.device).view(shape) / config.scaling_factor \
+                    + torch.tensor(mean, dtype=z.dtype, device=z.device).view(shape)
+            else:
+                z = z / config.scaling_factor
+            with torch.no_grad():
+                image = vae.decode(z, return_dict=False)[0]
+        finally:
+            if upcast:
+                vae.to(dtype=torch.float16)
+        return self.pipe.image_processor.postprocess(image.float(), output_type="np")
+
     def reuse_features(self, interval: int) -> None:
         """``generation.cache_interval``: the denoiser's deep blocks run on every ``interval``-th call of each
         pipeline call (stages/families/feature_reuse.py); the img2img / inpainting pipelines share the UNet."""
@@ -369,7 +411,8 @@ class ModelFamily:
     def run(self, kwargs: dict[str, Any], generators: list, steps: int, guidance_scale: float, height: int,
             width: int, callback: Callable | None = None, image: "np.ndarray | None" = None,
             strength: float | None = None, mask: "np.ndarray | None" = None,
-            guidance_cutoff: float | None = None, excite: Callable | None = None) -> "np.ndarray":
+            guidance_cutoff: float | None = None, excite: Callable | None = None,
+            early: Callable | None = None) -> "np.ndarray":
         """One pipeline call; float images (B, H, W, 3) in [0, 1] as the pipeline returns them. ``image``:
         img2img from it; with ``mask`` (float (B, H, W), 1 = repaint) inpainting inside the mask;
         ``guidance_cutoff``: CFG stops after that fraction of the steps (``step_end``)."""
@@ -383,7 +426,7 @@ class ModelFamily:
         else:
             pipe = self.img2img()
             call.update(image=image, strength=strength)
-        call.update(self.step_end(pipe, callback, guidance_cutoff, excite))
+        call.update(self.step_end(pipe, callback, guidance_cutoff, excite, early))
         if self.reuse is not None:  # every call starts with a full denoiser pass: an image depends on its call only
             self.reuse.reset()
         return pipe(num_inference_steps=steps, guidance_scale=guidance_scale, output_type="np", **call).images

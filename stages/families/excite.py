@@ -82,7 +82,7 @@ class Excite:
         excited = max(1, math.ceil(self.fraction * num_steps)) if self.fraction > 0 else 0
         self.run = {"groups": [list(map(list, g)) for g in token_index], "lengths": list(prompt_lengths),
                     "steps": num_steps, "excited": min(excited, num_steps - 1), "grid": grid,
-                    "loss": [[] for _ in token_index]}
+                    "loss": [[] for _ in token_index], "alive": list(range(len(token_index)))}
 
     def losses(self, latents: torch.Tensor, timestep, embeds: torch.Tensor, added: dict | None) -> torch.Tensor:
         """Each row's loss (B,), differentiable in ``latents``."""
@@ -130,7 +130,7 @@ class Excite:
             z = latents.detach().float().requires_grad_(True)
             model_in = pipe.scheduler.scale_model_input(z, t_next).to(latents.dtype)
             loss = self.losses(model_in, t_next, embeds, added)
-            for b, value in enumerate(loss.detach().tolist()):
+            for b, value in zip(run["alive"], loss.detach().tolist()):
                 run["loss"][b].append(round(value, 4))
             if self.scale > 0:
                 (grad,) = torch.autograd.grad(loss.sum(), z)
@@ -139,7 +139,17 @@ class Excite:
         callback_kwargs["latents"] = latents
         return callback_kwargs
 
+    def keep(self, rows: Sequence[int]) -> None:
+        """Go on with these rows of the call only (generation.early_check stopped the others); every row's losses so
+        far stay for :meth:`finish`."""
+        run = self.run
+        if run is None:
+            return
+        run["groups"] = [run["groups"][b] for b in rows]
+        run["lengths"] = [run["lengths"][b] for b in rows]
+        run["alive"] = [run["alive"][b] for b in rows]
+
     def finish(self) -> list[list[float]]:
-        """Each row's loss at every excited step, in step order."""
+        """Each row of the call's loss at every excited step, in step order."""
         run, self.run = self.run, None
         return [] if run is None else run["loss"]

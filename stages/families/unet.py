@@ -32,6 +32,12 @@ class UNetCapture:
     def finish(self):
         return self.capture.finish()
 
+    def so_far(self):
+        return self.capture.so_far()
+
+    def keep(self, rows) -> None:
+        self.capture.keep(rows)
+
     def allow_partial_steps(self) -> None:
         """Feature reuse (generation.cache_interval) skips the deep levels on some steps: average each level over
         the steps it ran."""
