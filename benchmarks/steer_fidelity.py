@@ -11,7 +11,8 @@ Option sets: ``none``; ``redraws`` (generation.redraws: a sample the masks / lab
 is drawn again); ``judge`` (the bundled judge, pipeline/models/shapes-judge, on each class's attention
 crop, ``judge.region: attention``) without and with redraws; ``oracle`` (the oracle as the judge: a bound
 on what a perfect judge gives, circular as a measure); ``excite`` (``generation.excite``, Attend-and-Excite) alone
-and with the demo's judge and redraws; with ``--class-tokens FILE`` (``synthgen tune-tokens``) ``tokens`` alone and
+and with the demo's judge and redraws; ``early+judge+redraws`` (``generation.early_check``: a sample the judge fails
+on its predicted clean image part-way stops there, then is redrawn); with ``--class-tokens FILE`` (``synthgen tune-tokens``) ``tokens`` alone and
 with the judge and redraws. The judge's own error is measured first, on one
 draw of each prompt: per object and per image, against the oracle.
 
@@ -34,10 +35,13 @@ from pipeline.spec import load_spec
 JUDGE = REPO / "pipeline" / "models" / "shapes-judge"
 #: Attend-and-Excite at the bundled model's scale (tests/test_excite.py: 20, the paper's for SD 1.5, overshoots it)
 EXCITE = "generation.excite={steps: 0.5, scale: 5}"
+#: early rejection (generation.early_check): the judge on the predicted clean image after 0.7 of the steps, stopping
+#: samples it scores a prompted class below 0.05 (the preview is still blurred: the job's 0.5 would stop right ones)
+EARLY = "generation.early_check={step: 0.7, min_score: 0.05}"
 HELD_OUT_JOB_SEED = 11  # the demo job's seed is 0; the judge, the calibration and the defaults never saw this one
 
 
-def option_sets(redraws: int, class_tokens: str | None = None) -> dict[str, list[str]]:
+def option_sets(redraws: int, class_tokens: str | None = None, early: str = EARLY) -> dict[str, list[str]]:
     """Each set states every option (the demo job itself turns the judge and redraws on); with ``class_tokens``
     (a ``synthgen tune-tokens`` file) also ``tokens`` and ``tokens+judge+redraws``."""
     judge = [f"judge={{path: {JUDGE}, region: attention}}"]
@@ -54,6 +58,7 @@ def option_sets(redraws: int, class_tokens: str | None = None) -> dict[str, list
         "oracle+redraws": ["judge={kind: shapes-oracle}", again],
         "excite": [*off, "generation.redraws=0", EXCITE],
         "excite+judge+redraws": [*judge, again, EXCITE],
+        "early+judge+redraws": [*judge, again, early],
     }
 
 
@@ -61,6 +66,7 @@ def run_option(job: str, base: list[str], extra: list[str]) -> dict:
     """One option set: the job's stages chained in this process (``pipeline.graph.run_in_process``, as
     ``synthgen run --no-ray`` chains them, without writing), timed whole with the model load; the oracle reads
     each kept sample's image as drawn (the shards' JPEG would add the codec's error to the oracle's)."""
+    from stages.early_check import STOPPED
     from stages.judges import ShapesOracleJudge
 
     from pipeline.graph import run_in_process
@@ -70,9 +76,12 @@ def run_option(job: str, base: list[str], extra: list[str]) -> dict:
     t0 = time.perf_counter()
     spec = load_spec(job, [*base, *extra], out=tempfile.mkdtemp())
     plan = JobPlan(spec)
-    kept, ok, attempts = 0, [], []
+    kept, ok, attempts, stopped = 0, [], [], 0
     for batch in run_in_process(plan, list(range(plan.shards.num_shards))):
-        attempts += [json.loads(str(g)).get("attempt", 0) + 1 for g in batch["gen"]]
+        gens = [json.loads(str(g)) for g in batch["gen"]]
+        attempts += [g.get("attempt", 0) + 1 for g in gens]
+        stopped += sum(sum(r["reason"].startswith(STOPPED) for r in g.get("rejected", [])) + ("stopped" in g)
+                       for g in gens)
         for image, keep, prompt, names in zip(batch["image"], batch["keep"], batch["prompt"], batch["class_names"]):
             if keep:
                 kept += 1
@@ -82,7 +91,7 @@ def run_option(job: str, base: list[str], extra: list[str]) -> dict:
     return {"samples": n, "kept": kept, "kept_share": round(kept / n, 3),
             "fidelity_of_kept": round(float(np.mean(ok)), 3) if ok else None,
             "kept_and_right_share": round(sum(ok) / n, 3), "draws": int(sum(attempts)),
-            "draws_per_sample": round(sum(attempts) / n, 3), "wall_s": round(wall, 1),
+            "draws_per_sample": round(sum(attempts) / n, 3), "stopped_early": stopped, "wall_s": round(wall, 1),
             "seconds_per_kept": round(wall / max(kept, 1), 3)}
 
 
@@ -124,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", nargs="*", help="option sets to run (default: all)")
     ap.add_argument("--class-tokens", metavar="FILE", help="a `synthgen tune-tokens` file: also run the option sets "
                     "tokens and tokens+judge+redraws with it as model.class_tokens")
+    ap.add_argument("--early", default=EARLY, metavar="KEY=VALUE", help=f"early+judge+redraws' early check ({EARLY})")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="another job override for every run (e.g. generation.steps=4 for a quick look)")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "steer_fidelity.json"))
@@ -138,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     result["judge_error"] = judge_error(args.job, base, args.n)
     print("judge vs oracle:", json.dumps(result["judge_error"]), flush=True)
     runs = {}
-    sets = option_sets(args.redraws, None if args.class_tokens is None else str(Path(args.class_tokens).resolve()))
+    sets = option_sets(args.redraws, None if args.class_tokens is None else str(Path(args.class_tokens).resolve()),
+                       args.early)
     for name, extra in sorted(sets.items(), key=lambda item: item[0] != "none"):  # none first: the cost's base
         if args.only and name not in args.only:
             continue
