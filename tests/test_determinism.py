@@ -187,10 +187,12 @@ def committed(out: Path) -> list[str]:
 def demo_job(tmp_path_factory, tiny_model) -> Path:
     """The tiny job at 12 samples in 3 shards with jobs/shapes-demo.yaml's parallel settings, its scheduler and
     guidance, and 8 steps (a synthesis batch takes long enough for shards to commit one at a time); samples the
-    shapes-world oracle judges wrong are drawn again, twice at most (stages/redraw.py)."""
+    shapes-world oracle judges wrong are drawn again, twice at most (stages/redraw.py), and a draw it judges wrong
+    on its predicted clean image after 7 of the 8 steps stops there (generation.early_check)."""
     folder = tmp_path_factory.mktemp("demo-settings")
     return write_job(folder, tiny_model, samples=12, resources=DEMO_RESOURCES,
-                     generation={"steps": 8, "scheduler": "default", "guidance_scale": 5.0, "redraws": 2},
+                     generation={"steps": 8, "scheduler": "default", "guidance_scale": 5.0, "redraws": 2,
+                                 "early_check": {"step": 0.875, "min_score": 0.5}},
                      filters=dict(TINY_JOB["filters"], dedup_threshold=2), judge={"kind": "shapes-oracle"})
 
 
@@ -218,9 +220,11 @@ def test_ray_in_process_and_killed_ray_runs_write_the_same_bytes(demo_job, tmp_p
     spec = load_spec(demo_job, out=str(tmp_path / "in-process"))
     assert spec.filters.dedup_threshold == 2 and spec.resources.synthesis.actors == 2 and ShardPlan.from_spec(spec).num_shards == 3
     run_job(spec, use_ray=False, progress=False)
-    attempts = [json.loads(r["other"])["attempt"] for r in
-                pq.read_table(tmp_path / "in-process" / "index.parquet").column("scores").to_pylist()]
+    others = [json.loads(r["other"]) for r in
+              pq.read_table(tmp_path / "in-process" / "index.parquet").column("scores").to_pylist()]
+    attempts = [o["attempt"] for o in others]
     assert len(attempts) == 12 and max(attempts) >= 1, attempts  # redraws happened: the comparison covers them
+    assert any(r["reason"].startswith("early:") for o in others for r in o["rejected"]), others  # and early stops
 
     ray_out = tmp_path / "ray"
     run = CliRun(demo_job, tmp_path, "--out", str(ray_out))
