@@ -3,7 +3,7 @@
 On the bundled model with its judge, 3-object prompts: a row the judge fails on its predicted clean image after the
 check's step stops there (the UNet runs the remaining steps on the other rows only), is delivered with its preview
 and the reason ``early:judge:<class>``, and the filters reject it so; the other rows are drawn as without the check.
-With redraws the stopped attempts are recorded and a rerun writes the same bytes. SDXL drops rows with its added
+With redraws the stopped attempts are recorded in the index. SDXL drops rows with its added
 conditioning; a call whose rows all stop ends there. What cannot take it is one line at validate.
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import REPO, member_hashes, write_job
+from conftest import REPO, write_job
 from family_models import build_sdxl
 from mmdit_models import build_sd3
 from pipeline.cli import main
@@ -82,14 +82,11 @@ def test_a_sample_failing_the_check_stops_there_and_is_rejected_with_its_reason(
     assert gens[0]["early_check"] == {"step": 0.5, "min_score": 0.5}
 
 
-def test_redrawn_stops_are_recorded_and_a_rerun_writes_the_same_bytes(tmp_path, tiny_model):
+def test_redrawn_stops_are_recorded_in_the_index(tmp_path, tiny_model):
+    """(Ray, in-process and killed-and-resumed runs with early stops write the same bytes: tests/test_determinism.py.)"""
     path = job(tmp_path, tiny_model, {"step": 0.5, "min_score": 0.5}, redraws=2)
-    outs = []
-    for name in ("a", "b"):
-        spec = load_spec(path, out=str(tmp_path / name))
-        run_job(spec, use_ray=False, progress=False)
-        outs.append(tmp_path / name)
-    assert member_hashes(outs[0]) == member_hashes(outs[1])
+    outs = [tmp_path / "a"]
+    run_job(load_spec(path, out=str(outs[0])), use_ray=False, progress=False)
     rows = pq.read_table(outs[0] / "index.parquet").to_pylist()
     others = [json.loads(r["scores"]["other"]) for r in rows]
     reasons = [r["reason"] for o in others for r in o.get("rejected", [])]

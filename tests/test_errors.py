@@ -188,8 +188,9 @@ def test_run_against_a_cluster_that_wants_a_token_is_one_line_at_once(monkeypatc
     assert token_refusal("ray://head:10001") == ""  # Ray Client: not a GCS address
 
 
-@pytest.mark.parametrize("runner", [[], ["--no-ray"]], ids=["ray", "no-ray"])
+@pytest.mark.parametrize("runner", [["--no-ray"]], ids=["no-ray"])
 def test_a_normal_run_prints_no_library_noise(tmp_path, tiny_model, runner):
+    """Under a run's own local Ray: tests/test_determinism.py (CliRun.noise, on its resumed Ray run)."""
     job = write_job(tmp_path, tiny_model, samples=2, output={"dir": str(tmp_path / "out"), "shard_size": 2})
     temp = tempfile.mkdtemp(prefix="sg-quiet-", dir="/tmp")  # this run's own local Ray (own ports, own files)
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
