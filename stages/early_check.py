@@ -123,7 +123,7 @@ class EarlyCheck:
                 keep.append(j)
                 continue
             run["stopped"][i] = {"image": images[j], "maps": {k: v[j] for k, v in maps.items()},
-                                 "judge": [round(float(x), 4) for x in sc], "reason": STOPPED + reason}
+                                 "reason": STOPPED + reason}
         if len(keep) == batch:
             return kwargs
         if not keep:
@@ -149,26 +149,13 @@ class EarlyCheck:
     def finish(self, images: np.ndarray | None, maps: dict[str, torch.Tensor] | None) -> tuple:
         """(images, maps, stopped) of every row of the call: the call's outputs for the rows that ran to the end
         (``images`` / ``maps`` of those rows, None when all stopped), the preview for the stopped ones, and
-        {row: (step, reason, judge scores)} of the stopped rows."""
+        {row: (step, reason)} of the stopped rows (their judge scores: the synthesis stage reads the preview as any
+        image)."""
         run, self.run = self.run, None
-        n = len(run["prompts"])
         ran = {i: j for j, i in enumerate(run["alive"])} if images is not None else {}
-        first = images[0] if images is not None else next(iter(run["stopped"].values()))["image"]
-        full = np.zeros((n, *first.shape), dtype=np.float32)
-        names = list(maps or next(iter(run["stopped"].values()))["maps"])
-        full_maps = {}
-        for k in names:
-            sample = maps[k][0] if maps else next(iter(run["stopped"].values()))["maps"][k]
-            full_maps[k] = torch.zeros((n, *sample.shape), dtype=sample.dtype, device=sample.device)
-        for i in range(n):
-            if i in ran:
-                full[i] = images[ran[i]]
-                for k in names:
-                    full_maps[k][i] = maps[k][ran[i]]
-            else:
-                part = run["stopped"][i]
-                full[i] = part["image"]
-                for k in names:
-                    full_maps[k][i] = part["maps"][k]
-        stopped = {i: (run["at"], s["reason"], s["judge"]) for i, s in run["stopped"].items()}
+        parts = [(images[ran[i]], {k: v[ran[i]] for k, v in (maps or {}).items()}) if i in ran
+                 else (run["stopped"][i]["image"], run["stopped"][i]["maps"]) for i in range(len(run["prompts"]))]
+        full = np.stack([image for image, _ in parts]).astype(np.float32)
+        full_maps = {k: torch.stack([m[k] for _, m in parts]) for k in parts[0][1]}
+        stopped = {i: (run["at"], s["reason"]) for i, s in run["stopped"].items()}
         return full, full_maps, stopped
