@@ -165,6 +165,7 @@ class SynthesisStage(Stage):
         (``inpaint``: inpainting, stages/inpaint.py) call at ``strength``."""
         gen = self.spec.generation
         prompts = [str(batch["prompt"][i]) for i in rows]
+        classes = [json.loads(batch["class_names"][i]) for i in rows]
         generators = [torch.Generator("cpu").manual_seed(int(batch["seed"][i])) for i in rows]
         kwargs = self.family.conditioning(prompts, [conds[i] for i in rows])
         image = outlines = None
@@ -190,11 +191,11 @@ class SynthesisStage(Stage):
             image = np.stack(images).astype(np.float32) / 255.0
         callback = excite = None
         token_index = []
-        for i, prompt in zip(rows, prompts) if self.capture is not None or self.excite is not None else ():
+        tokens_needed = self.capture is not None or self.excite is not None
+        for i, prompt, names in zip(rows, prompts, classes) if tokens_needed else ():
             groups = json.loads(batch["token_index"][i])
-            classes = json.loads(batch["class_names"][i])
-            if len(groups) != len(classes):
-                raise ValueError(f"row {i}: {len(classes)} class names but {len(groups)} token groups")
+            if len(groups) != len(names):
+                raise ValueError(f"row {i}: {len(names)} class names but {len(groups)} token groups")
             if inpaint:  # only the repainted class is prompted (the others are labels): its map, if named
                 groups = [g for g in groups[:1] if g]
             token_index.append(self.family.capture_token_index(prompt, groups))
@@ -208,8 +209,7 @@ class SynthesisStage(Stage):
         early = None
         if self.early is not None and strength is None:  # generation.early_check: rows may stop part-way
             early = self.early
-            early.begin(prompts, [json.loads(batch["class_names"][i]) for i in rows], steps, generators,
-                        self.capture, excite)
+            early.begin(prompts, classes, steps, generators, self.capture, excite)
         cutoff = getattr(gen, "guidance_cutoff", None)  # chained after the capture's callback (family.step_end)
         from .early_check import AllStopped
 
@@ -226,7 +226,6 @@ class SynthesisStage(Stage):
         stopped: dict[int, tuple] = {}
         if early is not None:  # the stopped rows' previews in their places
             out, maps, stopped = early.finish(out, maps)
-            maps = maps if self.capture is not None else None
         bad, out = finite.bad_rows(out), finite.zeroed(out)  # non-finite rows: marked in gen, never labelled
         images = (np.clip(out, 0.0, 1.0) * 255).round().astype(np.uint8)
         if inpaint:  # outside the repaint mask: the reference's own pixels, exactly
@@ -255,12 +254,11 @@ class SynthesisStage(Stage):
                                                                             "reason": stopped[j][1]}})
                                    if j in stopped else g for j, g in enumerate(new["gen"])], dtype=str)
         if self.judge is not None:  # each prompted class's score, in class order (the filters' verdict reads it)
-            classes = [json.loads(batch["class_names"][i]) for i in rows]
-            maps, region = new.get("attn"), None
+            judged, maps, region = classes, new.get("attn"), None
             if inpaint:  # the repainted instance on the crop around its outline; the others are the reference's
-                classes, region = [c[:1] for c in classes], "mask"
+                judged, region = [c[:1] for c in classes], "mask"
                 maps = np.stack(outlines)[:, None]
-            scores = self.judge.scores(images, prompts, classes, maps, region=region)
+            scores = self.judge.scores(images, prompts, judged, maps, region=region)
             new["gen"] = np.array([json.dumps({**json.loads(g), "judge": [round(x, 4) for x in sc]})
                                    for g, sc in zip(new["gen"], scores)], dtype=str)
         return new

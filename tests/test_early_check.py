@@ -85,9 +85,8 @@ def test_a_sample_failing_the_check_stops_there_and_is_rejected_with_its_reason(
 def test_redrawn_stops_are_recorded_in_the_index(tmp_path, tiny_model):
     """(Ray, in-process and killed-and-resumed runs with early stops write the same bytes: tests/test_determinism.py.)"""
     path = job(tmp_path, tiny_model, {"step": 0.5, "min_score": 0.5}, redraws=2)
-    outs = [tmp_path / "a"]
-    run_job(load_spec(path, out=str(outs[0])), use_ray=False, progress=False)
-    rows = pq.read_table(outs[0] / "index.parquet").to_pylist()
+    run_job(load_spec(path, out=str(tmp_path / "out")), use_ray=False, progress=False)
+    rows = pq.read_table(tmp_path / "out" / "index.parquet").to_pylist()
     others = [json.loads(r["scores"]["other"]) for r in rows]
     reasons = [r["reason"] for o in others for r in o.get("rejected", [])]
     reasons += [r["reject_reason"] for r in rows if not r["keep"]]

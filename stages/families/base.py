@@ -343,7 +343,7 @@ class ModelFamily:
         if early is not None:
             kwargs = self.step_end(pipe, callback, guidance_cutoff, excite)
             listed = list(getattr(pipe, "_callback_tensor_inputs", ()))
-            inputs = list(kwargs.get("callback_on_step_end_tensor_inputs", ["latents"]))
+            inputs = list(kwargs.get("callback_on_step_end_tensor_inputs", []))
             inputs += [t for t in ("latents", *(self.cfg_tensors or ())) if t in listed and t not in inputs]
             return {"callback_on_step_end": chain(kwargs.get("callback_on_step_end"), early),
                     "callback_on_step_end_tensor_inputs": inputs}
