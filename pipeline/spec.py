@@ -261,7 +261,8 @@ class GenerationSpec(_Strict):
     early_check: EarlyCheckSpec | None = Field(
         default=None, description="early rejection: part-way through each text-to-image draw the judge reads the "
         "predicted clean image on the attention crops so far; a sample it fails stops there (its redraw starts; "
-        "stages/early_check.py); true: the defaults; needs a judge; UNet families, schedulers dpm++ / ddim / euler")
+        "stages/early_check.py); true: the defaults; needs a judge; UNet families; a scheduler that predicts the clean "
+        "image each step (dpm++, ddim, euler; the bundled model's default is DPM-Solver++)")
 
     @field_validator("excite", "early_check", mode="before")
     @classmethod

@@ -6,8 +6,9 @@ attention maps captured so far. A row that a prompted class scores below ``early
 is dropped from the call's batch (its latents, its CFG-batched tensors, the scheduler's per-row state, its
 generator, the capture's and the excitation's running sums), so the rest of the call runs on the other rows only,
 and with ``generation.redraws`` its next attempt is drawn as for any rejected sample. The stopped row is delivered
-as drawn so far: its preview image and maps, ``gen.stopped_at`` (the step) and the judge's scores on the preview;
-the filters reject it with the reason ``early:`` + the judge's (``early:judge:star``).
+as drawn so far: its preview image and maps, ``gen.stopped`` ({step, reason}; the filters copy it into ``scores``,
+so the index tells a part-way draw's scores from a finished one's) and the judge's scores on the preview; the filters
+reject it with the reason ``early:`` + the judge's (``early:judge:star``).
 
 A step-end callback chained after the capture's (``ModelFamily.step_end``): the pipeline's own loop, no copy of it.
 The other rows' draws are those of the call without the check up to float rounding (each row has its own

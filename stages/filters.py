@@ -118,8 +118,9 @@ def row_verdict(spec: Any, gen: Any, scores: Any, class_names: Any) -> str:
 
 
 #: ``gen`` keys copied into ``scores`` (so the index holds them): the judge's scores (in ``class_names`` order), a
-#: redrawn sample's attempt, its noise seed (when not the sample's own) and its rejected attempts
-GEN_TO_SCORES = ("judge", "attempt", "noise_seed", "rejected")
+#: redrawn sample's attempt, its noise seed (when not the sample's own), its rejected attempts, and where
+#: generation.early_check stopped it, the step and reason (its scores are then the part-way draw's)
+GEN_TO_SCORES = ("judge", "attempt", "noise_seed", "rejected", "stopped")
 
 
 class FilterStage(Stage):

@@ -90,6 +90,10 @@ def test_redrawn_stops_are_recorded_in_the_index(tmp_path, tiny_model):
     others = [json.loads(r["scores"]["other"]) for r in rows]
     reasons = [r["reason"] for o in others for r in o.get("rejected", [])]
     reasons += [r["reject_reason"] for r in rows if not r["keep"]]
+    for r, other in zip(rows, others):  # a delivered stopped draw says so in the index: its scores are part-way
+        assert ("stopped" in other) == r["reject_reason"].startswith("early:"), (r, other)
+        if "stopped" in other:
+            assert other["stopped"] == {"step": STEPS // 2, "reason": r["reject_reason"]}
     assert any(r.startswith("early:judge:") for r in reasons), reasons
 
 
