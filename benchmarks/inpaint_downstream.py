@@ -9,7 +9,15 @@ schedule, number of gradient steps, batch size and augmentation (flips, 90° tur
     run on those K scenes as its references: every annotated object repainted inside its outline as its
     own class in a new colour, the reference's masks kept as labels,
 
-then scores both on real test scenes (default 300). Each arm is trained with ``--seeds`` seeds (default 3);
+then scores both on real test scenes (default 300). ``--controls`` adds two arms that bound what such
+variations can give, trained the same way:
+
+(c) ``real_recoloured``: the K scenes plus, for every kept sample, the world's own render of its variation:
+    the same scene with the same object drawn in the prompted colour (``render_scene(recolor=...)``), a
+    perfect repaint of the outline; the same images a flawless inpainting model would make;
+(d) ``real_more``: the K scenes plus as many *new* real scenes as there are kept samples (seeds after the K),
+    what the same number of images with new shapes and layouts gives.
+ Each arm is trained with ``--seeds`` seeds (default 3);
 the table gives every run's test mIoU, the mean, std, min and max per arm, and the gain of (b) over (a) in
 mIoU points (target: +5 or more). The inpainted samples' labels are also checked: the shapes-world oracle
 reads the repainted region of each kept sample (is the prompted colour there, as the labelled class, and
@@ -62,6 +70,7 @@ DEFAULT_SETS = ["references.strengths=[0.55]", "references.seeds_per_level=6"]
 DEFAULTS = {"--k": "50", "--steps": "800", "--batch-size": "16",
             "--synthetic-root": str(REPO / "out" / "inpaint-downstream")}
 ARMS = ("real", "real_inpainted")
+CONTROL_ARMS = ("real_recoloured", "real_more")
 RIGHT_IOU = 0.5  # oracle IoU with the outline from which a repainted object counts as drawn right
 
 
@@ -146,6 +155,23 @@ def label_quality(images: np.ndarray, masks: np.ndarray, recs: list[dict], names
             "per_class": {c: {"n": len(rs), "found": mean(rs, "found"), "iou": mean(rs, "iou"),
                               "right": mean(rs, "right")}
                           for c in CLASSES for rs in [[r for r in rows if r["class"] == c]]}}
+
+
+def recoloured(references: Path, recs: list[dict], size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Control arm (c): for each kept sample, its reference scene rendered by the world with the repainted
+    object in the prompted colour (images, semantic masks); the reference's annotation ids name the objects
+    in scene order (``render_coco``)."""
+    coco = json.loads((references / "annotations.json").read_text())
+    seeds = {im["id"]: im["seed"] for im in coco["images"]}
+    where, seen = {}, {}
+    for ann in coco["annotations"]:  # the k-th annotation of an image is its scene's object k
+        k = seen[ann["image_id"]] = seen.get(ann["image_id"], -1) + 1
+        where[ann["id"]] = (seeds[ann["image_id"]], k)
+    scenes = []
+    for rec in recs:
+        seed, k = where[int(rec["cond"]["reference"]["instance"])]
+        scenes.append(render_scene(seed, size=size, recolor={k: prompt_colour(rec["prompt"])}))
+    return np.stack([s.image for s in scenes]), np.stack([s.semantic_mask() for s in scenes])
 
 
 def colour_pairs(real_scenes: list, recs: list[dict], names: dict[int, str]) -> dict:
@@ -237,12 +263,19 @@ def run(args: argparse.Namespace) -> dict:
     repeats = real_repeats(args.real_share, args.k, len(syn.keys))
     if repeats != 1:  # the training data's key (each once: as before the option)
         data["real_inpainted"]["real_repeats"] = repeats
-    sets = {"real": (real_x, real_y),
-            "real_inpainted": (np.concatenate([*[real_x] * repeats, syn.images]),
-                               np.concatenate([*[real_y] * repeats, syn.masks]))}
+    extra = {"real_inpainted": lambda: (syn.images, syn.masks),
+             "real_recoloured": lambda: recoloured(references, recs, size),
+             "real_more": lambda: seg.render_real(REAL_TRAIN_SEED + args.k, len(syn.keys), size)}
+    data["real_recoloured"] = {**data["real_inpainted"], "recoloured": "render_scene(recolor)"}
+    data["real_more"] = {"first_seed": REAL_TRAIN_SEED, "n": args.k + len(syn.keys), "size": size}
+    arms = ARMS + (CONTROL_ARMS if args.controls else ())
+    sets = {"real": lambda: (real_x, real_y),
+            **{name: lambda make=make: tuple(np.concatenate([*[real] * repeats, more])
+                                              for real, more in zip((real_x, real_y), make()))
+               for name, make in extra.items()}}
     results = {}
-    for name in ARMS:
-        x, y = sets[name]
+    for name in arms:
+        x, y = sets[name]()
         runs, median = seg.seed_runs(
             name, len(x), range(args.seed, args.seed + args.seeds), root / "runs",
             key=lambda s, name=name: {"arm": name, "data": data[name],
@@ -289,6 +322,10 @@ def run(args: argparse.Namespace) -> dict:
                    "train_real": sum(a["train_wall_s_runs"]), "train_real_inpainted": sum(b["train_wall_s_runs"]),
                    "total": round(time.perf_counter() - t_start, 1)},
         "real": a, "real_inpainted": b,
+        **{name: {**results[name], "gain_points": round(100 * (results[name]["miou_mean"] - a["miou_mean"]), 2),
+                  "per_seed_points": [None if x is None or y is None else round(100 * (y - x), 2)
+                                      for x, y in zip(a["miou_runs"], results[name]["miou_runs"])]}
+           for name in CONTROL_ARMS if name in results},
         "gain": {"miou_points": gain, "per_seed_points": per_seed,
                  "median_runs_points": None if a["test"]["miou"] is None or b["test"]["miou"] is None
                  else round(100 * (b["test"]["miou"] - a["test"]["miou"]), 2),
@@ -301,12 +338,15 @@ def print_table(r: dict) -> None:
     fmt = lambda v: f"{v:.3f}" if v is not None else "  -  "  # noqa: E731
     a, b = r["real"], r["real_inpainted"]
     print(f"\n{'arm':<17}{'images':>7}  {'mIoU per seed':<24}{'mean':>7}{'std':>7}{'min':>7}{'max':>7}")
-    for label, arm in (("real", a), ("real+inpainted", b)):
+    shown = [("real", a), ("real+inpainted", b),
+             *[(label, r[name]) for label, name in (("real+recoloured", "real_recoloured"),
+                                                    ("real+more real", "real_more")) if name in r]]
+    for label, arm in shown:
         runs = " ".join(fmt(v) for v in arm["miou_runs"])
         print(f"{label:<17}{arm['n']:>7}  {runs:<24}{fmt(arm['miou_mean']):>7}{fmt(arm['miou_std']):>7}"
               f"{fmt(arm['miou_min']):>7}{fmt(arm['miou_max']):>7}")
     print(f"\n{'mean test IoU':<17}" + "".join(f"{c:>9}" for c in CLASSES))
-    for label, arm in (("real", a), ("real+inpainted", b)):
+    for label, arm in shown:
         print(f"{label:<17}" + "".join(f"{fmt(arm['per_class_mean'][c]):>9}" for c in CLASSES))
     q = r["inpainted"]["label_quality"]
     print(f"\ninpainted: {r['inpainted']['kept']} kept of {r['inpainted']['samples']} "
@@ -324,6 +364,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     own = argparse.ArgumentParser(add_help=False)
     own.add_argument("--real-share", type=float, help="the mixed arm's real scenes repeated to about this share of "
                                                       "its images (e.g. 0.5); default: each once")
+    own.add_argument("--controls", action="store_true",
+                     help="also train the control arms: the kept variations rendered perfectly by the world "
+                          "(real_recoloured) and as many new real scenes (real_more)")
     mine, rest = own.parse_known_args(given)
     if mine.real_share is not None and not 0 < mine.real_share < 1:
         own.error("--real-share must be between 0 and 1")
@@ -332,7 +375,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         defaults += ["--job", str(JOB)]
     args = seg.parse_args([*defaults, *rest], prog="benchmarks.inpaint_downstream", description=__doc__,
                           json_default=REPO / "benchmarks" / "results" / "inpaint_downstream.json")
-    args.real_share = mine.real_share
+    args.real_share, args.controls = mine.real_share, mine.controls
     args.command = " ".join(["python -m benchmarks.inpaint_downstream", *given])
     return args
 

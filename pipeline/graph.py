@@ -211,7 +211,7 @@ def init_ray(plan: JobPlan, address: str | None, wait_s: float = 0.0, verbose: b
         if reason:
             raise errors.auth_error(address, reason)
         with _keep_sigterm_handler():
-            ray.init(address=address, **quiet.ray_init_args(verbose))
+            ray.init(address=address, **quiet.ray_init_args(verbose, local=False))
     elif started:
         cpus = max(os.cpu_count() or 1, math.ceil(plan.required["CPU"]))
         # Ray starts its workers at nice +15 (below its own daemons); on a shared or small machine
@@ -219,7 +219,7 @@ def init_ray(plan: JobPlan, address: str | None, wait_s: float = 0.0, verbose: b
         # run at the caller's priority instead, like the in-process runner.
         os.environ.setdefault("RAY_worker_niceness", "0")
         with _keep_sigterm_handler():
-            ray.init(num_cpus=cpus, include_dashboard=False, **quiet.ray_init_args(verbose))
+            ray.init(num_cpus=cpus, include_dashboard=False, **quiet.ray_init_args(verbose, local=True))
     if started:
         errors.on_sigterm()  # in case ray.init installed its own (sys.exit, then the core worker's native dump)
         errors.check_terminated()

@@ -5,8 +5,10 @@ every failure still ends in the CLI's one line and its traceback file (``pipelin
 
 * transformers / diffusers: verbosity ``error`` (``TRANSFORMERS_VERBOSITY`` / ``DIFFUSERS_VERBOSITY``):
   "`CLIPImageProcessor` requires torchvision", "Cannot initialize model with low cpu memory usage".
-  Environment variables, so they reach the Ray workers too: :func:`ray_init_args` puts them in the
-  job's ``runtime_env`` (a local Ray and a cluster alike).
+  Environment variables, so they reach the Ray workers too: the workers of a local Ray inherit them from
+  this process (:func:`ray_init_args` sets them before Ray starts); for a cluster it puts them in the
+  job's ``runtime_env``. (Not a ``runtime_env`` locally: every worker start would then wait for Ray's
+  runtime-env agent, ~1–2 s per worker process on two cores, all of it start-up.)
 * libraries' progress bars (diffusers' "Loading pipeline components...", transformers' "Loading weights",
   hub downloads): ``TQDM_DISABLE`` (tqdm >= 4.66), so that ``run --no-ray`` and ``eval``, which load the
   model in this process, are as quiet as the Ray runner, whose workers never print to the terminal.
@@ -50,11 +52,16 @@ def setup(verbose: bool) -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
-def ray_init_args(verbose: bool) -> dict:
+def ray_init_args(verbose: bool, local: bool) -> dict:
     """``ray.init`` arguments: Ray's log level, worker output on the terminal only when verbose, the
-    workers' environment."""
+    workers' environment: for a ``local`` Ray (started by this call) this process's own, set here, which its
+    workers inherit; for a cluster, the job's ``runtime_env``."""
     if verbose:
         return {"logging_level": "INFO", "log_to_driver": True}
+    if local:
+        for key, value in ENV.items():
+            os.environ.setdefault(key, value)
+        return {"logging_level": "WARNING", "log_to_driver": False}
     return {"logging_level": "WARNING", "log_to_driver": False, "runtime_env": {"env_vars": dict(ENV)}}
 
 

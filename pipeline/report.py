@@ -36,10 +36,15 @@ def _table(header: list[str], rows: list[list[Any]], text_columns: int = 1) -> s
 
 def format_summary(summary: dict[str, Any]) -> str:
     """The end-of-run table: per-stage throughput, verdicts, shards, wall time."""
-    rows = [[s["name"], s.get("operator") or "-", s["kind"], s["workers"], f"{s['num_cpus']:g}", f"{s['num_gpus']:g}",
-             s["rows"], f"{s['busy_s']:.2f}", s["rows_per_busy_s"]] for s in summary["stages"]]
-    out = [_table(["stage", "ray operator", "kind", "workers", "cpus", "gpus", "rows", "busy s", "rows/busy s"], rows,
-                  text_columns=3)] if rows else []
+    stages, ray = summary["stages"], summary["runner"] == "ray"
+    if ray:  # where each stage ran and what it reserved
+        header = ["stage", "ray operator", "kind", "workers", "cpus", "gpus"]
+        rows = [[s["name"], s.get("operator") or "-", s["kind"], s["workers"], f"{s['num_cpus']:g}",
+                 f"{s['num_gpus']:g}"] for s in stages]
+    else:  # one process ran every stage: no operators, workers or reservations
+        header, rows = ["stage (in-process)"], [[s["name"]] for s in stages]
+    rows = [row + [s["rows"], f"{s['busy_s']:.2f}", s["rows_per_busy_s"]] for row, s in zip(rows, stages)]
+    out = [_table(header + ["rows", "busy s", "rows/busy s"], rows, text_columns=3 if ray else 1)] if rows else []
     processed = summary["processed"]
     kept_pct = f" ({100 * summary['kept'] / processed:.1f}%)" if processed else ""
     out.append(f"this run: {processed} samples, {summary['kept']} kept{kept_pct}, {summary['rejected']} rejected"

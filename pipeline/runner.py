@@ -68,11 +68,12 @@ class RunStats:
         for cls in self.stages:
             op = op_of[cls]
             busy = self.busy[cls.name]
+            ray = runner == "ray"  # in-process: one worker, no Ray operator, no reservations
             stages.append({
-                "name": cls.name, "kind": op.kind if runner == "ray" else "in-process",
-                "operator": op.name if runner == "ray" else None,
-                "workers": op.actors if runner == "ray" else 1,
-                "num_cpus": op.num_cpus, "num_gpus": op.num_gpus, "rows": self.rows[cls.name],
+                "name": cls.name, "kind": op.kind if ray else "in-process",
+                "operator": op.name if ray else None, "workers": op.actors if ray else 1,
+                "num_cpus": op.num_cpus if ray else None, "num_gpus": op.num_gpus if ray else None,
+                "rows": self.rows[cls.name],
                 "busy_s": round(busy, 3),
                 "rows_per_busy_s": round(self.rows[cls.name] / busy, 2) if busy > 0 else None,
             })

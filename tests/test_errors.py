@@ -204,3 +204,19 @@ def test_a_normal_run_prints_no_library_noise(tmp_path, tiny_model, runner):
     lines = [line for line in re.split(r"[\r\n]", proc.stderr) if line.strip() and not line.startswith("tiny:")]
     assert lines == [], proc.stderr  # only our progress bar: no warnings, token banner, core_worker, notices
     assert "kept" in proc.stdout
+
+
+def test_a_local_ray_gets_the_quiet_environment_from_this_process_a_cluster_from_its_runtime_env(monkeypatch):
+    """A local Ray's workers inherit the driver's environment (no runtime_env: each worker start would wait for
+    Ray's runtime-env agent); a cluster's workers get the same variables through the job's runtime_env."""
+    from pipeline import quiet
+
+    for key in quiet.ENV:
+        monkeypatch.delenv(key, raising=False)
+    assert quiet.ray_init_args(True, local=True) == {"logging_level": "INFO", "log_to_driver": True}
+    assert not any(key in os.environ for key in quiet.ENV)  # verbose touches nothing
+    cluster = quiet.ray_init_args(False, local=False)
+    assert cluster["runtime_env"] == {"env_vars": quiet.ENV} and not any(key in os.environ for key in quiet.ENV)
+    local = quiet.ray_init_args(False, local=True)
+    assert "runtime_env" not in local and local["log_to_driver"] is False
+    assert {key: os.environ[key] for key in quiet.ENV} == quiet.ENV

@@ -19,7 +19,7 @@ def finite(value) -> bool:
 
 def test_tiny_run_writes_finite_figures_and_a_rerun_reuses_everything(tmp_path, capsys):
     out = tmp_path / "r.json"
-    args = [*TINY, "--synthetic-root", str(tmp_path / "cache"), "--json", str(out)]
+    args = [*TINY, "--controls", "--synthetic-root", str(tmp_path / "cache"), "--json", str(out)]
     assert ipd.main(args) == 0
     report = json.loads(out.read_text())
     for key in ("machine", "date", "command", "real_scenes", "test_scenes", "seeds", "model", "training",
@@ -33,7 +33,8 @@ def test_tiny_run_writes_finite_figures_and_a_rerun_reuses_everything(tmp_path, 
     assert inp["label_quality"]["agreement_with_reference"] == 1.0  # the reference's masks, carried exactly
     for name in ("found", "iou", "right"):
         assert finite(inp["label_quality"][name])
-    for arm, n in (("real", 4), ("real_inpainted", 4 + inp["kept"])):
+    for arm, n in (("real", 4), ("real_inpainted", 4 + inp["kept"]), ("real_recoloured", 4 + inp["kept"]),
+                   ("real_more", 4 + inp["kept"])):
         r = report[arm]
         assert r["n"] == n and len(r["miou_runs"]) == 2 and len(r["runs"]) == 2
         assert all(finite(v) for v in r["miou_runs"])
@@ -45,12 +46,15 @@ def test_tiny_run_writes_finite_figures_and_a_rerun_reuses_everything(tmp_path, 
     assert finite(gain["miou_points"]) and gain["target_points"] == 5.0 and isinstance(gain["met"], bool)
     assert gain["miou_points"] == round(100 * (report["real_inpainted"]["miou_mean"] - report["real"]["miou_mean"]), 2)
     assert all(finite(v) for v in gain["per_seed_points"])
+    for arm in ("real_recoloured", "real_more"):
+        assert report[arm]["gain_points"] == round(100 * (report[arm]["miou_mean"] - report["real"]["miou_mean"]), 2)
     assert "real+inpainted" in capsys.readouterr().out
 
     assert ipd.main(args) == 0  # rerun: nothing generated, nothing trained
     again = json.loads(out.read_text())
     assert not again["inpainted"]["generated_now"]
-    assert all(r["reused"] for arm in ("real", "real_inpainted") for r in again[arm]["runs"])
+    assert all(r["reused"] for arm in ("real", "real_inpainted", "real_recoloured", "real_more")
+               for r in again[arm]["runs"])
     assert again["gain"] == gain
 
     # an existing inpaint output whose references are not the --k real scenes is refused in one line
@@ -73,3 +77,27 @@ def test_a_real_share_repeats_the_real_scenes_to_about_that_share_of_the_mixed_a
     assert ipd.real_repeats(0.5, 50, 450) == 9  # 450 real images beside 450 inpainted ones
     assert ipd.real_repeats(0.25, 50, 450) == 3
     assert ipd.real_repeats(0.01, 50, 450) == 1  # never fewer than once
+
+
+def test_recoloured_control_is_the_reference_scene_with_one_object_in_the_prompted_colour(tmp_path):
+    """Control arm (c): annotation id -> (scene, object) in render_coco's order; the label is the scene's own
+    mask; the pixels change only where the object covers them, to the prompted colour."""
+    import numpy as np
+
+    from pipeline.shapes.coco import render_coco
+    from pipeline.shapes.world import COLORS, render_scene
+
+    folder = tmp_path / "refs"
+    render_coco(folder, 3, size=32, first_seed=7)
+    coco = json.loads((folder / "annotations.json").read_text())
+    last = coco["annotations"][-1]  # the last object of the last scene
+    seed = next(im["seed"] for im in coco["images"] if im["id"] == last["image_id"])
+    scene = render_scene(seed, size=32)
+    k = len(scene.objects) - 1
+    colour = next(c for c in COLORS if c != scene.objects[k].color)
+    recs = [{"cond": {"reference": {"instance": last["id"]}}, "prompt": f"a {colour} {scene.objects[k].cls}"}]
+    images, masks = ipd.recoloured(folder, recs, 32)
+    assert np.array_equal(masks[0], scene.semantic_mask())
+    changed = (images[0] != scene.image).any(-1)
+    assert changed[scene.objects[k].mask].all() and changed.sum() >= scene.objects[k].mask.sum()
+    assert (images[0][scene.objects[k].mask] == np.array(COLORS[colour], np.uint8)).all(-1).mean() > 0.5

@@ -266,3 +266,28 @@ def test_oracle_finds_the_instances_of_a_rendered_scene():
     assert len(found) == len(scene.objects)
     for o in scene.objects:
         assert max((m & o.mask).sum() / (m | o.mask).sum() for m in found) >= 0.75
+
+
+def test_benchmark_ceiling_counts_references_that_pass_the_drawn_check(tmp_path):
+    """benchmarks.multi_instance's ceiling: every rendered reference shows its instances as the check wants
+    (it is the truth); the bundled model's VAE round trip is counted beside it, and a scene with one instance
+    recoloured fails the check."""
+    from benchmarks.multi_instance import ceiling, drawn
+    from pipeline.shapes.coco import render_multi_coco
+    from pipeline.shapes.tiny_sd import BUNDLED_MODEL
+
+    folder = tmp_path / "multi"
+    render_multi_coco(folder, 4, first_seed=4_100_000, max_count=3)
+    bound = ceiling(folder, BUNDLED_MODEL, kept=0.6)
+    assert bound["references"] == 4 and bound["of"] == 4 and 0 <= bound["vae"] <= 4
+    coco = json.loads((folder / "annotations.json").read_text())
+    anns = [a for a in coco["annotations"] if a["image_id"] == 1]
+    truth = [mask_utils.decode(dict(a["segmentation"], counts=a["segmentation"]["counts"].encode())).astype(bool)
+             for a in anns]
+    colors = [a["attributes"]["color"] for a in anns]
+    from PIL import Image
+
+    image = np.asarray(Image.open(folder / coco["images"][0]["file_name"]).convert("RGB")).copy()
+    assert drawn(SimpleNamespace(truth=truth), image, colors, 0.6)
+    image[truth[0]] = 128  # the first instance painted over in grey: not drawn
+    assert not drawn(SimpleNamespace(truth=truth), image, colors, 0.6)

@@ -199,3 +199,22 @@ def test_batch_size_auto_is_measured_by_a_ray_task_holding_a_synthesis_worker_s_
     assert note["from"] == "measured" and note["device"] == "cpu" and note["per_image_bytes"] > 0
     assert settled.generation.batch_size == note["batch_size"] and 4 % note["batch_size"] == 0
     assert spec.generation.batch_size == "auto"  # the job as loaded is left as it is
+
+
+def test_summary_table_shows_ray_reservations_only_for_ray_runs():
+    """The end-of-run table names operators, workers and cpus/gpus for a Ray run; an in-process run reserved
+    nothing, so its table has the stage and its throughput only."""
+    from pipeline.report import format_summary
+
+    base = {"processed": 4, "kept": 3, "rejected": 1, "rejected_by_reason": {"dedup": 1}, "wall_s": 3.0,
+            "dataset": {"samples": 3, "indices": 4}, "shards_complete": 1, "shards_total": 1, "shards_written": 1}
+    stage = {"name": "synthesis", "rows": 4, "busy_s": 1.2, "rows_per_busy_s": 3.33}
+    ray = format_summary(dict(base, runner="ray", stages=[dict(stage, operator="MapBatches(Synthesis)",
+                                                                 kind="actor", workers=2, num_cpus=1, num_gpus=0.5)]))
+    header, row = ray.splitlines()[0].split(), ray.splitlines()[2].split()
+    assert header[:3] == ["stage", "ray", "operator"] and "cpus" in header and "gpus" in header
+    assert row == ["synthesis", "MapBatches(Synthesis)", "actor", "2", "1", "0.5", "4", "1.20", "3.33"]
+    local = format_summary(dict(base, runner="in-process", stages=[dict(stage, operator=None, kind="in-process",
+                                                                        workers=1, num_cpus=None, num_gpus=None)]))
+    assert local.splitlines()[0].split() == ["stage", "(in-process)", "rows", "busy", "s", "rows/busy", "s"]
+    assert local.splitlines()[2].split() == ["synthesis", "4", "1.20", "3.33"]

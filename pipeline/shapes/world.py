@@ -172,8 +172,11 @@ def _composite(seed: int, size: int, background: str, img: np.ndarray, placed: l
 
 
 def render_scene(seed: int, size: int = 64, n_objects: int | None = None,
-                 classes=None, colors=None, background: str | None = None) -> Scene:
-    """Render the scene for ``seed``. Optional arguments pin parts of it (for prompted renders)."""
+                 classes=None, colors=None, background: str | None = None,
+                 recolor: dict[int, str] | None = None) -> Scene:
+    """Render the scene for ``seed``. Optional arguments pin parts of it (for prompted renders).
+    ``recolor`` maps object indices to colours they are drawn in instead: the same scene otherwise, pixel for
+    pixel outside those objects (a perfect repaint of their outlines)."""
     rng = np.random.default_rng([seed, 0x5A17E5])
     if classes is not None:
         n_objects = len(classes)
@@ -200,6 +203,10 @@ def render_scene(seed: int, size: int = 64, n_objects: int | None = None,
                    for (_, m), vis in zip(placed, _visible([m for _, m in placed]))):
                 break
         placed.append((obj, cov))
+    for index, color in (recolor or {}).items():
+        if color not in COLORS:
+            raise ValueError(f"unknown colour {color!r}; expected one of {tuple(COLORS)}")
+        placed[index][0].color = color
 
     return _composite(seed, size, background, img, placed)
 
