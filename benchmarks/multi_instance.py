@@ -94,8 +94,8 @@ def ceiling(folder: Path, model: Path, kept: float) -> dict:
             y = vae.decode(vae.encode(x).latent_dist.mean).sample[0].clamp(-1, 1)
         round_trip = ((y + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
         sample = argparse.Namespace(truth=truth)
-        passed["references"] += drawn(sample, image, colors, kept)
-        passed["vae"] += drawn(sample, round_trip, colors, kept)
+        passed["references"] += int(drawn(sample, image, colors, kept))
+        passed["vae"] += int(drawn(sample, round_trip, colors, kept))
     return {**passed, "of": len(coco["images"])}
 
 

@@ -280,6 +280,7 @@ def test_benchmark_ceiling_counts_references_that_pass_the_drawn_check(tmp_path)
     render_multi_coco(folder, 4, first_seed=4_100_000, max_count=3)
     bound = ceiling(folder, BUNDLED_MODEL, kept=0.6)
     assert bound["references"] == 4 and bound["of"] == 4 and 0 <= bound["vae"] <= 4
+    assert all(type(v) is int for v in bound.values())  # JSON-ready
     coco = json.loads((folder / "annotations.json").read_text())
     anns = [a for a in coco["annotations"] if a["image_id"] == 1]
     truth = [mask_utils.decode(dict(a["segmentation"], counts=a["segmentation"]["counts"].encode())).astype(bool)
