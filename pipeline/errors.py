@@ -64,6 +64,13 @@ def check_terminated() -> None:
         raise Terminated(f"signal {TERMINATING[0]}")
 
 
+def terminated(exc: BaseException) -> bool:
+    """Whether ``exc`` is how SIGTERM ended the command: a :class:`Terminated`, or any KeyboardInterrupt once the
+    handler has run (a library that catches the interrupt and raises a KeyboardInterrupt of its own, as Ray's
+    waits can, must not turn a SIGTERM into a Ctrl-C)."""
+    return isinstance(exc, Terminated) or (isinstance(exc, KeyboardInterrupt) and bool(TERMINATING))
+
+
 def on_sigterm() -> None:
     """Make SIGTERM raise :class:`Terminated` in the main thread (again after ``ray.init``, which installs
     its own handler: ``sys.exit`` and then the core worker's native stack dump)."""
@@ -209,7 +216,7 @@ def where(exc: BaseException) -> dict[str, str]:
 
 def exit_code(exc: BaseException) -> int:
     """2: a rerun repeats it (fix the input); 130: interrupted; 1: anything else (rerun resumes)."""
-    if isinstance(exc, Terminated):
+    if terminated(exc):
         return EXIT_TERMINATED
     if isinstance(exc, KeyboardInterrupt):
         return EXIT_INTERRUPTED
@@ -272,7 +279,7 @@ def report(exc: BaseException, command: str, argv: list[str], verbose: bool = Fa
     """Print the one error line of a failed command (the traceback too when ``verbose``); returns the exit code."""
     code = exit_code(exc)
     if isinstance(exc, KeyboardInterrupt):
-        what = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
+        what = "terminated (SIGTERM)" if terminated(exc) else "interrupted"
         print(f"synthgen: {what}; {RESUME}" if command == "run" else f"synthgen: {what}", file=sys.stderr)
         return code
     if verbose:

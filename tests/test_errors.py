@@ -220,3 +220,17 @@ def test_a_local_ray_gets_the_quiet_environment_from_this_process_a_cluster_from
     local = quiet.ray_init_args(False, local=True)
     assert "runtime_env" not in local and local["log_to_driver"] is False
     assert {key: os.environ[key] for key in quiet.ENV} == quiet.ENV
+
+
+def test_a_keyboard_interrupt_after_sigterm_is_reported_as_the_sigterm(monkeypatch, capsys):
+    """A library that catches the Terminated our SIGTERM handler raised and raises a KeyboardInterrupt of its own
+    does not turn the SIGTERM into a Ctrl-C: exit 143 and the SIGTERM line; without a SIGTERM, 130."""
+    from pipeline import errors
+
+    monkeypatch.setattr(errors, "TERMINATING", [])
+    assert errors.report(KeyboardInterrupt(), "run", []) == 130
+    assert capsys.readouterr().err.startswith("synthgen: interrupted; ")
+    errors.TERMINATING.append(15)
+    assert errors.report(KeyboardInterrupt(), "run", []) == 143
+    assert capsys.readouterr().err.startswith("synthgen: terminated (SIGTERM); ")
+    assert errors.exit_code(errors.Terminated("signal 15")) == 143
