@@ -17,9 +17,9 @@ variations can give, trained the same way:
     perfect repaint of the outline; the same images a flawless inpainting model would make;
 (d) ``real_more``: the K scenes plus as many *new* real scenes as there are kept samples (seeds after the K),
     what the same number of images with new shapes and layouts gives.
- Each arm is trained with ``--seeds`` seeds (default 3);
-the table gives every run's test mIoU, the mean, std, min and max per arm, and the gain of (b) over (a) in
-mIoU points (target: +5 or more). The inpainted samples' labels are also checked: the shapes-world oracle
+
+Each arm is trained with ``--seeds`` seeds (default 3); the table gives every run's test mIoU, the mean, std,
+min and max per arm, and the gain of (b) over (a) in mIoU points (target: +5 or more). The inpainted samples' labels are also checked: the shapes-world oracle
 reads the repainted region of each kept sample (is the prompted colour there, as the labelled class, and
 how well does it fill the outline?) and each kept sample's mask is compared with its reference scene's.
 
@@ -198,6 +198,13 @@ def per_class_mean(runs: list[dict]) -> dict:
     return out
 
 
+def gain_over(base: dict, arm: dict) -> tuple[float, list[float | None]]:
+    """An arm's gain over ``base`` in mIoU points: of the means, and seed by seed (None where a run has no score)."""
+    per_seed = [None if x is None or y is None else round(100 * (y - x), 2)
+                for x, y in zip(base["miou_runs"], arm["miou_runs"])]
+    return round(100 * (arm["miou_mean"] - base["miou_mean"]), 2), per_seed
+
+
 def real_repeats(share: float | None, n_real: int, n_inpainted: int) -> int:
     """How many copies of the real scenes the mixed arm trains on so that they are about ``share`` of its images
     (shuffled epochs over the copies sample them with that weight); 1 (each once) without a share."""
@@ -291,9 +298,11 @@ def run(args: argparse.Namespace) -> dict:
                          "final_loss_runs": [r["train"]["final_loss"] for r in runs],
                          "train_wall_s_runs": [r["train"]["wall_s"] for r in runs], "runs": runs}
     a, b = results["real"], results["real_inpainted"]
-    per_seed = [None if x is None or y is None else round(100 * (y - x), 2)
-                for x, y in zip(a["miou_runs"], b["miou_runs"])]
-    gain = round(100 * (b["miou_mean"] - a["miou_mean"]), 2)
+    gain, per_seed = gain_over(a, b)
+    controls = {}
+    for name in (n for n in CONTROL_ARMS if n in results):
+        points, seeds = gain_over(a, results[name])
+        controls[name] = {**results[name], "gain_points": points, "per_seed_points": seeds}
     counts = syn.counts
     return {
         "machine": seg.machine(args.threads),
@@ -322,10 +331,7 @@ def run(args: argparse.Namespace) -> dict:
                    "train_real": sum(a["train_wall_s_runs"]), "train_real_inpainted": sum(b["train_wall_s_runs"]),
                    "total": round(time.perf_counter() - t_start, 1)},
         "real": a, "real_inpainted": b,
-        **{name: {**results[name], "gain_points": round(100 * (results[name]["miou_mean"] - a["miou_mean"]), 2),
-                  "per_seed_points": [None if x is None or y is None else round(100 * (y - x), 2)
-                                      for x, y in zip(a["miou_runs"], results[name]["miou_runs"])]}
-           for name in CONTROL_ARMS if name in results},
+        **controls,
         "gain": {"miou_points": gain, "per_seed_points": per_seed,
                  "median_runs_points": None if a["test"]["miou"] is None or b["test"]["miou"] is None
                  else round(100 * (b["test"]["miou"] - a["test"]["miou"]), 2),

@@ -59,8 +59,7 @@ def ray_init_args(verbose: bool, local: bool) -> dict:
     if verbose:
         return {"logging_level": "INFO", "log_to_driver": True}
     if local:
-        for key, value in ENV.items():
-            os.environ.setdefault(key, value)
+        setup(verbose)  # the CLI has done it already; run_job called from Python has not
         return {"logging_level": "WARNING", "log_to_driver": False}
     return {"logging_level": "WARNING", "log_to_driver": False, "runtime_env": {"env_vars": dict(ENV)}}
 

@@ -65,10 +65,10 @@ class RunStats:
     def summary(self, runner: str, started: datetime, wall_s: float, writer: DatasetWriter) -> dict[str, Any]:
         stages = []
         op_of = {cls: op for op in (self.plan.operators if self.stages else ()) for cls in op.stages}
+        ray = runner == "ray"  # in-process: one worker, no Ray operator, no reservations
         for cls in self.stages:
             op = op_of[cls]
             busy = self.busy[cls.name]
-            ray = runner == "ray"  # in-process: one worker, no Ray operator, no reservations
             stages.append({
                 "name": cls.name, "kind": op.kind if ray else "in-process",
                 "operator": op.name if ray else None, "workers": op.actors if ray else 1,
