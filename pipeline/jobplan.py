@@ -88,6 +88,13 @@ class JobPlan:
         self.shards = ShardPlan.from_spec(spec)
         self._stages = None if stages is None else tuple(stages)
 
+    def __getstate__(self) -> dict:
+        """Pickled for Ray's workers without the cached stage classes and operators: a worker imports only the
+        stages of its own operator (its constructor's ``stages``); unpickling every stage's class made each CPU
+        worker import torch and diffusers for the synthesis stage, seconds of its start on a small machine. They
+        are computed again where asked for."""
+        return {k: v for k, v in self.__dict__.items() if k not in ("stages", "operators", "bundles")}
+
     @cached_property
     def stages(self) -> tuple[type, ...]:
         stages = self._stages if self._stages is not None else tuple(registry.load_stages())

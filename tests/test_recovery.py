@@ -83,23 +83,22 @@ def finish(proc: subprocess.Popen) -> tuple[int, str]:
 
 
 def test_a_killed_synthesis_actor_costs_a_rebuilt_pipeline_not_the_run(dataset, tmp_path, ray_env, capsys):
+    """The synthesis actors are killed while they draw (not after a commit: the tiny job's 16 rows are drawn before
+    its first shard commits); the run rebuilds its pipeline and ends with the uninterrupted run's bytes."""
     out = tmp_path / "out"
     proc = start(dataset, out, ray_env)
-    wait_for_commit(proc, out)
-    actors = [pid for pid in descendants(proc.pid) if "SynthesisStage" in cmdline(pid)]
-    assert main(["status", str(out)]) == 0  # from the manifest and journal of the run going on
-    status = capsys.readouterr().out
-    assert f"{out}: job 'tiny': running, or stopped" in status and "0 recoveries" in status, status
-    assert re.search(r"shards: [1-4] of 4 committed", status) and re.search(r"rate: [\d.]+ samples/s", status), status
-    assert actors, "no synthesis actor found"
+    deadline = time.monotonic() + 300
+    while not (actors := [pid for pid in descendants(proc.pid) if "SynthesisStage)).submit" in cmdline(pid)]):
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, "no synthesis actor at work in time"
+        time.sleep(0.02)
     for pid in actors:
         os.kill(pid, signal.SIGKILL)
     code, err = finish(proc)
     assert code == 0, err[-3000:]
     assert "tiny: recovery 1 of 3 after " in err and "shards committed" in err, err[-3000:]
     summary = read_manifest(out)["runs"][-1]
-    assert len(summary["recoveries"]) == 1 and summary["recoveries"][0]["committed"] >= 1
-    assert summary["shards_complete"] == 4
+    assert len(summary["recoveries"]) == 1 and summary["shards_complete"] == 4
     assert_same_dataset(out, dataset.out)  # the same bytes as the uninterrupted run
     assert main(["status", str(out)]) == 0
     status = capsys.readouterr().out
@@ -107,7 +106,8 @@ def test_a_killed_synthesis_actor_costs_a_rebuilt_pipeline_not_the_run(dataset, 
 
 
 @pytest.mark.parametrize("when", ["start-up", "mid-run"])
-def test_sigterm_stops_a_run_with_one_line_and_the_rerun_gives_the_same_bytes(dataset, tmp_path, ray_env, when):
+def test_sigterm_stops_a_run_with_one_line_and_the_rerun_gives_the_same_bytes(dataset, tmp_path, ray_env, when,
+                                                                                 capsys):
     out = tmp_path / "out"
     proc = start(dataset, out, ray_env)
     if when == "mid-run":
@@ -124,6 +124,12 @@ def test_sigterm_stops_a_run_with_one_line_and_the_rerun_gives_the_same_bytes(da
     lines = [line for line in err.replace("\r", "\n").splitlines() if line.strip() and not line.startswith("tiny")]
     assert lines == ["synthgen: terminated (SIGTERM); committed shards are kept; rerun the same command to resume"], \
         err[-3000:]  # no native stack dump, no traceback
+    if when == "mid-run":  # status reads the stopped run from its manifest and journal
+        assert main(["status", str(out)]) == 0
+        status = capsys.readouterr().out
+        assert f"{out}: job 'tiny': running, or stopped" in status and "0 recoveries" in status, status
+        assert re.search(r"shards: [1-4] of 4 committed", status) and re.search(r"rate: [\d.]+ samples/s", status), \
+            status
     assert main(["run", str(dataset.job), "--no-ray", "--out", str(out)]) == 0
     assert_same_dataset(out, dataset.out)
 

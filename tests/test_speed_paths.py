@@ -218,3 +218,31 @@ def test_channels_last_convolutions_keep_the_images_and_the_captured_maps(tiny_m
     for col in ("attn", "attn_raw"):
         assert np.abs(a[col].astype(np.float32) - b[col].astype(np.float32)).max() < 1e-3, col
 
+
+def test_a_pickled_plan_leaves_the_stage_classes_behind(tmp_path):
+    """Ray's workers get the job plan pickled: unpickling it imports no stage module (a CPU worker imports only
+    its own operator's stages, not the synthesis stage's torch and diffusers), and the stages and operators
+    come back the same where asked for."""
+    import pickle
+    import subprocess
+    import sys
+
+    from pipeline.jobplan import JobPlan
+    from pipeline.spec import load_spec
+    from conftest import REPO
+
+    plan = JobPlan(load_spec(str(REPO / "jobs" / "shapes-demo.yaml"), [], out=str(tmp_path / "out"),
+                             check_files=False))
+    before = [(op.stages, op.actors, op.num_cpus) for op in plan.operators]  # computed and cached on the driver
+    blob = tmp_path / "plan.pkl"
+    blob.write_bytes(pickle.dumps(plan))
+    code = ("import json, pickle, sys; plan = pickle.load(open(sys.argv[1], 'rb')); "
+            "print(json.dumps(sorted(m for m in sys.modules if m == 'torch' or m.startswith('stages'))))")
+    out = subprocess.run([sys.executable, "-c", code, str(blob)], capture_output=True, text=True, check=True,
+                         cwd=REPO).stdout
+    imported = set(json.loads(out))
+    assert "torch" not in imported and not imported & {f"stages.{name}" for name in
+                                                     ("sampling", "synthesis", "masks", "labels", "filters", "encode")}
+    again = pickle.loads(blob.read_bytes())
+    assert [(op.stages, op.actors, op.num_cpus) for op in again.operators] == before
+    assert again.fingerprint == plan.fingerprint and again.bundles == plan.bundles
