@@ -11,9 +11,9 @@ from pipeline.shapes.world import COLORS, HELD_OUT_SEED, render_scene, shape_cov
 
 @pytest.fixture(scope="module")
 def readings():
-    """(true object, oracle reading, visible fraction of the whole shape) for 100 held-out scenes."""
+    """(true object, oracle reading, visible fraction of the whole shape) for 60 held-out scenes (0.25 s each)."""
     rows = []
-    for seed in range(HELD_OUT_SEED + 500_000, HELD_OUT_SEED + 500_100):
+    for seed in range(HELD_OUT_SEED + 500_000, HELD_OUT_SEED + 500_060):
         scene = render_scene(seed)
         found = find_objects(scene.image, [o.color for o in scene.objects])
         for obj, f in zip(scene.objects, found):
@@ -29,13 +29,13 @@ def test_oracle_masks_match_the_renderer(readings):
 
 def test_oracle_reads_every_unoccluded_shape(readings):
     clear = [(o, f) for o, f, vis in readings if vis > 0.98]
-    assert len(clear) > 100
+    assert len(clear) > 75
     assert all(f.cls == o.cls for o, f in clear)
 
 
 def test_oracle_reads_occluded_shapes(readings):
     hidden = [(o, f) for o, f, vis in readings if vis < 0.9]
-    assert len(hidden) >= 20
+    assert len(hidden) >= 30
     # the centroid-only template sweep read about half of these wrong (0.46 on 300 scenes)
     assert np.mean([f.cls == o.cls for o, f in hidden]) >= 0.85
 
