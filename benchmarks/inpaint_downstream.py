@@ -19,9 +19,10 @@ variations can give, trained the same way:
     what the same number of images with new shapes and layouts gives.
 
 Each arm is trained with ``--seeds`` seeds (default 3); the table gives every run's test mIoU, the mean, std,
-min and max per arm, and the gain of (b) over (a) in mIoU points (target: +5 or more). The inpainted samples' labels are also checked: the shapes-world oracle
-reads the repainted region of each kept sample (is the prompted colour there, as the labelled class, and
-how well does it fill the outline?) and each kept sample's mask is compared with its reference scene's.
+min and max per arm, and the gain of (b) over (a) in mIoU points (target: +5 or more). The inpainted samples'
+labels are also checked: the shapes-world oracle reads the repainted region of each kept sample (is the
+prompted colour there, as the labelled class, and how well does it fill the outline?) and each kept sample's
+mask is compared with its reference scene's.
 
     python -m benchmarks.inpaint_downstream --threads 1                     # the defaults below
     python -m benchmarks.inpaint_downstream --k 4 --steps 5 --test 10 --width 4 --seeds 1 \\
